@@ -1,0 +1,1 @@
+//! Kernel ABI: owned by the kernel fast path work (issue 2).

@@ -1,0 +1,8 @@
+//! Everything two sides of BitMesh must agree on.
+//!
+//! * [`kernel`]: the kernel ABI (map keys/values, constants, frame parsing and the
+//!   verdict rule). `no_std`, compiled into the eBPF program and into userspace.
+//! * behind the `user` feature: the gateway/client wire types and the pricing function.
+#![cfg_attr(not(feature = "user"), no_std)]
+
+pub mod kernel;

@@ -1,0 +1,19 @@
+//! BitMesh userspace: each module has one job; `gateway` is the only place that
+//! wires meter + channel + chain + store together.
+
+/// Load, attach, pin, read and credit the kernel maps (the only code that touches aya).
+pub mod meter;
+/// Channel script, funding check, update verification, close and refund (pure, no I/O).
+pub mod channel;
+/// The chain trait and its backends (Bitcoin Core RPC, Esplora).
+pub mod chain;
+/// SQLite schema, migrations, the durable payment journal.
+pub mod store;
+/// The client-facing HTTP API: decoding, limits, error codes.
+pub mod api;
+/// The operator's unix-socket API and what the CLI prints.
+pub mod admin;
+/// The controller: verify, persist, credit, ack.
+pub mod gateway;
+/// The client agent (`bitmesh pay`, `bitmesh refund`).
+pub mod client;

@@ -1,0 +1,4 @@
+//! Test harness shared by the integration tests: guards that own namespaces,
+//! veth pairs, regtest nodes and controller processes, and remove them on drop.
+
+pub mod env;
