@@ -1,0 +1,60 @@
+//! `cargo xtask`: the developer's and CI's entry point.
+//!
+//! Every command provisions what it needs first (Debian packages, the nightly's
+//! `rust-src`, bpf-linker, the regtest bitcoind), caching expensive builds outside
+//! the repo keyed by version, so a fresh machine needs nothing but this repo.
+
+mod bitcoind;
+mod cache;
+mod ebpf;
+mod provision;
+mod run;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "BitMesh build, test, demo and benchmark driver")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Build the eBPF object (installs nightly rust-src and bpf-linker when missing).
+    BuildEbpf,
+    /// Build (once, then cached) a regtest bitcoind and bitcoin-cli from the Bitcoin Core
+    /// tree vendored in libbitcoinkernel-sys, and print their paths.
+    Bitcoind,
+    /// Run every test: host unit tests, kernel (BPF_PROG_TEST_RUN), namespace,
+    /// regtest-chain and end-to-end tests. Installs and builds what it needs.
+    Test {
+        /// Extra arguments passed to `cargo test` (for example a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run the whole story on one machine: namespaces, regtest chain, controller, clients.
+    Demo,
+    /// Benchmarks: kernel cost per frame, forwarding rate, payment updates per second.
+    Bench,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::BuildEbpf => {
+            let obj = ebpf::build()?;
+            println!("{}", obj.display());
+        }
+        Command::Bitcoind => {
+            let bins = bitcoind::ensure()?;
+            println!("bitcoind:    {}", bins.bitcoind.display());
+            println!("bitcoin-cli: {}", bins.bitcoin_cli.display());
+        }
+        Command::Test { args } => run::test(&args)?,
+        Command::Demo => run::demo()?,
+        Command::Bench => run::bench()?,
+    }
+    Ok(())
+}
