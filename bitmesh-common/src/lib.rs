@@ -6,3 +6,7 @@
 #![cfg_attr(not(feature = "user"), no_std)]
 
 pub mod kernel;
+#[cfg(feature = "user")]
+pub mod pricing;
+#[cfg(feature = "user")]
+pub mod wire;
