@@ -1,1 +1,23 @@
-//! Kernel ABI: owned by the kernel fast path work (issue 2).
+//! Kernel ABI: everything the eBPF programs and the loader must agree on.
+//!
+//! * [`abi`]: map names, map keys and values (`#[repr(C)]`, explicit padding, size
+//!   checked at compile time), stats indices, load-time globals, program names.
+//! * [`parse`]: bounds-checked frame parsing into a [`parse::FrameClass`], generic over
+//!   how bytes are read so the very same code runs in the kernel and in host tests.
+//! * [`verdict`]: the pure billing rule (frame class, length, client budget -> verdict).
+//!
+//! The eBPF program only extracts bytes, calls these functions and applies the
+//! result (atomic adds, return code), so every branch of the rule is unit-tested on
+//! the host in microseconds.
+
+pub mod abi;
+pub mod parse;
+pub mod verdict;
+
+pub use abi::*;
+pub use parse::{classify, FrameBytes, FrameClass, GardenKind, GatewayConfig};
+pub use verdict::{verdict, Budget, Verdict};
+
+/// Builders for crafted Ethernet frames (host tests, kernel tests, benchmarks).
+#[cfg(any(test, feature = "user"))]
+pub mod frames;

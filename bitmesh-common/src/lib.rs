@@ -5,6 +5,10 @@
 //! * behind the `user` feature: the gateway/client wire types and the pricing function.
 #![cfg_attr(not(feature = "user"), no_std)]
 
+// Host tests of the no_std kernel code, and the frame builders, need std.
+#[cfg(all(test, not(feature = "user")))]
+extern crate std;
+
 pub mod kernel;
 #[cfg(feature = "user")]
 pub mod pricing;

@@ -1,0 +1,370 @@
+//! Bounds-checked frame classification shared by the kernel and host tests.
+//!
+//! [`classify`] reads only through [`FrameBytes::bytes`], which returns `None` when the
+//! frame is too short. The eBPF side implements it with the `ptr_at` pattern (check
+//! `data + offset + N <= data_end` before touching memory) so the verifier accepts it;
+//! the host implements it on `[u8]`. Every offset is a constant or a small bounded
+//! value (VLAN tags, IPv4 IHL, one IPv6 hop-by-hop header), which keeps the verifier
+//! able to prove each access.
+//!
+//! What the parser does not need (IPv4 total length, checksums) it does not check:
+//! the stack validates those, and GSO/GRO aggregates carry lengths that do not match
+//! the buffer, which must not turn paid traffic into "malformed".
+
+use super::abi::{ethertype, Direction};
+
+/// Read access to a frame's bytes.
+pub trait FrameBytes {
+    /// The `N` bytes at `offset`, or `None` if the frame ends before `offset + N`.
+    fn bytes<const N: usize>(&self, offset: usize) -> Option<[u8; N]>;
+}
+
+impl FrameBytes for [u8] {
+    #[inline]
+    fn bytes<const N: usize>(&self, offset: usize) -> Option<[u8; N]> {
+        let end = offset.checked_add(N)?;
+        self.get(offset..end)?.try_into().ok()
+    }
+}
+
+/// The gateway's identity as the walled garden needs it (load-time globals).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GatewayConfig {
+    /// Gateway IPv4 on the client-facing interface; `0.0.0.0` disables IPv4 gateway rules.
+    pub ipv4: [u8; 4],
+    /// Gateway IPv6 on the client-facing interface; `::` disables IPv6 gateway rules.
+    pub ipv6: [u8; 16],
+    /// TCP port of the payment API.
+    pub payment_port: u16,
+    /// Whether DNS to and from the gateway is in the walled garden.
+    pub dns_allowed: bool,
+}
+
+/// Which walled-garden rule let a frame through (for tests and docs; not ABI).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum GardenKind {
+    /// ARP, any.
+    Arp,
+    /// EAPOL (802.1X / WPA key exchange), any.
+    Eapol,
+    /// DHCPv4: client 68 -> server 67 to broadcast or the gateway; 67 -> 68 from the gateway.
+    Dhcp,
+    /// DNS (UDP or TCP 53) to or from the gateway.
+    Dns,
+    /// TCP to or from the gateway's payment port.
+    Payment,
+    /// ICMP/ICMPv6 echo request to the gateway, echo reply from it.
+    IcmpEcho,
+    /// ICMPv6 133-137 (router/neighbour discovery, redirect) with hop limit 255.
+    Icmpv6Nd,
+    /// DHCPv6: client 546 -> server 547 to ff02::1:2 or the gateway; 547 -> 546 from
+    /// the gateway or a link-local address.
+    Dhcpv6,
+    /// MLD (ICMPv6 130/131/132/143) behind a hop-by-hop header with hop limit 1.
+    Mld,
+}
+
+/// What the parser concluded about a frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FrameClass {
+    /// Too short or inconsistent to classify (truncated header, wrong IP version...).
+    Malformed,
+    /// Broadcast/multicast destination at egress.
+    Group,
+    /// Matches a walled-garden rule.
+    WalledGarden(GardenKind),
+    /// Everything else: billed to the client, or dropped if unpaid.
+    Billable,
+}
+
+/// Byte offset of the destination MAC.
+pub const ETH_DST: usize = 0;
+/// Byte offset of the source MAC.
+pub const ETH_SRC: usize = 6;
+/// Length of an untagged Ethernet header.
+pub const ETH_HLEN: usize = 14;
+
+const IPPROTO_HOPOPTS: u8 = 0;
+const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+const IPPROTO_ICMPV6: u8 = 58;
+
+const PORT_DNS: u16 = 53;
+const PORT_DHCP_SERVER: u16 = 67;
+const PORT_DHCP_CLIENT: u16 = 68;
+const PORT_DHCPV6_CLIENT: u16 = 546;
+const PORT_DHCPV6_SERVER: u16 = 547;
+
+/// ff02::1:2, All_DHCP_Relay_Agents_and_Servers.
+const DHCPV6_SERVERS: [u8; 16] = [0xff, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x01, 0, 0x02];
+
+#[inline(always)]
+fn be16(b: [u8; 2]) -> u16 {
+    u16::from_be_bytes(b)
+}
+
+/// The MAC a frame is billed to: source for upload, destination for download.
+#[inline(always)]
+pub fn client_mac<F: FrameBytes + ?Sized>(frame: &F, direction: Direction) -> Option<[u8; 6]> {
+    match direction {
+        Direction::Upload => frame.bytes::<6>(ETH_SRC),
+        Direction::Download => frame.bytes::<6>(ETH_DST),
+    }
+}
+
+/// Classify one Ethernet frame seen in `direction`.
+#[inline(always)]
+pub fn classify<F: FrameBytes + ?Sized>(
+    frame: &F,
+    direction: Direction,
+    gw: &GatewayConfig,
+) -> FrameClass {
+    let Some(dst_mac) = frame.bytes::<6>(ETH_DST) else {
+        return FrameClass::Malformed;
+    };
+    let Some((proto, l3)) = l3_protocol(frame) else {
+        return FrameClass::Malformed;
+    };
+    // The group bit of the destination MAC: broadcast and multicast at egress are
+    // the gateway talking to the whole segment (ARP, RA, DHCP offers, mDNS).
+    if direction == Direction::Download && dst_mac[0] & 1 == 1 {
+        return FrameClass::Group;
+    }
+    match proto {
+        ethertype::ARP => FrameClass::WalledGarden(GardenKind::Arp),
+        ethertype::EAPOL => FrameClass::WalledGarden(GardenKind::Eapol),
+        ethertype::IPV4 => ipv4(frame, l3, direction, gw),
+        ethertype::IPV6 => ipv6(frame, l3, direction, gw),
+        _ => FrameClass::Billable,
+    }
+}
+
+/// Ethertype after up to two VLAN tags (802.1ad outer, 802.1Q inner), and the
+/// offset of the L3 header. `None` if a header is cut short.
+#[inline(always)]
+fn l3_protocol<F: FrameBytes + ?Sized>(frame: &F) -> Option<(u16, usize)> {
+    let mut proto = be16(frame.bytes::<2>(12)?);
+    let mut l3 = ETH_HLEN;
+    if proto == ethertype::VLAN || proto == ethertype::QINQ {
+        proto = be16(frame.bytes::<2>(16)?);
+        l3 = ETH_HLEN + 4;
+        if proto == ethertype::VLAN || proto == ethertype::QINQ {
+            proto = be16(frame.bytes::<2>(20)?);
+            l3 = ETH_HLEN + 8;
+        }
+    }
+    Some((proto, l3))
+}
+
+#[inline(always)]
+fn is_gateway4(addr: [u8; 4], gw: &GatewayConfig) -> bool {
+    addr != [0; 4] && addr == gw.ipv4
+}
+
+#[inline(always)]
+fn is_gateway6(addr: &[u8; 16], gw: &GatewayConfig) -> bool {
+    *addr != [0; 16] && *addr == gw.ipv6
+}
+
+/// Verdict class for the gateway's own TCP/UDP services given the ports and whether
+/// the peer address is the gateway.
+#[inline(always)]
+fn gateway_service(
+    l4_proto: u8,
+    sport: u16,
+    dport: u16,
+    direction: Direction,
+    peer_is_gateway: bool,
+    gw: &GatewayConfig,
+) -> Option<GardenKind> {
+    if !peer_is_gateway {
+        return None;
+    }
+    // The gateway's port is the destination on upload, the source on download.
+    let gw_port = match direction {
+        Direction::Upload => dport,
+        Direction::Download => sport,
+    };
+    if gw.dns_allowed && gw_port == PORT_DNS && (l4_proto == IPPROTO_UDP || l4_proto == IPPROTO_TCP) {
+        return Some(GardenKind::Dns);
+    }
+    if l4_proto == IPPROTO_TCP && gw.payment_port != 0 && gw_port == gw.payment_port {
+        return Some(GardenKind::Payment);
+    }
+    None
+}
+
+#[inline(always)]
+fn ipv4<F: FrameBytes + ?Sized>(
+    frame: &F,
+    l3: usize,
+    direction: Direction,
+    gw: &GatewayConfig,
+) -> FrameClass {
+    let Some(h) = frame.bytes::<20>(l3) else {
+        return FrameClass::Malformed;
+    };
+    let ihl = ((h[0] & 0x0f) as usize) * 4;
+    if h[0] >> 4 != 4 || ihl < 20 {
+        return FrameClass::Malformed;
+    }
+    // Non-first fragments carry no L4 header: never walled garden.
+    if be16([h[6], h[7]]) & 0x1fff != 0 {
+        return FrameClass::Billable;
+    }
+    let proto = h[9];
+    let src = [h[12], h[13], h[14], h[15]];
+    let dst = [h[16], h[17], h[18], h[19]];
+    let peer = match direction {
+        Direction::Upload => dst,
+        Direction::Download => src,
+    };
+    let peer_is_gateway = is_gateway4(peer, gw);
+    let l4 = l3 + ihl;
+    match proto {
+        IPPROTO_ICMP => {
+            let Some([icmp_type]) = frame.bytes::<1>(l4) else {
+                return FrameClass::Malformed;
+            };
+            let echo = match direction {
+                Direction::Upload => 8,
+                Direction::Download => 0,
+            };
+            if icmp_type == echo && peer_is_gateway {
+                FrameClass::WalledGarden(GardenKind::IcmpEcho)
+            } else {
+                FrameClass::Billable
+            }
+        }
+        IPPROTO_UDP | IPPROTO_TCP => {
+            let Some(p) = frame.bytes::<4>(l4) else {
+                return FrameClass::Malformed;
+            };
+            let (sport, dport) = (be16([p[0], p[1]]), be16([p[2], p[3]]));
+            if proto == IPPROTO_UDP {
+                let dhcp = match direction {
+                    Direction::Upload => {
+                        sport == PORT_DHCP_CLIENT
+                            && dport == PORT_DHCP_SERVER
+                            && (dst == [255; 4] || peer_is_gateway)
+                    }
+                    Direction::Download => {
+                        sport == PORT_DHCP_SERVER && dport == PORT_DHCP_CLIENT && peer_is_gateway
+                    }
+                };
+                if dhcp {
+                    return FrameClass::WalledGarden(GardenKind::Dhcp);
+                }
+            }
+            match gateway_service(proto, sport, dport, direction, peer_is_gateway, gw) {
+                Some(kind) => FrameClass::WalledGarden(kind),
+                None => FrameClass::Billable,
+            }
+        }
+        _ => FrameClass::Billable,
+    }
+}
+
+#[inline(always)]
+fn ipv6<F: FrameBytes + ?Sized>(
+    frame: &F,
+    l3: usize,
+    direction: Direction,
+    gw: &GatewayConfig,
+) -> FrameClass {
+    let Some(h) = frame.bytes::<8>(l3) else {
+        return FrameClass::Malformed;
+    };
+    if h[0] >> 4 != 6 {
+        return FrameClass::Malformed;
+    }
+    let mut next = h[6];
+    let hop_limit = h[7];
+    // Source at l3+8, destination at l3+24: the peer is the gateway side.
+    let peer_off = match direction {
+        Direction::Upload => l3 + 24,
+        Direction::Download => l3 + 8,
+    };
+    let Some(peer) = frame.bytes::<16>(peer_off) else {
+        return FrameClass::Malformed;
+    };
+    // Read the client-side address too only if the whole fixed header is present.
+    let Some(dst) = frame.bytes::<16>(l3 + 24) else {
+        return FrameClass::Malformed;
+    };
+    let peer_is_gateway = is_gateway6(&peer, gw);
+    let peer_is_link_local = peer[0] == 0xfe && peer[1] & 0xc0 == 0x80;
+    let mut l4 = l3 + 40;
+    let mut behind_hop_by_hop = false;
+    if next == IPPROTO_HOPOPTS {
+        let Some([hbh_next, hbh_len]) = frame.bytes::<2>(l4) else {
+            return FrameClass::Malformed;
+        };
+        next = hbh_next;
+        l4 += (hbh_len as usize + 1) * 8;
+        behind_hop_by_hop = true;
+    }
+    match next {
+        IPPROTO_ICMPV6 => {
+            let Some([icmp_type]) = frame.bytes::<1>(l4) else {
+                return FrameClass::Malformed;
+            };
+            match icmp_type {
+                // RS, RA, NS, NA, Redirect. Hop limit 255 proves the peer is on-link
+                // (a router would have decremented it), so neither side can tunnel
+                // through the gateway to the internet with these.
+                133..=137 if hop_limit == 255 => {
+                    let on_link_dst = dst[0] == 0xff || peer_is_link_local || peer_is_gateway;
+                    if direction == Direction::Download || on_link_dst {
+                        FrameClass::WalledGarden(GardenKind::Icmpv6Nd)
+                    } else {
+                        FrameClass::Billable
+                    }
+                }
+                // MLDv1 query/report/done, MLDv2 report: hop limit 1 keeps them on-link.
+                130 | 131 | 132 | 143 if behind_hop_by_hop && hop_limit == 1 => {
+                    FrameClass::WalledGarden(GardenKind::Mld)
+                }
+                128 if direction == Direction::Upload && peer_is_gateway => {
+                    FrameClass::WalledGarden(GardenKind::IcmpEcho)
+                }
+                129 if direction == Direction::Download && peer_is_gateway => {
+                    FrameClass::WalledGarden(GardenKind::IcmpEcho)
+                }
+                _ => FrameClass::Billable,
+            }
+        }
+        IPPROTO_UDP | IPPROTO_TCP => {
+            let Some(p) = frame.bytes::<4>(l4) else {
+                return FrameClass::Malformed;
+            };
+            let (sport, dport) = (be16([p[0], p[1]]), be16([p[2], p[3]]));
+            if next == IPPROTO_UDP {
+                let dhcpv6 = match direction {
+                    Direction::Upload => {
+                        sport == PORT_DHCPV6_CLIENT
+                            && dport == PORT_DHCPV6_SERVER
+                            && (peer == DHCPV6_SERVERS || peer_is_gateway)
+                    }
+                    Direction::Download => {
+                        sport == PORT_DHCPV6_SERVER
+                            && dport == PORT_DHCPV6_CLIENT
+                            && (peer_is_gateway || peer_is_link_local)
+                    }
+                };
+                if dhcpv6 {
+                    return FrameClass::WalledGarden(GardenKind::Dhcpv6);
+                }
+            }
+            match gateway_service(next, sport, dport, direction, peer_is_gateway, gw) {
+                Some(kind) => FrameClass::WalledGarden(kind),
+                None => FrameClass::Billable,
+            }
+        }
+        _ => FrameClass::Billable,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,119 @@
+//! The billing rule, as a pure function the kernel calls per frame.
+
+use super::parse::FrameClass;
+
+/// What the kernel does with a frame, and which stats slot counts it.
+///
+/// The discriminant is the slot in `STATS` within a direction (see
+/// [`super::abi::stat_index`]); keep the values stable, they are ABI.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Verdict {
+    /// Known client with budget left: pass and bill the frame to the client.
+    PassPaid = 0,
+    /// Walled-garden traffic: pass, count in stats, never bill.
+    PassWalledGarden = 1,
+    /// Broadcast/multicast destination at egress: pass, count globally.
+    PassGroup = 2,
+    /// Unknown MAC (no `CREDIT`/`USAGE` entry) and not walled garden: drop.
+    DropUnpaid = 3,
+    /// Known client whose budget does not cover this frame, not walled garden: drop.
+    DropCreditExhausted = 4,
+    /// Frame too short or inconsistent to classify: drop, whoever sent it.
+    DropMalformed = 5,
+}
+
+impl Verdict {
+    /// All verdicts, in stats-slot order.
+    pub const ALL: [Verdict; 6] = [
+        Verdict::PassPaid,
+        Verdict::PassWalledGarden,
+        Verdict::PassGroup,
+        Verdict::DropUnpaid,
+        Verdict::DropCreditExhausted,
+        Verdict::DropMalformed,
+    ];
+
+    /// Whether the frame goes through.
+    pub const fn passes(self) -> bool {
+        matches!(
+            self,
+            Verdict::PassPaid | Verdict::PassWalledGarden | Verdict::PassGroup
+        )
+    }
+}
+
+/// A client's budget as the kernel sees it at one instant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Budget {
+    /// Total bytes credited (`CREDIT`).
+    pub credited: u64,
+    /// Bytes billed so far, both directions (`USAGE.up_bytes + USAGE.down_bytes`).
+    pub used: u64,
+}
+
+/// Decide the fate of one frame.
+///
+/// * `class`: what the parser found ([`super::classify`]).
+/// * `len`: the L2 length the hook sees, the amount billed.
+/// * `client`: the budget of the MAC the frame is keyed by, `None` if the MAC is not
+///   in both `CREDIT` and `USAGE` (an unknown MAC is an unpaid client).
+///
+/// Walled-garden and group frames pass before the budget is consulted, so they are
+/// never billed, for paid and unpaid clients alike. A billable frame passes only if
+/// `used + len <= credited`; an overflowing sum drops.
+#[inline(always)]
+pub fn verdict(class: FrameClass, len: u64, client: Option<Budget>) -> Verdict {
+    match class {
+        FrameClass::Malformed => Verdict::DropMalformed,
+        FrameClass::Group => Verdict::PassGroup,
+        FrameClass::WalledGarden(_) => Verdict::PassWalledGarden,
+        FrameClass::Billable => match client {
+            None => Verdict::DropUnpaid,
+            Some(b) => match b.used.checked_add(len) {
+                Some(total) if total <= b.credited => Verdict::PassPaid,
+                _ => Verdict::DropCreditExhausted,
+            },
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernel::parse::GardenKind;
+    use std::format;
+
+    fn budget(credited: u64, used: u64) -> Option<Budget> {
+        Some(Budget { credited, used })
+    }
+
+    #[test]
+    fn verdict_table() {
+        let cases: &[(&str, FrameClass, u64, Option<Budget>, Verdict)] = &[
+            ("unknown mac is dropped", FrameClass::Billable, 100, None, Verdict::DropUnpaid),
+            ("exact fit passes", FrameClass::Billable, 100, budget(1000, 900), Verdict::PassPaid),
+            ("one byte over drops", FrameClass::Billable, 101, budget(1000, 900), Verdict::DropCreditExhausted),
+            ("zero credit drops", FrameClass::Billable, 60, budget(0, 0), Verdict::DropCreditExhausted),
+            ("overspent (credit lowered by hand) drops", FrameClass::Billable, 1, budget(10, 20), Verdict::DropCreditExhausted),
+            ("overflowing usage drops", FrameClass::Billable, 2, budget(u64::MAX, u64::MAX - 1), Verdict::DropCreditExhausted),
+            ("max credit passes", FrameClass::Billable, 1500, budget(u64::MAX, 0), Verdict::PassPaid),
+            ("garden passes unpaid", FrameClass::WalledGarden(GardenKind::Arp), 42, None, Verdict::PassWalledGarden),
+            ("garden passes exhausted", FrameClass::WalledGarden(GardenKind::Dns), 80, budget(0, 0), Verdict::PassWalledGarden),
+            ("garden never billed even when paid", FrameClass::WalledGarden(GardenKind::Dhcp), 300, budget(1000, 0), Verdict::PassWalledGarden),
+            ("group passes unpaid", FrameClass::Group, 60, None, Verdict::PassGroup),
+            ("malformed drops even when paid", FrameClass::Malformed, 10, budget(u64::MAX, 0), Verdict::DropMalformed),
+        ];
+        for (name, class, len, client, want) in cases {
+            assert_eq!(verdict(*class, *len, *client), *want, "{name}");
+        }
+    }
+
+    #[test]
+    fn only_pass_verdicts_pass() {
+        for v in Verdict::ALL {
+            let name = format!("{v:?}");
+            assert_eq!(v.passes(), name.starts_with("Pass"), "{name}");
+        }
+    }
+}
