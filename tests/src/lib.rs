@@ -1,4 +1,5 @@
 //! Test harness shared by the integration tests: guards that own namespaces,
 //! veth pairs, regtest nodes and controller processes, and remove them on drop.
 
+pub mod bitcoind;
 pub mod env;

@@ -1,0 +1,253 @@
+//! A regtest Bitcoin Core node owned by a guard, and a tiny coinbase wallet.
+//!
+//! The node is built by `cargo xtask bitcoind` (no wallet: ENABLE_WALLET=OFF), so
+//! tests fund channels from coinbase outputs paid to keys the test holds
+//! ([`CoinbaseWallet`]). The node listens on 127.0.0.1 only, on free ports, with a
+//! temporary data directory, and is stopped when the guard drops (also on panic).
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bitcoin::consensus::encode;
+use bitcoin::secp256k1::{rand, Message, Secp256k1, SecretKey};
+use bitcoin::sighash::{EcdsaSighashType, SighashCache};
+use bitcoin::{absolute, ecdsa, transaction, Address, Amount, Block, CompressedPublicKey};
+use bitcoin::{Network, OutPoint, PublicKey, ScriptBuf, Sequence, Transaction, TxIn, TxOut, Witness};
+use bitmesh::chain::{BitcoindAuth, BitcoindRpc, Chain};
+use serde_json::json;
+
+use crate::env;
+
+/// Version key of the cached build (the libbitcoinkernel-sys version it comes from).
+pub const BUILD_KEY: &str = "bitcoin-core-0.4.1";
+
+/// Where `cargo xtask bitcoind` puts the binaries: `$BITMESH_BITCOIND` /
+/// `$BITMESH_BITCOIN_CLI`, else `$BITMESH_CACHE` (or `$HOME/.cache/bitmesh`) +
+/// `bitcoin-core-0.4.1/bin`.
+pub fn binaries() -> (PathBuf, PathBuf) {
+    let cache = std::env::var_os("BITMESH_CACHE").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cache/bitmesh")
+    });
+    let bin = cache.join(BUILD_KEY).join("bin");
+    let d = std::env::var_os("BITMESH_BITCOIND").map(PathBuf::from).unwrap_or_else(|| bin.join("bitcoind"));
+    let c = std::env::var_os("BITMESH_BITCOIN_CLI").map(PathBuf::from).unwrap_or_else(|| bin.join("bitcoin-cli"));
+    (d, c)
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap()
+}
+
+/// A running regtest node; dropped = stopped and its data directory removed.
+pub struct Bitcoind {
+    child: Child,
+    datadir: tempfile::TempDir,
+    /// JSON-RPC port on 127.0.0.1.
+    pub rpc_port: u16,
+    /// P2P port on 127.0.0.1.
+    pub p2p_port: u16,
+    rpc: BitcoindRpc,
+}
+
+impl Bitcoind {
+    /// Start a node, or skip (returns `None`; panics under CI) if it is not built.
+    pub fn start() -> Option<Bitcoind> {
+        let (bitcoind, _cli) = binaries();
+        if !bitcoind.exists() {
+            env::skip("bitcoind not built: run cargo xtask bitcoind");
+            return None;
+        }
+        let datadir = tempfile::Builder::new().prefix("bitmesh-regtest-").tempdir().unwrap();
+        let (rpc_port, p2p_port) = (free_port(), free_port());
+        let child = Command::new(&bitcoind)
+            .arg("-regtest")
+            .arg(format!("-datadir={}", datadir.path().display()))
+            .arg(format!("-rpcport={rpc_port}"))
+            .arg(format!("-port={p2p_port}"))
+            .arg(format!("-bind=127.0.0.1:{p2p_port}"))
+            .args(["-rpcbind=127.0.0.1", "-rpcallowip=127.0.0.1", "-server=1", "-txindex=1"])
+            // Regtest accepts non-standard transactions by default; the tests want
+            // mainnet relay policy so testmempoolaccept checks standardness too.
+            .args(["-acceptnonstdtxn=0", "-dnsseed=0", "-fixedseeds=0", "-listenonion=0"])
+            .args(["-printtoconsole=0", "-daemon=0"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bitcoind.display()));
+        let cookie = datadir.path().join("regtest/.cookie");
+        let url = format!("http://127.0.0.1:{rpc_port}");
+        let mut node = None;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut child = child;
+        while Instant::now() < deadline {
+            if let Some(status) = child.try_wait().unwrap() {
+                let log = std::fs::read_to_string(datadir.path().join("regtest/debug.log")).unwrap_or_default();
+                let tail: Vec<_> = log.lines().rev().take(20).collect();
+                panic!("bitcoind exited with {status} during startup; debug.log tail:\n{}", tail.join("\n"));
+            }
+            if cookie.exists() {
+                if let Ok(rpc) = BitcoindRpc::new(&url, BitcoindAuth::Cookie(cookie.clone())) {
+                    if rpc.tip_height().is_ok() {
+                        node = Some(rpc);
+                        break;
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let Some(rpc) = node else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("bitcoind RPC did not answer within 60 s on port {rpc_port}");
+        };
+        Some(Bitcoind { child, datadir, rpc_port, p2p_port, rpc })
+    }
+
+    /// The node's RPC client (also the [`Chain`] under test).
+    pub fn rpc(&self) -> &BitcoindRpc {
+        &self.rpc
+    }
+
+    /// RPC URL.
+    pub fn rpc_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.rpc_port)
+    }
+
+    /// The cookie file for RPC authentication.
+    pub fn cookie_path(&self) -> PathBuf {
+        self.datadir.path().join("regtest/.cookie")
+    }
+
+    /// Mine `n` blocks paying `script_pubkey`.
+    pub fn mine_to(&self, n: u32, address: &Address) {
+        self.rpc.call_raw("generatetoaddress", &[json!(n), json!(address.to_string())]).unwrap();
+    }
+
+    /// Mine `n` blocks to a throwaway address.
+    pub fn mine(&self, n: u32) {
+        let burn = Address::p2wsh(&ScriptBuf::new(), Network::Regtest);
+        self.mine_to(n, &burn);
+    }
+
+    /// Current tip height.
+    pub fn tip(&self) -> absolute::Height {
+        self.rpc.tip_height().unwrap()
+    }
+
+    /// The block at `height`.
+    pub fn block(&self, height: u32) -> Block {
+        let hash = self.rpc.call_raw("getblockhash", &[json!(height)]).unwrap();
+        let hex = self.rpc.call_raw("getblock", &[hash, json!(0)]).unwrap();
+        encode::deserialize_hex(hex.as_str().unwrap()).unwrap()
+    }
+
+    /// `testmempoolaccept` for one transaction: `Ok(vsize)` or `Err(reject reason)`.
+    pub fn accepts(&self, tx: &Transaction) -> Result<u64, String> {
+        let r = self.rpc.test_mempool_accept(std::slice::from_ref(tx)).unwrap().remove(0);
+        if r.allowed {
+            Ok(r.vsize.unwrap_or(0))
+        } else {
+            Err(r.reject_reason.unwrap_or_default())
+        }
+    }
+}
+
+impl Drop for Bitcoind {
+    fn drop(&mut self) {
+        // Ask politely, then make sure: a node must never outlive its test.
+        let _ = self.rpc.call_raw("stop", &[]);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Keys the test holds and the mature coinbase outputs paid to them.
+pub struct CoinbaseWallet {
+    secp: Secp256k1<bitcoin::secp256k1::All>,
+    /// Secret key of both addresses.
+    pub secret: SecretKey,
+    /// Its public key.
+    pub public: PublicKey,
+    /// P2WPKH address (segwit coinbase outputs).
+    pub segwit: Address,
+    /// P2PKH address (legacy coinbase outputs, for the non-segwit funding case).
+    pub legacy: Address,
+    utxos: Vec<(OutPoint, TxOut)>,
+}
+
+impl CoinbaseWallet {
+    /// A new key; mines `segwit_blocks` to its P2WPKH address and `legacy_blocks` to its
+    /// P2PKH address, then 100 more blocks so every one of those coinbases is mature.
+    pub fn fund(node: &Bitcoind, segwit_blocks: u32, legacy_blocks: u32) -> CoinbaseWallet {
+        let secp = Secp256k1::new();
+        let secret = SecretKey::new(&mut rand::thread_rng());
+        let compressed = CompressedPublicKey(secret.public_key(&secp));
+        let public = PublicKey::from(compressed);
+        let segwit = Address::p2wpkh(&compressed, Network::Regtest);
+        let legacy = Address::p2pkh(compressed, Network::Regtest);
+        let start = node.tip().to_consensus_u32() + 1;
+        node.mine_to(segwit_blocks, &segwit);
+        node.mine_to(legacy_blocks, &legacy);
+        node.mine(100);
+        let mut utxos = Vec::new();
+        for h in start..start + segwit_blocks + legacy_blocks {
+            let cb = node.block(h).txdata.remove(0);
+            let txid = cb.compute_txid();
+            for (vout, out) in cb.output.iter().enumerate() {
+                if out.script_pubkey == segwit.script_pubkey() || out.script_pubkey == legacy.script_pubkey() {
+                    utxos.push((OutPoint { txid, vout: vout as u32 }, out.clone()));
+                }
+            }
+        }
+        CoinbaseWallet { secp, secret, public, segwit, legacy, utxos }
+    }
+
+    fn take(&mut self, legacy: bool) -> (OutPoint, TxOut) {
+        let spk = if legacy { self.legacy.script_pubkey() } else { self.segwit.script_pubkey() };
+        let i = self.utxos.iter().position(|(_, o)| o.script_pubkey == spk).expect("wallet has no coinbase of that kind left");
+        self.utxos.remove(i)
+    }
+
+    /// A signed transaction paying `value` to `script_pubkey` (output 0), change back
+    /// to the wallet (output 1), 2 sat/vB. Spends a P2PKH coinbase when `legacy`.
+    pub fn pay(&mut self, script_pubkey: &ScriptBuf, value: Amount, legacy: bool) -> Transaction {
+        let (outpoint, prev) = self.take(legacy);
+        let fee = Amount::from_sat(if legacy { 2 * 230 } else { 2 * 145 });
+        let mut tx = Transaction {
+            version: transaction::Version::TWO,
+            lock_time: absolute::LockTime::ZERO,
+            input: vec![TxIn { previous_output: outpoint, script_sig: ScriptBuf::new(), sequence: Sequence::ENABLE_RBF_NO_LOCKTIME, witness: Witness::new() }],
+            output: vec![
+                TxOut { value, script_pubkey: script_pubkey.clone() },
+                TxOut { value: prev.value - value - fee, script_pubkey: self.segwit.script_pubkey() },
+            ],
+        };
+        let mut cache = SighashCache::new(&tx);
+        if legacy {
+            let hash = cache.legacy_signature_hash(0, &prev.script_pubkey, EcdsaSighashType::All.to_u32()).unwrap();
+            let sig = self.secp.sign_ecdsa(&Message::from(hash), &self.secret);
+            let sig = ecdsa::Signature { signature: sig, sighash_type: EcdsaSighashType::All };
+            let script_sig = bitcoin::script::Builder::new()
+                .push_slice(<&bitcoin::script::PushBytes>::try_from(sig.to_vec().as_slice()).unwrap())
+                .push_key(&self.public)
+                .into_script();
+            tx.input[0].script_sig = script_sig;
+        } else {
+            let hash = cache.p2wpkh_signature_hash(0, &prev.script_pubkey, prev.value, EcdsaSighashType::All).unwrap();
+            let sig = self.secp.sign_ecdsa(&Message::from(hash), &self.secret);
+            let sig = ecdsa::Signature { signature: sig, sighash_type: EcdsaSighashType::All };
+            tx.input[0].witness = Witness::p2wpkh(&sig, &self.public.inner);
+        }
+        tx
+    }
+}
