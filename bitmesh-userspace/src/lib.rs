@@ -9,6 +9,8 @@ pub mod channel;
 pub mod chain;
 /// SQLite schema, migrations, the durable payment journal.
 pub mod store;
+/// `bitmesh run` flags and the policy they configure.
+pub mod config;
 /// The client-facing HTTP API: decoding, limits, error codes.
 pub mod api;
 /// The operator's unix-socket API and what the CLI prints.

@@ -1,0 +1,324 @@
+//! Channel rows: offered at open, funded, then closing and closed by a settlement.
+
+use std::net::IpAddr;
+
+use bitcoin::absolute::Height;
+use bitcoin::{Amount, OutPoint, PublicKey, ScriptBuf, Txid};
+use rusqlite::{params, Connection, OptionalExtension, Row};
+use serde::Serialize;
+
+use super::{col_err, corrupt, unix_now, ByteCount, ChannelId, MacAddr, PriceMsatPerMib, Store, StoreError};
+
+/// Where a channel is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChannelState {
+    /// Script handed to the client; no accepted funding yet.
+    Offered,
+    /// Funding accepted (confirmed, or unconfirmed within the zero-conf cap); payments credited.
+    Open,
+    /// A settlement transaction spending the funding output has been broadcast.
+    Closing,
+    /// The settlement confirmed.
+    Closed,
+    /// Offer never funded before its expiry window passed; nothing to settle.
+    Abandoned,
+}
+
+impl ChannelState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChannelState::Offered => "offered",
+            ChannelState::Open => "open",
+            ChannelState::Closing => "closing",
+            ChannelState::Closed => "closed",
+            ChannelState::Abandoned => "abandoned",
+        }
+    }
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "offered" => ChannelState::Offered,
+            "open" => ChannelState::Open,
+            "closing" => ChannelState::Closing,
+            "closed" => ChannelState::Closed,
+            "abandoned" => ChannelState::Abandoned,
+            _ => return None,
+        })
+    }
+}
+
+impl std::fmt::Display for ChannelState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The accepted funding output of a channel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Funding {
+    pub outpoint: OutPoint,
+    #[serde(with = "bitcoin::amount::serde::as_sat")]
+    pub capacity: Amount,
+    /// Height of the block that confirmed it, if confirmed.
+    pub height: Option<Height>,
+}
+
+/// What the gateway decided at open; everything the channel's script and close
+/// transaction depend on.
+#[derive(Clone, Debug)]
+pub struct NewChannel {
+    pub id: ChannelId,
+    pub mac: MacAddr,
+    pub ip: IpAddr,
+    pub client_pubkey: PublicKey,
+    pub gateway_key_index: u32,
+    pub gateway_pubkey: PublicKey,
+    pub expiry: Height,
+    /// Where the client's change goes in every close transaction (fixed at open).
+    pub client_change_script: ScriptBuf,
+    /// Price in force for this channel for its whole life.
+    pub price: PriceMsatPerMib,
+    pub chunk: ByteCount,
+}
+
+/// A channel row with its journal totals.
+#[derive(Clone, Debug, Serialize)]
+pub struct ChannelRecord {
+    pub id: ChannelId,
+    pub mac: MacAddr,
+    pub ip: IpAddr,
+    pub client_pubkey: PublicKey,
+    pub gateway_key_index: u32,
+    pub gateway_pubkey: PublicKey,
+    pub expiry: Height,
+    pub client_change_script: ScriptBuf,
+    pub price: PriceMsatPerMib,
+    pub chunk: ByteCount,
+    pub state: ChannelState,
+    pub funding: Option<Funding>,
+    /// Why a close was requested (client, idle, expiry, fully_paid, operator), once it was.
+    pub close_reason: Option<String>,
+    pub settlement_id: Option<i64>,
+    pub opened_at: i64,
+    pub last_activity_at: i64,
+    /// Highest total the client has signed (0 before the first payment).
+    #[serde(with = "bitcoin::amount::serde::as_sat")]
+    pub paid_total: Amount,
+    /// Byte budget that paid total buys (what CREDIT holds for this channel).
+    pub credited: ByteCount,
+    /// Number of payments in the journal.
+    pub payments: u64,
+}
+
+const SELECT: &str = "SELECT c.id, c.mac, c.ip, c.client_pubkey, c.gateway_key_index, c.gateway_pubkey,
+    c.expiry_height, c.price_msat_per_mib, c.chunk_bytes, c.state, c.funding_txid, c.funding_vout,
+    c.capacity_sat, c.funding_height, c.close_reason, c.settlement_id, c.opened_at, c.last_activity_at,
+    c.client_change_script,
+    COALESCE((SELECT MAX(p.paid_total_sat) FROM payments p WHERE p.channel_id = c.id), 0),
+    COALESCE((SELECT MAX(p.credited_bytes) FROM payments p WHERE p.channel_id = c.id), 0),
+    (SELECT COUNT(*) FROM payments p WHERE p.channel_id = c.id)
+    FROM channels c";
+
+fn pubkey(row: &Row, idx: usize) -> rusqlite::Result<PublicKey> {
+    let b: Vec<u8> = row.get(idx)?;
+    PublicKey::from_slice(&b).map_err(|e| col_err(idx, e))
+}
+
+fn height(idx: usize, v: i64) -> rusqlite::Result<Height> {
+    u32::try_from(v)
+        .ok()
+        .and_then(|h| Height::from_consensus(h).ok())
+        .ok_or_else(|| col_err(idx, corrupt("height", v)))
+}
+
+fn sat(idx: usize, v: i64) -> rusqlite::Result<Amount> {
+    u64::try_from(v).map(Amount::from_sat).map_err(|e| col_err(idx, e))
+}
+
+pub(crate) fn opt_height(idx: usize, v: Option<i64>) -> rusqlite::Result<Option<Height>> {
+    v.map(|v| height(idx, v)).transpose()
+}
+
+fn from_row(row: &Row) -> rusqlite::Result<ChannelRecord> {
+    let id: String = row.get(0)?;
+    let mac: String = row.get(1)?;
+    let ip: String = row.get(2)?;
+    let state: String = row.get(9)?;
+    let txid: Option<String> = row.get(10)?;
+    let vout: Option<u32> = row.get(11)?;
+    let capacity: Option<i64> = row.get(12)?;
+    let funding = match (txid, vout, capacity) {
+        (Some(t), Some(v), Some(c)) => Some(Funding {
+            outpoint: OutPoint { txid: t.parse::<Txid>().map_err(|e| col_err(10, e))?, vout: v },
+            capacity: sat(12, c)?,
+            height: opt_height(13, row.get(13)?)?,
+        }),
+        _ => None,
+    };
+    Ok(ChannelRecord {
+        id: id.parse().map_err(|e| col_err(0, e))?,
+        mac: mac.parse().map_err(|e| col_err(1, e))?,
+        ip: ip.parse().map_err(|e| col_err(2, e))?,
+        client_pubkey: pubkey(row, 3)?,
+        gateway_key_index: row.get(4)?,
+        gateway_pubkey: pubkey(row, 5)?,
+        expiry: height(6, row.get(6)?)?,
+        client_change_script: ScriptBuf::from_bytes(row.get(18)?),
+        price: PriceMsatPerMib::new(row.get::<_, i64>(7)? as u64).map_err(|e| col_err(7, e))?,
+        chunk: ByteCount(row.get::<_, i64>(8)? as u64),
+        state: ChannelState::parse(&state).ok_or_else(|| col_err(9, corrupt("state", &state)))?,
+        funding,
+        close_reason: row.get(14)?,
+        settlement_id: row.get(15)?,
+        opened_at: row.get(16)?,
+        last_activity_at: row.get(17)?,
+        paid_total: sat(19, row.get(19)?)?,
+        credited: ByteCount(row.get::<_, i64>(20)? as u64),
+        payments: row.get::<_, i64>(21)? as u64,
+    })
+}
+
+pub(crate) fn get(conn: &Connection, id: ChannelId) -> Result<Option<ChannelRecord>, StoreError> {
+    Ok(conn
+        .query_row(&format!("{SELECT} WHERE c.id = ?1"), [id.to_string()], from_row)
+        .optional()?)
+}
+
+fn list(conn: &Connection, where_sql: &str, p: impl rusqlite::Params) -> Result<Vec<ChannelRecord>, StoreError> {
+    let mut stmt = conn.prepare(&format!("{SELECT} {where_sql} ORDER BY c.opened_at, c.id"))?;
+    let rows = stmt.query_map(p, from_row)?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+impl Store {
+    /// The next unused BIP32 child index for a channel key. Callers serialize opens
+    /// (the index column is UNIQUE, so a race fails loudly instead of reusing a key).
+    pub fn next_key_index(&self) -> Result<u32, StoreError> {
+        let conn = self.conn()?;
+        let max: Option<i64> = conn.query_row("SELECT MAX(gateway_key_index) FROM channels", [], |r| r.get(0))?;
+        Ok(max.map(|m| m as u32 + 1).unwrap_or(0))
+    }
+
+    /// Record a channel offer (durably) before the script is handed to the client.
+    pub fn insert_channel(&self, c: &NewChannel) -> Result<ChannelRecord, StoreError> {
+        let conn = self.conn()?;
+        let now = unix_now();
+        conn.execute(
+            "INSERT INTO channels (id, mac, ip, client_pubkey, gateway_key_index, gateway_pubkey,
+                expiry_height, price_msat_per_mib, chunk_bytes, state, opened_at, last_activity_at,
+                client_change_script)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'offered', ?10, ?10, ?11)",
+            params![
+                c.id.to_string(),
+                c.mac.to_string(),
+                c.ip.to_string(),
+                c.client_pubkey.to_bytes(),
+                c.gateway_key_index,
+                c.gateway_pubkey.to_bytes(),
+                c.expiry.to_consensus_u32(),
+                c.price.to_msat() as i64,
+                c.chunk.0 as i64,
+                now,
+                c.client_change_script.as_bytes()
+            ],
+        )?;
+        get(&conn, c.id)?.ok_or(StoreError::UnknownChannel(c.id))
+    }
+
+    /// One channel, if it exists.
+    pub fn channel(&self, id: ChannelId) -> Result<Option<ChannelRecord>, StoreError> {
+        let conn = self.conn()?;
+        get(&conn, id)
+    }
+
+    /// Every channel, oldest first.
+    pub fn channels(&self) -> Result<Vec<ChannelRecord>, StoreError> {
+        let conn = self.conn()?;
+        list(&conn, "", [])
+    }
+
+    /// Channels in any of `states`, oldest first.
+    pub fn channels_in(&self, states: &[ChannelState]) -> Result<Vec<ChannelRecord>, StoreError> {
+        let all = self.channels()?;
+        Ok(all.into_iter().filter(|c| states.contains(&c.state)).collect())
+    }
+
+    /// The channel (offered or open) currently bound to a MAC, if any.
+    pub fn live_channel_for_mac(&self, mac: MacAddr) -> Result<Option<ChannelRecord>, StoreError> {
+        let conn = self.conn()?;
+        let rows = list(
+            &conn,
+            "WHERE c.mac = ?1 AND c.state IN ('offered', 'open')",
+            [mac.to_string()],
+        )?;
+        Ok(rows.into_iter().last())
+    }
+
+    /// The channel funded by `outpoint`, if any.
+    pub fn channel_by_outpoint(&self, outpoint: OutPoint) -> Result<Option<ChannelRecord>, StoreError> {
+        let conn = self.conn()?;
+        let rows = list(
+            &conn,
+            "WHERE c.funding_txid = ?1 AND c.funding_vout = ?2",
+            params![outpoint.txid.to_string(), outpoint.vout],
+        )?;
+        Ok(rows.into_iter().next())
+    }
+
+    /// Accept the funding output of an offered channel: it becomes `open`.
+    /// Fails with [`StoreError::OutpointInUse`] if another channel already has it.
+    pub fn set_funding(&self, id: ChannelId, funding: Funding) -> Result<ChannelRecord, StoreError> {
+        let conn = self.conn()?;
+        let r = conn.execute(
+            "UPDATE channels SET funding_txid = ?2, funding_vout = ?3, capacity_sat = ?4,
+                funding_height = ?5, state = 'open' WHERE id = ?1 AND state IN ('offered', 'open')",
+            params![
+                id.to_string(),
+                funding.outpoint.txid.to_string(),
+                funding.outpoint.vout,
+                funding.capacity.to_sat() as i64,
+                funding.height.map(|h| h.to_consensus_u32())
+            ],
+        );
+        match r {
+            Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::ConstraintViolation => {
+                return Err(StoreError::OutpointInUse(funding.outpoint))
+            }
+            Err(e) => return Err(e.into()),
+            Ok(0) => return Err(StoreError::UnknownChannel(id)),
+            Ok(_) => {}
+        }
+        get(&conn, id)?.ok_or(StoreError::UnknownChannel(id))
+    }
+
+    /// Record the height at which the funding confirmed.
+    pub fn set_funding_height(&self, id: ChannelId, h: Height) -> Result<(), StoreError> {
+        let n = self.conn()?.execute(
+            "UPDATE channels SET funding_height = ?2 WHERE id = ?1",
+            params![id.to_string(), h.to_consensus_u32()],
+        )?;
+        if n == 0 {
+            return Err(StoreError::UnknownChannel(id));
+        }
+        Ok(())
+    }
+
+    /// Mark a channel as due for settlement. The first reason wins; later calls are no-ops.
+    pub fn request_close(&self, id: ChannelId, reason: &str) -> Result<ChannelRecord, StoreError> {
+        let conn = self.conn()?;
+        conn.execute(
+            "UPDATE channels SET close_reason = COALESCE(close_reason, ?2) WHERE id = ?1",
+            params![id.to_string(), reason],
+        )?;
+        get(&conn, id)?.ok_or(StoreError::UnknownChannel(id))
+    }
+
+    /// Give up an offer that was never funded.
+    pub fn abandon_offer(&self, id: ChannelId) -> Result<(), StoreError> {
+        self.conn()?.execute(
+            "UPDATE channels SET state = 'abandoned' WHERE id = ?1 AND state = 'offered'",
+            [id.to_string()],
+        )?;
+        Ok(())
+    }
+}
