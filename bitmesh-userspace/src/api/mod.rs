@@ -1,1 +1,274 @@
-//! Placeholder: see lib.rs for this module's job.
+//! The client-facing HTTP/JSON API (axum): routing, decoding, limits and error codes.
+//!
+//! The HTTP layer decides nothing about money: every handler decodes, checks limits
+//! and calls one method of [`ClientGateway`], the narrow interface the controller
+//! (`gateway`) implements. Tests drive the router with a fake gateway.
+//!
+//! Routes (details and the error table: `docs/api.md`):
+//!
+//! | method | path | body -> answer |
+//! | --- | --- | --- |
+//! | GET  | /v1/terms | -> `Terms` |
+//! | POST | /v1/channels | `OpenRequest` -> `OpenResponse` |
+//! | POST | /v1/channels/{id}/funding | `FundRequest` -> `ChannelStatus` (relays the tx) |
+//! | POST | /v1/channels/{id}/payments | `PaymentUpdate` -> `PaymentAck` |
+//! | GET  | /v1/channels/{id} | -> `ChannelStatus` (signed header) |
+//! | POST | /v1/channels/{id}/close | `CloseRequest` -> `CloseResponse` |
+//! | GET  | /v1/channels/{id}/events | -> SSE stream of [`ClientEvent`] (signed header) |
+//! | GET  | /captive-portal/api | -> RFC 8908 [`CaptiveStatus`] |
+
+mod captive;
+mod error;
+mod extract;
+mod limits;
+#[cfg(test)]
+mod tests;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, State};
+use axum::http::HeaderMap;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{middleware, Json, Router};
+use bitmesh_common::pricing::ByteCount;
+use bitmesh_common::wire::{
+    ChannelId, ChannelStatus, CloseRequest, CloseResponse, FundRequest, OpenRequest, OpenResponse,
+    PaymentAck, PaymentUpdate, SignatureBytes, Terms,
+};
+use bitcoin::hex::FromHex;
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+pub use captive::CaptiveStatus;
+pub use error::ApiError;
+pub use extract::ApiJson;
+pub use limits::RateLimiter;
+
+/// Header carrying the client-key signature on channel-scoped GET requests:
+/// hex DER ECDSA signature over `client_auth_digest(action, channel_id)` with action
+/// `status` or `events`.
+pub const AUTH_HEADER: &str = "x-bitmesh-signature";
+
+/// A push on a channel's event stream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum ClientEvent {
+    /// Periodic usage report.
+    Usage(UsageReport),
+    /// Remaining budget fell below the gateway's low-water mark: pay the next chunk now.
+    LowWater(UsageReport),
+    /// The channel stopped taking payments (closing or closed).
+    Closed { channel_id: ChannelId },
+}
+
+/// Budget figures of one channel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct UsageReport {
+    pub channel_id: ChannelId,
+    pub credited_bytes: ByteCount,
+    pub used_bytes: ByteCount,
+    pub remaining_bytes: ByteCount,
+}
+
+impl ClientEvent {
+    fn name(&self) -> &'static str {
+        match self {
+            ClientEvent::Usage(_) => "usage",
+            ClientEvent::LowWater(_) => "low_water",
+            ClientEvent::Closed { .. } => "closed",
+        }
+    }
+}
+
+/// What the API needs from the controller. `peer` is the TCP peer address of the
+/// request: the gateway resolves it to the device's MAC on the client interface.
+pub trait ClientGateway: Send + Sync + 'static {
+    fn terms(&self) -> impl Future<Output = Result<Terms, ApiError>> + Send;
+    fn open(&self, peer: IpAddr, req: OpenRequest) -> impl Future<Output = Result<OpenResponse, ApiError>> + Send;
+    fn fund(&self, peer: IpAddr, req: FundRequest) -> impl Future<Output = Result<ChannelStatus, ApiError>> + Send;
+    /// Verify, persist (synced), credit, then return the ack. Nothing else.
+    fn pay(&self, peer: IpAddr, update: PaymentUpdate) -> impl Future<Output = Result<PaymentAck, ApiError>> + Send;
+    fn status(
+        &self,
+        peer: IpAddr,
+        id: ChannelId,
+        auth: SignatureBytes,
+    ) -> impl Future<Output = Result<ChannelStatus, ApiError>> + Send;
+    fn close(&self, peer: IpAddr, req: CloseRequest) -> impl Future<Output = Result<CloseResponse, ApiError>> + Send;
+    fn events(
+        &self,
+        peer: IpAddr,
+        id: ChannelId,
+        auth: SignatureBytes,
+    ) -> impl Future<Output = Result<mpsc::Receiver<ClientEvent>, ApiError>> + Send;
+    fn captive(&self, peer: IpAddr) -> impl Future<Output = Result<CaptiveStatus, ApiError>> + Send;
+}
+
+/// Request limits of the API.
+#[derive(Clone, Debug)]
+pub struct ApiLimits {
+    pub max_body_bytes: usize,
+    pub request_timeout: Duration,
+    /// Requests per minute per client IP.
+    pub requests_per_min: u32,
+    /// Funding relays per hour per client IP.
+    pub relays_per_hour: u32,
+    /// Largest funding transaction relayed (serialized bytes).
+    pub relay_max_tx_bytes: usize,
+}
+
+impl Default for ApiLimits {
+    fn default() -> Self {
+        ApiLimits {
+            max_body_bytes: 64 * 1024,
+            request_timeout: Duration::from_secs(10),
+            requests_per_min: 600,
+            relays_per_hour: 10,
+            relay_max_tx_bytes: 10_000,
+        }
+    }
+}
+
+struct AppState<G> {
+    gw: Arc<G>,
+    limits: ApiLimits,
+}
+
+type St<G> = State<Arc<AppState<G>>>;
+
+/// The API router. Serve it with `into_make_service_with_connect_info::<SocketAddr>()`
+/// (handlers need the peer address).
+pub fn router<G: ClientGateway>(gw: Arc<G>, limits: ApiLimits) -> Router {
+    let relay_limiter = RateLimiter::new(limits.relays_per_hour, Duration::from_secs(3600));
+    let limiter = RateLimiter::new(limits.requests_per_min, Duration::from_secs(60));
+    let timeout = limits.request_timeout;
+    let body_limit = limits.max_body_bytes;
+    let state = Arc::new(AppState { gw, limits });
+    Router::new()
+        .route("/v1/terms", get(terms::<G>))
+        .route("/v1/channels", post(open::<G>))
+        .route(
+            "/v1/channels/{id}/funding",
+            post(fund::<G>).route_layer(middleware::from_fn_with_state(relay_limiter, limits::rate_limit)),
+        )
+        .route("/v1/channels/{id}/payments", post(pay::<G>))
+        .route("/v1/channels/{id}", get(status::<G>))
+        .route("/v1/channels/{id}/close", post(close::<G>))
+        .route("/v1/channels/{id}/events", get(events::<G>))
+        .route("/captive-portal/api", get(captive::<G>))
+        .fallback(|| async { ApiError::NoRoute })
+        .method_not_allowed_fallback(|| async { ApiError::NoRoute })
+        .with_state(state)
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(middleware::from_fn_with_state(timeout, limits::timeout))
+        .layer(middleware::from_fn_with_state(limiter, limits::rate_limit))
+}
+
+fn channel_id(s: &str) -> Result<ChannelId, ApiError> {
+    s.parse().map_err(|_| ApiError::BadRequest(format!("{s:?} is not a channel id (64 hex digits)")))
+}
+
+fn same_channel(path: ChannelId, body: ChannelId) -> Result<(), ApiError> {
+    if path != body {
+        return Err(ApiError::BadRequest(format!("channel_id {body} in the body differs from {path} in the path")));
+    }
+    Ok(())
+}
+
+fn auth_header(headers: &HeaderMap) -> Result<SignatureBytes, ApiError> {
+    let v = headers
+        .get(AUTH_HEADER)
+        .ok_or_else(|| ApiError::Unauthorized(format!("missing {AUTH_HEADER} header: sign the request with the channel's client key")))?;
+    let s = v.to_str().map_err(|_| ApiError::Unauthorized(format!("{AUTH_HEADER} is not hex")))?;
+    Vec::<u8>::from_hex(s.trim())
+        .map(SignatureBytes)
+        .map_err(|_| ApiError::Unauthorized(format!("{AUTH_HEADER} is not hex")))
+}
+
+async fn terms<G: ClientGateway>(State(s): St<G>) -> Result<Json<Terms>, ApiError> {
+    Ok(Json(s.gw.terms().await?))
+}
+
+async fn open<G: ClientGateway>(
+    State(s): St<G>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ApiJson(req): ApiJson<OpenRequest>,
+) -> Result<Json<OpenResponse>, ApiError> {
+    Ok(Json(s.gw.open(peer.ip(), req).await?))
+}
+
+async fn fund<G: ClientGateway>(
+    State(s): St<G>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<FundRequest>,
+) -> Result<Json<ChannelStatus>, ApiError> {
+    same_channel(channel_id(&id)?, req.channel_id)?;
+    let size = bitcoin::consensus::serialize(&req.funding_tx).len();
+    if size > s.limits.relay_max_tx_bytes {
+        return Err(ApiError::BadRequest(format!(
+            "funding transaction is {size} bytes, above the relay limit of {} bytes",
+            s.limits.relay_max_tx_bytes
+        )));
+    }
+    Ok(Json(s.gw.fund(peer.ip(), req).await?))
+}
+
+async fn pay<G: ClientGateway>(
+    State(s): St<G>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(id): Path<String>,
+    ApiJson(update): ApiJson<PaymentUpdate>,
+) -> Result<Json<PaymentAck>, ApiError> {
+    same_channel(channel_id(&id)?, update.channel_id)?;
+    Ok(Json(s.gw.pay(peer.ip(), update).await?))
+}
+
+async fn status<G: ClientGateway>(
+    State(s): St<G>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<ChannelStatus>, ApiError> {
+    let id = channel_id(&id)?;
+    Ok(Json(s.gw.status(peer.ip(), id, auth_header(&headers)?).await?))
+}
+
+async fn close<G: ClientGateway>(
+    State(s): St<G>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<CloseRequest>,
+) -> Result<Json<CloseResponse>, ApiError> {
+    same_channel(channel_id(&id)?, req.channel_id)?;
+    Ok(Json(s.gw.close(peer.ip(), req).await?))
+}
+
+async fn events<G: ClientGateway>(
+    State(s): St<G>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let id = channel_id(&id)?;
+    let rx = s.gw.events(peer.ip(), id, auth_header(&headers)?).await?;
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        let ev = rx.recv().await?;
+        let sse = Event::default().event(ev.name()).json_data(&ev).unwrap_or_else(|_| Event::default());
+        Some((Ok::<_, Infallible>(sse), rx))
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()).into_response())
+}
+
+async fn captive<G: ClientGateway>(
+    State(s): St<G>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+) -> Result<Response, ApiError> {
+    Ok(s.gw.captive(peer.ip()).await?.into_response())
+}

@@ -1,0 +1,108 @@
+//! `ApiError`: every way a client request can fail, each with a stable wire code
+//! ([`ErrorCode`]) and an HTTP status. The body is always a JSON [`ErrorBody`].
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use bitmesh_common::wire::{ChannelId, ErrorBody, ErrorCode};
+
+use crate::channel::ChannelError;
+
+/// A refused or failed client request.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The channel library refused the request (its own code, e.g. `signature_invalid`).
+    #[error(transparent)]
+    Channel(#[from] ChannelError),
+    /// Malformed JSON, wrong types, path and body disagree, unknown route.
+    #[error("{0}")]
+    BadRequest(String),
+    /// Body above the configured limit.
+    #[error("request body is larger than the gateway accepts: send a smaller request")]
+    BodyTooLarge,
+    /// No route or method here.
+    #[error("no such endpoint: see docs/api.md for the routes")]
+    NoRoute,
+    #[error("no channel {0}: open one with POST /v1/channels")]
+    UnknownChannel(ChannelId),
+    /// Not signed by the channel's client key, or not from the channel's device.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// The gateway could not find the MAC of the connecting device.
+    #[error("the gateway cannot see your device's MAC address on its client interface: connect through the gateway's WiFi")]
+    NotOnLink,
+    #[error("channel is {state}: {hint}")]
+    ChannelNotOpen { state: &'static str, hint: &'static str },
+    #[error("too many requests: retry in {retry_after_secs} s")]
+    RateLimited { retry_after_secs: u64 },
+    /// The funding transaction is unknown to the chain and relaying it failed.
+    #[error("funding transaction was not found and could not be relayed: {0}")]
+    FundingNotFound(String),
+    #[error("the gateway cannot reach its chain backend: retry later")]
+    ChainUnavailable,
+    #[error("request took longer than {secs} s: retry")]
+    Timeout { secs: u64 },
+    /// Anything else; the detail is logged, not sent.
+    #[error("internal error on the gateway: retry later")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// The stable code clients branch on.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            ApiError::Channel(e) => e.code(),
+            ApiError::BadRequest(_) | ApiError::BodyTooLarge | ApiError::NoRoute => ErrorCode::BadRequest,
+            ApiError::UnknownChannel(_) => ErrorCode::UnknownChannel,
+            ApiError::Unauthorized(_) | ApiError::NotOnLink => ErrorCode::Unauthorized,
+            ApiError::ChannelNotOpen { .. } => ErrorCode::ChannelNotOpen,
+            ApiError::RateLimited { .. } => ErrorCode::RateLimited,
+            ApiError::FundingNotFound(_) => ErrorCode::FundingNotFound,
+            ApiError::ChainUnavailable => ErrorCode::ChainUnavailable,
+            ApiError::Timeout { .. } | ApiError::Internal(_) => ErrorCode::Internal,
+        }
+    }
+
+    /// The HTTP status that goes with it.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::Channel(e) => match e.code() {
+                ErrorCode::DuplicateOutpoint | ErrorCode::AmountNotIncreasing => StatusCode::CONFLICT,
+                ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+                _ => StatusCode::UNPROCESSABLE_ENTITY,
+            },
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::NoRoute | ApiError::UnknownChannel(_) => StatusCode::NOT_FOUND,
+            ApiError::Unauthorized(_) | ApiError::NotOnLink => StatusCode::FORBIDDEN,
+            ApiError::ChannelNotOpen { .. } => StatusCode::CONFLICT,
+            ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::FundingNotFound(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::ChainUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Timeout { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The JSON body.
+    pub fn body(&self) -> ErrorBody {
+        ErrorBody { code: self.code(), message: self.to_string() }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if let ApiError::Internal(detail) = &self {
+            tracing::error!(%detail, "internal error answering a client");
+        }
+        let retry = match &self {
+            ApiError::RateLimited { retry_after_secs } => Some(*retry_after_secs),
+            _ => None,
+        };
+        let mut resp = (self.status(), Json(self.body())).into_response();
+        if let Some(secs) = retry {
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        resp
+    }
+}
