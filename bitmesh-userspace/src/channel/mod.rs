@@ -17,6 +17,7 @@ use bitcoin::secp256k1::{All, Secp256k1};
 use bitcoin::{absolute, transaction, Amount, FeeRate, OutPoint, ScriptBuf, Sequence, Weight};
 use bitmesh_common::wire::ErrorCode;
 
+pub mod bench;
 mod close;
 mod funding;
 pub mod keys;
@@ -27,7 +28,7 @@ pub use close::{build_close, build_refund, CloseInput, CloseTx};
 pub use funding::{check_open, verify_funding, FundingCheck, VerifiedFunding};
 pub use keys::{ChannelKey, GatewaySeed, KeysError};
 pub use script::ChannelScript;
-pub use update::{sign_update, verify_update, VerifiedUpdate};
+pub use update::{required_sighash, sign_update, verify_update, VerifiedUpdate};
 
 /// Version of every close and refund transaction (fixed: the client signs it).
 pub const TX_VERSION: transaction::Version = transaction::Version::TWO;
