@@ -11,10 +11,12 @@
 //! the host in microseconds.
 
 pub mod abi;
+pub mod mac;
 pub mod parse;
 pub mod verdict;
 
 pub use abi::*;
+pub use mac::{Mac, ParseMacError};
 pub use parse::{classify, FrameBytes, FrameClass, GardenKind, GatewayConfig};
 pub use verdict::{verdict, Budget, Verdict};
 

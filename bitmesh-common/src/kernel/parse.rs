@@ -224,7 +224,7 @@ fn ipv4<F: FrameBytes + ?Sized>(
     let l4 = l3 + ihl;
     match proto {
         IPPROTO_ICMP => {
-            let Some([icmp_type]) = frame.bytes::<1>(l4) else {
+            let Some([icmp_type, _code]) = frame.bytes::<2>(l4) else {
                 return FrameClass::Malformed;
             };
             let echo = match direction {
@@ -307,7 +307,7 @@ fn ipv6<F: FrameBytes + ?Sized>(
     }
     match next {
         IPPROTO_ICMPV6 => {
-            let Some([icmp_type]) = frame.bytes::<1>(l4) else {
+            let Some([icmp_type, _code]) = frame.bytes::<2>(l4) else {
                 return FrameClass::Malformed;
             };
             match icmp_type {

@@ -142,6 +142,7 @@ fn cases() -> Vec<(&'static str, Direction, Vec<u8>, FrameClass)> {
         ("truncated tcp ports are malformed", U, tcp_to_53_truncated, Malformed),
         ("truncated ipv6 header is malformed", U, truncated_ip6, Malformed),
         ("truncated hop-by-hop is malformed", U, mld_hbh_truncated, Malformed),
+        ("icmp cut after the type byte is malformed", U, up().ipv4_icmp(CLIENT4, GW4, 8)[..14 + 20 + 1].to_vec(), Malformed),
         ("ipv4 ethertype with version 6 is malformed", U, bad_version, Malformed),
         ("ipv4 ihl below 5 is malformed", U, short_ihl, Malformed),
         ("ipv6 ethertype with version 4 is malformed", U, up().raw(0x86dd, &no_gw(up().ipv4_udp(CLIENT4, GW4, 1, 53, 40))[14..]), Malformed),

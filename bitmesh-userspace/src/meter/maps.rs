@@ -1,0 +1,224 @@
+//! Typed access to the pinned maps: credit (only ever raised), usage (created here,
+//! then only the kernel adds), per-CPU stats (summed here).
+
+use std::path::Path;
+
+use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray};
+use bitmesh_common::kernel::{
+    stat_index, Direction, Mac, MacKey, StatCounter, Usage, Verdict, MAP_CREDIT, MAP_STATS,
+    MAP_USAGE, STATS_LEN,
+};
+use bitmesh_common::pricing::ByteCount;
+
+use super::error::MeterError;
+
+/// `BPF_NOEXIST`: insert only if the key is absent (never overwrite live usage).
+const BPF_NOEXIST: u64 = 1;
+
+/// One client's budget and counters, read from `CREDIT` and `USAGE`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClientUsage {
+    /// The client.
+    pub mac: Mac,
+    /// Total bytes credited (0 if the client has usage but no credit entry).
+    pub credited: ByteCount,
+    /// The kernel's counters.
+    pub usage: Usage,
+}
+
+impl ClientUsage {
+    /// Bytes billed, both directions.
+    pub fn used(&self) -> ByteCount {
+        ByteCount(self.usage.used_bytes())
+    }
+
+    /// Bytes left before the kernel starts dropping (0 when overshot).
+    pub fn remaining(&self) -> ByteCount {
+        self.credited.saturating_sub(self.used())
+    }
+}
+
+/// Stats summed over all CPUs, per (direction, verdict).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MeterStats {
+    slots: Vec<StatCounter>,
+}
+
+impl MeterStats {
+    /// Frames and bytes that got `verdict` in `direction`.
+    pub fn get(&self, direction: Direction, verdict: Verdict) -> StatCounter {
+        self.slots
+            .get(stat_index(direction, verdict) as usize)
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// Walled-garden frames/bytes, both directions (passed, never billed).
+    pub fn walled_garden(&self) -> StatCounter {
+        self.sum(Verdict::PassWalledGarden)
+    }
+
+    /// Broadcast/multicast frames/bytes passed at egress.
+    pub fn group(&self) -> StatCounter {
+        self.sum(Verdict::PassGroup)
+    }
+
+    /// Frames/bytes with `verdict`, both directions.
+    pub fn sum(&self, verdict: Verdict) -> StatCounter {
+        let (u, d) = (self.get(Direction::Upload, verdict), self.get(Direction::Download, verdict));
+        StatCounter { packets: u.packets + d.packets, bytes: u.bytes + d.bytes }
+    }
+}
+
+/// Handles on `CREDIT`, `USAGE` and `STATS`.
+///
+/// One writer is assumed (the controller): `raise_credit` reads then writes.
+pub struct MeterMaps {
+    credit: HashMap<MapData, MacKey, u64>,
+    usage: HashMap<MapData, MacKey, Usage>,
+    stats: PerCpuArray<MapData, StatCounter>,
+}
+
+fn map_err(operation: &'static str, map: &'static str) -> impl FnOnce(MapError) -> MeterError {
+    move |source| MeterError::Map { operation, map, source }
+}
+
+impl MeterMaps {
+    /// Wrap the maps taken from a freshly loaded object.
+    pub(super) fn from_maps(credit: Map, usage: Map, stats: Map) -> Result<Self, MeterError> {
+        Ok(Self {
+            credit: HashMap::try_from(credit).map_err(map_err("open", MAP_CREDIT))?,
+            usage: HashMap::try_from(usage).map_err(map_err("open", MAP_USAGE))?,
+            stats: PerCpuArray::try_from(stats).map_err(map_err("open", MAP_STATS))?,
+        })
+    }
+
+    /// Open the maps pinned in `pin_dir` by a running (or crashed) controller, without
+    /// loading programs: for the CLI, tests and diagnostics.
+    pub fn open_pinned(pin_dir: &Path) -> Result<Self, MeterError> {
+        let open = |name: &'static str| -> Result<Map, MeterError> {
+            let data = MapData::from_pin(pin_dir.join(name)).map_err(|source| {
+                if let Some(io) = super::error::root_io_error(&source) {
+                    if let Some(e) = super::error::permission_error("opening pinned maps", io) {
+                        return e;
+                    }
+                }
+                MeterError::NotPinned { path: pin_dir.to_path_buf(), source }
+            })?;
+            Map::from_map_data(data).map_err(map_err("open", name))
+        };
+        Self::from_maps(open(MAP_CREDIT)?, open(MAP_USAGE)?, open(MAP_STATS)?)
+    }
+
+    /// Start metering `mac`: create its zeroed `USAGE` entry and a zero credit, unless
+    /// they exist (live counters are never overwritten). Idempotent.
+    pub fn add_client(&mut self, mac: Mac) -> Result<(), MeterError> {
+        self.restore_client(mac, Usage::default())
+    }
+
+    /// Like [`Self::add_client`] but seeds the counters, e.g. from the store after a
+    /// reboot wiped the maps, so a client's spent budget is not handed out again.
+    /// Existing entries are left untouched.
+    pub fn restore_client(&mut self, mac: Mac, usage: Usage) -> Result<(), MeterError> {
+        if mac.is_group() {
+            return Err(MeterError::GroupMac { mac });
+        }
+        insert_absent(&mut self.usage, mac.key(), usage, MAP_USAGE)?;
+        insert_absent(&mut self.credit, mac.key(), 0, MAP_CREDIT)?;
+        Ok(())
+    }
+
+    /// Set the total bytes credited to `mac` to `total` (creating the client if
+    /// needed). Credit only ever increases: a lower total is an error, an equal one a
+    /// no-op, so replaying a payment after a crash never credits twice.
+    pub fn raise_credit(&mut self, mac: Mac, total: ByteCount) -> Result<ByteCount, MeterError> {
+        self.add_client(mac)?;
+        let current = self.credit(mac)?.unwrap_or(ByteCount::ZERO);
+        if total.0 < current.0 {
+            return Err(MeterError::CreditDecrease { mac, current: current.0, requested: total.0 });
+        }
+        if total.0 > current.0 {
+            self.credit.insert(mac.key(), total.0, 0).map_err(map_err("raise credit", MAP_CREDIT))?;
+            tracing::debug!(%mac, credited = total.0, "credit raised");
+        }
+        Ok(total)
+    }
+
+    /// Total bytes credited to `mac`, `None` if unknown.
+    pub fn credit(&self, mac: Mac) -> Result<Option<ByteCount>, MeterError> {
+        match self.credit.get(&mac.key(), 0) {
+            Ok(v) => Ok(Some(ByteCount(v))),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err("read credit", MAP_CREDIT)(e)),
+        }
+    }
+
+    /// Budget and counters of `mac`, `None` if the kernel does not meter it.
+    pub fn usage(&self, mac: Mac) -> Result<Option<ClientUsage>, MeterError> {
+        let usage = match self.usage.get(&mac.key(), 0) {
+            Ok(u) => u,
+            Err(MapError::KeyNotFound) => return Ok(None),
+            Err(e) => return Err(map_err("read usage", MAP_USAGE)(e)),
+        };
+        let credited = self.credit(mac)?.unwrap_or(ByteCount::ZERO);
+        Ok(Some(ClientUsage { mac, credited, usage }))
+    }
+
+    /// Every metered client, sorted by MAC.
+    pub fn all_usage(&self) -> Result<Vec<ClientUsage>, MeterError> {
+        let mut out = Vec::new();
+        for key in self.usage.keys() {
+            let key = key.map_err(map_err("list clients", MAP_USAGE))?;
+            // A client removed between listing and reading is simply skipped.
+            if let Some(u) = self.usage(Mac::from(key))? {
+                out.push(u);
+            }
+        }
+        out.sort_by_key(|u| u.mac);
+        Ok(out)
+    }
+
+    /// Stop metering `mac`: its traffic becomes unpaid (walled garden only). Returns
+    /// the final counters. Credit goes first so no frame is billed after the read.
+    pub fn remove_client(&mut self, mac: Mac) -> Result<Option<ClientUsage>, MeterError> {
+        let credited = self.credit(mac)?.unwrap_or(ByteCount::ZERO);
+        match self.credit.remove(&mac.key()) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(map_err("remove credit", MAP_CREDIT)(e)),
+        }
+        let last = self.usage(mac)?.map(|u| ClientUsage { credited, ..u });
+        match self.usage.remove(&mac.key()) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(map_err("remove usage", MAP_USAGE)(e)),
+        }
+        Ok(last)
+    }
+
+    /// The per-CPU stats, summed.
+    pub fn stats(&self) -> Result<MeterStats, MeterError> {
+        let mut slots = Vec::with_capacity(STATS_LEN as usize);
+        for index in 0..STATS_LEN {
+            let per_cpu = self.stats.get(&index, 0).map_err(map_err("read stats", MAP_STATS))?;
+            let mut total = StatCounter::default();
+            for c in per_cpu.iter() {
+                total.packets = total.packets.wrapping_add(c.packets);
+                total.bytes = total.bytes.wrapping_add(c.bytes);
+            }
+            slots.push(total);
+        }
+        Ok(MeterStats { slots })
+    }
+}
+
+fn insert_absent<V: aya::Pod>(
+    map: &mut HashMap<MapData, MacKey, V>,
+    key: MacKey,
+    value: V,
+    name: &'static str,
+) -> Result<(), MeterError> {
+    match map.insert(key, value, BPF_NOEXIST) {
+        Ok(()) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+        Err(e) => Err(map_err("add client", name)(e)),
+    }
+}

@@ -1,0 +1,226 @@
+//! Guards for kernel and network tests: a private bpffs pin directory, a loaded
+//! meter on it, network namespaces and veth pairs. Every guard removes what it
+//! created on drop, on every exit path, and never touches anything it did not create.
+//!
+//! Names are unique per process and per guard (`bm<pid>x<n>...`), so tests can run in
+//! parallel and leftovers of a killed run are recognisable.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use anyhow::{bail, Context, Result};
+use bitmesh::meter::{Meter, MeterConfig};
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A short name unique in this process: `<prefix><pid>x<n>` (fits IFNAMSIZ for
+/// prefixes of up to 3 characters).
+pub fn unique_name(prefix: &str) -> String {
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("{prefix}{}x{n}", std::process::id())
+}
+
+/// Run a command, failing with its stderr if it fails.
+pub fn run(cmd: &mut Command) -> Result<Output> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("spawning {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(out)
+}
+
+/// `ip <args>`.
+pub fn ip(args: &[&str]) -> Result<Output> {
+    run(Command::new("ip").args(args))
+}
+
+/// A private pin directory `/sys/fs/bpf/bitmesh-test-<pid>-<n>`, removed with
+/// everything in it on drop (maps and links pinned there go with it).
+pub struct PinDir {
+    path: PathBuf,
+}
+
+impl PinDir {
+    /// A fresh, not yet existing directory path under /sys/fs/bpf.
+    pub fn new() -> Self {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let path = PathBuf::from(format!("/sys/fs/bpf/bitmesh-test-{}-{n}", std::process::id()));
+        Self { path }
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Default for PinDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        // bpffs has no recursive unlink of pinned objects beyond remove_dir_all,
+        // which works: pins are plain inodes.
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// The gateway address the kernel tests configure.
+pub const GATEWAY_IPV4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
+/// The client address the kernel tests use.
+pub const CLIENT_IPV4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
+/// The payment port the kernel tests configure.
+pub const PAYMENT_PORT: u16 = 3141;
+
+/// A loaded (not attached) meter on a private pin directory. Field order matters:
+/// the meter drops (closing its fds) before the pin directory is removed.
+pub struct TestMeter {
+    /// The meter.
+    pub meter: Meter,
+    /// Its config.
+    pub config: MeterConfig,
+    /// Where its maps are pinned.
+    pub pins: PinDir,
+}
+
+impl TestMeter {
+    /// Load the meter with the test gateway configuration on a new pin directory.
+    pub fn load() -> Result<Self> {
+        Self::load_with(|_| {})
+    }
+
+    /// Like [`Self::load`], adjusting the config first.
+    pub fn load_with(adjust: impl FnOnce(&mut MeterConfig)) -> Result<Self> {
+        let pins = PinDir::new();
+        let mut config = MeterConfig::new(GATEWAY_IPV4);
+        config.pin_dir = pins.path().to_path_buf();
+        config.gateway_ipv6 = Some("2001:db8:77::1".parse()?);
+        config.payment_port = PAYMENT_PORT;
+        adjust(&mut config);
+        let meter = Meter::load(&config).context("loading the meter")?;
+        Ok(Self { meter, config, pins })
+    }
+
+    /// Load a second meter on the same pin directory (a controller restart).
+    pub fn reload(self) -> Result<Self> {
+        let TestMeter { meter, config, pins } = self;
+        drop(meter);
+        let meter = Meter::load(&config).context("reloading the meter")?;
+        Ok(Self { meter, config, pins })
+    }
+}
+
+/// A network namespace, deleted on drop (which also destroys interfaces inside it).
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    /// Create `bm<pid>x<n>` with loopback up.
+    pub fn new() -> Result<Self> {
+        let name = unique_name("bm");
+        ip(&["netns", "add", &name])?;
+        let ns = Self { name };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// Its name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `ip -n <ns> <args>`.
+    pub fn ip(&self, args: &[&str]) -> Result<Output> {
+        let mut all = vec!["-n", self.name.as_str()];
+        all.extend_from_slice(args);
+        ip(&all)
+    }
+
+    /// A command run inside the namespace (`ip netns exec <ns> <program> ...`).
+    pub fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]);
+        c
+    }
+
+    /// Run `program args` inside the namespace, failing on a non-zero exit.
+    pub fn exec(&self, program: &str, args: &[&str]) -> Result<Output> {
+        run(self.command(program).args(args))
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// A veth pair with one end in each of two namespaces, deleted on drop (deleting
+/// one end deletes both).
+pub struct VethPair {
+    /// Name of the end in the first namespace.
+    pub a: String,
+    /// Name of the end in the second namespace.
+    pub b: String,
+    ns_a: String,
+}
+
+impl VethPair {
+    /// Create the pair `a` in `ns_a`, `b` in `ns_b`, both up, with the given MACs.
+    pub fn new(ns_a: &Netns, mac_a: &str, ns_b: &Netns, mac_b: &str) -> Result<Self> {
+        let a = unique_name("va");
+        let b = unique_name("vb");
+        // Created directly inside the namespaces: never visible in the host's.
+        ip(&[
+            "link", "add", &a, "netns", ns_a.name(), "address", mac_a, "type", "veth", "peer", "name", &b,
+            "netns", ns_b.name(), "address", mac_b,
+        ])?;
+        let pair = Self { a, b, ns_a: ns_a.name().to_string() };
+        ns_a.ip(&["link", "set", &pair.a, "up"])?;
+        ns_b.ip(&["link", "set", &pair.b, "up"])?;
+        Ok(pair)
+    }
+}
+
+impl Drop for VethPair {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["-n", &self.ns_a, "link", "del", &self.a])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// Run `f` with the calling thread moved into namespace `ns` (on a scoped thread,
+/// so the test's own thread never changes namespace). Used to attach the meter to
+/// an interface that only exists inside a namespace.
+pub fn in_netns<T: Send>(ns: &Netns, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+    let path = format!("/var/run/netns/{}", ns.name());
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let file = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
+            // SAFETY: setns on a valid namespace fd affects only this thread.
+            let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
+            if rc != 0 {
+                bail!("setns into {}: {}", ns.name(), std::io::Error::last_os_error());
+            }
+            f()
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("thread inside namespace panicked"))?
+    })
+}
