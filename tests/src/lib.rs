@@ -3,3 +3,4 @@
 
 pub mod bitcoind;
 pub mod env;
+pub mod netns;
