@@ -483,6 +483,7 @@ pub mod tx_hex {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)] // a failed test should panic
 mod tests {
     use super::*;
     use std::str::FromStr;

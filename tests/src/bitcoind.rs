@@ -5,6 +5,9 @@
 //! ([`CoinbaseWallet`]). The node listens on 127.0.0.1 only, on free ports, with a
 //! temporary data directory, and is stopped when the guard drops (also on panic).
 
+// Test harness: any failure here must fail the test loudly, so unwrap is the point.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};

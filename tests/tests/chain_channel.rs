@@ -2,6 +2,8 @@
 //! test layer 4). Every transaction the library builds goes through the node's
 //! `testmempoolaccept` before it is broadcast.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed test should panic
+
 use std::collections::HashSet;
 
 use bitcoin::secp256k1::{Secp256k1, SecretKey};
@@ -206,7 +208,7 @@ fn refund_is_rejected_until_expiry_and_accepted_after() {
     let refund = build_refund(&r.channel, &c.secret, &c.change, FeeRate::from_sat_per_vb_u32(2)).unwrap();
     // A transaction in the mempool goes into block tip+1; nLockTime = expiry means
     // only blocks above expiry may hold it.
-    while w.tip().to_consensus_u32() + 1 <= expiry {
+    while w.tip().to_consensus_u32() < expiry {
         let reason = w.node.accepts(&refund).unwrap_err();
         assert!(reason.contains("non-final"), "next block {}: {reason}", w.tip().to_consensus_u32() + 1);
         assert!(w.node.rpc().broadcast(&refund).is_err());

@@ -56,6 +56,7 @@ pub fn verify_update_median(iterations: u32) -> Result<Duration, ChannelError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)] // a failed test should panic
 mod tests {
     #[test]
     #[ignore = "benchmark: cargo test -p bitmesh-userspace --release channel::bench -- --ignored --nocapture"]

@@ -146,6 +146,7 @@ impl GatewaySeed {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)] // a failed test should panic
 mod tests {
     use super::*;
     use bitcoin::Network;

@@ -59,6 +59,7 @@ impl ChannelScript {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)] // a failed test should panic
 mod tests {
     use super::*;
     use bitcoin::hex::DisplayHex;

@@ -193,4 +193,5 @@ fn is_strict_der(sig: &[u8]) -> bool {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)] // a failed test should panic
 mod tests;
