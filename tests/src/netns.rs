@@ -224,3 +224,62 @@ pub fn in_netns<T: Send>(ns: &Netns, f: impl FnOnce() -> Result<T> + Send) -> Re
         .map_err(|_| anyhow::anyhow!("thread inside namespace panicked"))?
     })
 }
+
+/// MAC of the gateway end of the [`Topology`] veth.
+pub const GATEWAY_MAC: &str = "02:77:00:00:00:01";
+/// MAC of the client end of the [`Topology`] veth.
+pub const CLIENT_MAC: &str = "02:c1:00:00:00:02";
+
+/// Two namespaces joined by a veth pair: a gateway (10.77.0.1/24, the meter's side)
+/// and a client (10.77.0.2/24). IPv6 is off on both ends so only the traffic a
+/// test sends (and ARP) crosses the link. Field order: the veth goes before the
+/// namespaces.
+pub struct Topology {
+    /// The veth pair: `a` in the gateway namespace, `b` in the client's.
+    pub veth: VethPair,
+    /// The gateway namespace.
+    pub gateway: Netns,
+    /// The client namespace.
+    pub client: Netns,
+}
+
+impl Topology {
+    /// Build the two namespaces and the link between them.
+    pub fn new() -> Result<Self> {
+        let gateway = Netns::new()?;
+        let client = Netns::new()?;
+        let veth = VethPair::new(&gateway, GATEWAY_MAC, &client, CLIENT_MAC)?;
+        for (ns, dev, addr) in [(&gateway, &veth.a, "10.77.0.1/24"), (&client, &veth.b, "10.77.0.2/24")] {
+            ns.exec("sysctl", &["-qw", &format!("net.ipv6.conf.{dev}.disable_ipv6=1")])?;
+            ns.ip(&["addr", "add", addr, "dev", dev])?;
+            // Let unprivileged-style ICMP sockets work for `ping` below.
+            ns.exec("sysctl", &["-qw", "net.ipv4.ping_group_range=0 2147483647"])?;
+        }
+        Ok(Self { veth, gateway, client })
+    }
+
+    /// The gateway-side interface (where the meter attaches).
+    pub fn gateway_if(&self) -> &str {
+        &self.veth.a
+    }
+}
+
+/// Send one ICMP echo request to `addr` from inside `ns` and wait up to `timeout`
+/// for the reply (an ICMP datagram socket: no ping binary needed).
+pub fn ping(ns: &Netns, addr: Ipv4Addr, timeout: std::time::Duration) -> Result<bool> {
+    in_netns(ns, || {
+        use std::os::fd::FromRawFd;
+        // SAFETY: plain socket(2) call; the fd is owned by the UdpSocket below.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, libc::IPPROTO_ICMP) };
+        if fd < 0 {
+            bail!("ICMP socket: {}", std::io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh, valid socket we own; sendto/recvfrom are all we use.
+        let sock = unsafe { std::net::UdpSocket::from_raw_fd(fd) };
+        sock.set_read_timeout(Some(timeout))?;
+        // Echo request: type 8, code 0; the kernel fills identifier and checksum.
+        sock.send_to(&[8, 0, 0, 0, 0, 0, 0, 1, b'b', b'm'], (addr, 0))?;
+        let mut buf = [0u8; 64];
+        Ok(matches!(sock.recv_from(&mut buf), Ok((n, _)) if n >= 8 && buf[0] == 0))
+    })
+}

@@ -1,0 +1,286 @@
+//! Network tests: two namespaces joined by a veth pair, the meter attached on the
+//! gateway side exactly as on `wlan0`, real sockets on both sides.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use bitmesh::meter::{Mac, UploadHook, Verdict};
+use bitmesh_common::pricing::ByteCount;
+use bitmesh_tests::env::{is_root, skip};
+use bitmesh_tests::netns::{in_netns, TestMeter, Topology, CLIENT_MAC};
+
+const GW: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
+const CL: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
+/// A port on the gateway that stands for "the internet": not in the walled garden.
+const UPSTREAM_PORT: u16 = 5555;
+/// Short: every expected loss waits this long once.
+const WAIT: Duration = Duration::from_millis(300);
+
+fn client_mac() -> Mac {
+    CLIENT_MAC.parse().unwrap_or_default()
+}
+
+fn can_run() -> bool {
+    if !is_root() {
+        skip("network tests need root (namespaces, BPF)");
+        return false;
+    }
+    true
+}
+
+/// A topology with the meter attached to the gateway side on `hook`.
+struct Metered {
+    meter: TestMeter,
+    net: Topology,
+}
+
+impl Metered {
+    fn new(hook: UploadHook) -> Result<Self> {
+        let net = Topology::new()?;
+        let mut meter = TestMeter::load()?;
+        let iface = net.gateway_if().to_string();
+        let used = in_netns(&net.gateway, || Ok(meter.meter.attach(&iface, hook)?))?;
+        assert_eq!(used, hook, "hook actually used");
+        // Field order in Metered drops the meter (and its pins) before the netns.
+        Ok(Self { meter, net })
+    }
+
+    fn udp(&self, on_gateway: bool, addr: SocketAddrV4) -> Result<UdpSocket> {
+        let ns = if on_gateway { &self.net.gateway } else { &self.net.client };
+        let s = in_netns(ns, || Ok(UdpSocket::bind(addr)?))?;
+        s.set_read_timeout(Some(WAIT))?;
+        force_rcvbuf(&s)?;
+        Ok(s)
+    }
+
+    /// Send `n` datagrams of `size` payload bytes from `from` to `to`; count how many
+    /// `rx` receives.
+    fn blast(&self, from: &UdpSocket, to: SocketAddrV4, rx: &UdpSocket, n: usize, size: usize) -> Result<usize> {
+        let payload = vec![0x42u8; size];
+        for _ in 0..n {
+            from.send_to(&payload, to)?;
+            // Pace a little so the veth queue never drops: the test is about billing.
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        let mut got = 0;
+        let mut buf = [0u8; 2048];
+        while rx.recv_from(&mut buf).is_ok() {
+            got += 1;
+        }
+        Ok(got)
+    }
+
+    fn usage(&self) -> bitmesh::meter::Usage {
+        self.meter.meter.maps().usage(client_mac()).ok().flatten().map(|u| u.usage).unwrap_or_default()
+    }
+
+    fn ping_gateway(&self) -> bool {
+        bitmesh_tests::netns::ping(&self.net.client, GW, Duration::from_secs(1)).unwrap_or(false)
+    }
+}
+
+#[test]
+fn udp_upload_is_billed_exactly_n_times_payload_plus_42_on_every_hook() {
+    if !can_run() {
+        return;
+    }
+    const N: usize = 200;
+    const S: usize = 300;
+    for hook in [UploadHook::XdpNative, UploadHook::XdpGeneric, UploadHook::Tc] {
+        let mut m = Metered::new(hook).expect("topology");
+        m.meter.meter.maps_mut().raise_credit(client_mac(), ByteCount(1 << 30)).expect("credit");
+        // Resolve ARP first (walled garden, never billed).
+        assert!(m.ping_gateway(), "{hook}: ping to the gateway");
+        let rx = m.udp(true, SocketAddrV4::new(GW, UPSTREAM_PORT)).expect("rx");
+        let tx = m.udp(false, SocketAddrV4::new(CL, 0)).expect("tx");
+        let got = m.blast(&tx, SocketAddrV4::new(GW, UPSTREAM_PORT), &rx, N, S).expect("blast");
+        assert_eq!(got, N, "{hook}: all datagrams delivered");
+        let u = m.usage();
+        assert_eq!(u.up_bytes, (N * (S + 42)) as u64, "{hook}: upload bytes billed");
+        assert_eq!(u.up_pkts, N as u64, "{hook}: upload frames billed");
+        assert_eq!(u.down_bytes, 0, "{hook}: nothing billed downstream");
+        assert!(u.last_seen_ns > 0, "{hook}: last seen set");
+    }
+}
+
+#[test]
+fn client_is_cut_off_at_its_credit_and_resumes_after_a_top_up() {
+    if !can_run() {
+        return;
+    }
+    const S: usize = 500;
+    const FRAME: u64 = (S + 42) as u64;
+    let mut m = Metered::new(UploadHook::XdpNative).expect("topology");
+    // Credit for 10 frames and a bit: the 11th does not fit.
+    let credit = 10 * FRAME + FRAME / 2;
+    m.meter.meter.maps_mut().raise_credit(client_mac(), ByteCount(credit)).expect("credit");
+    assert!(m.ping_gateway(), "ping to the gateway");
+    let rx = m.udp(true, SocketAddrV4::new(GW, UPSTREAM_PORT)).expect("rx");
+    let tx = m.udp(false, SocketAddrV4::new(CL, 0)).expect("tx");
+    let to = SocketAddrV4::new(GW, UPSTREAM_PORT);
+    let got = m.blast(&tx, to, &rx, 50, S).expect("blast");
+    let u = m.usage();
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    assert!(u.up_bytes <= credit + cpus * FRAME, "overshoot bounded: {} > {credit} + {cpus} frames", u.up_bytes);
+    assert!(u.up_bytes <= credit, "one sender on one flow does not overshoot at all");
+    assert_eq!(got as u64, u.up_pkts, "what got through is exactly what was billed");
+    assert_eq!(got, 10, "credit covers exactly 10 frames");
+    // Nothing but the walled garden now: ping and DNS to the gateway still work.
+    assert!(m.ping_gateway(), "ping to the gateway while exhausted");
+    let dns = m.udp(true, SocketAddrV4::new(GW, 53)).expect("dns server");
+    let q = m.udp(false, SocketAddrV4::new(CL, 0)).expect("resolver");
+    assert_eq!(dns_round_trip(&dns, &q).expect("dns"), true, "dns while exhausted");
+    assert_eq!(m.blast(&tx, to, &rx, 5, S).expect("blast"), 0, "upstream blocked while exhausted");
+    let stats = m.meter.meter.maps().stats().expect("stats");
+    assert!(stats.sum(Verdict::DropCreditExhausted).packets >= 45, "drops counted: {stats:?}");
+    // A top-up resumes the flow for exactly what it buys.
+    m.meter.meter.maps_mut().raise_credit(client_mac(), ByteCount(credit + 5 * FRAME)).expect("top up");
+    assert_eq!(m.blast(&tx, to, &rx, 20, S).expect("blast"), 5, "five more frames after the top-up");
+    assert_eq!(m.usage().up_bytes, 15 * FRAME);
+}
+
+#[test]
+fn download_is_billed_on_egress_and_blocked_when_unpaid() {
+    if !can_run() {
+        return;
+    }
+    const N: usize = 100;
+    const S: usize = 700;
+    let mut m = Metered::new(UploadHook::Tc).expect("topology");
+    let rx = m.udp(false, SocketAddrV4::new(CL, 6000)).expect("client rx");
+    let tx = m.udp(true, SocketAddrV4::new(GW, UPSTREAM_PORT)).expect("gateway tx");
+    let to = SocketAddrV4::new(CL, 6000);
+    // Unpaid: the gateway's ARP (broadcast, walled garden) resolves, data does not pass.
+    assert_eq!(m.blast(&tx, to, &rx, 10, S).expect("blast"), 0, "unpaid download dropped");
+    assert_eq!(m.usage(), Default::default(), "unknown client: nothing billed");
+    m.meter.meter.maps_mut().raise_credit(client_mac(), ByteCount(1 << 30)).expect("credit");
+    let before = m.usage();
+    assert_eq!(m.blast(&tx, to, &rx, N, S).expect("blast"), N);
+    let u = m.usage();
+    assert_eq!(u.down_bytes - before.down_bytes, (N * (S + 42)) as u64, "download bytes billed");
+    assert_eq!(u.down_pkts - before.down_pkts, N as u64);
+    assert_eq!(u.up_bytes, 0, "nothing billed upstream");
+}
+
+#[test]
+fn unpaid_client_reaches_arp_dhcp_dns_and_payment_on_the_gateway_but_not_upstream() {
+    if !can_run() {
+        return;
+    }
+    let m = Metered::new(UploadHook::XdpNative).expect("topology");
+    // ARP + ICMP echo.
+    assert!(m.ping_gateway(), "ping (and ARP) to the gateway while unpaid");
+    let neigh = m.net.client.ip(&["neigh", "show", "10.77.0.1"]).expect("neigh");
+    let neigh = String::from_utf8_lossy(&neigh.stdout).to_string();
+    assert!(neigh.contains("02:77:00:00:00:01"), "ARP resolved the gateway: {neigh}");
+    // DHCP: discover to broadcast from port 68, offer back from the gateway's 67.
+    let server = m.udp(true, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 67)).expect("dhcp server");
+    let client = m.udp(false, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68)).expect("dhcp client");
+    client.set_broadcast(true).expect("broadcast");
+    server.set_broadcast(true).expect("broadcast");
+    let iface = m.net.veth.b.clone();
+    bind_to_device(&client, &iface).expect("bind client to its veth");
+    client.send_to(b"DHCPDISCOVER", SocketAddrV4::new(Ipv4Addr::BROADCAST, 67)).expect("discover");
+    let mut buf = [0u8; 512];
+    let (n, _) = server.recv_from(&mut buf).expect("gateway received the discover");
+    assert_eq!(&buf[..n], b"DHCPDISCOVER");
+    server.send_to(b"DHCPOFFER", SocketAddrV4::new(CL, 68)).expect("offer");
+    let (n, from) = client.recv_from(&mut buf).expect("client received the offer");
+    assert_eq!((&buf[..n], from.port()), (&b"DHCPOFFER"[..], 67));
+    // DNS over UDP.
+    let dns = m.udp(true, SocketAddrV4::new(GW, 53)).expect("dns server");
+    let q = m.udp(false, SocketAddrV4::new(CL, 0)).expect("resolver");
+    assert!(dns_round_trip(&dns, &q).expect("dns"), "dns to the gateway while unpaid");
+    // Payment API over TCP.
+    let listener = in_netns(&m.net.gateway, || Ok(TcpListener::bind((GW, 3141))?)).expect("payment listener");
+    let server = std::thread::spawn(move || -> Result<()> {
+        let (mut s, _) = listener.accept()?;
+        let mut b = [0u8; 4];
+        s.read_exact(&mut b)?;
+        s.write_all(b"paid")?;
+        Ok(())
+    });
+    let mut conn = in_netns(&m.net.client, || Ok(TcpStream::connect_timeout(&(GW, 3141).into(), WAIT * 3)?)).expect("connect payment port");
+    conn.set_read_timeout(Some(WAIT * 3)).expect("timeout");
+    conn.write_all(b"open").expect("write");
+    let mut b = [0u8; 4];
+    conn.read_exact(&mut b).expect("payment api answered");
+    assert_eq!(&b, b"paid");
+    server.join().expect("join").expect("server");
+    // But not upstream: UDP and TCP to a non-garden port go nowhere.
+    let rx = m.udp(true, SocketAddrV4::new(GW, UPSTREAM_PORT)).expect("rx");
+    let tx = m.udp(false, SocketAddrV4::new(CL, 0)).expect("tx");
+    assert_eq!(m.blast(&tx, SocketAddrV4::new(GW, UPSTREAM_PORT), &rx, 10, 100).expect("blast"), 0);
+    let blocked = in_netns(&m.net.client, || Ok(TcpStream::connect_timeout(&(GW, 22).into(), WAIT).is_err())).expect("ssh attempt");
+    assert!(blocked, "tcp to a non-garden port does not connect");
+    let stats = m.meter.meter.maps().stats().expect("stats");
+    assert!(stats.walled_garden().packets >= 8, "walled garden counted: {stats:?}");
+    assert!(stats.sum(Verdict::DropUnpaid).packets >= 10, "unpaid drops counted: {stats:?}");
+    assert_eq!(stats.sum(Verdict::PassPaid).packets, 0, "nothing billed");
+    assert_eq!(m.usage(), Default::default());
+}
+
+#[test]
+fn detach_removes_enforcement_and_pins_but_keeps_counters() {
+    if !can_run() {
+        return;
+    }
+    let mut m = Metered::new(UploadHook::Tc).expect("topology");
+    let pins = m.meter.pins.path().to_path_buf();
+    let links: Vec<_> = std::fs::read_dir(&pins).expect("pins").filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().to_string()).filter(|n| n.starts_with("link_")).collect();
+    assert_eq!(links.len(), 2, "upload and download links pinned: {links:?}");
+    m.meter.meter.maps_mut().add_client(client_mac()).expect("add");
+    let Metered { meter, net } = m;
+    let bitmesh_tests::netns::TestMeter { meter: inner, config, pins: pin_dir } = meter;
+    inner.detach().expect("detach");
+    let left: Vec<_> = std::fs::read_dir(&pins).expect("pins").filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().to_string()).collect();
+    assert!(left.iter().all(|n| !n.starts_with("link_")), "links unpinned: {left:?}");
+    assert!(left.contains(&"USAGE".to_string()), "maps stay pinned: {left:?}");
+    // Without the meter, upstream traffic of an unpaid client flows again.
+    let rx = in_netns(&net.gateway, || Ok(UdpSocket::bind((GW, UPSTREAM_PORT))?)).expect("rx");
+    rx.set_read_timeout(Some(WAIT)).expect("timeout");
+    let tx = in_netns(&net.client, || Ok(UdpSocket::bind((CL, 0))?)).expect("tx");
+    tx.send_to(b"x", (GW, UPSTREAM_PORT)).expect("send");
+    let mut buf = [0u8; 8];
+    assert!(rx.recv_from(&mut buf).is_ok(), "traffic flows after detach");
+    drop(config);
+    drop(pin_dir);
+}
+
+fn dns_round_trip(server: &UdpSocket, client: &UdpSocket) -> Result<bool> {
+    client.send_to(b"\x12\x34query", SocketAddrV4::new(GW, 53))?;
+    let mut buf = [0u8; 512];
+    let Ok((n, from)) = server.recv_from(&mut buf) else { return Ok(false) };
+    server.send_to(&buf[..n], from)?;
+    let Ok((m, _)) = client.recv_from(&mut buf) else { return Ok(false) };
+    Ok(m == n)
+}
+
+/// A receive buffer large enough that a burst is never dropped by the socket
+/// (skb truesize, not payload, counts against it).
+fn force_rcvbuf(socket: &UdpSocket) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let size: libc::c_int = 8 << 20;
+    // SAFETY: valid fd; pointer/len describe `size`.
+    let rc = unsafe {
+        libc::setsockopt(socket.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, (&size as *const libc::c_int).cast(), std::mem::size_of::<libc::c_int>() as libc::socklen_t)
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("SO_RCVBUFFORCE");
+    }
+    Ok(())
+}
+
+fn bind_to_device(socket: &UdpSocket, iface: &str) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: valid fd, pointer/len describe `iface`'s bytes.
+    let rc = unsafe {
+        libc::setsockopt(socket.as_raw_fd(), libc::SOL_SOCKET, libc::SO_BINDTODEVICE, iface.as_ptr().cast(), iface.len() as libc::socklen_t)
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("SO_BINDTODEVICE");
+    }
+    Ok(())
+}
