@@ -284,3 +284,37 @@ fn bind_to_device(socket: &UdpSocket, iface: &str) -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn enforcement_and_counters_survive_a_controller_restart() {
+    if !can_run() {
+        return;
+    }
+    const S: usize = 200;
+    let mut m = Metered::new(UploadHook::XdpNative).expect("topology");
+    m.meter.meter.maps_mut().raise_credit(client_mac(), ByteCount(1 << 20)).expect("credit");
+    assert!(m.ping_gateway());
+    let rx = m.udp(true, SocketAddrV4::new(GW, UPSTREAM_PORT)).expect("rx");
+    let tx = m.udp(false, SocketAddrV4::new(CL, 0)).expect("tx");
+    let to = SocketAddrV4::new(GW, UPSTREAM_PORT);
+    assert_eq!(m.blast(&tx, to, &rx, 10, S).expect("blast"), 10);
+    // "Crash": the controller's meter goes away without detaching.
+    let Metered { meter, net } = m;
+    let bitmesh_tests::netns::TestMeter { meter: inner, config, pins } = meter;
+    drop(inner);
+    // The pinned programs still meter: a stranger is still blocked, the client billed.
+    let m = Metered { meter: bitmesh_tests::netns::TestMeter { meter: bitmesh::meter::Meter::load(&config).expect("reload"), config, pins }, net };
+    assert_eq!(m.blast(&tx, to, &rx, 10, S).expect("blast"), 10, "paid traffic flows while no controller runs");
+    assert_eq!(m.usage().up_pkts, 20, "and is billed by the pinned programs");
+    // The restarted controller takes the attachments over (no second program).
+    let mut m = m;
+    let iface = m.net.gateway_if().to_string();
+    in_netns(&m.net.gateway, || Ok(m.meter.meter.attach(&iface, UploadHook::XdpNative)?)).expect("re-attach");
+    assert_eq!(m.blast(&tx, to, &rx, 10, S).expect("blast"), 10);
+    let u = m.usage();
+    assert_eq!((u.up_pkts, u.up_bytes), (30, 30 * (S as u64 + 42)), "each frame billed once, counters kept");
+    // The download link was taken over too, not doubled: each frame billed once.
+    let crx = m.udp(false, SocketAddrV4::new(CL, 6000)).expect("client rx");
+    assert_eq!(m.blast(&rx, SocketAddrV4::new(CL, 6000), &crx, 10, S).expect("blast down"), 10);
+    assert_eq!(m.usage().down_pkts, 10, "download billed once per frame");
+}
