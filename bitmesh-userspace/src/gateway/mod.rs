@@ -1,1 +1,236 @@
-//! Placeholder: see lib.rs for this module's job.
+//! The controller: the one place that calls meter + channel + chain + store.
+//!
+//! * [`Gateway::pay`] (in `client.rs`) is the payment rule of DESIGN section 4:
+//!   verify, persist (synced), credit, acknowledge.
+//! * `client.rs`: the rest of the client API (terms, open, funding relay, status,
+//!   close, events, captive portal), implementing [`crate::api::ClientGateway`].
+//! * `settle.rs`: the settlement engine, driven by block height.
+//! * `reconcile.rs`: restart reconciliation and periodic usage snapshots.
+//! * `ports.rs`: the narrow kernel/link interfaces (real and in-memory).
+
+mod client;
+mod ports;
+mod reconcile;
+mod settle;
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use bitcoin::absolute::Height;
+use bitcoin::ScriptBuf;
+use bitmesh_common::pricing::PriceMsatPerMib;
+use bitmesh_common::wire::ChannelId;
+use tokio::sync::mpsc;
+
+use crate::api::{ApiError, ClientEvent};
+use crate::chain::{Chain, ChainError};
+use crate::channel::{self, Channel, ChannelError, ChannelPolicy, ChannelScript, GatewaySeed, KeysError};
+use crate::config::Policy;
+use crate::meter::MeterError;
+use crate::store::{ChannelRecord, Store, StoreError};
+
+pub use ports::{KernelNeighbours, MemoryMeter, MeterPort, Neighbours, StaticNeighbours};
+pub use reconcile::ReconcileReport;
+pub use settle::SettleReport;
+
+/// Store key of the runtime price for new channels.
+const PRICE_SETTING: &str = "price_msat_per_mib";
+
+/// Failures inside the controller. Mapped to client error codes in [`ApiError`].
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Meter(#[from] MeterError),
+    #[error(transparent)]
+    Chain(#[from] ChainError),
+    #[error(transparent)]
+    Keys(#[from] KeysError),
+    #[error(transparent)]
+    Channel(#[from] ChannelError),
+    #[error("a background task failed: {0}")]
+    Task(String),
+    #[error("the meter lock was poisoned by a panic; restart the controller")]
+    Poisoned,
+}
+
+impl From<GatewayError> for ApiError {
+    fn from(e: GatewayError) -> ApiError {
+        match e {
+            GatewayError::Channel(e) => ApiError::Channel(e),
+            GatewayError::Store(StoreError::UnknownChannel(id)) => ApiError::UnknownChannel(id),
+            GatewayError::Store(StoreError::OutpointInUse(op)) => ApiError::Channel(ChannelError::DuplicateOutpoint(op)),
+            GatewayError::Store(StoreError::NotIncreasing { offered_sat, last_sat, .. }) => {
+                ApiError::Channel(ChannelError::AmountNotIncreasing {
+                    total: bitcoin::Amount::from_sat(offered_sat),
+                    last: bitcoin::Amount::from_sat(last_sat),
+                })
+            }
+            GatewayError::Chain(ChainError::Rejected { reason, .. }) => ApiError::FundingNotFound(reason),
+            GatewayError::Chain(e) => {
+                tracing::warn!(error = %e, "chain backend call failed");
+                ApiError::ChainUnavailable
+            }
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+/// Everything `Gateway::new` needs.
+pub struct GatewayParts {
+    pub store: Arc<Store>,
+    pub meter: Box<dyn MeterPort>,
+    pub chain: Arc<dyn Chain>,
+    pub seed: GatewaySeed,
+    pub policy: Policy,
+    /// Where the gateway's share of every close goes.
+    pub payout_script: ScriptBuf,
+    pub neighbours: Box<dyn Neighbours>,
+    /// URL of the portal page shown in the RFC 8908 answer.
+    pub portal_url: String,
+}
+
+/// The controller. Shared behind an `Arc` by the API, admin socket and loops.
+pub struct Gateway {
+    store: Arc<Store>,
+    meter: Mutex<Box<dyn MeterPort>>,
+    chain: Arc<dyn Chain>,
+    seed: GatewaySeed,
+    policy: RwLock<Policy>,
+    payout_script: ScriptBuf,
+    neighbours: Box<dyn Neighbours>,
+    portal_url: String,
+    tip: AtomicU32,
+    /// Serializes payments and opens: each is a read-check-write over one channel,
+    /// and the rate is bounded by the synced commit anyway.
+    write_lock: tokio::sync::Mutex<()>,
+    subscribers: Mutex<HashMap<ChannelId, Vec<mpsc::Sender<ClientEvent>>>>,
+    /// Last low-water state pushed per channel (push once per crossing).
+    low_water_sent: Mutex<HashMap<ChannelId, bool>>,
+}
+
+impl Gateway {
+    /// Build the controller. The runtime price (if the operator changed it) comes
+    /// from the store; `tip` is the chain tip read at start.
+    pub fn new(parts: GatewayParts, tip: Height) -> Result<Arc<Gateway>, GatewayError> {
+        let mut policy = parts.policy;
+        if let Some(p) = parts.store.setting(PRICE_SETTING)? {
+            if let Some(price) = p.parse::<u64>().ok().and_then(|v| PriceMsatPerMib::new(v).ok()) {
+                policy.price = price;
+            }
+        }
+        Ok(Arc::new(Gateway {
+            store: parts.store,
+            meter: Mutex::new(parts.meter),
+            chain: parts.chain,
+            seed: parts.seed,
+            policy: RwLock::new(policy),
+            payout_script: parts.payout_script,
+            neighbours: parts.neighbours,
+            portal_url: parts.portal_url,
+            tip: AtomicU32::new(tip.to_consensus_u32()),
+            write_lock: tokio::sync::Mutex::new(()),
+            subscribers: Mutex::new(HashMap::new()),
+            low_water_sent: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    /// The store (admin queries).
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// The chain tip as last seen.
+    pub fn tip(&self) -> Height {
+        Height::from_consensus(self.tip.load(Ordering::Relaxed)).unwrap_or(Height::ZERO)
+    }
+
+    fn set_tip(&self, h: Height) {
+        self.tip.store(h.to_consensus_u32(), Ordering::Relaxed);
+    }
+
+    /// The policy now in force (price may have been changed at runtime).
+    pub fn policy(&self) -> Policy {
+        match self.policy.read() {
+            Ok(p) => p.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Change the price for channels opened from now on (durably).
+    pub fn set_price(&self, price: PriceMsatPerMib) -> Result<(), GatewayError> {
+        self.store.set_setting(PRICE_SETTING, &price.to_msat().to_string())?;
+        match self.policy.write() {
+            Ok(mut p) => p.price = price,
+            Err(p) => p.into_inner().price = price,
+        }
+        tracing::info!(price_msat_per_mib = price.to_msat(), "price for new channels changed");
+        Ok(())
+    }
+
+    /// The channel library's policy for the current terms.
+    fn channel_policy(&self) -> ChannelPolicy {
+        let p = self.policy();
+        ChannelPolicy {
+            min_capacity: p.min_capacity,
+            max_capacity: p.max_capacity,
+            zero_conf_cap: p.zero_conf_cap,
+            confirmations_required: p.confirmations,
+            min_expiry_blocks: p.min_expiry_blocks,
+            max_expiry_blocks: p.max_expiry_blocks,
+            close_margin_blocks: p.close_margin_blocks,
+            close_fee_rate: p.close_fee_rate,
+            gateway_payout_script: self.payout_script.clone(),
+        }
+    }
+
+    fn with_meter<T>(&self, f: impl FnOnce(&mut dyn MeterPort) -> Result<T, MeterError>) -> Result<T, GatewayError> {
+        let mut m = self.meter.lock().map_err(|_| GatewayError::Poisoned)?;
+        Ok(f(m.as_mut())?)
+    }
+
+    /// Run a blocking chain call off the async threads.
+    async fn chain_call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn Chain) -> Result<T, ChainError> + Send + 'static,
+    ) -> Result<T, GatewayError> {
+        let c = self.chain.clone();
+        tokio::task::spawn_blocking(move || f(&*c))
+            .await
+            .map_err(|e| GatewayError::Task(e.to_string()))?
+            .map_err(GatewayError::from)
+    }
+
+    /// The funded channel's fixed parameters, rebuilt from the store row.
+    fn channel_of(rec: &ChannelRecord) -> Option<Channel> {
+        let f = rec.funding?;
+        Some(Channel {
+            script: script_of(rec),
+            funding_outpoint: f.outpoint,
+            capacity: f.capacity,
+            client_change_script: rec.client_change_script.clone(),
+            min_first_payment: rec.min_first_payment,
+        })
+    }
+
+    /// Resolve a request's peer to the MAC the kernel sees, or refuse.
+    fn mac_of(&self, peer: IpAddr) -> Result<crate::store::MacAddr, ApiError> {
+        self.neighbours.mac_of(peer).ok_or(ApiError::NotOnLink)
+    }
+}
+
+fn script_of(rec: &ChannelRecord) -> ChannelScript {
+    ChannelScript { gateway: rec.gateway_pubkey, client: rec.client_pubkey, expiry: rec.expiry }
+}
+
+/// Last height at which the channel is still credited (see `Channel::crediting_ends_at`).
+fn crediting_ends_at(rec: &ChannelRecord, margin: u32) -> Height {
+    let end = rec.expiry.to_consensus_u32().saturating_sub(margin);
+    Height::from_consensus(end).unwrap_or(Height::ZERO)
+}
+
+// Keep the channel module's fee helper reachable for settle.rs without a long path.
+use channel::fee_for_weight;

@@ -79,6 +79,8 @@ pub struct NewChannel {
     /// Price in force for this channel for its whole life.
     pub price: PriceMsatPerMib,
     pub chunk: ByteCount,
+    /// The least the first update must pay (close fee + dust at open time).
+    pub min_first_payment: Amount,
 }
 
 /// A channel row with its journal totals.
@@ -94,6 +96,7 @@ pub struct ChannelRecord {
     pub client_change_script: ScriptBuf,
     pub price: PriceMsatPerMib,
     pub chunk: ByteCount,
+    pub min_first_payment: Amount,
     pub state: ChannelState,
     pub funding: Option<Funding>,
     /// Why a close was requested (client, idle, expiry, fully_paid, operator), once it was.
@@ -113,7 +116,7 @@ pub struct ChannelRecord {
 const SELECT: &str = "SELECT c.id, c.mac, c.ip, c.client_pubkey, c.gateway_key_index, c.gateway_pubkey,
     c.expiry_height, c.price_msat_per_mib, c.chunk_bytes, c.state, c.funding_txid, c.funding_vout,
     c.capacity_sat, c.funding_height, c.close_reason, c.settlement_id, c.opened_at, c.last_activity_at,
-    c.client_change_script,
+    c.client_change_script, c.min_first_payment_sat,
     COALESCE((SELECT MAX(p.paid_total_sat) FROM payments p WHERE p.channel_id = c.id), 0),
     COALESCE((SELECT MAX(p.credited_bytes) FROM payments p WHERE p.channel_id = c.id), 0),
     (SELECT COUNT(*) FROM payments p WHERE p.channel_id = c.id)
@@ -172,9 +175,10 @@ fn from_row(row: &Row) -> rusqlite::Result<ChannelRecord> {
         settlement_id: row.get(15)?,
         opened_at: row.get(16)?,
         last_activity_at: row.get(17)?,
-        paid_total: sat(19, row.get(19)?)?,
-        credited: ByteCount(row.get::<_, i64>(20)? as u64),
-        payments: row.get::<_, i64>(21)? as u64,
+        min_first_payment: sat(19, row.get(19)?)?,
+        paid_total: sat(20, row.get(20)?)?,
+        credited: ByteCount(row.get::<_, i64>(21)? as u64),
+        payments: row.get::<_, i64>(22)? as u64,
     })
 }
 
@@ -206,8 +210,8 @@ impl Store {
         conn.execute(
             "INSERT INTO channels (id, mac, ip, client_pubkey, gateway_key_index, gateway_pubkey,
                 expiry_height, price_msat_per_mib, chunk_bytes, state, opened_at, last_activity_at,
-                client_change_script)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'offered', ?10, ?10, ?11)",
+                client_change_script, min_first_payment_sat)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'offered', ?10, ?10, ?11, ?12)",
             params![
                 c.id.to_string(),
                 c.mac.to_string(),
@@ -219,7 +223,8 @@ impl Store {
                 c.price.to_msat() as i64,
                 c.chunk.0 as i64,
                 now,
-                c.client_change_script.as_bytes()
+                c.client_change_script.as_bytes(),
+                c.min_first_payment.to_sat() as i64
             ],
         )?;
         get(&conn, c.id)?.ok_or(StoreError::UnknownChannel(c.id))
@@ -313,10 +318,11 @@ impl Store {
         get(&conn, id)?.ok_or(StoreError::UnknownChannel(id))
     }
 
-    /// Give up an offer that was never funded.
-    pub fn abandon_offer(&self, id: ChannelId) -> Result<(), StoreError> {
+    /// Give up a channel with nothing to settle: an offer never funded, or a funded
+    /// channel that never received a payment (the client refunds after expiry).
+    pub fn abandon(&self, id: ChannelId) -> Result<(), StoreError> {
         self.conn()?.execute(
-            "UPDATE channels SET state = 'abandoned' WHERE id = ?1 AND state = 'offered'",
+            "UPDATE channels SET state = 'abandoned' WHERE id = ?1 AND state IN ('offered', 'open')",
             [id.to_string()],
         )?;
         Ok(())

@@ -153,6 +153,19 @@ impl Store {
             .optional()?)
     }
 
+    /// The journaled payment of `channel` with exactly this total, if any (a
+    /// re-submitted update is answered from it).
+    pub fn payment_with_total(&self, channel: ChannelId, total: Amount) -> Result<Option<PaymentRecord>, StoreError> {
+        Ok(self
+            .conn()?
+            .query_row(
+                &format!("{SELECT} WHERE channel_id = ?1 AND paid_total_sat = ?2"),
+                params![channel.to_string(), total.to_sat() as i64],
+                from_row,
+            )
+            .optional()?)
+    }
+
     /// Every payment of a channel, in order.
     pub fn payments(&self, channel: ChannelId) -> Result<Vec<PaymentRecord>, StoreError> {
         let conn = self.conn()?;

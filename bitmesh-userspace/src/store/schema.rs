@@ -99,6 +99,10 @@ const MIGRATIONS: &[&str] = &[
         value TEXT NOT NULL
     );
     "#,
+    // 2: the first-payment minimum is part of the channel's terms (fixed at open).
+    r#"
+    ALTER TABLE channels ADD COLUMN min_first_payment_sat INTEGER NOT NULL DEFAULT 0;
+    "#,
 ];
 
 /// The schema version this build writes.

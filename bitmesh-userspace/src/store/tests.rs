@@ -35,6 +35,7 @@ fn new_channel(store: &Store, mac_last: u8) -> ChannelRecord {
             client_change_script: bitcoin::ScriptBuf::new_op_return([1u8; 4]),
             price: PriceMsatPerMib::new(1000).unwrap(),
             chunk: ByteCount(1 << 20),
+            min_first_payment: Amount::from_sat(700),
         })
         .unwrap()
 }
@@ -107,6 +108,7 @@ fn resubmitted_update_returns_the_stored_ack_and_adds_nothing() {
     store.append_payment(&payment(ch.id, 3_000)).unwrap();
     let again = store.append_payment(&payment(ch.id, 2_000)).unwrap();
     assert_eq!(again, AppendOutcome::Duplicate(first.record().clone()));
+    assert_eq!(store.payment_with_total(ch.id, Amount::from_sat(2_000)).unwrap().as_ref(), Some(first.record()));
     assert_eq!(store.payments(ch.id).unwrap().len(), 2);
     assert_eq!(store.channel(ch.id).unwrap().unwrap().paid_total, Amount::from_sat(3_000));
 }

@@ -1,0 +1,436 @@
+//! The client API's side of the controller: terms, open, funding relay, payment,
+//! status, close, events and the captive-portal answer.
+
+use std::net::IpAddr;
+
+use bitcoin::secp256k1::{ecdsa, Message, Secp256k1};
+use bitcoin::{Amount, OutPoint, Transaction};
+use bitmesh_common::pricing::{bytes_for_payment, ByteCount};
+use bitmesh_common::wire::{
+    client_auth_digest, ChannelId, ChannelState as WireState, ChannelStatus, CloseRequest, CloseResponse,
+    FundRequest, OpenRequest, OpenResponse, PaymentAck, PaymentUpdate, SignatureBytes, Terms, PROTOCOL_VERSION,
+};
+use tokio::sync::mpsc;
+use tracing::{info, instrument, warn};
+
+use super::{crediting_ends_at, script_of, Gateway, GatewayError};
+use crate::api::{ApiError, CaptiveStatus, ClientEvent, ClientGateway, UsageReport};
+use crate::channel::{check_open, verify_funding, verify_update, FundingCheck};
+use crate::store::{AppendOutcome, ChannelRecord, ChannelState, Funding, NewChannel, NewPayment};
+
+/// Seconds per block, for the RFC 8908 `seconds-remaining` estimate.
+const SECS_PER_BLOCK: u64 = 600;
+
+fn wire_state(s: ChannelState) -> WireState {
+    match s {
+        ChannelState::Offered => WireState::AwaitingFunding,
+        ChannelState::Open => WireState::Open,
+        ChannelState::Closing => WireState::Closing,
+        ChannelState::Closed => WireState::Closed,
+        ChannelState::Abandoned => WireState::Expired,
+    }
+}
+
+fn not_open(s: ChannelState) -> ApiError {
+    let hint = match s {
+        ChannelState::Offered => "fund it first (POST /v1/channels/{id}/funding)",
+        ChannelState::Open => "it is open",
+        ChannelState::Closing | ChannelState::Closed => "it is closing or closed: open a new channel",
+        ChannelState::Abandoned => "it expired unfunded or unpaid: open a new channel",
+    };
+    ApiError::ChannelNotOpen { state: s.as_str(), hint }
+}
+
+impl Gateway {
+    fn channel_record(&self, id: ChannelId) -> Result<ChannelRecord, ApiError> {
+        self.store.channel(id).map_err(GatewayError::from)?.ok_or(ApiError::UnknownChannel(id))
+    }
+
+    /// Check a client-key signature over `client_auth_digest(action, id)`.
+    fn check_client_sig(rec: &ChannelRecord, action: &str, sig: &SignatureBytes) -> Result<(), ApiError> {
+        let refuse = || ApiError::Unauthorized(format!("signature does not verify: sign client_auth_digest(\"{action}\", channel_id) with the channel's client key (DER)"));
+        let sig = ecdsa::Signature::from_der(&sig.0).map_err(|_| refuse())?;
+        let msg = Message::from_digest(client_auth_digest(action, &rec.id));
+        Secp256k1::verification_only().verify_ecdsa(&msg, &sig, &rec.client_pubkey.inner).map_err(|_| refuse())
+    }
+
+    /// Budget figures of a channel from the kernel (falling back to the store).
+    fn report(&self, rec: &ChannelRecord) -> UsageReport {
+        let used = match self.with_meter(|m| m.usage(rec.mac)) {
+            Ok(Some((_, u))) if rec.state == ChannelState::Open => ByteCount(u.used_bytes()),
+            _ => ByteCount::ZERO,
+        };
+        UsageReport {
+            channel_id: rec.id,
+            credited_bytes: rec.credited,
+            used_bytes: used,
+            remaining_bytes: rec.credited.saturating_sub(used),
+        }
+    }
+
+    fn status_of(&self, rec: &ChannelRecord) -> ChannelStatus {
+        let r = self.report(rec);
+        let close_txid = rec
+            .settlement_id
+            .and_then(|s| self.store.settlement(s).ok().flatten())
+            .map(|s| s.txid);
+        ChannelStatus {
+            channel_id: rec.id,
+            state: wire_state(rec.state),
+            funding_outpoint: rec.funding.map(|f| f.outpoint),
+            capacity: rec.funding.map(|f| f.capacity),
+            expiry: rec.expiry,
+            total_paid: rec.paid_total,
+            credited_bytes: r.credited_bytes,
+            used_bytes: r.used_bytes,
+            remaining_bytes: r.remaining_bytes,
+            close_txid,
+        }
+    }
+
+    fn ack(&self, rec: &ChannelRecord, total: Amount, credited: ByteCount) -> PaymentAck {
+        let capacity = rec.funding.map(|f| f.capacity).unwrap_or(Amount::ZERO);
+        let used = match self.with_meter(|m| m.usage(rec.mac)) {
+            Ok(Some((_, u))) => ByteCount(u.used_bytes()),
+            _ => ByteCount::ZERO,
+        };
+        PaymentAck {
+            channel_id: rec.id,
+            total_paid: total,
+            client_change: capacity.checked_sub(total).unwrap_or(Amount::ZERO),
+            credited_bytes: credited,
+            used_bytes: used,
+        }
+    }
+
+    /// A payment arrives. The rule of DESIGN section 4, in order:
+    /// 1. verify (every check of the channel library, against the stored channel);
+    /// 2. persist: journal it and sync to disk;
+    /// 3. credit: raise CREDIT in the kernel to the budget the new total buys;
+    /// 4. acknowledge.
+    /// A crash between 2 and 3 is repaired at restart (CREDIT is rebuilt from the
+    /// journal); a re-sent update is answered from the journal and credits nothing new.
+    #[instrument(skip_all, fields(channel = %update.channel_id, total_sat = update.total_paid.to_sat(), mac))]
+    pub async fn pay(&self, update: PaymentUpdate) -> Result<PaymentAck, ApiError> {
+        let _serial = self.write_lock.lock().await;
+        let rec = self.channel_record(update.channel_id)?;
+        tracing::Span::current().record("mac", tracing::field::display(rec.mac));
+        if let Some(stored) = self.store.payment_with_total(rec.id, update.total_paid).map_err(GatewayError::from)? {
+            if stored.signature == update.signature.0 {
+                // Idempotent re-submission (e.g. the ack was lost): same answer.
+                self.with_meter(|m| m.raise_credit(rec.mac, stored.credited))?;
+                return Ok(self.ack(&rec, stored.paid_total, stored.credited));
+            }
+        }
+        if rec.state != ChannelState::Open {
+            return Err(not_open(rec.state));
+        }
+        let channel = Self::channel_of(&rec).ok_or_else(|| not_open(rec.state))?;
+        let key = self.seed.channel_key(rec.gateway_key_index).map_err(GatewayError::from)?;
+
+        // 1. verify
+        let verified = verify_update(
+            &channel,
+            &key,
+            &self.channel_policy(),
+            rec.paid_total,
+            self.tip(),
+            update.total_paid,
+            &update.signature,
+        )?;
+        let credited = bytes_for_payment(verified.total_paid, rec.price);
+
+        // 2. persist (synced)
+        let store = self.store.clone();
+        let entry = NewPayment {
+            channel: rec.id,
+            paid_total: verified.total_paid,
+            client_change: verified.client_change,
+            signature: verified.signature.to_vec(),
+            credited,
+        };
+        let outcome = tokio::task::spawn_blocking(move || store.append_payment(&entry))
+            .await
+            .map_err(|e| GatewayError::Task(e.to_string()))?
+            .map_err(GatewayError::from)?;
+        let record = match outcome {
+            AppendOutcome::Appended(r) | AppendOutcome::Duplicate(r) => r,
+        };
+
+        // 3. credit
+        self.with_meter(|m| m.raise_credit(rec.mac, record.credited))?;
+
+        if verified.client_change == Amount::ZERO {
+            // Nothing left to pay: settle now rather than at expiry.
+            self.store.request_close(rec.id, "fully_paid").map_err(GatewayError::from)?;
+        }
+        self.low_water_reset(rec.id);
+        info!(credited = record.credited.0, sequence = record.sequence, "payment credited");
+
+        // 4. acknowledge
+        Ok(self.ack(&rec, record.paid_total, record.credited))
+    }
+
+    fn low_water_reset(&self, id: ChannelId) {
+        if let Ok(mut m) = self.low_water_sent.lock() {
+            m.remove(&id);
+        }
+    }
+
+    /// Push usage (and low-water once per crossing) to every subscriber. Called by
+    /// the event loop.
+    pub fn push_events(&self) {
+        let ids: Vec<ChannelId> = match self.subscribers.lock() {
+            Ok(s) => s.keys().copied().collect(),
+            Err(_) => return,
+        };
+        let low_water = self.policy().low_water;
+        for id in ids {
+            let Ok(Some(rec)) = self.store.channel(id) else { continue };
+            let mut events = Vec::new();
+            if rec.state == ChannelState::Open {
+                let r = self.report(&rec);
+                events.push(ClientEvent::Usage(r));
+                let low = r.remaining_bytes < low_water;
+                let first_crossing = match self.low_water_sent.lock() {
+                    Ok(mut m) => {
+                        let was = m.insert(id, low).unwrap_or(false);
+                        low && !was
+                    }
+                    Err(_) => false,
+                };
+                if first_crossing {
+                    events.push(ClientEvent::LowWater(r));
+                }
+            } else if rec.state != ChannelState::Offered {
+                events.push(ClientEvent::Closed { channel_id: id });
+            }
+            if let Ok(mut subs) = self.subscribers.lock() {
+                if let Some(list) = subs.get_mut(&id) {
+                    list.retain(|tx| events.iter().all(|e| tx.try_send(e.clone()).is_ok() || !tx.is_closed()));
+                    list.retain(|tx| !tx.is_closed());
+                    if list.is_empty() {
+                        subs.remove(&id);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn relay_if_unknown(&self, tx: &Transaction) -> Result<u32, GatewayError> {
+        let txid = tx.compute_txid();
+        let known = self.chain_call(move |c| c.transaction(&txid)).await?;
+        match known {
+            Some(status) => Ok(status.confirmations),
+            None => {
+                let t = tx.clone();
+                let txid = self.chain_call(move |c| c.broadcast(&t)).await?;
+                info!(%txid, "relayed funding transaction");
+                Ok(0)
+            }
+        }
+    }
+}
+
+impl ClientGateway for Gateway {
+    async fn terms(&self) -> Result<Terms, ApiError> {
+        let p = self.policy();
+        Ok(Terms {
+            protocol_version: PROTOCOL_VERSION,
+            network: p.network,
+            price_msat_per_mib: p.price,
+            chunk_bytes: p.chunk,
+            min_capacity: p.min_capacity,
+            max_capacity: p.max_capacity,
+            min_first_payment: self.channel_policy().min_first_payment(),
+            zero_conf_cap: p.zero_conf_cap,
+            confirmations_required: p.confirmations,
+            min_expiry_blocks: p.min_expiry_blocks,
+            max_expiry_blocks: p.max_expiry_blocks,
+            close_margin_blocks: p.close_margin_blocks,
+            close_fee_rate: p.close_fee_rate,
+            tip_height: self.tip(),
+        })
+    }
+
+    #[instrument(skip_all, fields(%peer, mac, channel))]
+    async fn open(&self, peer: IpAddr, req: OpenRequest) -> Result<OpenResponse, ApiError> {
+        let mac = self.mac_of(peer)?;
+        tracing::Span::current().record("mac", tracing::field::display(mac));
+        let cpolicy = self.channel_policy();
+        check_open(&req.client_pubkey, req.expiry, &req.client_change_script, self.tip(), &cpolicy)?;
+        let _serial = self.write_lock.lock().await;
+        if let Some(live) = self.store.live_channel_for_mac(mac).map_err(GatewayError::from)? {
+            match live.state {
+                ChannelState::Open => {
+                    return Err(ApiError::BadRequest(format!(
+                        "this device already has open channel {}: keep paying on it or close it first",
+                        live.id
+                    )))
+                }
+                _ => self.store.abandon(live.id).map_err(GatewayError::from)?,
+            }
+        }
+        let index = self.store.next_key_index().map_err(GatewayError::from)?;
+        let key = self.seed.channel_key(index).map_err(GatewayError::from)?;
+        let p = self.policy();
+        let gateway_pubkey = key.public;
+        let rec = NewChannel {
+            id: ChannelId([0; 32]),
+            mac,
+            ip: peer,
+            client_pubkey: req.client_pubkey,
+            gateway_key_index: index,
+            gateway_pubkey,
+            expiry: req.expiry,
+            client_change_script: req.client_change_script.clone(),
+            price: p.price,
+            chunk: p.chunk,
+            min_first_payment: cpolicy.min_first_payment(),
+        };
+        let script = crate::channel::ChannelScript { gateway: gateway_pubkey, client: req.client_pubkey, expiry: req.expiry };
+        let rec = NewChannel { id: script.channel_id(), ..rec };
+        tracing::Span::current().record("channel", tracing::field::display(rec.id));
+        // Durable before the client sees the key: the key index is never reused.
+        self.store.insert_channel(&rec).map_err(GatewayError::from)?;
+        self.store.bind_client(mac, peer).map_err(GatewayError::from)?;
+        info!("channel offered");
+        Ok(OpenResponse {
+            channel_id: rec.id,
+            gateway_pubkey,
+            client_pubkey: req.client_pubkey,
+            expiry: req.expiry,
+            witness_script: script.witness_script(),
+            funding_script_pubkey: script.script_pubkey(),
+            funding_address: script.address(p.network).as_unchecked().clone(),
+            min_capacity: p.min_capacity,
+            max_capacity: p.max_capacity,
+            min_first_payment: rec.min_first_payment,
+        })
+    }
+
+    #[instrument(skip_all, fields(%peer, channel = %req.channel_id, txid = %req.funding_tx.compute_txid()))]
+    async fn fund(&self, peer: IpAddr, req: FundRequest) -> Result<ChannelStatus, ApiError> {
+        let rec = self.channel_record(req.channel_id)?;
+        // Relay only for the device the channel was offered to.
+        if self.mac_of(peer)? != rec.mac {
+            return Err(ApiError::Unauthorized("this channel was offered to another device".into()));
+        }
+        let outpoint = OutPoint { txid: req.funding_tx.compute_txid(), vout: req.funding_vout };
+        if rec.state == ChannelState::Open && rec.funding.map(|f| f.outpoint) == Some(outpoint) {
+            return Ok(self.status_of(&rec)); // already accepted: idempotent
+        }
+        if rec.state != ChannelState::Offered {
+            return Err(not_open(rec.state));
+        }
+        let cpolicy = self.channel_policy();
+        let script = script_of(&rec);
+        let in_use = self
+            .store
+            .channel_by_outpoint(outpoint)
+            .map_err(GatewayError::from)?
+            .is_some_and(|c| c.id != rec.id);
+        // Check everything but confirmations BEFORE relaying: the gateway broadcasts
+        // only a transaction that funds the channel it offered to this client.
+        let precheck = FundingCheck {
+            tx: &req.funding_tx,
+            vout: req.funding_vout,
+            confirmations: u32::MAX,
+            outpoint_in_use: in_use,
+            tip: self.tip(),
+        };
+        verify_funding(&script, precheck, &cpolicy)?;
+        let confirmations = self.relay_if_unknown(&req.funding_tx).await?;
+        let check = FundingCheck { confirmations, ..precheck };
+        let funded = verify_funding(&script, check, &cpolicy)?;
+        let height = if confirmations > 0 {
+            let t = self.tip().to_consensus_u32() + 1 - confirmations.min(self.tip().to_consensus_u32() + 1);
+            bitcoin::absolute::Height::from_consensus(t).ok()
+        } else {
+            None
+        };
+        let rec = self
+            .store
+            .set_funding(rec.id, Funding { outpoint: funded.outpoint, capacity: funded.capacity, height })
+            .map_err(GatewayError::from)?;
+        self.with_meter(|m| m.restore_client(rec.mac, Default::default()))?;
+        info!(capacity_sat = funded.capacity.to_sat(), zero_conf = funded.zero_conf, "channel funded");
+        Ok(self.status_of(&rec))
+    }
+
+    async fn pay(&self, _peer: IpAddr, update: PaymentUpdate) -> Result<PaymentAck, ApiError> {
+        // The update signature authenticates the payer; the credit always goes to
+        // the MAC the channel is bound to, whoever delivers the update.
+        Gateway::pay(self, update).await
+    }
+
+    async fn status(&self, _peer: IpAddr, id: ChannelId, auth: SignatureBytes) -> Result<ChannelStatus, ApiError> {
+        let rec = self.channel_record(id)?;
+        Self::check_client_sig(&rec, "status", &auth)?;
+        Ok(self.status_of(&rec))
+    }
+
+    #[instrument(skip_all, fields(channel = %req.channel_id))]
+    async fn close(&self, _peer: IpAddr, req: CloseRequest) -> Result<CloseResponse, ApiError> {
+        let rec = self.channel_record(req.channel_id)?;
+        Self::check_client_sig(&rec, "close", &req.signature)?;
+        if rec.state == ChannelState::Open {
+            self.store.request_close(rec.id, "client").map_err(GatewayError::from)?;
+            if let Err(e) = self.settle_due().await {
+                warn!(error = %e, "settlement after a client close failed; it is retried each block");
+            }
+        }
+        let rec = self.channel_record(req.channel_id)?;
+        let status = self.status_of(&rec);
+        let capacity = rec.funding.map(|f| f.capacity).unwrap_or(Amount::ZERO);
+        Ok(CloseResponse {
+            channel_id: rec.id,
+            state: status.state,
+            close_txid: status.close_txid,
+            total_paid: rec.paid_total,
+            client_change: capacity.checked_sub(rec.paid_total).unwrap_or(Amount::ZERO),
+        })
+    }
+
+    async fn events(
+        &self,
+        _peer: IpAddr,
+        id: ChannelId,
+        auth: SignatureBytes,
+    ) -> Result<mpsc::Receiver<ClientEvent>, ApiError> {
+        let rec = self.channel_record(id)?;
+        Self::check_client_sig(&rec, "events", &auth)?;
+        let (tx, rx) = mpsc::channel(16);
+        if rec.state == ChannelState::Open {
+            let _ = tx.try_send(ClientEvent::Usage(self.report(&rec)));
+        }
+        self.subscribers
+            .lock()
+            .map_err(|_| ApiError::Internal("subscriber lock poisoned".into()))?
+            .entry(id)
+            .or_default()
+            .push(tx);
+        Ok(rx)
+    }
+
+    async fn captive(&self, peer: IpAddr) -> Result<CaptiveStatus, ApiError> {
+        let mut out = CaptiveStatus {
+            captive: true,
+            user_portal_url: Some(self.portal_url.clone()),
+            bytes_remaining: None,
+            seconds_remaining: None,
+            can_extend_session: Some(true),
+        };
+        let Some(mac) = self.neighbours.mac_of(peer) else { return Ok(out) };
+        let live: Option<ChannelRecord> = self.store.live_channel_for_mac(mac).map_err(GatewayError::from)?;
+        if let Some(rec) = live.filter(|r| r.state == ChannelState::Open) {
+            let r = self.report(&rec);
+            let ends = crediting_ends_at(&rec, self.policy().close_margin_blocks).to_consensus_u32();
+            let blocks = ends.saturating_sub(self.tip().to_consensus_u32()) as u64;
+            out.captive = r.remaining_bytes == ByteCount::ZERO;
+            out.bytes_remaining = Some(r.remaining_bytes.0);
+            out.seconds_remaining = Some(blocks * SECS_PER_BLOCK);
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,155 @@
+//! The two small interfaces the controller uses for the kernel and the link layer,
+//! so the controller logic can be unit-tested without BPF or namespaces.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::Path;
+
+use bitmesh_common::kernel::{Mac, Usage};
+use bitmesh_common::pricing::ByteCount;
+
+use crate::meter::{MeterError, MeterMaps};
+use crate::store::MacAddr;
+
+/// What the controller does to the kernel maps.
+pub trait MeterPort: Send {
+    /// Start metering (zero credit, zeroed or restored usage); existing entries are kept.
+    fn restore_client(&mut self, mac: MacAddr, usage: Usage) -> Result<(), MeterError>;
+    /// Raise CREDIT to `total` (never lowers it).
+    fn raise_credit(&mut self, mac: MacAddr, total: ByteCount) -> Result<(), MeterError>;
+    /// (credited, usage) of a client, if metered.
+    fn usage(&self, mac: MacAddr) -> Result<Option<(ByteCount, Usage)>, MeterError>;
+    /// Every metered client.
+    fn all_usage(&self) -> Result<Vec<(MacAddr, ByteCount, Usage)>, MeterError>;
+    /// Stop metering (the client becomes unpaid).
+    fn remove_client(&mut self, mac: MacAddr) -> Result<(), MeterError>;
+}
+
+fn mac(m: MacAddr) -> Mac {
+    Mac(m.0)
+}
+
+impl MeterPort for MeterMaps {
+    fn restore_client(&mut self, m: MacAddr, usage: Usage) -> Result<(), MeterError> {
+        MeterMaps::restore_client(self, mac(m), usage)
+    }
+    fn raise_credit(&mut self, m: MacAddr, total: ByteCount) -> Result<(), MeterError> {
+        MeterMaps::raise_credit(self, mac(m), total).map(|_| ())
+    }
+    fn usage(&self, m: MacAddr) -> Result<Option<(ByteCount, Usage)>, MeterError> {
+        Ok(MeterMaps::usage(self, mac(m))?.map(|u| (u.credited, u.usage)))
+    }
+    fn all_usage(&self) -> Result<Vec<(MacAddr, ByteCount, Usage)>, MeterError> {
+        Ok(MeterMaps::all_usage(self)?.into_iter().map(|u| (MacAddr(u.mac.0), u.credited, u.usage)).collect())
+    }
+    fn remove_client(&mut self, m: MacAddr) -> Result<(), MeterError> {
+        MeterMaps::remove_client(self, mac(m)).map(|_| ())
+    }
+}
+
+/// An in-memory meter (unit tests, and `--dry-run`-style diagnostics).
+#[derive(Default)]
+pub struct MemoryMeter {
+    pub clients: HashMap<MacAddr, (ByteCount, Usage)>,
+}
+
+impl MeterPort for MemoryMeter {
+    fn restore_client(&mut self, mac: MacAddr, usage: Usage) -> Result<(), MeterError> {
+        self.clients.entry(mac).or_insert((ByteCount::ZERO, usage));
+        Ok(())
+    }
+    fn raise_credit(&mut self, mac: MacAddr, total: ByteCount) -> Result<(), MeterError> {
+        let e = self.clients.entry(mac).or_insert((ByteCount::ZERO, Usage::default()));
+        e.0 = e.0.max(total);
+        Ok(())
+    }
+    fn usage(&self, mac: MacAddr) -> Result<Option<(ByteCount, Usage)>, MeterError> {
+        Ok(self.clients.get(&mac).copied())
+    }
+    fn all_usage(&self) -> Result<Vec<(MacAddr, ByteCount, Usage)>, MeterError> {
+        Ok(self.clients.iter().map(|(m, (c, u))| (*m, *c, *u)).collect())
+    }
+    fn remove_client(&mut self, mac: MacAddr) -> Result<(), MeterError> {
+        self.clients.remove(&mac);
+        Ok(())
+    }
+}
+
+/// Resolves the TCP peer of a request to the MAC the kernel meters it by.
+pub trait Neighbours: Send + Sync {
+    fn mac_of(&self, ip: IpAddr) -> Option<MacAddr>;
+}
+
+/// The kernel neighbour table of one interface: `/proc/net/arp` for IPv4,
+/// `ip -6 neigh show dev IFACE` for IPv6. The client has just completed a TCP
+/// handshake with us, so its entry is present.
+pub struct KernelNeighbours {
+    pub iface: String,
+}
+
+impl Neighbours for KernelNeighbours {
+    fn mac_of(&self, ip: IpAddr) -> Option<MacAddr> {
+        match ip {
+            IpAddr::V4(v4) => {
+                let text = std::fs::read_to_string(Path::new("/proc/net/arp")).ok()?;
+                parse_proc_arp(&text, &self.iface, v4.into())
+            }
+            IpAddr::V6(_) => {
+                let out = std::process::Command::new("ip")
+                    .args(["-6", "neigh", "show", "dev", &self.iface])
+                    .output()
+                    .ok()?;
+                parse_ip_neigh(&String::from_utf8_lossy(&out.stdout), ip)
+            }
+        }
+    }
+}
+
+/// `/proc/net/arp`: `IP HWtype Flags HWaddress Mask Device`; flags 0x0 = incomplete.
+fn parse_proc_arp(text: &str, iface: &str, ip: IpAddr) -> Option<MacAddr> {
+    text.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 6 || f[5] != iface || f[2] == "0x0" {
+            return None;
+        }
+        (f[0].parse::<IpAddr>().ok()? == ip).then(|| f[3].parse().ok()).flatten()
+    })
+}
+
+/// `ip neigh show dev X`: `ADDR lladdr MAC STATE`.
+fn parse_ip_neigh(text: &str, ip: IpAddr) -> Option<MacAddr> {
+    text.lines().find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let pos = f.iter().position(|w| *w == "lladdr")?;
+        (f.first()?.parse::<IpAddr>().ok()? == ip).then(|| f.get(pos + 1)?.parse().ok()).flatten()
+    })
+}
+
+/// A fixed table (unit tests).
+pub struct StaticNeighbours(pub HashMap<IpAddr, MacAddr>);
+
+impl Neighbours for StaticNeighbours {
+    fn mac_of(&self, ip: IpAddr) -> Option<MacAddr> {
+        self.0.get(&ip).copied()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn neighbour_tables_resolve_only_complete_entries_on_our_interface() {
+        let arp = "IP address       HW type     Flags       HW address            Mask     Device\n\
+                   10.0.0.2         0x1         0x2         02:00:00:00:00:02     *        br0\n\
+                   10.0.0.3         0x1         0x0         00:00:00:00:00:00     *        br0\n\
+                   10.0.0.4         0x1         0x2         02:00:00:00:00:04     *        eth0\n";
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(parse_proc_arp(arp, "br0", ip("10.0.0.2")), Some(MacAddr([2, 0, 0, 0, 0, 2])));
+        assert_eq!(parse_proc_arp(arp, "br0", ip("10.0.0.3")), None);
+        assert_eq!(parse_proc_arp(arp, "br0", ip("10.0.0.4")), None);
+        let neigh = "fe80::2 lladdr 02:00:00:00:00:05 REACHABLE\nfe80::3 FAILED\n";
+        assert_eq!(parse_ip_neigh(neigh, ip("fe80::2")), Some(MacAddr([2, 0, 0, 0, 0, 5])));
+        assert_eq!(parse_ip_neigh(neigh, ip("fe80::3")), None);
+    }
+}
