@@ -353,6 +353,26 @@ fn adversarial_updates_are_rejected_each_with_its_own_code_and_change_nothing() 
 }
 
 #[test]
+fn close_fee_is_bumped_by_replacing_the_close() {
+    let Some(mut w) = World::new() else { return };
+    let c = client();
+    let (mut r, _) = w.open(&c, CAPACITY, 100).unwrap();
+    w.pay(&mut r, &c, w.policy.min_first_payment() + Amount::from_sat(20_000)).unwrap();
+    let low = w.close(&[&r]);
+    w.node.accepts(&low.tx).unwrap();
+    w.node.rpc().broadcast(&low.tx).unwrap();
+    // Same inputs, higher fee rate: the node replaces the first close (BIP125 signal).
+    let inputs = [CloseInput { channel: &r.channel, gateway_key: &r.key.secret, update: r.last.as_ref().unwrap() }];
+    let high = build_close(&inputs, &w.policy.gateway_payout_script, FeeRate::from_sat_per_vb_u32(10)).unwrap();
+    assert!(high.fee > low.fee);
+    assert_eq!(high.tx.output[0], low.tx.output[0], "the client's change is untouched by the bump");
+    w.node.rpc().broadcast(&high.tx).unwrap();
+    assert!(w.node.rpc().transaction(&low.tx.compute_txid()).unwrap().is_none(), "replaced");
+    w.node.mine(1);
+    assert_eq!(w.node.rpc().transaction(&high.tx.compute_txid()).unwrap().unwrap().confirmations, 1);
+}
+
+#[test]
 fn fee_estimate_falls_back_to_the_floor_on_a_quiet_chain() {
     let Some(w) = World::new() else { return };
     let floor = FeeRate::from_sat_per_vb_u32(3);

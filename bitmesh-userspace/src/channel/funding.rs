@@ -1,6 +1,7 @@
 //! Opening checks: keys and expiry at open, the funding transaction at fund time.
 
 use bitcoin::{absolute, Amount, OutPoint, PublicKey, Script, Transaction};
+use bitmesh_common::wire::OpenResponse;
 
 use super::{ChannelError, ChannelPolicy, ChannelScript};
 
@@ -129,6 +130,43 @@ pub fn verify_funding(
         });
     }
     Ok(VerifiedFunding { outpoint, capacity: value, zero_conf: !confirmed })
+}
+
+/// Client side, before funding: rebuild the script from the gateway's key and the
+/// client's own key and expiry, and check that the offer's witness script, funding
+/// script, address and channel id all match it. Returns the script to fund.
+pub fn check_offer(
+    offer: &OpenResponse,
+    client: &PublicKey,
+    expiry: absolute::Height,
+    network: bitcoin::Network,
+) -> Result<ChannelScript, ChannelError> {
+    let mismatch = |what| Err(ChannelError::OfferMismatch { what });
+    if !offer.gateway_pubkey.compressed {
+        return mismatch("gateway key is uncompressed");
+    }
+    if offer.client_pubkey != *client {
+        return mismatch("client key");
+    }
+    if offer.expiry != expiry {
+        return mismatch("expiry");
+    }
+    let script = ChannelScript { gateway: offer.gateway_pubkey, client: *client, expiry };
+    if offer.witness_script != script.witness_script() {
+        return mismatch("witness script");
+    }
+    if offer.funding_script_pubkey != script.script_pubkey() {
+        return mismatch("funding script");
+    }
+    if !offer.funding_address.is_valid_for_network(network)
+        || offer.funding_address.clone().assume_checked().script_pubkey() != script.script_pubkey()
+    {
+        return mismatch("funding address");
+    }
+    if offer.channel_id != script.channel_id() {
+        return mismatch("channel id");
+    }
+    Ok(script)
 }
 
 fn is_push_of_witness_program(script_sig: &Script) -> bool {

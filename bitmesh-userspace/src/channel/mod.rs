@@ -25,7 +25,7 @@ mod script;
 mod update;
 
 pub use close::{build_close, build_refund, CloseInput, CloseTx};
-pub use funding::{check_open, verify_funding, FundingCheck, VerifiedFunding};
+pub use funding::{check_offer, check_open, verify_funding, FundingCheck, VerifiedFunding};
 pub use keys::{ChannelKey, GatewaySeed, KeysError};
 pub use script::ChannelScript;
 pub use update::{required_sighash, sign_update, verify_update, VerifiedUpdate};
@@ -261,6 +261,13 @@ pub enum ChannelError {
         /// Fee at the requested rate.
         fee: Amount,
     },
+    /// Client side: the gateway's open response does not match the script the client
+    /// rebuilt; never fund it.
+    #[error("gateway offer does not match the rebuilt channel ({what}): do not fund it; try another gateway")]
+    OfferMismatch {
+        /// Which part differs.
+        what: &'static str,
+    },
     /// Sighash computation failed (a bug: input index out of range).
     #[error("internal error computing a sighash: {0}")]
     Sighash(String),
@@ -294,6 +301,7 @@ impl ChannelError {
             ChannelError::CloseScriptInvalid(_) => ErrorCode::CloseScriptInvalid,
             ChannelError::EmptyBatch
             | ChannelError::RefundBelowDust { .. }
+            | ChannelError::OfferMismatch { .. }
             | ChannelError::Sighash(_) => ErrorCode::Internal,
         }
     }

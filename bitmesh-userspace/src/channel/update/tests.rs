@@ -126,3 +126,30 @@ fn close_and_refund_weights_are_stable() {
 
 use super::is_strict_der;
 use super::super::secp;
+
+#[test]
+fn client_refuses_an_offer_whose_script_does_not_match() {
+    use bitmesh_common::wire::OpenResponse;
+    let f = fixture();
+    let s = f.channel.script;
+    let offer = OpenResponse {
+        channel_id: s.channel_id(),
+        gateway_pubkey: s.gateway,
+        client_pubkey: s.client,
+        expiry: s.expiry,
+        witness_script: s.witness_script(),
+        funding_script_pubkey: s.script_pubkey(),
+        funding_address: s.address(Network::Regtest).as_unchecked().clone(),
+        min_capacity: Amount::from_sat(1),
+        max_capacity: Amount::from_sat(2),
+        min_first_payment: Amount::from_sat(1),
+    };
+    assert_eq!(check_offer(&offer, &s.client, s.expiry, Network::Regtest).unwrap(), s);
+    // A gateway that swaps in a script paying itself on both branches is caught.
+    let evil = ChannelScript { client: s.gateway, ..s };
+    let bad = OpenResponse { witness_script: evil.witness_script(), ..offer.clone() };
+    let err = check_offer(&bad, &s.client, s.expiry, Network::Regtest).unwrap_err();
+    assert!(matches!(err, ChannelError::OfferMismatch { what: "witness script" }), "{err}");
+    let later = check_offer(&offer, &s.client, absolute::Height::from_consensus(301).unwrap(), Network::Regtest);
+    assert!(later.is_err());
+}
