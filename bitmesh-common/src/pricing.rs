@@ -130,7 +130,9 @@ pub fn payment_for_bytes(bytes: ByteCount, price: PriceMsatPerMib) -> Amount {
     let msat = u128::from(bytes.0) * u128::from(price.0);
     let denom = u128::from(MSAT_PER_SAT) * u128::from(MIB);
     let sat = msat.div_ceil(denom);
-    let sat = u64::try_from(sat).unwrap_or(u64::MAX).min(Amount::MAX_MONEY.to_sat());
+    let sat = u64::try_from(sat)
+        .unwrap_or(u64::MAX)
+        .min(Amount::MAX_MONEY.to_sat());
     Amount::from_sat(sat)
 }
 
@@ -147,13 +149,19 @@ mod tests {
     fn one_sat_per_mib_buys_one_mib_per_sat() {
         let p = PriceMsatPerMib::from_sat_per_mib(1).unwrap();
         assert_eq!(bytes_for_payment(Amount::from_sat(1), p), ByteCount(MIB));
-        assert_eq!(bytes_for_payment(Amount::from_sat(250), p), ByteCount(250 * MIB));
+        assert_eq!(
+            bytes_for_payment(Amount::from_sat(250), p),
+            ByteCount(250 * MIB)
+        );
     }
 
     #[test]
     fn sub_satoshi_prices_are_exact() {
         // 250 msat/MiB: one satoshi buys 4 MiB.
-        assert_eq!(bytes_for_payment(Amount::from_sat(1), price(250)), ByteCount(4 * MIB));
+        assert_eq!(
+            bytes_for_payment(Amount::from_sat(1), price(250)),
+            ByteCount(4 * MIB)
+        );
     }
 
     #[test]
@@ -163,7 +171,10 @@ mod tests {
         assert_eq!(b, ByteCount(1000 * MIB / 3));
         // 7 sat/MiB: 1 sat buys 149796.57 bytes -> 149796.
         let p = PriceMsatPerMib::from_sat_per_mib(7).unwrap();
-        assert_eq!(bytes_for_payment(Amount::from_sat(1), p), ByteCount(149_796));
+        assert_eq!(
+            bytes_for_payment(Amount::from_sat(1), p),
+            ByteCount(149_796)
+        );
     }
 
     #[test]
@@ -177,11 +188,17 @@ mod tests {
                 if pay == Amount::MAX_MONEY {
                     continue; // clamped: more than all bitcoin, nothing to buy
                 }
-                assert!(bytes_for_payment(pay, p) >= ByteCount(s), "price {pm} size {s}");
+                assert!(
+                    bytes_for_payment(pay, p) >= ByteCount(s),
+                    "price {pm} size {s}"
+                );
                 if pay > Amount::ZERO {
                     // One satoshi less would not be enough: the payment is minimal.
                     let less = pay - Amount::from_sat(1);
-                    assert!(bytes_for_payment(less, p) < ByteCount(s), "price {pm} size {s}");
+                    assert!(
+                        bytes_for_payment(less, p) < ByteCount(s),
+                        "price {pm} size {s}"
+                    );
                 }
             }
         }
@@ -199,7 +216,10 @@ mod tests {
     fn zero_price_is_rejected_also_on_the_wire() {
         assert_eq!(PriceMsatPerMib::new(0), Err(PricingError::ZeroPrice));
         assert!(serde_json::from_str::<PriceMsatPerMib>("0").is_err());
-        assert_eq!(serde_json::from_str::<PriceMsatPerMib>("5").unwrap(), price(5));
+        assert_eq!(
+            serde_json::from_str::<PriceMsatPerMib>("5").unwrap(),
+            price(5)
+        );
     }
 
     #[test]
@@ -208,6 +228,9 @@ mod tests {
         // because credit is computed from the cumulative total.
         let p = price(7);
         let total = Amount::from_sat(1000);
-        assert_eq!(bytes_for_payment(total, p), ByteCount(1000 * 1000 * MIB / 7));
+        assert_eq!(
+            bytes_for_payment(total, p),
+            ByteCount(1000 * 1000 * MIB / 7)
+        );
     }
 }

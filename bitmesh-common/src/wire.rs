@@ -84,7 +84,9 @@ impl Serialize for SignatureBytes {
 impl<'de> Deserialize<'de> for SignatureBytes {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        Vec::<u8>::from_hex(&s).map(SignatureBytes).map_err(serde::de::Error::custom)
+        Vec::<u8>::from_hex(&s)
+            .map(SignatureBytes)
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -106,7 +108,10 @@ pub struct Terms {
     #[serde(with = "bitcoin::amount::serde::as_sat", rename = "max_capacity_sat")]
     pub max_capacity: Amount,
     /// The first update must pay at least this (close fee at the planning rate + dust).
-    #[serde(with = "bitcoin::amount::serde::as_sat", rename = "min_first_payment_sat")]
+    #[serde(
+        with = "bitcoin::amount::serde::as_sat",
+        rename = "min_first_payment_sat"
+    )]
     pub min_first_payment: Amount,
     /// Unconfirmed funding is accepted only up to this capacity.
     #[serde(with = "bitcoin::amount::serde::as_sat", rename = "zero_conf_cap_sat")]
@@ -165,7 +170,10 @@ pub struct OpenResponse {
     #[serde(with = "bitcoin::amount::serde::as_sat", rename = "max_capacity_sat")]
     pub max_capacity: Amount,
     /// The first update must pay at least this.
-    #[serde(with = "bitcoin::amount::serde::as_sat", rename = "min_first_payment_sat")]
+    #[serde(
+        with = "bitcoin::amount::serde::as_sat",
+        rename = "min_first_payment_sat"
+    )]
     pub min_first_payment: Amount,
 }
 
@@ -538,7 +546,11 @@ mod tests {
                 script_pubkey: ScriptBuf::new_op_return([1u8; 4]),
             }],
         };
-        let req = FundRequest { channel_id: ChannelId([1; 32]), funding_tx: tx, funding_vout: 0 };
+        let req = FundRequest {
+            channel_id: ChannelId([1; 32]),
+            funding_tx: tx,
+            funding_vout: 0,
+        };
         let json = serde_json::to_value(&req).unwrap();
         assert!(json["funding_tx"].is_string());
         assert_eq!(serde_json::from_value::<FundRequest>(json).unwrap(), req);
@@ -555,7 +567,13 @@ mod tests {
     fn auth_digest_binds_action_and_channel() {
         let a = ChannelId([1; 32]);
         let b = ChannelId([2; 32]);
-        assert_ne!(client_auth_digest("close", &a), client_auth_digest("close", &b));
-        assert_ne!(client_auth_digest("close", &a), client_auth_digest("status", &a));
+        assert_ne!(
+            client_auth_digest("close", &a),
+            client_auth_digest("close", &b)
+        );
+        assert_ne!(
+            client_auth_digest("close", &a),
+            client_auth_digest("status", &a)
+        );
     }
 }

@@ -17,7 +17,9 @@ use bitcoin::consensus::encode;
 use bitcoin::secp256k1::{rand, Message, Secp256k1, SecretKey};
 use bitcoin::sighash::{EcdsaSighashType, SighashCache};
 use bitcoin::{absolute, ecdsa, transaction, Address, Amount, Block, CompressedPublicKey};
-use bitcoin::{Network, OutPoint, PublicKey, ScriptBuf, Sequence, Transaction, TxIn, TxOut, Witness};
+use bitcoin::{
+    Network, OutPoint, PublicKey, ScriptBuf, Sequence, Transaction, TxIn, TxOut, Witness,
+};
 use bitmesh::chain::{BitcoindAuth, BitcoindRpc, Chain};
 use serde_json::json;
 
@@ -30,17 +32,27 @@ pub const BUILD_KEY: &str = "bitcoin-core-0.4.1";
 /// `$BITMESH_BITCOIN_CLI`, else `$BITMESH_CACHE` (or `$HOME/.cache/bitmesh`) +
 /// `bitcoin-core-0.4.1/bin`.
 pub fn binaries() -> (PathBuf, PathBuf) {
-    let cache = std::env::var_os("BITMESH_CACHE").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cache/bitmesh")
-    });
+    let cache = std::env::var_os("BITMESH_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
+                .join(".cache/bitmesh")
+        });
     let bin = cache.join(BUILD_KEY).join("bin");
-    let d = std::env::var_os("BITMESH_BITCOIND").map(PathBuf::from).unwrap_or_else(|| bin.join("bitcoind"));
-    let c = std::env::var_os("BITMESH_BITCOIN_CLI").map(PathBuf::from).unwrap_or_else(|| bin.join("bitcoin-cli"));
+    let d = std::env::var_os("BITMESH_BITCOIND")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| bin.join("bitcoind"));
+    let c = std::env::var_os("BITMESH_BITCOIN_CLI")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| bin.join("bitcoin-cli"));
     (d, c)
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap()
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap()
 }
 
 /// A running regtest node; dropped = stopped and its data directory removed.
@@ -62,7 +74,10 @@ impl Bitcoind {
             env::skip("bitcoind not built: run cargo xtask bitcoind");
             return None;
         }
-        let datadir = tempfile::Builder::new().prefix("bitmesh-regtest-").tempdir().unwrap();
+        let datadir = tempfile::Builder::new()
+            .prefix("bitmesh-regtest-")
+            .tempdir()
+            .unwrap();
         let (rpc_port, p2p_port) = (free_port(), free_port());
         let child = Command::new(&bitcoind)
             .arg("-regtest")
@@ -70,10 +85,20 @@ impl Bitcoind {
             .arg(format!("-rpcport={rpc_port}"))
             .arg(format!("-port={p2p_port}"))
             .arg(format!("-bind=127.0.0.1:{p2p_port}"))
-            .args(["-rpcbind=127.0.0.1", "-rpcallowip=127.0.0.1", "-server=1", "-txindex=1"])
+            .args([
+                "-rpcbind=127.0.0.1",
+                "-rpcallowip=127.0.0.1",
+                "-server=1",
+                "-txindex=1",
+            ])
             // Regtest accepts non-standard transactions by default; the tests want
             // mainnet relay policy so testmempoolaccept checks standardness too.
-            .args(["-acceptnonstdtxn=0", "-dnsseed=0", "-fixedseeds=0", "-listenonion=0"])
+            .args([
+                "-acceptnonstdtxn=0",
+                "-dnsseed=0",
+                "-fixedseeds=0",
+                "-listenonion=0",
+            ])
             .args(["-printtoconsole=0", "-daemon=0"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -87,9 +112,13 @@ impl Bitcoind {
         let mut child = child;
         while Instant::now() < deadline {
             if let Some(status) = child.try_wait().unwrap() {
-                let log = std::fs::read_to_string(datadir.path().join("regtest/debug.log")).unwrap_or_default();
+                let log = std::fs::read_to_string(datadir.path().join("regtest/debug.log"))
+                    .unwrap_or_default();
                 let tail: Vec<_> = log.lines().rev().take(20).collect();
-                panic!("bitcoind exited with {status} during startup; debug.log tail:\n{}", tail.join("\n"));
+                panic!(
+                    "bitcoind exited with {status} during startup; debug.log tail:\n{}",
+                    tail.join("\n")
+                );
             }
             if cookie.exists() {
                 if let Ok(rpc) = BitcoindRpc::new(&url, BitcoindAuth::Cookie(cookie.clone())) {
@@ -106,7 +135,13 @@ impl Bitcoind {
             let _ = child.wait();
             panic!("bitcoind RPC did not answer within 60 s on port {rpc_port}");
         };
-        Some(Bitcoind { child, datadir, rpc_port, p2p_port, rpc })
+        Some(Bitcoind {
+            child,
+            datadir,
+            rpc_port,
+            p2p_port,
+            rpc,
+        })
     }
 
     /// The node's RPC client (also the [`Chain`] under test).
@@ -126,7 +161,9 @@ impl Bitcoind {
 
     /// Mine `n` blocks paying `script_pubkey`.
     pub fn mine_to(&self, n: u32, address: &Address) {
-        self.rpc.call_raw("generatetoaddress", &[json!(n), json!(address.to_string())]).unwrap();
+        self.rpc
+            .call_raw("generatetoaddress", &[json!(n), json!(address.to_string())])
+            .unwrap();
     }
 
     /// Mine `n` blocks to a throwaway address.
@@ -149,7 +186,11 @@ impl Bitcoind {
 
     /// `testmempoolaccept` for one transaction: `Ok(vsize)` or `Err(reject reason)`.
     pub fn accepts(&self, tx: &Transaction) -> Result<u64, String> {
-        let r = self.rpc.test_mempool_accept(std::slice::from_ref(tx)).unwrap().remove(0);
+        let r = self
+            .rpc
+            .test_mempool_accept(std::slice::from_ref(tx))
+            .unwrap()
+            .remove(0);
         if r.allowed {
             Ok(r.vsize.unwrap_or(0))
         } else {
@@ -207,17 +248,40 @@ impl CoinbaseWallet {
             let cb = node.block(h).txdata.remove(0);
             let txid = cb.compute_txid();
             for (vout, out) in cb.output.iter().enumerate() {
-                if out.script_pubkey == segwit.script_pubkey() || out.script_pubkey == legacy.script_pubkey() {
-                    utxos.push((OutPoint { txid, vout: vout as u32 }, out.clone()));
+                if out.script_pubkey == segwit.script_pubkey()
+                    || out.script_pubkey == legacy.script_pubkey()
+                {
+                    utxos.push((
+                        OutPoint {
+                            txid,
+                            vout: vout as u32,
+                        },
+                        out.clone(),
+                    ));
                 }
             }
         }
-        CoinbaseWallet { secp, secret, public, segwit, legacy, utxos }
+        CoinbaseWallet {
+            secp,
+            secret,
+            public,
+            segwit,
+            legacy,
+            utxos,
+        }
     }
 
     fn take(&mut self, legacy: bool) -> (OutPoint, TxOut) {
-        let spk = if legacy { self.legacy.script_pubkey() } else { self.segwit.script_pubkey() };
-        let i = self.utxos.iter().position(|(_, o)| o.script_pubkey == spk).expect("wallet has no coinbase of that kind left");
+        let spk = if legacy {
+            self.legacy.script_pubkey()
+        } else {
+            self.segwit.script_pubkey()
+        };
+        let i = self
+            .utxos
+            .iter()
+            .position(|(_, o)| o.script_pubkey == spk)
+            .expect("wallet has no coinbase of that kind left");
         self.utxos.remove(i)
     }
 
@@ -229,26 +293,49 @@ impl CoinbaseWallet {
         let mut tx = Transaction {
             version: transaction::Version::TWO,
             lock_time: absolute::LockTime::ZERO,
-            input: vec![TxIn { previous_output: outpoint, script_sig: ScriptBuf::new(), sequence: Sequence::ENABLE_RBF_NO_LOCKTIME, witness: Witness::new() }],
+            input: vec![TxIn {
+                previous_output: outpoint,
+                script_sig: ScriptBuf::new(),
+                sequence: Sequence::ENABLE_RBF_NO_LOCKTIME,
+                witness: Witness::new(),
+            }],
             output: vec![
-                TxOut { value, script_pubkey: script_pubkey.clone() },
-                TxOut { value: prev.value - value - fee, script_pubkey: self.segwit.script_pubkey() },
+                TxOut {
+                    value,
+                    script_pubkey: script_pubkey.clone(),
+                },
+                TxOut {
+                    value: prev.value - value - fee,
+                    script_pubkey: self.segwit.script_pubkey(),
+                },
             ],
         };
         let mut cache = SighashCache::new(&tx);
         if legacy {
-            let hash = cache.legacy_signature_hash(0, &prev.script_pubkey, EcdsaSighashType::All.to_u32()).unwrap();
+            let hash = cache
+                .legacy_signature_hash(0, &prev.script_pubkey, EcdsaSighashType::All.to_u32())
+                .unwrap();
             let sig = self.secp.sign_ecdsa(&Message::from(hash), &self.secret);
-            let sig = ecdsa::Signature { signature: sig, sighash_type: EcdsaSighashType::All };
+            let sig = ecdsa::Signature {
+                signature: sig,
+                sighash_type: EcdsaSighashType::All,
+            };
             let script_sig = bitcoin::script::Builder::new()
-                .push_slice(<&bitcoin::script::PushBytes>::try_from(sig.to_vec().as_slice()).unwrap())
+                .push_slice(
+                    <&bitcoin::script::PushBytes>::try_from(sig.to_vec().as_slice()).unwrap(),
+                )
                 .push_key(&self.public)
                 .into_script();
             tx.input[0].script_sig = script_sig;
         } else {
-            let hash = cache.p2wpkh_signature_hash(0, &prev.script_pubkey, prev.value, EcdsaSighashType::All).unwrap();
+            let hash = cache
+                .p2wpkh_signature_hash(0, &prev.script_pubkey, prev.value, EcdsaSighashType::All)
+                .unwrap();
             let sig = self.secp.sign_ecdsa(&Message::from(hash), &self.secret);
-            let sig = ecdsa::Signature { signature: sig, sighash_type: EcdsaSighashType::All };
+            let sig = ecdsa::Signature {
+                signature: sig,
+                sighash_type: EcdsaSighashType::All,
+            };
             tx.input[0].witness = Witness::p2wpkh(&sig, &self.public.inner);
         }
         tx

@@ -9,12 +9,18 @@ use bitmesh_tests::bitcoind::{Bitcoind, CoinbaseWallet};
 
 fn closed_port() -> u16 {
     // Bind and drop: nothing listens there afterwards.
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 #[test]
 fn bitcoind_backend_follows_a_transaction_from_mempool_to_spent() {
-    let Some(node) = Bitcoind::start() else { return };
+    let Some(node) = Bitcoind::start() else {
+        return;
+    };
     let mut wallet = CoinbaseWallet::fund(&node, 2, 0);
     let rpc = node.rpc();
     assert_eq!(rpc.backend(), "bitcoind");
@@ -24,52 +30,107 @@ fn bitcoind_backend_follows_a_transaction_from_mempool_to_spent() {
     let accept = rpc.test_mempool_accept(std::slice::from_ref(&tx)).unwrap();
     assert!(accept[0].allowed && accept[0].txid == txid);
     assert_eq!(rpc.broadcast(&tx).unwrap(), txid);
-    assert_eq!(rpc.broadcast(&tx).unwrap(), txid, "re-broadcast is not an error");
+    assert_eq!(
+        rpc.broadcast(&tx).unwrap(),
+        txid,
+        "re-broadcast is not an error"
+    );
 
     let st = rpc.transaction(&txid).unwrap().unwrap();
     assert_eq!((st.confirmations, st.block_height), (0, None));
-    let out = rpc.unspent_output(&OutPoint { txid, vout: 0 }).unwrap().unwrap();
-    assert_eq!((out.txout.value, out.confirmations), (Amount::from_sat(70_000), 0));
+    let out = rpc
+        .unspent_output(&OutPoint { txid, vout: 0 })
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (out.txout.value, out.confirmations),
+        (Amount::from_sat(70_000), 0)
+    );
 
     node.mine(2);
     let st = rpc.transaction(&txid).unwrap().unwrap();
     assert_eq!(st.confirmations, 2);
-    assert_eq!(st.block_height.unwrap().to_consensus_u32(), node.tip().to_consensus_u32() - 1);
-    assert_eq!(rpc.unspent_output(&OutPoint { txid, vout: 0 }).unwrap().unwrap().confirmations, 2);
-    assert!(rpc.unspent_output(&OutPoint { txid, vout: 7 }).unwrap().is_none());
+    assert_eq!(
+        st.block_height.unwrap().to_consensus_u32(),
+        node.tip().to_consensus_u32() - 1
+    );
+    assert_eq!(
+        rpc.unspent_output(&OutPoint { txid, vout: 0 })
+            .unwrap()
+            .unwrap()
+            .confirmations,
+        2
+    );
+    assert!(rpc
+        .unspent_output(&OutPoint { txid, vout: 7 })
+        .unwrap()
+        .is_none());
 }
 
 #[test]
 fn rejected_broadcast_names_the_backend_and_the_reason() {
-    let Some(node) = Bitcoind::start() else { return };
+    let Some(node) = Bitcoind::start() else {
+        return;
+    };
     let mut wallet = CoinbaseWallet::fund(&node, 1, 0);
     let target = ScriptBuf::new_p2wpkh(&wallet.public.wpubkey_hash().unwrap());
     let mut tx = wallet.pay(&target, Amount::from_sat(70_000), false);
     tx.input[0].witness.clear(); // no signature
     let err = node.rpc().broadcast(&tx).unwrap_err();
-    assert!(matches!(err, ChainError::Rejected { backend: "bitcoind", .. }), "{err}");
-    assert!(err.to_string().starts_with("bitcoind rejected transaction"), "{err}");
+    assert!(
+        matches!(
+            err,
+            ChainError::Rejected {
+                backend: "bitcoind",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(
+        err.to_string().starts_with("bitcoind rejected transaction"),
+        "{err}"
+    );
 }
 
 #[test]
 fn user_password_auth_works_and_a_wrong_password_is_reported() {
-    let Some(node) = Bitcoind::start() else { return };
+    let Some(node) = Bitcoind::start() else {
+        return;
+    };
     // The cookie is "__cookie__:<password>": use it as plain user/password.
     let cookie = std::fs::read_to_string(node.cookie_path()).unwrap();
     let (user, pass) = cookie.trim().split_once(':').unwrap();
-    let ok = BitcoindRpc::new(&node.rpc_url(), BitcoindAuth::UserPass(user.into(), pass.into())).unwrap();
+    let ok = BitcoindRpc::new(
+        &node.rpc_url(),
+        BitcoindAuth::UserPass(user.into(), pass.into()),
+    )
+    .unwrap();
     assert_eq!(ok.tip_height().unwrap(), node.tip());
-    let bad = BitcoindRpc::new(&node.rpc_url(), BitcoindAuth::UserPass(user.into(), "wrong".into())).unwrap();
+    let bad = BitcoindRpc::new(
+        &node.rpc_url(),
+        BitcoindAuth::UserPass(user.into(), "wrong".into()),
+    )
+    .unwrap();
     let err = bad.tip_height().unwrap_err();
-    assert!(err.to_string().starts_with("bitcoind getblockcount failed"), "{err}");
+    assert!(
+        err.to_string().starts_with("bitcoind getblockcount failed"),
+        "{err}"
+    );
 }
 
 #[test]
 fn fee_rate_never_goes_below_the_floor() {
-    let Some(node) = Bitcoind::start() else { return };
+    let Some(node) = Bitcoind::start() else {
+        return;
+    };
     for floor in [1, 2, 25] {
         let floor = FeeRate::from_sat_per_vb_u32(floor);
-        assert_eq!(node.rpc().fee_rate(3, floor).unwrap(), floor, "no estimate on regtest");
+        assert_eq!(
+            node.rpc().fee_rate(3, floor).unwrap(),
+            floor,
+            "no estimate on regtest"
+        );
     }
 }
 
@@ -80,13 +141,26 @@ fn unreachable_backends_say_which_backend_and_call_failed() {
     let err = rpc.tip_height().unwrap_err().to_string();
     assert!(err.starts_with("bitcoind getblockcount failed"), "{err}");
 
-    let missing = BitcoindRpc::new(&url, BitcoindAuth::Cookie("/nonexistent/.cookie".into())).unwrap_err();
-    assert!(missing.to_string().contains("cannot read cookie file"), "{missing}");
+    let missing =
+        BitcoindRpc::new(&url, BitcoindAuth::Cookie("/nonexistent/.cookie".into())).unwrap_err();
+    assert!(
+        missing.to_string().contains("cannot read cookie file"),
+        "{missing}"
+    );
 
     let esplora = Esplora::new(&url);
     assert_eq!(esplora.backend(), "esplora");
     let err = esplora.tip_height().unwrap_err().to_string();
-    assert!(err.starts_with("esplora GET /blocks/tip/height failed"), "{err}");
+    assert!(
+        err.starts_with("esplora GET /blocks/tip/height failed"),
+        "{err}"
+    );
     let err = esplora.test_mempool_accept(&[]).unwrap_err();
-    assert!(matches!(err, ChainError::Unsupported { backend: "esplora", call: "testmempoolaccept" }));
+    assert!(matches!(
+        err,
+        ChainError::Unsupported {
+            backend: "esplora",
+            call: "testmempoolaccept"
+        }
+    ));
 }

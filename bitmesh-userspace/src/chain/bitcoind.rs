@@ -34,11 +34,19 @@ impl std::fmt::Debug for BitcoindRpc {
 }
 
 fn call_err(call: &'static str) -> impl Fn(jsonrpc::Error) -> ChainError {
-    move |e| ChainError::Call { backend: BACKEND, call, message: e.to_string() }
+    move |e| ChainError::Call {
+        backend: BACKEND,
+        call,
+        message: e.to_string(),
+    }
 }
 
 fn unexpected(call: &'static str, message: impl Into<String>) -> ChainError {
-    ChainError::Unexpected { backend: BACKEND, call, message: message.into() }
+    ChainError::Unexpected {
+        backend: BACKEND,
+        call,
+        message: message.into(),
+    }
 }
 
 /// RPC error code of "No such mempool or blockchain transaction".
@@ -47,15 +55,24 @@ const RPC_INVALID_ADDRESS_OR_KEY: i64 = -5;
 impl BitcoindRpc {
     /// Connect to `url` (e.g. `http://127.0.0.1:18443`). Nothing is sent yet.
     pub fn new(url: &str, auth: BitcoindAuth) -> Result<Self, ChainError> {
-        let setup = |message: String| ChainError::Setup { backend: BACKEND, message };
+        let setup = |message: String| ChainError::Setup {
+            backend: BACKEND,
+            message,
+        };
         let (user, pass) = match auth {
             BitcoindAuth::UserPass(u, p) => (u, p),
             BitcoindAuth::Cookie(path) => {
                 let cookie = std::fs::read_to_string(&path).map_err(|e| {
-                    setup(format!("cannot read cookie file {}: {e}: is bitcoind running with this -datadir?", path.display()))
+                    setup(format!(
+                        "cannot read cookie file {}: {e}: is bitcoind running with this -datadir?",
+                        path.display()
+                    ))
                 })?;
                 let (u, p) = cookie.trim().split_once(':').ok_or_else(|| {
-                    setup(format!("cookie file {} is not user:password", path.display()))
+                    setup(format!(
+                        "cookie file {} is not user:password",
+                        path.display()
+                    ))
                 })?;
                 (u.to_owned(), p.to_owned())
             }
@@ -66,7 +83,9 @@ impl BitcoindRpc {
             .timeout(std::time::Duration::from_secs(30))
             .basic_auth(user, Some(pass))
             .build();
-        Ok(BitcoindRpc { client: Client::with_transport(transport) })
+        Ok(BitcoindRpc {
+            client: Client::with_transport(transport),
+        })
     }
 
     /// Call any RPC method with JSON arguments (tests use it for `generatetoaddress`).
@@ -74,7 +93,11 @@ impl BitcoindRpc {
         self.call(method, args).map_err(call_err(method))
     }
 
-    fn call<T: serde::de::DeserializeOwned>(&self, method: &'static str, args: &[Value]) -> Result<T, jsonrpc::Error> {
+    fn call<T: serde::de::DeserializeOwned>(
+        &self,
+        method: &'static str,
+        args: &[Value],
+    ) -> Result<T, jsonrpc::Error> {
         let raw = serde_json::value::to_raw_value(args)?;
         self.client.call(method, Some(&*raw))
     }
@@ -90,7 +113,9 @@ impl Chain for BitcoindRpc {
     }
 
     fn tip_height(&self) -> Result<absolute::Height, ChainError> {
-        let h: u64 = self.call("getblockcount", &[]).map_err(call_err("getblockcount"))?;
+        let h: u64 = self
+            .call("getblockcount", &[])
+            .map_err(call_err("getblockcount"))?;
         height(BACKEND, "getblockcount", h)
     }
 
@@ -101,35 +126,65 @@ impl Chain for BitcoindRpc {
             Err(e) if Self::is_not_found(&e) => return Ok(None),
             Err(e) => return Err(call_err(CALL)(e)),
         };
-        let hex = v["hex"].as_str().ok_or_else(|| unexpected(CALL, "no hex"))?;
-        let tx: Transaction = encode::deserialize_hex(hex).map_err(|e| unexpected(CALL, e.to_string()))?;
+        let hex = v["hex"]
+            .as_str()
+            .ok_or_else(|| unexpected(CALL, "no hex"))?;
+        let tx: Transaction =
+            encode::deserialize_hex(hex).map_err(|e| unexpected(CALL, e.to_string()))?;
         let confirmations = v["confirmations"].as_u64().unwrap_or(0);
         let block_height = if confirmations > 0 {
             let tip = self.tip_height()?.to_consensus_u32();
             let conf = u32::try_from(confirmations).map_err(|e| unexpected(CALL, e.to_string()))?;
-            Some(height(BACKEND, CALL, u64::from(tip + 1 - conf.min(tip + 1)))?)
+            Some(height(
+                BACKEND,
+                CALL,
+                u64::from(tip + 1 - conf.min(tip + 1)),
+            )?)
         } else {
             None
         };
-        let confirmations = u32::try_from(confirmations).map_err(|e| unexpected(CALL, e.to_string()))?;
-        Ok(Some(TxStatus { tx, confirmations, block_height }))
+        let confirmations =
+            u32::try_from(confirmations).map_err(|e| unexpected(CALL, e.to_string()))?;
+        Ok(Some(TxStatus {
+            tx,
+            confirmations,
+            block_height,
+        }))
     }
 
     fn unspent_output(&self, outpoint: &OutPoint) -> Result<Option<OutputStatus>, ChainError> {
         const CALL: &str = "gettxout";
         let v: Value = self
-            .call(CALL, &[json!(outpoint.txid.to_string()), json!(outpoint.vout), json!(true)])
+            .call(
+                CALL,
+                &[
+                    json!(outpoint.txid.to_string()),
+                    json!(outpoint.vout),
+                    json!(true),
+                ],
+            )
             .map_err(call_err(CALL))?;
         if v.is_null() {
             return Ok(None);
         }
-        let btc = v["value"].as_f64().ok_or_else(|| unexpected(CALL, "no value"))?;
+        let btc = v["value"]
+            .as_f64()
+            .ok_or_else(|| unexpected(CALL, "no value"))?;
         let value = Amount::from_btc(btc).map_err(|e| unexpected(CALL, e.to_string()))?;
-        let spk = v["scriptPubKey"]["hex"].as_str().ok_or_else(|| unexpected(CALL, "no scriptPubKey"))?;
-        let script_pubkey = ScriptBuf::from_hex(spk).map_err(|e| unexpected(CALL, e.to_string()))?;
+        let spk = v["scriptPubKey"]["hex"]
+            .as_str()
+            .ok_or_else(|| unexpected(CALL, "no scriptPubKey"))?;
+        let script_pubkey =
+            ScriptBuf::from_hex(spk).map_err(|e| unexpected(CALL, e.to_string()))?;
         let confirmations = u32::try_from(v["confirmations"].as_u64().unwrap_or(0))
             .map_err(|e| unexpected(CALL, e.to_string()))?;
-        Ok(Some(OutputStatus { txout: TxOut { value, script_pubkey }, confirmations }))
+        Ok(Some(OutputStatus {
+            txout: TxOut {
+                value,
+                script_pubkey,
+            },
+            confirmations,
+        }))
     }
 
     fn broadcast(&self, tx: &Transaction) -> Result<Txid, ChainError> {
@@ -142,7 +197,11 @@ impl Chain for BitcoindRpc {
                 if r.message.contains("already in") || r.message.contains("txn-already-known") {
                     Ok(txid)
                 } else {
-                    Err(ChainError::Rejected { backend: BACKEND, txid, reason: r.message })
+                    Err(ChainError::Rejected {
+                        backend: BACKEND,
+                        txid,
+                        reason: r.message,
+                    })
                 }
             }
             Err(e) => Err(call_err(CALL)(e)),
@@ -151,7 +210,9 @@ impl Chain for BitcoindRpc {
 
     fn fee_rate(&self, target_blocks: u16, floor: FeeRate) -> Result<FeeRate, ChainError> {
         const CALL: &str = "estimatesmartfee";
-        let v: Value = self.call(CALL, &[json!(target_blocks)]).map_err(call_err(CALL))?;
+        let v: Value = self
+            .call(CALL, &[json!(target_blocks)])
+            .map_err(call_err(CALL))?;
         // BTC per kvB; absent when the node has no estimate yet.
         let estimate = v["feerate"]
             .as_f64()
@@ -160,11 +221,16 @@ impl Chain for BitcoindRpc {
         Ok(estimate.map_or(floor, |e| e.max(floor)))
     }
 
-    fn test_mempool_accept(&self, txs: &[Transaction]) -> Result<Vec<MempoolAcceptance>, ChainError> {
+    fn test_mempool_accept(
+        &self,
+        txs: &[Transaction],
+    ) -> Result<Vec<MempoolAcceptance>, ChainError> {
         const CALL: &str = "testmempoolaccept";
         let hex: Vec<String> = txs.iter().map(encode::serialize_hex).collect();
         let v: Value = self.call(CALL, &[json!(hex)]).map_err(call_err(CALL))?;
-        let rows = v.as_array().ok_or_else(|| unexpected(CALL, "not an array"))?;
+        let rows = v
+            .as_array()
+            .ok_or_else(|| unexpected(CALL, "not an array"))?;
         rows.iter()
             .map(|r| {
                 let txid = r["txid"]

@@ -116,12 +116,23 @@ pub trait Chain: Send + Sync {
     fn fee_rate(&self, target_blocks: u16, floor: FeeRate) -> Result<FeeRate, ChainError>;
     /// Would the node accept these transactions (a package: children may spend
     /// parents)? Nothing is broadcast.
-    fn test_mempool_accept(&self, txs: &[Transaction]) -> Result<Vec<MempoolAcceptance>, ChainError>;
+    fn test_mempool_accept(
+        &self,
+        txs: &[Transaction],
+    ) -> Result<Vec<MempoolAcceptance>, ChainError>;
 }
 
-pub(crate) fn height(backend: &'static str, call: &'static str, h: u64) -> Result<absolute::Height, ChainError> {
+pub(crate) fn height(
+    backend: &'static str,
+    call: &'static str,
+    h: u64,
+) -> Result<absolute::Height, ChainError> {
     u32::try_from(h)
         .ok()
         .and_then(|h| absolute::Height::from_consensus(h).ok())
-        .ok_or(ChainError::Unexpected { backend, call, message: format!("height {h} out of range") })
+        .ok_or(ChainError::Unexpected {
+            backend,
+            call,
+            message: format!("height {h} out of range"),
+        })
 }

@@ -2,11 +2,14 @@
 
 use std::time::{Duration, Instant};
 
+use bitcoin::hashes::Hash;
 use bitcoin::secp256k1::SecretKey;
 use bitcoin::{absolute, Amount, FeeRate, Network, OutPoint, PublicKey, ScriptBuf, Txid};
-use bitcoin::hashes::Hash;
 
-use super::{secp, sign_update, verify_update, Channel, ChannelError, ChannelPolicy, ChannelScript, GatewaySeed};
+use super::{
+    secp, sign_update, verify_update, Channel, ChannelError, ChannelPolicy, ChannelScript,
+    GatewaySeed,
+};
 
 /// Median wall time of one [`verify_update`] (every check, including the signed close
 /// through Bitcoin Core's interpreter) over `iterations` updates with increasing
@@ -14,10 +17,18 @@ use super::{secp, sign_update, verify_update, Channel, ChannelError, ChannelPoli
 pub fn verify_update_median(iterations: u32) -> Result<Duration, ChannelError> {
     let seed = GatewaySeed::from_seed(&[1; 32], Network::Regtest)
         .map_err(|e| ChannelError::Sighash(e.to_string()))?;
-    let gateway = seed.channel_key(0).map_err(|e| ChannelError::Sighash(e.to_string()))?;
-    let client = SecretKey::from_slice(&[2; 32]).map_err(|e| ChannelError::Sighash(e.to_string()))?;
+    let gateway = seed
+        .channel_key(0)
+        .map_err(|e| ChannelError::Sighash(e.to_string()))?;
+    let client =
+        SecretKey::from_slice(&[2; 32]).map_err(|e| ChannelError::Sighash(e.to_string()))?;
     let client_pk = PublicKey::new(client.public_key(secp()));
-    let payout = ScriptBuf::new_p2wpkh(&gateway.public.wpubkey_hash().map_err(|e| ChannelError::Sighash(e.to_string()))?);
+    let payout = ScriptBuf::new_p2wpkh(
+        &gateway
+            .public
+            .wpubkey_hash()
+            .map_err(|e| ChannelError::Sighash(e.to_string()))?,
+    );
     let policy = ChannelPolicy {
         min_capacity: Amount::from_sat(10_000),
         max_capacity: Amount::from_sat(100_000_000),
@@ -33,11 +44,19 @@ pub fn verify_update_median(iterations: u32) -> Result<Duration, ChannelError> {
         script: ChannelScript {
             gateway: gateway.public,
             client: client_pk,
-            expiry: absolute::Height::from_consensus(1_000).map_err(|e| ChannelError::Sighash(e.to_string()))?,
+            expiry: absolute::Height::from_consensus(1_000)
+                .map_err(|e| ChannelError::Sighash(e.to_string()))?,
         },
-        funding_outpoint: OutPoint { txid: Txid::from_byte_array([7; 32]), vout: 0 },
+        funding_outpoint: OutPoint {
+            txid: Txid::from_byte_array([7; 32]),
+            vout: 0,
+        },
         capacity: Amount::from_sat(50_000_000),
-        client_change_script: ScriptBuf::new_p2wpkh(&client_pk.wpubkey_hash().map_err(|e| ChannelError::Sighash(e.to_string()))?),
+        client_change_script: ScriptBuf::new_p2wpkh(
+            &client_pk
+                .wpubkey_hash()
+                .map_err(|e| ChannelError::Sighash(e.to_string()))?,
+        ),
         min_first_payment: policy.min_first_payment(),
     };
     let tip = absolute::Height::ZERO;

@@ -13,8 +13,8 @@ use bitcoin::{TxIn, TxOut, Witness};
 
 use super::update::VerifiedUpdate;
 use super::{
-    fee_for_weight, secp, Channel, ChannelError, CHANNEL_INPUT_SEQUENCE,
-    CLOSE_LOCK_TIME, TX_VERSION,
+    fee_for_weight, secp, Channel, ChannelError, CHANNEL_INPUT_SEQUENCE, CLOSE_LOCK_TIME,
+    TX_VERSION,
 };
 
 /// Size reserved for the gateway's signature while sizing the fee: low-R grinding
@@ -69,9 +69,15 @@ pub fn build_close(
             return Err(ChannelError::DuplicateOutpoint(i.channel.funding_outpoint));
         }
     }
-    let mut ordered: Vec<&CloseInput<'_>> =
-        inputs.iter().filter(|i| i.update.client_change > Amount::ZERO).collect();
-    ordered.extend(inputs.iter().filter(|i| i.update.client_change == Amount::ZERO));
+    let mut ordered: Vec<&CloseInput<'_>> = inputs
+        .iter()
+        .filter(|i| i.update.client_change > Amount::ZERO)
+        .collect();
+    ordered.extend(
+        inputs
+            .iter()
+            .filter(|i| i.update.client_change == Amount::ZERO),
+    );
 
     let mut output: Vec<TxOut> = ordered
         .iter()
@@ -82,7 +88,10 @@ pub fn build_close(
         })
         .collect();
     let gateway_index = output.len();
-    output.push(TxOut { value: Amount::ZERO, script_pubkey: gateway_payout.to_owned() });
+    output.push(TxOut {
+        value: Amount::ZERO,
+        script_pubkey: gateway_payout.to_owned(),
+    });
 
     let input = ordered
         .iter()
@@ -97,7 +106,12 @@ pub fn build_close(
             ),
         })
         .collect();
-    let mut tx = Transaction { version: TX_VERSION, lock_time: CLOSE_LOCK_TIME, input, output };
+    let mut tx = Transaction {
+        version: TX_VERSION,
+        lock_time: CLOSE_LOCK_TIME,
+        input,
+        output,
+    };
 
     let fee = fee_for_weight(fee_rate, tx.weight());
     let total: Amount = ordered.iter().map(|i| i.update.total_paid).sum();
@@ -110,7 +124,10 @@ pub fn build_close(
 
     let prevouts: Vec<TxOut> = ordered
         .iter()
-        .map(|i| TxOut { value: i.channel.capacity, script_pubkey: i.channel.script.script_pubkey() })
+        .map(|i| TxOut {
+            value: i.channel.capacity,
+            script_pubkey: i.channel.script.script_pubkey(),
+        })
         .collect();
     let mut witnesses = Vec::with_capacity(ordered.len());
     {
@@ -121,14 +138,26 @@ pub fn build_close(
                 .p2wsh_signature_hash(index, &ws, i.channel.capacity, EcdsaSighashType::All)
                 .map_err(|e| ChannelError::Sighash(e.to_string()))?;
             let sig = secp().sign_ecdsa_low_r(&Message::from(hash), i.gateway_key);
-            let gw = ecdsa::Signature { signature: sig, sighash_type: EcdsaSighashType::All };
-            witnesses.push(close_witness(&i.update.signature.to_vec(), &gw.to_vec(), &ws));
+            let gw = ecdsa::Signature {
+                signature: sig,
+                sighash_type: EcdsaSighashType::All,
+            };
+            witnesses.push(close_witness(
+                &i.update.signature.to_vec(),
+                &gw.to_vec(),
+                &ws,
+            ));
         }
     }
     for (txin, w) in tx.input.iter_mut().zip(witnesses) {
         txin.witness = w;
     }
-    Ok(CloseTx { tx, fee, gateway_amount, prevouts })
+    Ok(CloseTx {
+        tx,
+        fee,
+        gateway_amount,
+        prevouts,
+    })
 }
 
 /// Witness of the cooperative branch, bottom to top: client signature, gateway
@@ -160,14 +189,24 @@ pub(crate) fn verify_with_core(close: &CloseTx) -> Result<(), ChannelError> {
 
 /// Fee of a one-channel close at `fee_rate`, sized for the worst standard change
 /// script and a maximum-size client signature; used to set the first-payment minimum.
-pub(crate) fn single_close_fee(with_change: bool, gateway_payout: &Script, fee_rate: FeeRate) -> Amount {
+pub(crate) fn single_close_fee(
+    with_change: bool,
+    gateway_payout: &Script,
+    fee_rate: FeeRate,
+) -> Amount {
     let script = planning_witness_script();
     let mut output = Vec::new();
     if with_change {
         // 34-byte scripts (P2WSH, P2TR) are the largest standard change outputs.
-        output.push(TxOut { value: Amount::ZERO, script_pubkey: ScriptBuf::from_bytes(vec![0; 34]) });
+        output.push(TxOut {
+            value: Amount::ZERO,
+            script_pubkey: ScriptBuf::from_bytes(vec![0; 34]),
+        });
     }
-    output.push(TxOut { value: Amount::ZERO, script_pubkey: gateway_payout.to_owned() });
+    output.push(TxOut {
+        value: Amount::ZERO,
+        script_pubkey: gateway_payout.to_owned(),
+    });
     let tx = Transaction {
         version: TX_VERSION,
         lock_time: CLOSE_LOCK_TIME,
@@ -175,11 +214,7 @@ pub(crate) fn single_close_fee(with_change: bool, gateway_payout: &Script, fee_r
             previous_output: bitcoin::OutPoint::null(),
             script_sig: ScriptBuf::new(),
             sequence: CHANNEL_INPUT_SEQUENCE,
-            witness: close_witness(
-                &[0; CLIENT_SIG_RESERVE],
-                &[0; GATEWAY_SIG_RESERVE],
-                &script,
-            ),
+            witness: close_witness(&[0; CLIENT_SIG_RESERVE], &[0; GATEWAY_SIG_RESERVE], &script),
         }],
         output,
     };
@@ -223,20 +258,29 @@ pub fn build_refund(
             sequence: CHANNEL_INPUT_SEQUENCE,
             witness: refund_witness(&[0; CLIENT_SIG_RESERVE], &ws),
         }],
-        output: vec![TxOut { value: Amount::ZERO, script_pubkey: destination.to_owned() }],
+        output: vec![TxOut {
+            value: Amount::ZERO,
+            script_pubkey: destination.to_owned(),
+        }],
     };
     let fee = fee_for_weight(fee_rate, tx.weight());
     let value = channel
         .capacity
         .checked_sub(fee)
         .filter(|v| *v >= destination.minimal_non_dust())
-        .ok_or(ChannelError::RefundBelowDust { capacity: channel.capacity, fee })?;
+        .ok_or(ChannelError::RefundBelowDust {
+            capacity: channel.capacity,
+            fee,
+        })?;
     tx.output[0].value = value;
     let hash = SighashCache::new(&tx)
         .p2wsh_signature_hash(0, &ws, channel.capacity, EcdsaSighashType::All)
         .map_err(|e| ChannelError::Sighash(e.to_string()))?;
     let sig = secp().sign_ecdsa_low_r(&Message::from(hash), client_secret);
-    let sig = ecdsa::Signature { signature: sig, sighash_type: EcdsaSighashType::All };
+    let sig = ecdsa::Signature {
+        signature: sig,
+        sighash_type: EcdsaSighashType::All,
+    };
     tx.input[0].witness = refund_witness(&sig.to_vec(), &ws);
     Ok(tx)
 }

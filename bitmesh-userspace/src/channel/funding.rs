@@ -50,7 +50,9 @@ pub fn check_open(
         || change_script.is_p2pkh()
         || change_script.is_p2sh();
     if !standard {
-        return Err(ChannelError::ChangeScriptNonstandard(change_script.to_owned()));
+        return Err(ChannelError::ChangeScriptNonstandard(
+            change_script.to_owned(),
+        ));
     }
     check_expiry(expiry, tip, policy)
 }
@@ -66,10 +68,18 @@ pub(crate) fn check_expiry(
         return Err(ChannelError::ExpiryInPast { expiry, tip });
     }
     if e - t < policy.min_expiry_blocks {
-        return Err(ChannelError::ExpiryTooClose { expiry, tip, min_blocks: policy.min_expiry_blocks });
+        return Err(ChannelError::ExpiryTooClose {
+            expiry,
+            tip,
+            min_blocks: policy.min_expiry_blocks,
+        });
     }
     if e - t > policy.max_expiry_blocks {
-        return Err(ChannelError::ExpiryTooFar { expiry, tip, max_blocks: policy.max_expiry_blocks });
+        return Err(ChannelError::ExpiryTooFar {
+            expiry,
+            tip,
+            max_blocks: policy.max_expiry_blocks,
+        });
     }
     Ok(())
 }
@@ -103,7 +113,10 @@ pub fn verify_funding(
             max: policy.max_capacity,
         });
     }
-    let outpoint = OutPoint { txid: check.tx.compute_txid(), vout: check.vout };
+    let outpoint = OutPoint {
+        txid: check.tx.compute_txid(),
+        vout: check.vout,
+    };
     if check.outpoint_in_use {
         return Err(ChannelError::DuplicateOutpoint(outpoint));
     }
@@ -113,7 +126,8 @@ pub fn verify_funding(
     // invalid) and its scriptSig is empty, or one push of a witness program (P2SH-
     // wrapped segwit, which BIP141 pins to exactly that push).
     for (i, input) in check.tx.input.iter().enumerate() {
-        let wrapped_ok = input.script_sig.is_empty() || is_push_of_witness_program(&input.script_sig);
+        let wrapped_ok =
+            input.script_sig.is_empty() || is_push_of_witness_program(&input.script_sig);
         if input.witness.is_empty() || !wrapped_ok {
             return Err(ChannelError::FundingInputNotSegwit { input: i });
         }
@@ -129,7 +143,11 @@ pub fn verify_funding(
             cap: policy.zero_conf_cap,
         });
     }
-    Ok(VerifiedFunding { outpoint, capacity: value, zero_conf: !confirmed })
+    Ok(VerifiedFunding {
+        outpoint,
+        capacity: value,
+        zero_conf: !confirmed,
+    })
 }
 
 /// Client side, before funding: rebuild the script from the gateway's key and the
@@ -151,7 +169,11 @@ pub fn check_offer(
     if offer.expiry != expiry {
         return mismatch("expiry");
     }
-    let script = ChannelScript { gateway: offer.gateway_pubkey, client: *client, expiry };
+    let script = ChannelScript {
+        gateway: offer.gateway_pubkey,
+        client: *client,
+        expiry,
+    };
     if offer.witness_script != script.witness_script() {
         return mismatch("witness script");
     }
@@ -159,7 +181,12 @@ pub fn check_offer(
         return mismatch("funding script");
     }
     if !offer.funding_address.is_valid_for_network(network)
-        || offer.funding_address.clone().assume_checked().script_pubkey() != script.script_pubkey()
+        || offer
+            .funding_address
+            .clone()
+            .assume_checked()
+            .script_pubkey()
+            != script.script_pubkey()
     {
         return mismatch("funding address");
     }

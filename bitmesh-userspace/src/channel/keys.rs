@@ -41,7 +41,9 @@ pub enum KeysError {
         path: PathBuf,
     },
     /// The file is readable by group or others.
-    #[error("seed file {path} has mode {mode:o}: run `chmod 600 {path}` (it holds every channel key)")]
+    #[error(
+        "seed file {path} has mode {mode:o}: run `chmod 600 {path}` (it holds every channel key)"
+    )]
     Permissions {
         /// The seed file.
         path: PathBuf,
@@ -93,17 +95,24 @@ impl GatewaySeed {
     /// Load the seed from `path`, creating it (32 random bytes, hex, mode 0600) if it
     /// does not exist. An existing file readable by group or others is refused.
     pub fn load_or_create(path: &Path, network: impl Into<NetworkKind>) -> Result<Self, KeysError> {
-        let io = |source| KeysError::Io { path: path.to_path_buf(), source };
+        let io = |source| KeysError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
         let seed = match OpenOptions::new().read(true).open(path) {
             Ok(mut file) => {
                 let mode = file.metadata().map_err(io)?.permissions().mode() & 0o777;
                 if mode & 0o077 != 0 {
-                    return Err(KeysError::Permissions { path: path.to_path_buf(), mode });
+                    return Err(KeysError::Permissions {
+                        path: path.to_path_buf(),
+                        mode,
+                    });
                 }
                 let mut text = String::new();
                 file.read_to_string(&mut text).map_err(io)?;
-                <[u8; 32]>::from_hex(text.trim())
-                    .map_err(|_| KeysError::Malformed { path: path.to_path_buf() })?
+                <[u8; 32]>::from_hex(text.trim()).map_err(|_| KeysError::Malformed {
+                    path: path.to_path_buf(),
+                })?
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let mut seed = [0u8; 32];
@@ -116,7 +125,8 @@ impl GatewaySeed {
                     .mode(0o600)
                     .open(path)
                     .map_err(io)?;
-                file.write_all(format!("{}\n", seed.as_hex()).as_bytes()).map_err(io)?;
+                file.write_all(format!("{}\n", seed.as_hex()).as_bytes())
+                    .map_err(io)?;
                 file.sync_all().map_err(io)?;
                 // Make the new directory entry durable too: a seed lost in a crash
                 // after channels were opened with it would strand their funds.
@@ -141,7 +151,11 @@ impl GatewaySeed {
         let xpriv = self.master.derive_priv(secp(), &path).map_err(derive)?;
         let secret = xpriv.private_key;
         let public = PublicKey::new(secret.public_key(secp()));
-        Ok(ChannelKey { index, secret, public })
+        Ok(ChannelKey {
+            index,
+            secret,
+            public,
+        })
     }
 }
 
@@ -178,7 +192,10 @@ mod tests {
         GatewaySeed::load_or_create(&path, Network::Regtest).unwrap();
         fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
         let err = GatewaySeed::load_or_create(&path, Network::Regtest).unwrap_err();
-        assert!(matches!(err, KeysError::Permissions { mode: 0o644, .. }), "{err}");
+        assert!(
+            matches!(err, KeysError::Permissions { mode: 0o644, .. }),
+            "{err}"
+        );
     }
 
     #[test]

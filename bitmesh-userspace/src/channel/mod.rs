@@ -60,7 +60,11 @@ impl Channel {
     /// Last height at which the gateway still credits: `expiry - close_margin - 1`;
     /// from `expiry - close_margin` on it closes instead.
     pub fn crediting_ends_at(&self, close_margin_blocks: u32) -> absolute::Height {
-        let end = self.script.expiry.to_consensus_u32().saturating_sub(close_margin_blocks);
+        let end = self
+            .script
+            .expiry
+            .to_consensus_u32()
+            .saturating_sub(close_margin_blocks);
         absolute::Height::from_consensus(end).unwrap_or(absolute::Height::ZERO)
     }
 }
@@ -116,7 +120,9 @@ pub enum ChannelError {
         tip: absolute::Height,
     },
     /// Expiry too soon.
-    #[error("expiry {expiry} is less than {min_blocks} blocks above the tip {tip}: pick a later expiry")]
+    #[error(
+        "expiry {expiry} is less than {min_blocks} blocks above the tip {tip}: pick a later expiry"
+    )]
     ExpiryTooClose {
         /// Requested expiry.
         expiry: absolute::Height,
@@ -150,7 +156,9 @@ pub enum ChannelError {
         found: ScriptBuf,
     },
     /// Value out of range.
-    #[error("channel capacity {value} is outside [{min}, {max}]: fund with an amount inside the terms")]
+    #[error(
+        "channel capacity {value} is outside [{min}, {max}]: fund with an amount inside the terms"
+    )]
     CapacityOutOfRange {
         /// Funded value.
         value: Amount,

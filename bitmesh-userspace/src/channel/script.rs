@@ -80,23 +80,41 @@ mod tests {
     #[test]
     fn witness_script_matches_the_protocol_bytes() {
         let (g, c) = keys();
-        let s = ChannelScript { gateway: g, client: c, expiry: absolute::Height::from_consensus(500).unwrap() };
+        let s = ChannelScript {
+            gateway: g,
+            client: c,
+            expiry: absolute::Height::from_consensus(500).unwrap(),
+        };
         let hex = s.witness_script().as_bytes().to_lower_hex_string();
         // 63 (IF) 21<g> ad (CHECKSIGVERIFY) 67 (ELSE) 02f401 (500) b1 (CLTV) 75 (DROP)
         // 68 (ENDIF) 21<c> ac (CHECKSIG)
         let expected = format!("6321{g}ad6702f401b1756821{c}ac");
         assert_eq!(hex, expected);
         assert!(s.script_pubkey().is_p2wsh());
-        assert_eq!(s.channel_id().0, s.witness_script().wscript_hash().to_byte_array());
+        assert_eq!(
+            s.channel_id().0,
+            s.witness_script().wscript_hash().to_byte_array()
+        );
     }
 
     #[test]
     fn any_change_of_key_or_expiry_changes_the_address() {
         let (g, c) = keys();
         let h = |n| absolute::Height::from_consensus(n).unwrap();
-        let base = ChannelScript { gateway: g, client: c, expiry: h(500) };
-        let swapped = ChannelScript { gateway: c, client: g, expiry: h(500) };
-        let later = ChannelScript { expiry: h(501), ..base };
+        let base = ChannelScript {
+            gateway: g,
+            client: c,
+            expiry: h(500),
+        };
+        let swapped = ChannelScript {
+            gateway: c,
+            client: g,
+            expiry: h(500),
+        };
+        let later = ChannelScript {
+            expiry: h(501),
+            ..base
+        };
         assert_ne!(base.script_pubkey(), swapped.script_pubkey());
         assert_ne!(base.script_pubkey(), later.script_pubkey());
     }

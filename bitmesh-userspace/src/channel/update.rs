@@ -49,7 +49,10 @@ pub fn required_sighash(change: Amount) -> EcdsaSighashType {
 fn update_message(channel: &Channel, change: Amount) -> Result<Message, ChannelError> {
     let mut output = Vec::new();
     if change > Amount::ZERO {
-        output.push(TxOut { value: change, script_pubkey: channel.client_change_script.clone() });
+        output.push(TxOut {
+            value: change,
+            script_pubkey: channel.client_change_script.clone(),
+        });
     }
     let tx = Transaction {
         version: TX_VERSION,
@@ -74,9 +77,14 @@ fn update_message(channel: &Channel, change: Amount) -> Result<Message, ChannelE
 }
 
 fn change_for(channel: &Channel, total_paid: Amount) -> Result<Amount, ChannelError> {
-    let change = channel.capacity.checked_sub(total_paid).ok_or(
-        ChannelError::AmountAboveCapacity { total: total_paid, capacity: channel.capacity },
-    )?;
+    let change =
+        channel
+            .capacity
+            .checked_sub(total_paid)
+            .ok_or(ChannelError::AmountAboveCapacity {
+                total: total_paid,
+                capacity: channel.capacity,
+            })?;
     let dust = channel.client_change_script.minimal_non_dust();
     if change > Amount::ZERO && change < dust {
         return Err(ChannelError::ClientChangeBelowDust { change, dust });
@@ -97,7 +105,10 @@ pub fn sign_update(
     let change = change_for(channel, total_paid)?;
     let msg = update_message(channel, change)?;
     let signature = secp().sign_ecdsa(&msg, client_secret); // libsecp256k1 signs low-S
-    let sig = ecdsa::Signature { signature, sighash_type: required_sighash(change) };
+    let sig = ecdsa::Signature {
+        signature,
+        sighash_type: required_sighash(change),
+    };
     Ok(SignatureBytes(sig.to_vec()))
 }
 
@@ -124,7 +135,10 @@ pub fn verify_update(
         return Err(ChannelError::ChannelExpired { ends_at, tip });
     }
     if total_paid <= last_total {
-        return Err(ChannelError::AmountNotIncreasing { total: total_paid, last: last_total });
+        return Err(ChannelError::AmountNotIncreasing {
+            total: total_paid,
+            last: last_total,
+        });
     }
     if last_total == Amount::ZERO && total_paid < channel.min_first_payment {
         return Err(ChannelError::FirstPaymentTooSmall {
@@ -138,7 +152,10 @@ pub fn verify_update(
     let (&flag, der) = bytes.split_last().ok_or(ChannelError::SignatureNotDer)?;
     let expected = required_sighash(change);
     if flag != expected.to_u32() as u8 {
-        return Err(ChannelError::WrongSighashFlag { found: flag, expected: expected.to_u32() as u8 });
+        return Err(ChannelError::WrongSighashFlag {
+            found: flag,
+            expected: expected.to_u32() as u8,
+        });
     }
     if !is_strict_der(bytes) {
         return Err(ChannelError::SignatureNotDer);
@@ -157,10 +174,17 @@ pub fn verify_update(
     let update = VerifiedUpdate {
         total_paid,
         client_change: change,
-        signature: ecdsa::Signature { signature: sig, sighash_type: expected },
+        signature: ecdsa::Signature {
+            signature: sig,
+            sighash_type: expected,
+        },
     };
     let close = build_close(
-        &[CloseInput { channel, gateway_key: &gateway_key.secret, update: &update }],
+        &[CloseInput {
+            channel,
+            gateway_key: &gateway_key.secret,
+            update: &update,
+        }],
         &policy.gateway_payout_script,
         policy.close_fee_rate,
     )?;

@@ -38,16 +38,38 @@ fn fixture() -> Fixture {
             client: client_pk,
             expiry: absolute::Height::from_consensus(300).unwrap(),
         },
-        funding_outpoint: OutPoint { txid: Txid::from_byte_array([5; 32]), vout: 1 },
+        funding_outpoint: OutPoint {
+            txid: Txid::from_byte_array([5; 32]),
+            vout: 1,
+        },
         capacity: Amount::from_sat(100_000),
         client_change_script: ScriptBuf::new_p2wpkh(&client_pk.wpubkey_hash().unwrap()),
         min_first_payment: policy.min_first_payment(),
     };
-    Fixture { channel, gateway, client, policy, tip: absolute::Height::from_consensus(200).unwrap() }
+    Fixture {
+        channel,
+        gateway,
+        client,
+        policy,
+        tip: absolute::Height::from_consensus(200).unwrap(),
+    }
 }
 
-fn verify(f: &Fixture, last: u64, total: u64, sig: &bitmesh_common::wire::SignatureBytes) -> Result<VerifiedUpdate, ChannelError> {
-    verify_update(&f.channel, &f.gateway, &f.policy, Amount::from_sat(last), f.tip, Amount::from_sat(total), sig)
+fn verify(
+    f: &Fixture,
+    last: u64,
+    total: u64,
+    sig: &bitmesh_common::wire::SignatureBytes,
+) -> Result<VerifiedUpdate, ChannelError> {
+    verify_update(
+        &f.channel,
+        &f.gateway,
+        &f.policy,
+        Amount::from_sat(last),
+        f.tip,
+        Amount::from_sat(total),
+        sig,
+    )
 }
 
 #[test]
@@ -57,7 +79,11 @@ fn client_signed_update_verifies_and_builds_a_valid_close() {
     let u = verify(&f, 0, 5_000, &sig).unwrap();
     assert_eq!(u.client_change, Amount::from_sat(95_000));
     let close = build_close(
-        &[CloseInput { channel: &f.channel, gateway_key: &f.gateway.secret, update: &u }],
+        &[CloseInput {
+            channel: &f.channel,
+            gateway_key: &f.gateway.secret,
+            update: &u,
+        }],
         &f.policy.gateway_payout_script,
         f.policy.close_fee_rate,
     )
@@ -83,13 +109,55 @@ fn update_rejections_each_have_their_own_code() {
     let n = flipped.0.len();
     flipped.0[n - 2] ^= 1; // corrupt S
     let cases: Vec<(&str, u64, u64, bitmesh_common::wire::SignatureBytes, &str)> = vec![
-        ("same total again", 5_000, 5_000, good.clone(), "amount_not_increasing"),
-        ("above capacity", 0, 100_001, good.clone(), "amount_above_capacity"),
-        ("tiny first payment", 0, 1, good.clone(), "first_payment_too_small"),
-        ("dust change", 0, 99_800, good.clone(), "client_change_below_dust"),
-        ("corrupted signature", 0, 5_000, flipped, "signature_invalid"),
-        ("signature for another total", 0, 6_000, good.clone(), "signature_invalid"),
-        ("empty signature", 0, 5_000, bitmesh_common::wire::SignatureBytes(vec![]), "signature_not_der"),
+        (
+            "same total again",
+            5_000,
+            5_000,
+            good.clone(),
+            "amount_not_increasing",
+        ),
+        (
+            "above capacity",
+            0,
+            100_001,
+            good.clone(),
+            "amount_above_capacity",
+        ),
+        (
+            "tiny first payment",
+            0,
+            1,
+            good.clone(),
+            "first_payment_too_small",
+        ),
+        (
+            "dust change",
+            0,
+            99_800,
+            good.clone(),
+            "client_change_below_dust",
+        ),
+        (
+            "corrupted signature",
+            0,
+            5_000,
+            flipped,
+            "signature_invalid",
+        ),
+        (
+            "signature for another total",
+            0,
+            6_000,
+            good.clone(),
+            "signature_invalid",
+        ),
+        (
+            "empty signature",
+            0,
+            5_000,
+            bitmesh_common::wire::SignatureBytes(vec![]),
+            "signature_not_der",
+        ),
     ];
     for (name, last, total, sig, code) in cases {
         let err = verify(&f, last, total, &sig).unwrap_err();
@@ -120,12 +188,15 @@ fn close_and_refund_weights_are_stable() {
         FeeRate::from_sat_per_vb_u32(1),
     )
     .unwrap();
-    assert_eq!(refund.lock_time, absolute::LockTime::Blocks(f.channel.script.expiry));
+    assert_eq!(
+        refund.lock_time,
+        absolute::LockTime::Blocks(f.channel.script.expiry)
+    );
     assert!(refund.vsize() < 200, "refund vsize {}", refund.vsize());
 }
 
-use super::is_strict_der;
 use super::super::secp;
+use super::is_strict_der;
 
 #[test]
 fn client_refuses_an_offer_whose_script_does_not_match() {
@@ -144,12 +215,34 @@ fn client_refuses_an_offer_whose_script_does_not_match() {
         max_capacity: Amount::from_sat(2),
         min_first_payment: Amount::from_sat(1),
     };
-    assert_eq!(check_offer(&offer, &s.client, s.expiry, Network::Regtest).unwrap(), s);
+    assert_eq!(
+        check_offer(&offer, &s.client, s.expiry, Network::Regtest).unwrap(),
+        s
+    );
     // A gateway that swaps in a script paying itself on both branches is caught.
-    let evil = ChannelScript { client: s.gateway, ..s };
-    let bad = OpenResponse { witness_script: evil.witness_script(), ..offer.clone() };
+    let evil = ChannelScript {
+        client: s.gateway,
+        ..s
+    };
+    let bad = OpenResponse {
+        witness_script: evil.witness_script(),
+        ..offer.clone()
+    };
     let err = check_offer(&bad, &s.client, s.expiry, Network::Regtest).unwrap_err();
-    assert!(matches!(err, ChannelError::OfferMismatch { what: "witness script" }), "{err}");
-    let later = check_offer(&offer, &s.client, absolute::Height::from_consensus(301).unwrap(), Network::Regtest);
+    assert!(
+        matches!(
+            err,
+            ChannelError::OfferMismatch {
+                what: "witness script"
+            }
+        ),
+        "{err}"
+    );
+    let later = check_offer(
+        &offer,
+        &s.client,
+        absolute::Height::from_consensus(301).unwrap(),
+        Network::Regtest,
+    );
     assert!(later.is_err());
 }
