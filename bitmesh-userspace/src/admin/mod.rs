@@ -1,1 +1,271 @@
-//! Placeholder: see lib.rs for this module's job.
+//! The operator's interface: a root-only unix socket (mode 0600) speaking one JSON
+//! request line -> one JSON response line, the CLI client for it, the table/JSON
+//! formatting of what the CLI prints (`format`), and Prometheus metrics (`metrics`).
+
+pub mod format;
+pub mod metrics;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use bitmesh_common::pricing::PriceMsatPerMib;
+use bitmesh_common::wire::ChannelId;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::gateway::Gateway;
+use crate::store::{ChannelRecord, ChannelState, Earnings, MacAddr};
+
+/// Errors of the admin socket and its client.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("cannot create the admin socket {path}: {source}; run as root and check --admin-socket")]
+    Bind { path: PathBuf, #[source] source: std::io::Error },
+    #[error("cannot reach the controller at {path}: {source}; is `bitmesh run` running, and are you root?")]
+    Connect { path: PathBuf, #[source] source: std::io::Error },
+    #[error("admin socket I/O failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the controller sent an unreadable answer: {0}")]
+    Decode(#[from] serde_json::Error),
+    #[error("the controller refused: {0}")]
+    Refused(String),
+}
+
+/// A CLI request.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum AdminRequest {
+    Clients,
+    Channels,
+    Earnings,
+    /// Close one channel, or all open channels when `channel` is `None`.
+    Settle { channel: Option<ChannelId> },
+    /// Read (`set` = None) or change the price for new channels.
+    Price { set_msat_per_mib: Option<u64> },
+}
+
+/// One row of `bitmesh clients`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClientRow {
+    pub mac: String,
+    pub ip: Option<String>,
+    pub channel: Option<ChannelId>,
+    pub state: String,
+    pub paid_sat: u64,
+    pub credited_bytes: u64,
+    pub up_bytes: u64,
+    pub down_bytes: u64,
+    pub remaining_bytes: u64,
+    /// Bytes per second over the last sampling interval.
+    pub rate_bps: f64,
+    /// Seconds since the kernel last billed a frame for this client.
+    pub last_seen_secs_ago: Option<u64>,
+}
+
+/// One row of `bitmesh channels`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ChannelRow {
+    pub id: ChannelId,
+    pub mac: String,
+    pub state: String,
+    pub capacity_sat: Option<u64>,
+    pub paid_sat: u64,
+    pub credited_bytes: u64,
+    pub payments: u64,
+    pub expiry: u32,
+    pub close_reason: Option<String>,
+    pub close_txid: Option<String>,
+}
+
+/// A response line.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum AdminResponse {
+    Clients { clients: Vec<ClientRow> },
+    Channels { channels: Vec<ChannelRow> },
+    Earnings { earnings: Earnings },
+    Settled { closed: Vec<ChannelId>, txids: Vec<String> },
+    Price { msat_per_mib: u64 },
+    Error { message: String },
+}
+
+/// Per-MAC rate sampling for the `rate` column.
+#[derive(Default)]
+pub struct RateSampler {
+    last: Mutex<HashMap<MacAddr, (Instant, u64, f64)>>,
+}
+
+impl RateSampler {
+    /// Record `used` bytes for `mac` now; returns the rate since the previous sample.
+    pub fn sample(&self, mac: MacAddr, used: u64) -> f64 {
+        let now = Instant::now();
+        let Ok(mut m) = self.last.lock() else { return 0.0 };
+        let rate = match m.get(&mac) {
+            Some((at, prev, rate)) => {
+                let dt = now.duration_since(*at).as_secs_f64();
+                if dt < 0.5 {
+                    return *rate; // too soon: keep the last figure
+                }
+                used.saturating_sub(*prev) as f64 / dt
+            }
+            None => 0.0,
+        };
+        m.insert(mac, (now, used, rate));
+        rate
+    }
+}
+
+fn boottime_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: writes into our timespec only.
+    if unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) } != 0 {
+        return 0;
+    }
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn channel_row(gw: &Gateway, c: &ChannelRecord) -> ChannelRow {
+    ChannelRow {
+        id: c.id,
+        mac: c.mac.to_string(),
+        state: c.state.to_string(),
+        capacity_sat: c.funding.map(|f| f.capacity.to_sat()),
+        paid_sat: c.paid_total.to_sat(),
+        credited_bytes: c.credited.0,
+        payments: c.payments,
+        expiry: c.expiry.to_consensus_u32(),
+        close_reason: c.close_reason.clone(),
+        close_txid: c.settlement_id.and_then(|s| gw.store().settlement(s).ok().flatten()).map(|s| s.txid.to_string()),
+    }
+}
+
+/// Answer one request.
+pub async fn handle(gw: &Gateway, rates: &RateSampler, req: AdminRequest) -> AdminResponse {
+    let err = |e: &dyn std::fmt::Display| AdminResponse::Error { message: e.to_string() };
+    match req {
+        AdminRequest::Clients => {
+            let metered = match gw.metered_clients() {
+                Ok(m) => m,
+                Err(e) => return err(&e),
+            };
+            let channels = match gw.store().channels() {
+                Ok(c) => c,
+                Err(e) => return err(&e),
+            };
+            let bindings: HashMap<MacAddr, String> = gw
+                .store()
+                .client_bindings()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|b| (b.mac, b.ip.to_string()))
+                .collect();
+            let now = boottime_ns();
+            let clients = metered
+                .into_iter()
+                .map(|(mac, credited, u)| {
+                    let ch = channels.iter().rev().find(|c| c.mac == mac && c.state == ChannelState::Open);
+                    let used = u.used_bytes();
+                    ClientRow {
+                        mac: mac.to_string(),
+                        ip: bindings.get(&mac).cloned(),
+                        channel: ch.map(|c| c.id),
+                        state: ch.map(|c| c.state.to_string()).unwrap_or_else(|| "unpaid".into()),
+                        paid_sat: ch.map(|c| c.paid_total.to_sat()).unwrap_or(0),
+                        credited_bytes: credited.0,
+                        up_bytes: u.up_bytes,
+                        down_bytes: u.down_bytes,
+                        remaining_bytes: credited.0.saturating_sub(used),
+                        rate_bps: rates.sample(mac, used),
+                        last_seen_secs_ago: (u.last_seen_ns > 0).then(|| now.saturating_sub(u.last_seen_ns) / 1_000_000_000),
+                    }
+                })
+                .collect();
+            AdminResponse::Clients { clients }
+        }
+        AdminRequest::Channels => match gw.store().channels() {
+            Ok(cs) => AdminResponse::Channels { channels: cs.iter().map(|c| channel_row(gw, c)).collect() },
+            Err(e) => err(&e),
+        },
+        AdminRequest::Earnings => match gw.store().earnings() {
+            Ok(earnings) => AdminResponse::Earnings { earnings },
+            Err(e) => err(&e),
+        },
+        AdminRequest::Settle { channel } => match gw.settle_now(channel.map(|c| vec![c])).await {
+            Ok(r) => AdminResponse::Settled { closed: r.closed, txids: r.broadcast.iter().map(|t| t.to_string()).collect() },
+            Err(e) => err(&e),
+        },
+        AdminRequest::Price { set_msat_per_mib } => {
+            if let Some(v) = set_msat_per_mib {
+                let price = match PriceMsatPerMib::new(v) {
+                    Ok(p) => p,
+                    Err(e) => return err(&e),
+                };
+                if let Err(e) = gw.set_price(price) {
+                    return err(&e);
+                }
+            }
+            AdminResponse::Price { msat_per_mib: gw.policy().price.to_msat() }
+        }
+    }
+}
+
+/// Bind the admin socket with mode 0600 (root only) and serve it forever.
+pub async fn serve(gw: Arc<Gateway>, path: &Path) -> Result<(), AdminError> {
+    let bind = |source| AdminError::Bind { path: path.to_owned(), source };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(bind)?;
+    }
+    let _ = std::fs::remove_file(path); // a stale socket from a killed controller
+    // Create the socket under a restrictive umask so it is never briefly world-accessible.
+    // SAFETY: umask only changes this process's file-creation mask.
+    let old = unsafe { libc::umask(0o177) };
+    let listener = UnixListener::bind(path);
+    // SAFETY: as above, restoring the previous mask.
+    unsafe { libc::umask(old) };
+    let listener = listener.map_err(bind)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind)?;
+    let rates = Arc::new(RateSampler::default());
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let (gw, rates) = (gw.clone(), rates.clone());
+        tokio::spawn(async move {
+            if let Err(e) = serve_one(&gw, &rates, stream).await {
+                tracing::debug!(error = %e, "admin connection ended");
+            }
+        });
+    }
+}
+
+async fn serve_one(gw: &Gateway, rates: &RateSampler, stream: UnixStream) -> Result<(), AdminError> {
+    let (r, mut w) = stream.into_split();
+    let mut lines = BufReader::new(r).lines();
+    while let Some(line) = lines.next_line().await? {
+        let resp = match serde_json::from_str::<AdminRequest>(&line) {
+            Ok(req) => handle(gw, rates, req).await,
+            Err(e) => AdminResponse::Error { message: format!("bad request: {e}") },
+        };
+        let mut out = serde_json::to_vec(&resp)?;
+        out.push(b'\n');
+        w.write_all(&out).await?;
+    }
+    Ok(())
+}
+
+/// CLI side: send one request and read the answer.
+pub async fn request(path: &Path, req: &AdminRequest) -> Result<AdminResponse, AdminError> {
+    let stream = UnixStream::connect(path).await.map_err(|source| AdminError::Connect { path: path.to_owned(), source })?;
+    let (r, mut w) = stream.into_split();
+    let mut line = serde_json::to_vec(req)?;
+    line.push(b'\n');
+    w.write_all(&line).await?;
+    let mut lines = BufReader::new(r).lines();
+    let answer = lines.next_line().await?.ok_or_else(|| AdminError::Refused("connection closed".into()))?;
+    match serde_json::from_str(&answer)? {
+        AdminResponse::Error { message } => Err(AdminError::Refused(message)),
+        ok => Ok(ok),
+    }
+}

@@ -234,3 +234,23 @@ fn crediting_ends_at(rec: &ChannelRecord, margin: u32) -> Height {
 
 // Keep the channel module's fee helper reachable for settle.rs without a long path.
 use channel::fee_for_weight;
+
+/// Operator-facing queries and actions (used by the admin socket and metrics).
+impl Gateway {
+    /// (MAC, credited, usage) of every client the kernel meters.
+    pub fn metered_clients(&self) -> Result<Vec<(crate::store::MacAddr, bitmesh_common::pricing::ByteCount, bitmesh_common::kernel::Usage)>, GatewayError> {
+        self.with_meter(|m| m.all_usage())
+    }
+
+    /// Close `ids` (or every open channel) now, in one transaction.
+    pub async fn settle_now(&self, ids: Option<Vec<ChannelId>>) -> Result<SettleReport, GatewayError> {
+        let targets = match ids {
+            Some(ids) => ids,
+            None => self.store.channels_in(&[crate::store::ChannelState::Open])?.into_iter().map(|c| c.id).collect(),
+        };
+        for id in targets {
+            self.store.request_close(id, "operator")?;
+        }
+        self.settle_due().await
+    }
+}

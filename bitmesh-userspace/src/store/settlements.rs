@@ -71,7 +71,7 @@ pub struct SettlementRecord {
 }
 
 /// The operator's money, in three buckets.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Earnings {
     /// Gateway outputs of confirmed settlements.
     #[serde(with = "bitcoin::amount::serde::as_sat")]

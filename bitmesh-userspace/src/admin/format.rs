@@ -1,0 +1,135 @@
+//! What the CLI prints: aligned tables for people, JSON for scripts. The only place
+//! that formats operator output.
+
+use super::{ChannelRow, ClientRow};
+use crate::store::Earnings;
+
+/// Human byte count (binary units).
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.len());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        cells.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths[i])).collect::<Vec<_>>().join("  ").trim_end().to_string()
+    };
+    let mut out = vec![line(header.iter().map(|s| s.to_string()).collect())];
+    out.extend(rows.into_iter().map(line));
+    out.join("\n") + "\n"
+}
+
+fn short(id: &impl std::fmt::Display) -> String {
+    let s = id.to_string();
+    s.chars().take(12).collect()
+}
+
+/// `bitmesh clients` as a table.
+pub fn clients_table(rows: &[ClientRow]) -> String {
+    table(
+        &["MAC", "IP", "CHANNEL", "PAID", "CREDITED", "UP", "DOWN", "REMAINING", "RATE", "LAST SEEN", "STATE"],
+        rows.iter()
+            .map(|r| {
+                vec![
+                    r.mac.clone(),
+                    r.ip.clone().unwrap_or_else(|| "-".into()),
+                    r.channel.map(|c| short(&c)).unwrap_or_else(|| "-".into()),
+                    format!("{} sat", r.paid_sat),
+                    bytes(r.credited_bytes),
+                    bytes(r.up_bytes),
+                    bytes(r.down_bytes),
+                    bytes(r.remaining_bytes),
+                    format!("{}/s", bytes(r.rate_bps as u64)),
+                    r.last_seen_secs_ago.map(|s| format!("{s}s ago")).unwrap_or_else(|| "never".into()),
+                    r.state.clone(),
+                ]
+            })
+            .collect(),
+    )
+}
+
+/// `bitmesh channels` as a table.
+pub fn channels_table(rows: &[ChannelRow]) -> String {
+    table(
+        &["CHANNEL", "MAC", "STATE", "CAPACITY", "PAID", "CREDITED", "UPDATES", "EXPIRY", "CLOSE", "TXID"],
+        rows.iter()
+            .map(|r| {
+                vec![
+                    short(&r.id),
+                    r.mac.clone(),
+                    r.state.clone(),
+                    r.capacity_sat.map(|c| format!("{c} sat")).unwrap_or_else(|| "-".into()),
+                    format!("{} sat", r.paid_sat),
+                    bytes(r.credited_bytes),
+                    r.payments.to_string(),
+                    r.expiry.to_string(),
+                    r.close_reason.clone().unwrap_or_else(|| "-".into()),
+                    r.close_txid.as_ref().map(short).unwrap_or_else(|| "-".into()),
+                ]
+            })
+            .collect(),
+    )
+}
+
+/// `bitmesh earnings`.
+pub fn earnings_text(e: &Earnings) -> String {
+    format!(
+        "settled (confirmed):        {:>12} sat\npending (broadcast):        {:>12} sat\nheld in open channels:      {:>12} sat\n",
+        e.settled.to_sat(),
+        e.pending.to_sat(),
+        e.held_open.to_sat()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_counts_use_binary_units() {
+        assert_eq!(bytes(512), "512 B");
+        assert_eq!(bytes(1536), "1.5 KiB");
+        assert_eq!(bytes(5 * 1024 * 1024), "5.0 MiB");
+    }
+
+    #[test]
+    fn clients_table_aligns_columns_and_shows_every_field() {
+        let row = ClientRow {
+            mac: "02:00:00:00:00:01".into(),
+            ip: Some("10.0.0.2".into()),
+            channel: None,
+            state: "unpaid".into(),
+            paid_sat: 0,
+            credited_bytes: 0,
+            up_bytes: 100,
+            down_bytes: 2048,
+            remaining_bytes: 0,
+            rate_bps: 0.0,
+            last_seen_secs_ago: Some(3),
+        };
+        let t = clients_table(&[row]);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 2);
+        assert!(lines[0].starts_with("MAC "));
+        for want in ["02:00:00:00:00:01", "10.0.0.2", "2.0 KiB", "3s ago", "unpaid", "0 sat"] {
+            assert!(lines[1].contains(want), "{want} missing in {}", lines[1]);
+        }
+        assert_eq!(lines[0].find("IP"), lines[1].find("10.0.0.2"));
+    }
+}

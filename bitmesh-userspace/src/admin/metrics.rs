@@ -1,0 +1,83 @@
+//! Prometheus text exposition (`GET /metrics`) on the operator-chosen address.
+
+use std::fmt::Write;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+
+use crate::gateway::Gateway;
+use crate::store::ChannelState;
+
+/// Render the metrics.
+pub fn render(gw: &Gateway) -> String {
+    let mut out = String::new();
+    let mut gauge = |name: &str, help: &str, samples: Vec<(String, u64)>| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for (labels, v) in samples {
+            let _ = writeln!(out, "{name}{labels} {v}");
+        }
+    };
+    let channels = gw.store().channels().unwrap_or_default();
+    let states = [
+        ChannelState::Offered,
+        ChannelState::Open,
+        ChannelState::Closing,
+        ChannelState::Closed,
+        ChannelState::Abandoned,
+    ];
+    gauge(
+        "bitmesh_channels",
+        "Channels by state.",
+        states
+            .iter()
+            .map(|s| (format!("{{state=\"{s}\"}}"), channels.iter().filter(|c| c.state == *s).count() as u64))
+            .collect(),
+    );
+    if let Ok(e) = gw.store().earnings() {
+        gauge(
+            "bitmesh_earnings_sat",
+            "Gateway money in satoshis: settled, pending, held in open channels.",
+            vec![
+                ("{bucket=\"settled\"}".into(), e.settled.to_sat()),
+                ("{bucket=\"pending\"}".into(), e.pending.to_sat()),
+                ("{bucket=\"held_open\"}".into(), e.held_open.to_sat()),
+            ],
+        );
+    }
+    let payments: u64 = channels.iter().map(|c| c.payments).sum();
+    gauge("bitmesh_payments", "Payment updates journaled (all channels).", vec![(String::new(), payments)]);
+    let metered = gw.metered_clients().unwrap_or_default();
+    gauge("bitmesh_metered_clients", "Clients in the kernel maps.", vec![(String::new(), metered.len() as u64)]);
+    gauge(
+        "bitmesh_credited_bytes",
+        "Bytes credited, all metered clients.",
+        vec![(String::new(), metered.iter().map(|(_, c, _)| c.0).sum())],
+    );
+    gauge(
+        "bitmesh_used_bytes",
+        "Bytes billed by the kernel, by direction.",
+        vec![
+            ("{direction=\"up\"}".into(), metered.iter().map(|(_, _, u)| u.up_bytes).sum()),
+            ("{direction=\"down\"}".into(), metered.iter().map(|(_, _, u)| u.down_bytes).sum()),
+        ],
+    );
+    gauge("bitmesh_chain_tip_height", "Chain tip as last seen.", vec![(String::new(), gw.tip().to_consensus_u32() as u64)]);
+    out
+}
+
+/// Serve `/metrics` on `addr` forever.
+pub async fn serve(gw: Arc<Gateway>, addr: SocketAddr) -> std::io::Result<()> {
+    let app = Router::new().route(
+        "/metrics",
+        get(move || {
+            let gw = gw.clone();
+            async move { ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], render(&gw)).into_response() }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    axum::serve(listener, app).await
+}
