@@ -37,7 +37,12 @@ enum Command {
     /// Run the whole story on one machine: namespaces, regtest chain, controller, clients.
     Demo,
     /// Benchmarks: kernel cost per frame, forwarding rate, payment updates per second.
-    Bench,
+    /// Writes target/bench/report.md and report.svg.
+    Bench {
+        /// Arguments for the benchmark binary (`--quick` for short runs).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -54,7 +59,7 @@ fn main() -> Result<()> {
         }
         Command::Test { args } => run::test(&args)?,
         Command::Demo => run::demo()?,
-        Command::Bench => run::bench()?,
+        Command::Bench { args } => run::bench(&args)?,
     }
     Ok(())
 }

@@ -23,6 +23,7 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
     "iptables",
     "nftables",
+    "iperf3",
     "python3",
 ];
 

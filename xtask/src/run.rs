@@ -58,6 +58,14 @@ pub fn demo() -> Result<()> {
     bail!("the demo is not built yet (issue 6); run `cargo xtask test` to see every part work")
 }
 
-pub fn bench() -> Result<()> {
-    bail!("the benchmarks are not built yet; run `cargo xtask test` meanwhile")
+/// Benchmarks (release build): ratios measured side by side in one run.
+pub fn bench(args: &[String]) -> Result<()> {
+    let prepared = prepare()?;
+    step("running the benchmarks (release build); report in target/bench/");
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(repo_root())
+        .args(["run", "--release", "--package", "bitmesh-tests", "--bin", "bitmesh-bench", "--"])
+        .args(args);
+    prepared.apply(&mut cmd);
+    run(&mut cmd)
 }
