@@ -12,6 +12,8 @@ mod client;
 mod ports;
 mod reconcile;
 mod settle;
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
