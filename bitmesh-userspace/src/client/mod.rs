@@ -1,1 +1,24 @@
-//! Placeholder: see lib.rs for this module's job.
+//! The client agent (`bitmesh pay`, `bitmesh refund`, DESIGN.md section 6).
+//!
+//! * [`discovery`]: find the gateway (flag, DHCP captive-portal URI, default route);
+//! * [`http`]: the gateway's JSON API (all route paths in one place);
+//! * [`terms`]: the user's limits against the gateway's terms (pure);
+//! * [`policy`]: how much to sign next (pure): never above received + one chunk;
+//! * [`funding`]: build and sign the funding from given keys, or a BIP21 URI + QR;
+//! * [`meter`]: the agent's own byte count (interface counters);
+//! * [`state`]: durable channel state (0600, atomic, saved before each update);
+//! * [`session`]: one pay session, wiring the above;
+//! * [`refund`]: the refund after expiry;
+//! * [`cli`]: the `pay` and `refund` flags and everything printed.
+
+pub mod cli;
+pub mod discovery;
+pub mod events;
+pub mod funding;
+pub mod http;
+pub mod meter;
+pub mod policy;
+pub mod refund;
+pub mod session;
+pub mod state;
+pub mod terms;

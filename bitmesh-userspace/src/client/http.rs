@@ -1,0 +1,289 @@
+//! The gateway's JSON API, from the client side (blocking HTTP over `bitreq`, which
+//! the tree already carries for the bitcoind RPC client).
+//!
+//! Every route path lives in [`routes`] and mirrors `api/mod.rs` (docs/api.md):
+//! one place to change if the controller moves a path.
+
+use std::time::Duration;
+
+use bitcoin::hex::DisplayHex;
+use bitcoin::secp256k1::{Message, SecretKey};
+use bitmesh_common::pricing::ByteCount;
+use bitmesh_common::wire::{
+    client_auth_digest, ChannelId, ChannelStatus, CloseRequest, CloseResponse, ErrorBody, ErrorCode,
+    FundRequest, OpenRequest, OpenResponse, PaymentAck, PaymentUpdate, SignatureBytes, Terms,
+};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// Route paths of the gateway API (must match the controller's router).
+pub mod routes {
+    use bitmesh_common::wire::ChannelId;
+
+    /// GET: the terms.
+    pub const TERMS: &str = "/v1/terms";
+    /// POST: open a channel.
+    pub const CHANNELS: &str = "/v1/channels";
+    /// GET: RFC 8908 captive-portal API.
+    pub const CAPTIVE: &str = "/captive-portal/api";
+    /// GET: channel status (signed header, action `status`).
+    pub fn channel(id: &ChannelId) -> String {
+        format!("/v1/channels/{id}")
+    }
+    /// POST: funding (the gateway relays the transaction).
+    pub fn funding(id: &ChannelId) -> String {
+        format!("/v1/channels/{id}/funding")
+    }
+    /// POST: payment update.
+    pub fn payments(id: &ChannelId) -> String {
+        format!("/v1/channels/{id}/payments")
+    }
+    /// POST: close request.
+    pub fn close(id: &ChannelId) -> String {
+        format!("/v1/channels/{id}/close")
+    }
+    /// GET: server-sent events (signed header, action `events`).
+    pub fn events(id: &ChannelId) -> String {
+        format!("/v1/channels/{id}/events")
+    }
+}
+
+/// Header carrying the client-key signature on channel-scoped GETs (`api::AUTH_HEADER`).
+pub const AUTH_HEADER: &str = "x-bitmesh-signature";
+
+/// How long one request may take (the gateway is one hop away).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
+/// Largest answer accepted (a status is a few hundred bytes).
+const MAX_BODY: usize = 1 << 20;
+
+/// A failed gateway request.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    /// The gateway could not be reached.
+    #[error("cannot reach the gateway at {url}: {message}: check you are on its WiFi, or pass --gateway URL")]
+    Unreachable {
+        /// The URL.
+        url: String,
+        /// Why.
+        message: String,
+    },
+    /// The gateway refused the request with a stable error code.
+    #[error("gateway refused {path}: {} ({})", .body.message, .body.code)]
+    Refused {
+        /// The route.
+        path: String,
+        /// HTTP status.
+        status: i32,
+        /// The error body.
+        body: ErrorBody,
+    },
+    /// The gateway answered something that is not the expected JSON.
+    #[error("gateway answered {path} with HTTP {status} and an unexpected body ({message}): is this a BitMesh gateway?")]
+    Malformed {
+        /// The route.
+        path: String,
+        /// HTTP status.
+        status: i32,
+        /// What was wrong.
+        message: String,
+    },
+}
+
+impl HttpError {
+    /// The gateway's error code, when it refused the request.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            HttpError::Refused { body, .. } => Some(body.code),
+            _ => None,
+        }
+    }
+}
+
+/// A push on a channel's event stream (mirror of `api::ClientEvent`, which is
+/// serialize-only on the gateway side).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum GatewayEvent {
+    /// Periodic usage report.
+    Usage(UsageReport),
+    /// Remaining budget below the gateway's low-water mark: pay now.
+    LowWater(UsageReport),
+    /// The channel stopped taking payments.
+    Closed {
+        /// The channel.
+        channel_id: ChannelId,
+    },
+}
+
+/// Budget figures of one channel, as the gateway counts them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageReport {
+    /// The channel.
+    pub channel_id: ChannelId,
+    /// Bytes credited for the paid total.
+    pub credited_bytes: ByteCount,
+    /// Bytes the gateway metered.
+    pub used_bytes: ByteCount,
+    /// `credited - used`.
+    pub remaining_bytes: ByteCount,
+}
+
+/// The RFC 8908 answer (only what the agent reads).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct CaptiveStatus {
+    /// True while the device has no paid budget.
+    pub captive: bool,
+    /// Bytes left before the device must pay again.
+    #[serde(rename = "bytes-remaining", default)]
+    pub bytes_remaining: Option<u64>,
+}
+
+/// A client of one gateway.
+#[derive(Debug, Clone)]
+pub struct GatewayApi {
+    base: String,
+}
+
+impl GatewayApi {
+    /// A client of the gateway at `base` (e.g. `http://10.0.0.1:3141`).
+    pub fn new(base: &str) -> GatewayApi {
+        GatewayApi { base: base.trim_end_matches('/').to_owned() }
+    }
+
+    /// The base URL.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// `GET /v1/terms`.
+    pub fn terms(&self) -> Result<Terms, HttpError> {
+        self.get(routes::TERMS, None)
+    }
+
+    /// `GET /captive-portal/api`.
+    pub fn captive(&self) -> Result<CaptiveStatus, HttpError> {
+        self.get(routes::CAPTIVE, None)
+    }
+
+    /// `POST /v1/channels`.
+    pub fn open(&self, req: &OpenRequest) -> Result<OpenResponse, HttpError> {
+        self.post(routes::CHANNELS, req)
+    }
+
+    /// `POST /v1/channels/{id}/funding`: the gateway relays the transaction.
+    pub fn fund(&self, req: &FundRequest) -> Result<ChannelStatus, HttpError> {
+        self.post(&routes::funding(&req.channel_id), req)
+    }
+
+    /// `POST /v1/channels/{id}/payments`.
+    pub fn pay(&self, update: &PaymentUpdate) -> Result<PaymentAck, HttpError> {
+        self.post(&routes::payments(&update.channel_id), update)
+    }
+
+    /// `GET /v1/channels/{id}`, signed with the channel's client key.
+    pub fn status(&self, id: &ChannelId, key: &SecretKey) -> Result<ChannelStatus, HttpError> {
+        self.get(&routes::channel(id), Some(auth_signature("status", id, key)))
+    }
+
+    /// `POST /v1/channels/{id}/close`, signed with the channel's client key.
+    pub fn close(&self, id: &ChannelId, key: &SecretKey) -> Result<CloseResponse, HttpError> {
+        let req = CloseRequest { channel_id: *id, signature: auth_signature("close", id, key) };
+        self.post(&routes::close(id), &req)
+    }
+
+    /// Open the event stream: a reader of [`GatewayEvent`]s, one per `next()`.
+    pub fn events(&self, id: &ChannelId, key: &SecretKey) -> Result<EventStream, HttpError> {
+        let path = routes::events(id);
+        let url = format!("{}{path}", self.base);
+        let sig = auth_signature("events", id, key);
+        let resp = bitreq::get(url.as_str())
+            .with_header(AUTH_HEADER, sig.0.to_lower_hex_string())
+            .with_header("Accept", "text/event-stream")
+            .send_lazy()
+            .map_err(|e| HttpError::Unreachable { url: url.clone(), message: e.to_string() })?;
+        if resp.status_code != 200 {
+            let status = resp.status_code;
+            let body: Vec<u8> = resp.take(MAX_BODY).filter_map(|b| b.ok().map(|(b, _)| b)).collect();
+            return Err(error_from(&path, status, &body));
+        }
+        Ok(EventStream { inner: resp, parser: super::events::SseParser::default() })
+    }
+
+    fn get<T: DeserializeOwned>(&self, path: &str, auth: Option<SignatureBytes>) -> Result<T, HttpError> {
+        let url = format!("{}{path}", self.base);
+        let mut req = bitreq::get(url.as_str()).with_timeout(REQUEST_TIMEOUT).with_max_body_size(MAX_BODY);
+        if let Some(sig) = auth {
+            req = req.with_header(AUTH_HEADER, sig.0.to_lower_hex_string());
+        }
+        let resp = req.send().map_err(|e| HttpError::Unreachable { url, message: e.to_string() })?;
+        decode(path, resp.status_code, resp.as_bytes())
+    }
+
+    fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T, HttpError> {
+        let url = format!("{}{path}", self.base);
+        let json = serde_json::to_vec(body).map_err(|e| HttpError::Malformed {
+            path: path.to_owned(),
+            status: 0,
+            message: format!("cannot encode the request: {e}"),
+        })?;
+        let resp = bitreq::post(url.as_str())
+            .with_header("Content-Type", "application/json")
+            .with_body(json)
+            .with_timeout(REQUEST_TIMEOUT)
+            .with_max_body_size(MAX_BODY)
+            .send()
+            .map_err(|e| HttpError::Unreachable { url, message: e.to_string() })?;
+        decode(path, resp.status_code, resp.as_bytes())
+    }
+}
+
+/// The signature that authenticates a channel-scoped request: DER ECDSA over
+/// `client_auth_digest(action, id)` with the channel's client key.
+pub fn auth_signature(action: &str, id: &ChannelId, key: &SecretKey) -> SignatureBytes {
+    let msg = Message::from_digest(client_auth_digest(action, id));
+    let sig = crate::channel::secp().sign_ecdsa(&msg, key);
+    SignatureBytes(sig.serialize_der().to_vec())
+}
+
+fn decode<T: DeserializeOwned>(path: &str, status: i32, body: &[u8]) -> Result<T, HttpError> {
+    if (200..300).contains(&status) {
+        return serde_json::from_slice(body).map_err(|e| HttpError::Malformed {
+            path: path.to_owned(),
+            status,
+            message: e.to_string(),
+        });
+    }
+    Err(error_from(path, status, body))
+}
+
+fn error_from(path: &str, status: i32, body: &[u8]) -> HttpError {
+    match serde_json::from_slice::<ErrorBody>(body) {
+        Ok(body) => HttpError::Refused { path: path.to_owned(), status, body },
+        Err(_) => HttpError::Malformed {
+            path: path.to_owned(),
+            status,
+            message: String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned(),
+        },
+    }
+}
+
+/// An open event stream.
+pub struct EventStream {
+    inner: bitreq::ResponseLazy,
+    parser: super::events::SseParser,
+}
+
+impl EventStream {
+    /// The next event, blocking; `None` when the stream ended or broke. Events the
+    /// agent does not understand are skipped (a newer gateway may add some).
+    pub fn next_event(&mut self) -> Option<GatewayEvent> {
+        loop {
+            let (byte, _) = self.inner.next()?.ok()?;
+            if let Some(data) = self.parser.push(byte) {
+                if let Ok(ev) = serde_json::from_str::<GatewayEvent>(&data) {
+                    return Some(ev);
+                }
+            }
+        }
+    }
+}

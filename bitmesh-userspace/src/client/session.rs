@@ -1,0 +1,546 @@
+//! One `bitmesh pay` session: terms, open, fund, pay as you go, close.
+//!
+//! Effects at the edges: the gateway through [`GatewayApi`], the disk through
+//! [`StateDir`], the own byte count through a [`ByteMeter`], the user through
+//! [`Ui`]. Decisions are the pure [`policy`](super::policy) and
+//! [`terms`](super::terms) functions. Every update is saved (fsynced) before it is
+//! sent, so the state file always holds the highest total ever handed out.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use bitcoin::secp256k1::{rand, SecretKey};
+use bitcoin::{Amount, FeeRate, PublicKey, ScriptBuf, Transaction, Txid};
+use bitmesh_common::pricing::{bytes_for_payment, ByteCount};
+use bitmesh_common::wire::{ErrorCode, FundRequest, OpenRequest, OpenResponse, PaymentUpdate};
+
+use super::funding::{bip21_uri, qr_text, FundingError, FundingSource};
+use super::http::{GatewayApi, GatewayEvent, HttpError};
+use super::meter::{ByteMeter, MeterError};
+use super::policy::{next_payment, Hold, Next, PolicyLimits, PolicyState};
+use super::state::{ChannelRecord, FundingRecord, Phase, SignedState, StateDir, StateError, STATE_VERSION};
+use super::terms::{check_terms, describe, TermsError, UserLimits};
+use crate::chain::{Chain, ChainError};
+use crate::channel::{build_refund, sign_update, ChannelError, ChannelScript};
+
+/// How the channel gets funded.
+pub enum FundingMode {
+    /// Build and sign from the user's keys and UTXOs; submit through the gateway.
+    FromFile(FundingSource),
+    /// Show a BIP21 URI and QR code; the user pastes the transaction (or its txid,
+    /// looked up on `chain`) once a wallet paid it.
+    Bip21 {
+        /// Optional chain backend to fetch a pasted txid.
+        chain: Option<Box<dyn Chain>>,
+    },
+}
+
+/// Everything a session needs to know.
+pub struct PayConfig {
+    /// The gateway's base URL.
+    pub gateway: String,
+    /// Where channel state lives.
+    pub state: StateDir,
+    /// The user's limits.
+    pub limits: UserLimits,
+    /// Funding.
+    pub funding: FundingMode,
+    /// Where the client's change and refund go (`None`: the funding file's change).
+    pub refund_script: Option<ScriptBuf>,
+    /// Fee rate of the funding and the pre-signed refund.
+    pub fee_rate: FeeRate,
+    /// Skip the confirmation prompt.
+    pub yes: bool,
+    /// How often to poll the gateway when no event arrives.
+    pub poll: Duration,
+    /// Set to end the session (Ctrl-C); the gateway is then asked to close.
+    pub stop: Arc<AtomicBool>,
+    /// End the session by itself once the spending cap is reached and the budget
+    /// is used up.
+    pub exit_when_spent: bool,
+}
+
+/// One line of live status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Status {
+    /// Total signed.
+    pub paid: Amount,
+    /// Bytes credited for it.
+    pub credited: ByteCount,
+    /// Bytes the gateway says were used.
+    pub gateway_used: ByteCount,
+    /// Bytes the agent counted.
+    pub received: ByteCount,
+    /// Bytes per second over the last interval (own count).
+    pub rate_bytes_per_sec: u64,
+    /// Why the agent is not paying, if it is holding back for a reason other than
+    /// being ahead.
+    pub hold: Option<Hold>,
+}
+
+/// What the session tells the user (the CLI prints; tests record).
+pub trait Ui {
+    /// Show the terms; when `ask`, ask the user and return the answer, else true.
+    fn confirm_terms(&mut self, lines: &[String], ask: bool) -> bool;
+    /// Show the BIP21 URI and QR code to pay.
+    fn show_funding_request(&mut self, uri: &str, qr: Option<&str>);
+    /// The funding transaction (hex) or txid the user pastes; `None` to give up.
+    fn read_funding(&mut self) -> Option<String>;
+    /// Live status.
+    fn status(&mut self, status: &Status);
+    /// A one-off message.
+    fn note(&mut self, message: &str);
+}
+
+/// How a session ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Summary {
+    /// The channel's state file.
+    pub record: ChannelRecord,
+    /// The close transaction, if the gateway broadcast one.
+    pub close_txid: Option<Txid>,
+}
+
+/// Why a session failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// Terms refused.
+    #[error(transparent)]
+    Terms(#[from] TermsError),
+    /// The user said no.
+    #[error("you declined the terms; nothing was paid")]
+    Declined,
+    /// Gateway request failed.
+    #[error(transparent)]
+    Http(#[from] HttpError),
+    /// State file trouble.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// Funding failed.
+    #[error(transparent)]
+    Funding(#[from] FundingError),
+    /// Own meter failed.
+    #[error(transparent)]
+    Meter(#[from] MeterError),
+    /// Signing failed.
+    #[error(transparent)]
+    Channel(#[from] ChannelError),
+    /// Chain lookup failed.
+    #[error(transparent)]
+    Chain(#[from] ChainError),
+    /// The gateway's open answer does not match what the agent rebuilt.
+    #[error("the gateway's channel script does not match the one rebuilt from its key, our key and the expiry ({0}): do not fund it; this gateway is broken or hostile")]
+    ScriptMismatch(&'static str),
+    /// No refund address.
+    #[error("no address for your change and refund: pass --refund-address (or --fund-from, whose change address is used)")]
+    NoRefundAddress,
+    /// The pasted funding does not pay the channel.
+    #[error("that transaction does not pay the channel address {0}: paste the transaction that does")]
+    FundingDoesNotPay(String),
+    /// The user gave up waiting for funding.
+    #[error("no funding given; channel {0} is saved and can be resumed with bitmesh pay")]
+    NoFunding(String),
+}
+
+/// Run a session (resuming the newest open channel with this gateway, if any).
+pub fn run(cfg: PayConfig, meter: &mut dyn ByteMeter, ui: &mut dyn Ui) -> Result<Summary, SessionError> {
+    let api = GatewayApi::new(&cfg.gateway);
+    let mut record = match cfg.state.resumable(api.base())? {
+        Some(r) => {
+            ui.note(&format!("resuming channel {} (paid {} sat)", r.channel_id, r.paid().to_sat()));
+            r
+        }
+        None => open_channel(&cfg, &api, ui)?,
+    };
+    if record.phase == Phase::AwaitingFunding {
+        fund_channel(&cfg, &api, &mut record, ui)?;
+    }
+    pay_loop(&cfg, &api, &mut record, meter, ui)?;
+
+    ui.note("asking the gateway to close the channel");
+    let close = api.close(&record.channel_id, &record.client_secret);
+    let close_txid = match close {
+        Ok(c) => c.close_txid,
+        Err(e) => {
+            ui.note(&format!("close request failed ({e}); the gateway closes by itself before expiry, else run bitmesh refund after height {}", record.expiry));
+            None
+        }
+    };
+    record.phase = Phase::CloseRequested;
+    record.close_txid = close_txid;
+    cfg.state.save(&record)?;
+    Ok(Summary { record, close_txid })
+}
+
+fn open_channel(cfg: &PayConfig, api: &GatewayApi, ui: &mut dyn Ui) -> Result<ChannelRecord, SessionError> {
+    let terms = api.terms()?;
+    let accepted = check_terms(&terms, &cfg.limits)?;
+    if !ui.confirm_terms(&describe(&terms, &accepted), !cfg.yes) {
+        return Err(SessionError::Declined);
+    }
+    let refund_script = match (&cfg.refund_script, &cfg.funding) {
+        (Some(s), _) => s.clone(),
+        (None, FundingMode::FromFile(src)) => src.change_script(terms.network)?,
+        (None, FundingMode::Bip21 { .. }) => return Err(SessionError::NoRefundAddress),
+    };
+    let client_secret = SecretKey::new(&mut rand::thread_rng());
+    let client_pubkey = PublicKey::new(client_secret.public_key(crate::channel::secp()));
+    let req = OpenRequest { client_pubkey, expiry: accepted.expiry, client_change_script: refund_script.clone() };
+    let resp = api.open(&req)?;
+    check_open_response(&req, &resp)?;
+    let record = ChannelRecord {
+        version: STATE_VERSION,
+        gateway: api.base().to_owned(),
+        network: terms.network,
+        client_secret,
+        channel_id: resp.channel_id,
+        gateway_pubkey: resp.gateway_pubkey,
+        client_pubkey,
+        expiry: accepted.expiry,
+        client_change_script: refund_script.clone(),
+        refund_script,
+        price: terms.price_msat_per_mib,
+        chunk: terms.chunk_bytes,
+        min_first_payment: resp.min_first_payment.max(terms.min_first_payment),
+        close_margin_blocks: terms.close_margin_blocks,
+        max_spend: accepted.max_spend,
+        planned_capacity: accepted.capacity,
+        funding: None,
+        latest: None,
+        refund_tx: None,
+        received: ByteCount::ZERO,
+        phase: Phase::AwaitingFunding,
+        close_txid: None,
+    };
+    // The key must be on disk before any money goes to the script.
+    cfg.state.save(&record)?;
+    ui.note(&format!("opened channel {} (state {})", record.channel_id, cfg.state.file(&record.channel_id).display()));
+    Ok(record)
+}
+
+/// DESIGN section 4, client rules: check the script, gateway key and expiry before
+/// funding. Everything is rebuilt from the three values; nothing the gateway sends
+/// is trusted.
+pub fn check_open_response(req: &OpenRequest, resp: &OpenResponse) -> Result<(), SessionError> {
+    if resp.client_pubkey != req.client_pubkey {
+        return Err(SessionError::ScriptMismatch("client key"));
+    }
+    if resp.expiry != req.expiry {
+        return Err(SessionError::ScriptMismatch("expiry"));
+    }
+    if !resp.gateway_pubkey.compressed {
+        return Err(SessionError::ScriptMismatch("gateway key not compressed"));
+    }
+    let script = ChannelScript { gateway: resp.gateway_pubkey, client: req.client_pubkey, expiry: req.expiry };
+    if resp.witness_script != script.witness_script() {
+        return Err(SessionError::ScriptMismatch("witness script"));
+    }
+    if resp.funding_script_pubkey != script.script_pubkey() {
+        return Err(SessionError::ScriptMismatch("funding output script"));
+    }
+    if resp.funding_address.assume_checked_ref().script_pubkey() != script.script_pubkey() {
+        return Err(SessionError::ScriptMismatch("funding address"));
+    }
+    if resp.channel_id != script.channel_id() {
+        return Err(SessionError::ScriptMismatch("channel id"));
+    }
+    Ok(())
+}
+
+fn fund_channel(
+    cfg: &PayConfig,
+    api: &GatewayApi,
+    record: &mut ChannelRecord,
+    ui: &mut dyn Ui,
+) -> Result<(), SessionError> {
+    let spk = record.script().script_pubkey();
+    if record.funding.is_none() {
+        let (tx, vout) = match &cfg.funding {
+            FundingMode::FromFile(src) => {
+                let built = src.build(record.network, &spk, record.planned_capacity, cfg.fee_rate)?;
+                ui.note(&format!(
+                    "funding {} sat from your UTXOs (fee {} sat), txid {}",
+                    record.planned_capacity.to_sat(),
+                    built.fee.to_sat(),
+                    built.tx.compute_txid()
+                ));
+                (built.tx, built.vout)
+            }
+            FundingMode::Bip21 { chain } => wait_for_wallet(record, chain.as_deref(), ui)?,
+        };
+        set_funding(cfg, record, tx, vout)?;
+    }
+    let Some(funding) = record.funding.clone() else { return Ok(()) };
+    let req = FundRequest { channel_id: record.channel_id, funding_tx: funding.tx, funding_vout: funding.outpoint.vout };
+    // Above the zero-conf cap the gateway waits for confirmations: ask again.
+    let mut said = false;
+    loop {
+        match api.fund(&req) {
+            Ok(_) => break,
+            Err(e) if e.code() == Some(ErrorCode::FundingUnconfirmed) && !cfg.stop.load(Ordering::Relaxed) => {
+                if !said {
+                    ui.note("funding sent; waiting for the confirmations the gateway requires");
+                    said = true;
+                }
+                std::thread::sleep(cfg.poll.max(Duration::from_millis(200)));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    record.phase = Phase::Open;
+    cfg.state.save(record)?;
+    ui.note(&format!("channel funded: {}", funding.outpoint));
+    Ok(())
+}
+
+/// Record the funding and the pre-signed refund BEFORE the funding is submitted.
+fn set_funding(cfg: &PayConfig, record: &mut ChannelRecord, tx: Transaction, vout: u32) -> Result<(), SessionError> {
+    let spk = record.script().script_pubkey();
+    let out = tx
+        .output
+        .get(vout as usize)
+        .filter(|o| o.script_pubkey == spk)
+        .ok_or_else(|| SessionError::FundingDoesNotPay(record.script().address(record.network).to_string()))?;
+    record.funding = Some(FundingRecord {
+        outpoint: bitcoin::OutPoint { txid: tx.compute_txid(), vout },
+        capacity: out.value,
+        tx: tx.clone(),
+    });
+    if let Some(channel) = record.channel() {
+        record.refund_tx = Some(build_refund(&channel, &record.client_secret, &record.refund_script, cfg.fee_rate)?);
+    }
+    cfg.state.save(record)?;
+    Ok(())
+}
+
+fn wait_for_wallet(
+    record: &ChannelRecord,
+    chain: Option<&dyn Chain>,
+    ui: &mut dyn Ui,
+) -> Result<(Transaction, u32), SessionError> {
+    let address = record.script().address(record.network);
+    let uri = bip21_uri(&address, record.planned_capacity);
+    ui.show_funding_request(&uri, qr_text(&uri).as_deref());
+    let spk = address.script_pubkey();
+    loop {
+        let Some(line) = ui.read_funding() else {
+            return Err(SessionError::NoFunding(record.channel_id.to_string()));
+        };
+        let line = line.trim();
+        let tx = if let Ok(tx) = bitcoin::consensus::encode::deserialize_hex::<Transaction>(line) {
+            Some(tx)
+        } else if let (Ok(txid), Some(chain)) = (line.parse::<Txid>(), chain) {
+            chain.transaction(&txid)?.map(|s| s.tx)
+        } else {
+            None
+        };
+        match tx.and_then(|tx| tx.output.iter().position(|o| o.script_pubkey == spk).map(|v| (tx, v as u32))) {
+            Some(found) => return Ok(found),
+            None => ui.note(&format!(
+                "not a transaction paying {address}: paste its raw hex{}",
+                if chain.is_some() { " or txid" } else { " (or pass a chain backend to paste a txid)" }
+            )),
+        }
+    }
+}
+
+/// The gateway's view, refreshed by events and polls.
+#[derive(Debug, Default, Clone, Copy)]
+struct GatewayView {
+    used: ByteCount,
+    closed: bool,
+}
+
+fn pay_loop(
+    cfg: &PayConfig,
+    api: &GatewayApi,
+    record: &mut ChannelRecord,
+    meter: &mut dyn ByteMeter,
+    ui: &mut dyn Ui,
+) -> Result<(), SessionError> {
+    let Some(channel) = record.channel() else { return Ok(()) };
+    let limits = PolicyLimits {
+        price: record.price,
+        chunk: record.chunk,
+        low_water: ByteCount(record.chunk.to_u64() / 2),
+        capacity: channel.capacity,
+        max_spend: record.max_spend,
+        min_first_payment: record.min_first_payment,
+        change_dust: record.client_change_script.minimal_non_dust(),
+    };
+    let events = spawn_events(api.clone(), record);
+    // Counted before this run (state file) + counted by this run's meter.
+    let carried = record.received;
+    let mut view = GatewayView::default();
+    let mut last_rate = (Instant::now(), carried);
+    let mut rate = 0u64;
+    let mut last_save = Instant::now();
+
+    // An update saved but never acknowledged (crash between save and ack): send it
+    // again; the gateway answers amount_not_increasing if it already has it.
+    if let Some(latest) = record.latest.clone().filter(|l| !l.acked) {
+        let update = PaymentUpdate { channel_id: record.channel_id, total_paid: latest.total_paid, signature: latest.signature };
+        match api.pay(&update) {
+            Ok(_) => {}
+            Err(e) if e.code() == Some(ErrorCode::AmountNotIncreasing) => {}
+            Err(e) => return Err(e.into()),
+        }
+        mark_acked(record);
+        cfg.state.save(record)?;
+    }
+
+    let mut first = true;
+    while !cfg.stop.load(Ordering::Relaxed) {
+        // Wait for a push or the poll interval (not on the first round: pay at once).
+        let event = if first { None } else { events.recv_timeout(cfg.poll).ok() };
+        first = false;
+        match event {
+            Some(GatewayEvent::Usage(u)) | Some(GatewayEvent::LowWater(u)) => view.used = u.used_bytes,
+            Some(GatewayEvent::Closed { .. }) => view.closed = true,
+            None => match api.status(&record.channel_id, &record.client_secret) {
+                Ok(s) => {
+                    view.used = s.used_bytes;
+                    view.closed = !matches!(s.state, bitmesh_common::wire::ChannelState::Open | bitmesh_common::wire::ChannelState::AwaitingFunding);
+                }
+                Err(e) => ui.note(&format!("status: {e}")),
+            },
+        }
+        if view.closed {
+            ui.note("the gateway closed the channel");
+            break;
+        }
+        let received = carried.saturating_add(meter.bytes()?);
+        record.received = received;
+        let state = PolicyState { paid: record.paid(), received, gateway_used: view.used };
+        let mut hold = None;
+        match next_payment(&limits, &state) {
+            Next::Sign { total, limited } => {
+                hold = limited;
+                let signature = sign_update(&channel, total, &record.client_secret)?;
+                record.latest = Some(SignedState { total_paid: total, signature: signature.clone(), acked: false });
+                // Durable BEFORE it leaves the machine.
+                cfg.state.save(record)?;
+                last_save = Instant::now();
+                let update = PaymentUpdate { channel_id: record.channel_id, total_paid: total, signature };
+                match api.pay(&update) {
+                    Ok(ack) => {
+                        view.used = ack.used_bytes;
+                        mark_acked(record);
+                        cfg.state.save(record)?;
+                    }
+                    Err(e) if matches!(e.code(), Some(ErrorCode::ChannelExpired | ErrorCode::ChannelNotOpen)) => {
+                        ui.note(&format!("the gateway takes no more payments: {e}"));
+                        break;
+                    }
+                    Err(e) => ui.note(&format!("payment of {} sat not accepted: {e}", total.to_sat())),
+                }
+            }
+            Next::Hold(Hold::Ahead) => {}
+            Next::Hold(h) => hold = Some(h),
+        }
+        let (at, bytes) = last_rate;
+        let dt = at.elapsed();
+        if dt >= Duration::from_secs(1) {
+            rate = ((received.to_u64().saturating_sub(bytes.to_u64())) as f64 / dt.as_secs_f64()) as u64;
+            last_rate = (Instant::now(), received);
+        }
+        ui.status(&Status {
+            paid: record.paid(),
+            credited: bytes_for_payment(record.paid(), record.price),
+            gateway_used: view.used,
+            received,
+            rate_bytes_per_sec: rate,
+            hold,
+        });
+        if last_save.elapsed() >= Duration::from_secs(5) {
+            cfg.state.save(record)?;
+            last_save = Instant::now();
+        }
+        let spent = matches!(hold, Some(Hold::SpendCap | Hold::ChannelFull));
+        if cfg.exit_when_spent && spent && bytes_for_payment(record.paid(), record.price) <= view.used {
+            ui.note("spending cap reached and its budget used up");
+            break;
+        }
+    }
+    cfg.state.save(record)?;
+    Ok(())
+}
+
+fn mark_acked(record: &mut ChannelRecord) {
+    if let Some(l) = record.latest.as_mut() {
+        l.acked = true;
+    }
+}
+
+/// Read the gateway's event stream on a thread; the loop polls when it is silent,
+/// so a missing or broken stream only makes top-ups slower, never wrong.
+fn spawn_events(api: GatewayApi, record: &ChannelRecord) -> mpsc::Receiver<GatewayEvent> {
+    let (tx, rx) = mpsc::channel();
+    let (id, key) = (record.channel_id, record.client_secret);
+    std::thread::spawn(move || {
+        if let Ok(mut stream) = api.events(&id, &key) {
+            while let Some(ev) = stream.next_event() {
+                if tx.send(ev).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    rx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bitcoin::Network;
+
+    fn pair() -> (OpenRequest, OpenResponse) {
+        let secp = crate::channel::secp();
+        let c = SecretKey::from_slice(&[5; 32]).unwrap();
+        let g = SecretKey::from_slice(&[6; 32]).unwrap();
+        let client = PublicKey::new(c.public_key(secp));
+        let gateway = PublicKey::new(g.public_key(secp));
+        let expiry = bitcoin::absolute::Height::from_consensus(700).unwrap();
+        let change = ScriptBuf::new_p2wpkh(&client.wpubkey_hash().unwrap());
+        let script = ChannelScript { gateway, client, expiry };
+        let req = OpenRequest { client_pubkey: client, expiry, client_change_script: change };
+        let resp = OpenResponse {
+            channel_id: script.channel_id(),
+            gateway_pubkey: gateway,
+            client_pubkey: client,
+            expiry,
+            witness_script: script.witness_script(),
+            funding_script_pubkey: script.script_pubkey(),
+            funding_address: script.address(Network::Regtest).as_unchecked().clone(),
+            min_capacity: Amount::from_sat(1),
+            max_capacity: Amount::from_sat(1_000_000),
+            min_first_payment: Amount::from_sat(1),
+        };
+        (req, resp)
+    }
+
+    #[test]
+    fn an_honest_open_response_passes() {
+        let (req, resp) = pair();
+        check_open_response(&req, &resp).unwrap();
+    }
+
+    #[test]
+    fn open_responses_that_do_not_match_the_rebuilt_script_are_refused() {
+        let (req, good) = pair();
+        let other = ChannelScript { gateway: good.client_pubkey, client: good.client_pubkey, expiry: good.expiry };
+        let later = bitcoin::absolute::Height::from_consensus(900).unwrap();
+        #[rustfmt::skip]
+        let rows: Vec<(&str, OpenResponse)> = vec![
+            ("script with another key", OpenResponse { witness_script: other.witness_script(), ..good.clone() }),
+            ("funding output elsewhere", OpenResponse { funding_script_pubkey: other.script_pubkey(), ..good.clone() }),
+            ("address elsewhere", OpenResponse { funding_address: other.address(Network::Regtest).as_unchecked().clone(), ..good.clone() }),
+            ("other expiry", OpenResponse { expiry: later, ..good.clone() }),
+            ("wrong channel id", OpenResponse { channel_id: other.channel_id(), ..good.clone() }),
+        ];
+        for (name, resp) in rows {
+            assert!(matches!(check_open_response(&req, &resp), Err(SessionError::ScriptMismatch(_))), "{name}");
+        }
+    }
+}
