@@ -3,4 +3,5 @@
 
 pub mod bitcoind;
 pub mod env;
+pub mod kernel_bench;
 pub mod netns;
