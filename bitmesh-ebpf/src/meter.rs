@@ -22,8 +22,8 @@ pub fn meter<F: FrameBytes>(frame: &F, direction: Direction, len: u64) -> Verdic
             let key = MacKey::new(mac);
             // SAFETY: the value is a plain u64 that the kernel never writes; a
             // concurrent userspace update replaces it atomically.
-            let credited = unsafe { CREDIT.get(&key) }.copied();
-            if let (Some(credited), Some(u)) = (credited, USAGE.get_ptr_mut(&key)) {
+            let credited = unsafe { CREDIT.get(key) }.copied();
+            if let (Some(credited), Some(u)) = (credited, USAGE.get_ptr_mut(key)) {
                 usage = u;
                 // SAFETY: `u` points at a live map value; reads race only with
                 // other adders, which bounds overshoot to one frame per CPU.

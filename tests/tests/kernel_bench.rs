@@ -2,6 +2,8 @@
 //! next to an empty program, at 10 and 10,000 clients. Not a timed test:
 //! `cargo test -p bitmesh-tests --test kernel_bench -- --ignored --nocapture`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed test should panic
+
 use bitmesh_tests::env::{is_root, skip};
 use bitmesh_tests::kernel_bench::{format_table, kernel_cost_per_frame};
 

@@ -2,6 +2,8 @@
 //! BPF_PROG_TEST_RUN on crafted frames. Every case asserts the verdict, the exact
 //! change in `USAGE` and the exact change in `STATS`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed test should panic
+
 use bitmesh::meter::{Direction, Mac, MeterProgram, MeterStats, StatCounter, Verdict};
 use bitmesh_common::kernel::frames::Eth;
 use bitmesh_common::kernel::{classify, verdict, Budget, GatewayConfig, Usage};
