@@ -114,6 +114,10 @@ pub struct PayArgs {
     /// Exit (and close) once --max-spend is reached and its budget used up.
     #[arg(long)]
     pub exit_when_spent: bool,
+    /// On exit, leave the channel open (the next `bitmesh pay` resumes it) instead
+    /// of asking the gateway to close.
+    #[arg(long)]
+    pub keep_open: bool,
     /// Chain backend to look up a pasted funding txid (BIP21 funding).
     #[command(flatten)]
     pub chain: ChainArgs,
@@ -216,17 +220,25 @@ pub fn pay(args: PayArgs) -> anyhow::Result<()> {
         poll: Duration::from_millis(args.poll_ms.max(50)),
         stop,
         exit_when_spent: args.exit_when_spent,
+        close_on_exit: !args.keep_open,
     };
     let summary = session::run(cfg, &mut meter, &mut TerminalUi::default())?;
     eprintln!();
     let r = &summary.record;
     println!(
-        "channel {}: paid {} sat for {:.2} MiB counted; close {}",
+        "channel {}: paid {} sat for {:.2} MiB counted; close: {}",
         r.channel_id,
         r.paid().to_sat(),
         r.received.to_u64() as f64 / MIB as f64,
-        summary.close_txid.map_or("requested".to_owned(), |t| format!("txid {t}")),
+        match (r.phase, summary.close_txid) {
+            (_, Some(t)) => format!("txid {t}"),
+            (Phase::CloseRequested, None) => "requested".to_owned(),
+            _ => "not requested".to_owned(),
+        },
     );
+    if r.phase == Phase::Open {
+        println!("channel left open; `bitmesh pay` resumes it");
+    }
     println!("if the gateway never closes, run `bitmesh refund` from height {}", r.expiry.to_consensus_u32());
     Ok(())
 }

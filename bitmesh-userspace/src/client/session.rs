@@ -59,6 +59,8 @@ pub struct PayConfig {
     /// End the session by itself once the spending cap is reached and the budget
     /// is used up.
     pub exit_when_spent: bool,
+    /// Ask the gateway to close on exit (else the channel stays open, to resume).
+    pub close_on_exit: bool,
 }
 
 /// One line of live status.
@@ -157,6 +159,10 @@ pub fn run(cfg: PayConfig, meter: &mut dyn ByteMeter, ui: &mut dyn Ui) -> Result
         fund_channel(&cfg, &api, &mut record, ui)?;
     }
     pay_loop(&cfg, &api, &mut record, meter, ui)?;
+    if !cfg.close_on_exit {
+        ui.note(&format!("channel {} left open: run bitmesh pay again to resume it", record.channel_id));
+        return Ok(Summary { record, close_txid: None });
+    }
 
     ui.note("asking the gateway to close the channel");
     let close = api.close(&record.channel_id, &record.client_secret);
