@@ -246,11 +246,29 @@ pub struct Topology {
 impl Topology {
     /// Build the two namespaces and the link between them.
     pub fn new() -> Result<Self> {
+        Self::build(false)
+    }
+
+    /// Like [`Self::new`] with IPv6 on as well: gateway 2001:db8:77::1/64, client
+    /// 2001:db8:77::2/64 (no DAD delay), plus the link-local addresses, so neighbour
+    /// discovery and MLD cross the meter.
+    pub fn dual_stack() -> Result<Self> {
+        Self::build(true)
+    }
+
+    fn build(ipv6: bool) -> Result<Self> {
         let gateway = Netns::new()?;
         let client = Netns::new()?;
         let veth = VethPair::new(&gateway, GATEWAY_MAC, &client, CLIENT_MAC)?;
+        let v6 = [(&gateway, &veth.a, "2001:db8:77::1/64"), (&client, &veth.b, "2001:db8:77::2/64")];
+        for (ns, dev, addr) in v6 {
+            if ipv6 {
+                ns.ip(&["-6", "addr", "add", addr, "dev", dev, "nodad"])?;
+            } else {
+                ns.exec("sysctl", &["-qw", &format!("net.ipv6.conf.{dev}.disable_ipv6=1")])?;
+            }
+        }
         for (ns, dev, addr) in [(&gateway, &veth.a, "10.77.0.1/24"), (&client, &veth.b, "10.77.0.2/24")] {
-            ns.exec("sysctl", &["-qw", &format!("net.ipv6.conf.{dev}.disable_ipv6=1")])?;
             ns.ip(&["addr", "add", addr, "dev", dev])?;
             // Let unprivileged-style ICMP sockets work for `ping` below.
             ns.exec("sysctl", &["-qw", "net.ipv4.ping_group_range=0 2147483647"])?;
@@ -281,5 +299,23 @@ pub fn ping(ns: &Netns, addr: Ipv4Addr, timeout: std::time::Duration) -> Result<
         sock.send_to(&[8, 0, 0, 0, 0, 0, 0, 1, b'b', b'm'], (addr, 0))?;
         let mut buf = [0u8; 64];
         Ok(matches!(sock.recv_from(&mut buf), Ok((n, _)) if n >= 8 && buf[0] == 0))
+    })
+}
+
+/// [`ping`] over IPv6 (ICMPv6 echo 128 -> 129); needs neighbour discovery to work.
+pub fn ping6(ns: &Netns, addr: std::net::Ipv6Addr, timeout: std::time::Duration) -> Result<bool> {
+    in_netns(ns, || {
+        use std::os::fd::FromRawFd;
+        // SAFETY: plain socket(2) call; the fd is owned by the UdpSocket below.
+        let fd = unsafe { libc::socket(libc::AF_INET6, libc::SOCK_DGRAM, libc::IPPROTO_ICMPV6) };
+        if fd < 0 {
+            bail!("ICMPv6 socket: {}", std::io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh, valid socket we own; sendto/recvfrom are all we use.
+        let sock = unsafe { std::net::UdpSocket::from_raw_fd(fd) };
+        sock.set_read_timeout(Some(timeout))?;
+        sock.send_to(&[128, 0, 0, 0, 0, 0, 0, 1, b'b', b'm'], (addr, 0))?;
+        let mut buf = [0u8; 64];
+        Ok(matches!(sock.recv_from(&mut buf), Ok((n, _)) if n >= 8 && buf[0] == 129))
     })
 }

@@ -320,3 +320,33 @@ fn enforcement_and_counters_survive_a_controller_restart() {
     assert_eq!(m.blast(&rx, SocketAddrV4::new(CL, 6000), &crx, 10, S).expect("blast down"), 10);
     assert_eq!(m.usage().down_pkts, 10, "download billed once per frame");
 }
+
+#[test]
+fn unpaid_client_resolves_and_pings_the_gateway_over_ipv6_but_gets_nothing_else() {
+    if !can_run() {
+        return;
+    }
+    let net = Topology::dual_stack().expect("topology");
+    let mut meter = bitmesh_tests::netns::TestMeter::load().expect("load");
+    let iface = net.gateway_if().to_string();
+    in_netns(&net.gateway, || Ok(meter.meter.attach(&iface, UploadHook::XdpNative)?)).expect("attach");
+    let gw6: std::net::Ipv6Addr = "2001:db8:77::1".parse().expect("addr");
+    // Neighbour solicitation/advertisement both ways, then echo: all walled garden.
+    assert!(bitmesh_tests::netns::ping6(&net.client, gw6, Duration::from_secs(2)).expect("ping6"), "ping6 to the gateway while unpaid");
+    let neigh = net.client.ip(&["-6", "neigh", "show", "2001:db8:77::1"]).expect("neigh");
+    assert!(String::from_utf8_lossy(&neigh.stdout).contains("02:77:00:00:00:01"), "ND resolved the gateway");
+    // UDP over IPv6 to a non-garden port is dropped.
+    let rx = in_netns(&net.gateway, || Ok(UdpSocket::bind((gw6, UPSTREAM_PORT))?)).expect("rx");
+    rx.set_read_timeout(Some(WAIT)).expect("timeout");
+    let tx = in_netns(&net.client, || Ok(UdpSocket::bind(("2001:db8:77::2", 0))?)).expect("tx");
+    for _ in 0..5 {
+        tx.send_to(b"upstream", (gw6, UPSTREAM_PORT)).expect("send");
+    }
+    let mut buf = [0u8; 16];
+    assert!(rx.recv_from(&mut buf).is_err(), "unpaid IPv6 upstream traffic dropped");
+    let stats = meter.meter.maps().stats().expect("stats");
+    assert!(stats.walled_garden().packets >= 3, "ND and echo counted as walled garden: {stats:?}");
+    assert!(stats.sum(Verdict::DropUnpaid).packets >= 5, "{stats:?}");
+    assert_eq!(stats.sum(Verdict::PassPaid).packets, 0);
+    drop(meter);
+}
