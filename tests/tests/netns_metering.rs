@@ -104,6 +104,8 @@ fn udp_upload_is_billed_exactly_n_times_payload_plus_42_on_every_hook() {
         assert_eq!(u.up_pkts, N as u64, "{hook}: upload frames billed");
         assert_eq!(u.down_bytes, 0, "{hook}: nothing billed downstream");
         assert!(u.last_seen_ns > 0, "{hook}: last seen set");
+        let idle = m.meter.meter.maps().usage(client_mac()).expect("usage").expect("client").idle_for().expect("seen");
+        assert!(idle < Duration::from_secs(5), "{hook}: last seen is recent ({idle:?})");
     }
 }
 

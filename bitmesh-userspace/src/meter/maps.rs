@@ -36,6 +36,22 @@ impl ClientUsage {
     pub fn remaining(&self) -> ByteCount {
         self.credited.saturating_sub(self.used())
     }
+
+    /// Time since the kernel last billed a frame of this client, `None` if never
+    /// (for the idle-timeout close). `last_seen_ns` is CLOCK_BOOTTIME, which keeps
+    /// counting through suspend, like the kernel's `bpf_ktime_get_boot_ns`.
+    pub fn idle_for(&self) -> Option<std::time::Duration> {
+        if self.usage.last_seen_ns == 0 {
+            return None;
+        }
+        let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: `now` is a valid, writable timespec.
+        if unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut now) } != 0 {
+            return None;
+        }
+        let now_ns = (now.tv_sec as u64).saturating_mul(1_000_000_000).saturating_add(now.tv_nsec as u64);
+        Some(std::time::Duration::from_nanos(now_ns.saturating_sub(self.usage.last_seen_ns)))
+    }
 }
 
 /// Stats summed over all CPUs, per (direction, verdict).
