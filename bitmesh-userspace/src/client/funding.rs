@@ -166,7 +166,7 @@ impl FundingSource {
                 .ok_or(FundingError::Unspendable(u.outpoint))?;
             utxos.push((u, key));
         }
-        utxos.sort_by(|a, b| b.0.amount.cmp(&a.0.amount));
+        utxos.sort_by_key(|u| std::cmp::Reverse(u.0.amount));
 
         let mut tx = Transaction {
             version: transaction::Version::TWO,

@@ -120,11 +120,13 @@ mod tests {
         r
     }
 
+    type Row = (&'static str, ChannelRecord, u32, bool, fn(&Option<RefundOutcome>) -> bool);
+
     #[test]
     fn refund_plan_table() {
         let expiry = funded().expiry.to_consensus_u32();
         #[rustfmt::skip]
-        let rows: Vec<(&str, ChannelRecord, u32, bool, fn(&Option<RefundOutcome>) -> bool)> = vec![
+        let rows: Vec<Row> = vec![
             ("unfunded channel has nothing to refund", record(), expiry + 10, true, |o| *o == Some(RefundOutcome::NotFunded)),
             ("before expiry says from which height", funded(), expiry - 5, true, |o| matches!(o, Some(RefundOutcome::TooEarly { broadcast_from, .. }) if broadcast_from.to_consensus_u32() == 600)),
             ("at expiry the refund goes out", funded(), expiry, true, |o| o.is_none()),

@@ -248,13 +248,15 @@ pub(crate) mod tests {
         assert_eq!(a.max_spend, Amount::from_sat(50_000));
     }
 
+    type Row = (&'static str, Terms, UserLimits, fn(&TermsError) -> bool);
+
     #[test]
     fn refusals_table() {
         let t = terms();
         let u = user();
         let price = |sat| PriceMsatPerMib::from_sat_per_mib(sat).unwrap();
         #[rustfmt::skip]
-        let rows: Vec<(&str, Terms, UserLimits, fn(&TermsError) -> bool)> = vec![
+        let rows: Vec<Row> = vec![
             ("price above the limit", Terms { price_msat_per_mib: price(6), ..t.clone() }, u, |e| matches!(e, TermsError::PriceAboveLimit { .. })),
             ("other network", Terms { network: Network::Bitcoin, ..t.clone() }, u, |e| matches!(e, TermsError::Network { .. })),
             ("newer protocol", Terms { protocol_version: 99, ..t.clone() }, u, |e| matches!(e, TermsError::Protocol { found: 99 })),
