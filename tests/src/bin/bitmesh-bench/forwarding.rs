@@ -14,11 +14,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use bitmesh::meter::UploadHook;
+use bitmesh::meter::{Mac, UploadHook};
 use bitmesh_common::pricing::ByteCount;
 use bitmesh_tests::netns::{in_netns, Netns, TestMeter, VethPair};
 
-use crate::kernel::client_mac;
 use crate::report::Report;
 
 const CLIENT_COUNTS: [u32; 3] = [1, 100, 1_000];
@@ -75,6 +74,12 @@ impl Topology {
         }
         Err(last_err.unwrap_or_else(|| anyhow::anyhow!("iperf3 failed")))
     }
+}
+
+/// The MAC of client number `i` (locally administered, unicast); 0 is the measured one.
+fn client_mac(i: u32) -> Mac {
+    let b = i.to_be_bytes();
+    Mac([0x02, 0xc1, b[0], b[1], b[2], b[3]])
 }
 
 /// A child process killed on drop.
