@@ -5,3 +5,4 @@ pub mod bitcoind;
 pub mod env;
 pub mod kernel_bench;
 pub mod netns;
+pub mod world;
