@@ -2,6 +2,7 @@
 //! veth pairs, regtest nodes and controller processes, and remove them on drop.
 
 pub mod bitcoind;
+pub mod controller;
 pub mod env;
 pub mod kernel_bench;
 pub mod netns;
