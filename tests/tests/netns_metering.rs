@@ -352,3 +352,44 @@ fn unpaid_client_resolves_and_pings_the_gateway_over_ipv6_but_gets_nothing_else(
     assert_eq!(stats.sum(Verdict::PassPaid).packets, 0);
     drop(meter);
 }
+
+#[test]
+fn tcp_download_is_billed_at_least_its_payload_and_at_most_the_wire_bytes() {
+    if !can_run() {
+        return;
+    }
+    const PAYLOAD: usize = 4 << 20;
+    let mut m = Metered::new(UploadHook::Tc).expect("topology");
+    m.meter.meter.maps_mut().raise_credit(client_mac(), ByteCount(1 << 30)).expect("credit");
+    let listener = in_netns(&m.net.gateway, || Ok(TcpListener::bind((GW, 8080))?)).expect("listen");
+    let server = std::thread::spawn(move || -> Result<()> {
+        let (mut s, _) = listener.accept()?;
+        let chunk = vec![0x5au8; 64 << 10];
+        for _ in 0..PAYLOAD / chunk.len() {
+            s.write_all(&chunk)?;
+        }
+        Ok(())
+    });
+    let mut conn = in_netns(&m.net.client, || Ok(TcpStream::connect((GW, 8080))?)).expect("connect");
+    conn.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 64 << 10];
+    while got < PAYLOAD {
+        match conn.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n,
+        }
+    }
+    server.join().expect("join").expect("server");
+    assert_eq!(got, PAYLOAD, "whole download received");
+    let u = m.usage();
+    // GSO super-packets are billed as skb->len (payload + one header set, see
+    // docs/kernel-abi.md): never less than the payload, never more than the wire,
+    // where every 1448-byte segment carries 66 bytes of Ethernet/IP/TCP headers.
+    let payload = PAYLOAD as u64;
+    let wire_max = payload + payload.div_ceil(1448) * 66 + u.down_pkts * 66;
+    eprintln!("tcp download: payload {payload} B, billed {} B in {} frames (wire at most {wire_max} B)", u.down_bytes, u.down_pkts);
+    assert!(u.down_bytes >= payload, "billed {} < payload {payload}", u.down_bytes);
+    assert!(u.down_bytes <= wire_max, "billed {} > wire {wire_max}", u.down_bytes);
+    assert!(u.up_pkts > 0, "ACKs billed upstream");
+}
