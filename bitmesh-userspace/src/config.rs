@@ -13,7 +13,8 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
-use bitcoin::{Amount, FeeRate, Network};
+use bitcoin::address::NetworkUnchecked;
+use bitcoin::{Address, Amount, FeeRate, Network, ScriptBuf};
 use bitmesh_common::pricing::{ByteCount, PriceMsatPerMib};
 use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, FromArgMatches, ValueEnum};
@@ -48,8 +49,11 @@ pub enum ConfigError {
 pub enum HookChoice {
     /// XDP if the driver supports it natively, else TC ingress.
     Auto,
-    /// XDP (generic mode if the driver has no native XDP).
+    /// XDP in the driver (native); fails if the driver has no native XDP.
     Xdp,
+    /// XDP emulated on the skb (generic mode): any driver, e.g. the Pi's brcmfmac.
+    #[serde(rename = "xdp-generic")]
+    XdpGeneric,
     /// TC (tcx/clsact) ingress.
     Tc,
 }
@@ -101,7 +105,8 @@ pub struct RunArgs {
     /// Client-facing interface the meter attaches to (e.g. wlan0, or a bridge). Required.
     #[arg(long, value_name = "IFACE")]
     pub iface: Option<String>,
-    /// Upload hook: auto (XDP if native, else TC), xdp, or tc.
+    /// Upload hook: auto (native XDP if the driver has it, else TC), xdp (native only),
+    /// xdp-generic (XDP on the skb, any driver), or tc (tcx/clsact ingress).
     #[arg(long, value_enum, default_value = "auto")]
     pub hook: HookChoice,
     /// bpffs directory where maps are pinned so counters survive a restart.
@@ -141,6 +146,10 @@ pub struct RunArgs {
     /// Address for Prometheus metrics (GET /metrics); "off" to disable.
     #[arg(long, value_name = "ADDR:PORT|off", default_value = "127.0.0.1:9464")]
     pub metrics_addr: String,
+    /// Address the gateway's share of every close is paid to. [default: a key derived
+    /// from the gateway's seed (index 2^31-1), logged at start]
+    #[arg(long, value_name = "ADDRESS")]
+    pub payout_address: Option<String>,
     /// Directory for the SQLite store and the gateway's key seed.
     #[arg(long, value_name = "DIR", default_value = "/var/lib/bitmesh")]
     pub data_dir: PathBuf,
@@ -300,6 +309,19 @@ impl RunArgs {
         })
     }
 
+    /// The payout script from `--payout-address`, checked against `--network`;
+    /// `None` when the flag is absent (the seed-derived key is used).
+    pub fn payout_script(&self) -> Result<Option<ScriptBuf>, ConfigError> {
+        let Some(text) = &self.payout_address else { return Ok(None) };
+        let bad = |message: String| ConfigError::Value { flag: "payout-address", message };
+        let addr: Address<NetworkUnchecked> = text.parse().map_err(|e| bad(format!("{text:?} is not an address: {e}")))?;
+        let network: Network = self.network.into();
+        let addr = addr
+            .require_network(network)
+            .map_err(|_| bad(format!("{text} is not an address on {network} (--network)")))?;
+        Ok(Some(addr.script_pubkey()))
+    }
+
     /// The client API's socket address.
     pub fn api_socket(&self) -> SocketAddr {
         SocketAddr::new(self.api_addr, self.api_port)
@@ -404,6 +426,18 @@ mod tests {
         let (args, _) = parse(&["x"]);
         let err = args.merge_file(Path::new("f.toml"), "prise = 1\n", |_| false).unwrap_err();
         assert!(err.to_string().contains("prise"), "{err}");
+    }
+
+    #[test]
+    fn payout_address_must_be_on_the_network() {
+        let (args, _) = parse(&["x", "--network", "regtest", "--payout-address", "bcrt1qw508d6qejxtdg4y5r3zarvary0c5xw7kygt080"]);
+        assert!(args.payout_script().unwrap().is_some());
+        let (args, _) = parse(&["x", "--payout-address", "bcrt1qw508d6qejxtdg4y5r3zarvary0c5xw7kygt080"]);
+        assert!(args.payout_script().unwrap_err().to_string().contains("--payout-address"));
+        let (args, _) = parse(&["x", "--hook", "xdp-generic"]);
+        assert_eq!(args.hook, HookChoice::XdpGeneric);
+        let (args, _) = parse(&["x"]);
+        assert_eq!(args.payout_script().unwrap(), None);
     }
 
     #[test]

@@ -199,6 +199,7 @@ fn chain_backend(args: &RunArgs) -> Result<Arc<dyn Chain>> {
 
 async fn run(args: RunArgs) -> Result<()> {
     let policy = args.policy()?;
+    let payout_flag = args.payout_script()?;
     let iface = args.iface()?.to_owned();
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -223,10 +224,15 @@ async fn run(args: RunArgs) -> Result<()> {
             ChainChoice::Esplora => &args.esplora_url,
         }))?;
 
-    // The gateway's share of every close goes to a key derived from the same seed
-    // (index 2^31-1, never used for a channel).
-    let payout_key = seed.channel_key(0x7fff_ffff)?;
-    let payout_script = bitcoin::ScriptBuf::new_p2wpkh(&payout_key.public.wpubkey_hash()?);
+    // The gateway's share of every close goes to --payout-address, else to a key
+    // derived from the same seed (index 2^31-1, never used for a channel).
+    let payout_script = match payout_flag {
+        Some(script) => script,
+        None => {
+            let payout_key = seed.channel_key(0x7fff_ffff)?;
+            bitcoin::ScriptBuf::new_p2wpkh(&payout_key.public.wpubkey_hash()?)
+        }
+    };
     info!(payout = %bitcoin::Address::from_script(&payout_script, policy.network)?, "gateway payout address");
 
     let maps_were_pinned = args.pin_dir.join(bitmesh_common::kernel::MAP_CREDIT).exists();
@@ -241,6 +247,7 @@ async fn run(args: RunArgs) -> Result<()> {
     let hook = match args.hook {
         HookChoice::Auto => UploadHook::Auto,
         HookChoice::Xdp => UploadHook::XdpNative,
+        HookChoice::XdpGeneric => UploadHook::XdpGeneric,
         HookChoice::Tc => UploadHook::Tc,
     };
     let hook = meter.attach(&iface, hook)?;

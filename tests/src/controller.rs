@@ -617,6 +617,27 @@ impl Lab {
         Ok(s)
     }
 
+    /// Wait until the controller's view of the tip (in `/v1/terms`) is the node's.
+    pub fn wait_synced(&self) -> Result<()> {
+        let want = self.node.tip();
+        let client = ScriptedClient::new(&self.topo.client, self.api());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if client.terms()?.tip_height == want {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("controller did not see tip {want} within 20 s:\n{}", self.controller.log_tail(20));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The `bitmesh clients --json` row of the lab's client device.
+    pub fn client_row(&self) -> Result<Option<serde_json::Value>> {
+        Ok(self.controller.clients()?.into_iter().find(|r| r["mac"] == crate::netns::CLIENT_MAC))
+    }
+
     /// Run `f` on a thread inside the client namespace (its sockets are the client's).
     pub fn as_client<T: Send>(&self, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
         in_netns(&self.topo.client, f)
