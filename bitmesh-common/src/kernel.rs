@@ -17,8 +17,8 @@ pub mod verdict;
 
 pub use abi::*;
 pub use mac::{Mac, ParseMacError};
-pub use parse::{classify, FrameBytes, FrameClass, GardenKind, GatewayConfig};
-pub use verdict::{verdict, Budget, Verdict};
+pub use parse::{classify, segment_header_len, FrameBytes, FrameClass, GardenKind, GatewayConfig};
+pub use verdict::{verdict, wire_cost, Budget, Verdict};
 
 /// Builders for crafted Ethernet frames (host tests, kernel tests, benchmarks).
 #[cfg(any(test, feature = "user"))]

@@ -21,7 +21,7 @@ use aya_ebpf::{
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use bitmesh_common::kernel::Direction;
+use bitmesh_common::kernel::{segment_header_len, wire_cost, Direction};
 
 use crate::packet::Packet;
 
@@ -32,7 +32,7 @@ pub fn bitmesh_xdp_upload(ctx: XdpContext) -> u32 {
     // Without the frags flag the driver gives the whole frame linearly, so the
     // buffer length is the L2 length.
     let len = frame.len() as u64;
-    if meter::meter(&frame, Direction::Upload, len).passes() {
+    if meter::meter(&frame, Direction::Upload, len, 1).passes() {
         xdp_action::XDP_PASS
     } else {
         xdp_action::XDP_DROP
@@ -71,7 +71,7 @@ const PARSE_DEPTH: u32 = 128;
 #[inline(always)]
 fn tc_meter(ctx: TcContext, direction: Direction) -> i32 {
     // skb->len is the L2 length at both TC hooks (the MAC header is included); for a
-    // GSO/GRO aggregate it is the aggregate (see docs/kernel-abi.md).
+    // GSO/GRO aggregate it counts the headers once (see docs/kernel-abi.md).
     let len = ctx.len();
     let want = if len < PARSE_DEPTH { len } else { PARSE_DEPTH };
     if ((ctx.data_end() - ctx.data()) as u32) < want {
@@ -80,7 +80,13 @@ fn tc_meter(ctx: TcContext, direction: Direction) -> i32 {
         let _ = ctx.pull_data(want);
     }
     let frame = Packet::new(ctx.data(), ctx.data_end());
-    if meter::meter(&frame, direction, len as u64).passes() {
+    // A GSO/GRO aggregate is billed as the segments it stands for on the wire.
+    // SAFETY: `skb` is the context pointer the kernel passed; gso_segs is a
+    // readable __sk_buff field for TC programs.
+    let gso_segs = unsafe { (*ctx.skb.skb).gso_segs };
+    let header_len = if gso_segs > 1 { segment_header_len(&frame) } else { None };
+    let (cost, frames) = wire_cost(len as u64, gso_segs, header_len);
+    if meter::meter(&frame, direction, cost, frames).passes() {
         TC_ACT_OK
     } else {
         TC_ACT_SHOT

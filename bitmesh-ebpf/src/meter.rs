@@ -11,9 +11,10 @@ use bitmesh_common::kernel::{
 
 use crate::maps::{gateway, CREDIT, STATS, USAGE};
 
-/// Classify, decide, bill and count one frame of `len` L2 bytes.
+/// Classify, decide, bill and count one frame (or aggregate) that costs `len`
+/// bytes and `frames` frames on the wire.
 #[inline(always)]
-pub fn meter<F: FrameBytes>(frame: &F, direction: Direction, len: u64) -> Verdict {
+pub fn meter<F: FrameBytes>(frame: &F, direction: Direction, len: u64, frames: u64) -> Verdict {
     let class = classify(frame, direction, &gateway());
     let mut usage: *mut Usage = core::ptr::null_mut();
     let mut budget = None;
@@ -34,15 +35,15 @@ pub fn meter<F: FrameBytes>(frame: &F, direction: Direction, len: u64) -> Verdic
     }
     let v = verdict(class, len, budget);
     if v == Verdict::PassPaid && !usage.is_null() {
-        bill(usage, direction, len);
+        bill(usage, direction, len, frames);
     }
-    count(stat_index(direction, v), len);
+    count(stat_index(direction, v), len, frames);
     v
 }
 
 /// Add one frame to the client's usage. Atomic: two CPUs may meter one client.
 #[inline(always)]
-fn bill(usage: *mut Usage, direction: Direction, len: u64) {
+fn bill(usage: *mut Usage, direction: Direction, len: u64, frames: u64) {
     // SAFETY: `usage` is a non-null pointer to a map value (8-byte aligned u64
     // fields) that stays valid for this program run (RCU).
     unsafe {
@@ -52,7 +53,7 @@ fn bill(usage: *mut Usage, direction: Direction, len: u64) {
         };
         // The returned values are unused, so LLVM emits BPF_XADD (no CPU v3 needed).
         atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(bytes, len);
-        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(pkts, 1);
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(pkts, frames);
         // A single aligned 8-byte store: last writer wins, which is what "last seen" means.
         core::ptr::write_volatile(&raw mut (*usage).last_seen_ns, bpf_ktime_get_boot_ns());
     }
@@ -60,11 +61,11 @@ fn bill(usage: *mut Usage, direction: Direction, len: u64) {
 
 /// Count a frame in this CPU's stats slot (per-CPU, so plain adds are exact).
 #[inline(always)]
-fn count(index: u32, len: u64) {
+fn count(index: u32, len: u64, frames: u64) {
     if let Some(slot) = STATS.get_ptr_mut(index) {
         // SAFETY: per-CPU value, only this program on this CPU touches it now.
         unsafe {
-            (*slot).packets += 1;
+            (*slot).packets += frames;
             (*slot).bytes += len;
         }
     }

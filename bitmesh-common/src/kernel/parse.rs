@@ -366,5 +366,47 @@ fn ipv6<F: FrameBytes + ?Sized>(
     }
 }
 
+/// Length of the headers (L2 + VLAN + IP + TCP/UDP) that every segment of a GSO/GRO
+/// aggregate repeats on the wire, or `None` if the frame is not TCP/UDP over IP or a
+/// header is cut. Used to bill an aggregate as the frames it stands for.
+#[inline(always)]
+pub fn segment_header_len<F: FrameBytes + ?Sized>(frame: &F) -> Option<usize> {
+    let (proto, l3) = l3_protocol(frame)?;
+    let (l4_proto, l4) = match proto {
+        ethertype::IPV4 => {
+            let h = frame.bytes::<10>(l3)?;
+            let ihl = ((h[0] & 0x0f) as usize) * 4;
+            if ihl < 20 {
+                return None;
+            }
+            (h[9], l3 + ihl)
+        }
+        ethertype::IPV6 => {
+            let h = frame.bytes::<8>(l3)?;
+            let mut next = h[6];
+            let mut l4 = l3 + 40;
+            if next == IPPROTO_HOPOPTS {
+                let [hbh_next, hbh_len] = frame.bytes::<2>(l4)?;
+                next = hbh_next;
+                l4 += (hbh_len as usize + 1) * 8;
+            }
+            (next, l4)
+        }
+        _ => return None,
+    };
+    match l4_proto {
+        IPPROTO_TCP => {
+            let [data_offset, _flags] = frame.bytes::<2>(l4 + 12)?;
+            let tcp_len = ((data_offset >> 4) as usize) * 4;
+            if tcp_len < 20 {
+                return None;
+            }
+            Some(l4 + tcp_len)
+        }
+        IPPROTO_UDP => Some(l4 + 8),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests;

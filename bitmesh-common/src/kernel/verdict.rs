@@ -78,6 +78,27 @@ pub fn verdict(class: FrameClass, len: u64, client: Option<Budget>) -> Verdict {
     }
 }
 
+/// What one skb costs on the wire: `(bytes, frames)`.
+///
+/// * `len`: the L2 length the hook sees (`skb->len`, or the XDP buffer).
+/// * `gso_segs`: segments of a GSO/GRO aggregate (`skb_shinfo->gso_segs`; 0 or 1 for
+///   a plain frame).
+/// * `header_len`: [`super::parse::segment_header_len`] of the frame.
+///
+/// An aggregate of `n` segments carries its headers once but goes on the wire as `n`
+/// frames that each carry them, so it costs `len + (n - 1) * header_len`. Without a
+/// known header length the aggregate is billed as `len` (never more than the wire).
+#[inline(always)]
+pub fn wire_cost(len: u64, gso_segs: u32, header_len: Option<usize>) -> (u64, u64) {
+    match header_len {
+        Some(h) if gso_segs > 1 => {
+            let extra = (gso_segs as u64 - 1).saturating_mul(h as u64);
+            (len.saturating_add(extra), gso_segs as u64)
+        }
+        _ => (len, 1),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -107,6 +128,16 @@ mod tests {
         for (name, class, len, client, want) in cases {
             assert_eq!(verdict(*class, *len, *client), *want, "{name}");
         }
+    }
+
+    #[test]
+    fn aggregates_cost_their_segments_headers() {
+        // 10 segments of a TCP stream with 66-byte headers, 1448-byte payload each.
+        let len = 66 + 10 * 1448;
+        assert_eq!(wire_cost(len, 10, Some(66)), (10 * (66 + 1448), 10));
+        assert_eq!(wire_cost(100, 0, Some(66)), (100, 1), "plain frame");
+        assert_eq!(wire_cost(100, 1, Some(66)), (100, 1), "one segment");
+        assert_eq!(wire_cost(5000, 4, None), (5000, 1), "unknown headers: billed as seen");
     }
 
     #[test]

@@ -192,3 +192,20 @@ fn udp_frame_is_payload_plus_42_bytes() {
         assert_eq!(up().ipv4_udp(CLIENT4, NET4, 1, 2, s).len(), s + 42);
     }
 }
+
+#[test]
+fn segment_headers_are_l2_to_end_of_l4_header() {
+    assert_eq!(segment_header_len(up().ipv4_tcp(CLIENT4, NET4, 1, 2).as_slice()), Some(14 + 20 + 20));
+    assert_eq!(segment_header_len(up().ipv4_udp(CLIENT4, NET4, 1, 2, 500).as_slice()), Some(42));
+    assert_eq!(segment_header_len(up().ipv6_tcp(CLIENT6, NET6, 1, 2).as_slice()), Some(14 + 40 + 20));
+    assert_eq!(segment_header_len(up().tagged(&[0x8100]).ipv4_udp(CLIENT4, NET4, 1, 2, 5).as_slice()), Some(46));
+    let mut tcp_with_options = up().ipv4_tcp(CLIENT4, NET4, 1, 2);
+    tcp_with_options[14 + 20 + 12] = 0x80; // 32-byte TCP header (timestamps)
+    tcp_with_options.extend_from_slice(&[0; 12]);
+    assert_eq!(segment_header_len(tcp_with_options.as_slice()), Some(14 + 20 + 32));
+    assert_eq!(segment_header_len(up().ipv4_icmp(CLIENT4, NET4, 8).as_slice()), None);
+    assert_eq!(segment_header_len(up().arp().as_slice()), None);
+    let mut cut = up().ipv4_tcp(CLIENT4, NET4, 1, 2);
+    cut.truncate(14 + 20 + 12);
+    assert_eq!(segment_header_len(cut.as_slice()), None);
+}
