@@ -69,6 +69,13 @@ pub struct Bitcoind {
 impl Bitcoind {
     /// Start a node, or skip (returns `None`; panics under CI) if it is not built.
     pub fn start() -> Option<Bitcoind> {
+        Self::start_with(|_| {})
+    }
+
+    /// Like [`Self::start`], letting the caller adjust the command first (e.g. put
+    /// the node in its own process group, so that a Ctrl-C meant for the demo does
+    /// not stop the node before the demo's guards stop it in order).
+    pub fn start_with(adjust: impl FnOnce(&mut Command)) -> Option<Bitcoind> {
         let (bitcoind, _cli) = binaries();
         if !bitcoind.exists() {
             env::skip("bitcoind not built: run cargo xtask bitcoind");
@@ -79,8 +86,8 @@ impl Bitcoind {
             .tempdir()
             .unwrap();
         let (rpc_port, p2p_port) = (free_port(), free_port());
-        let child = Command::new(&bitcoind)
-            .arg("-regtest")
+        let mut cmd = Command::new(&bitcoind);
+        cmd.arg("-regtest")
             .arg(format!("-datadir={}", datadir.path().display()))
             .arg(format!("-rpcport={rpc_port}"))
             .arg(format!("-port={p2p_port}"))
@@ -102,7 +109,9 @@ impl Bitcoind {
             .args(["-printtoconsole=0", "-daemon=0"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            .stderr(Stdio::piped());
+        adjust(&mut cmd);
+        let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", bitcoind.display()));
         let cookie = datadir.path().join("regtest/.cookie");

@@ -24,7 +24,9 @@ mod procs;
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::{Path, PathBuf};
+use std::os::unix::process::CommandExt;
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -58,6 +60,20 @@ pub const MAX_CLIENTS: usize = 240;
 /// The client API's base URL, as a client sees it.
 pub fn gateway_url() -> String {
     format!("http://{GATEWAY_IP}:{API_PORT}")
+}
+
+static OWN_PROCESS_GROUPS: AtomicBool = AtomicBool::new(false);
+
+/// Start every process of the world (node, controller, agents) in its own process
+/// group from now on. The demo calls this: a Ctrl-C in its terminal then reaches only
+/// the demo, which stops them in order. Tests leave it off, so an interrupted
+/// `cargo test` takes its children down with it.
+pub fn use_own_process_groups() {
+    OWN_PROCESS_GROUPS.store(true, Ordering::SeqCst);
+}
+
+pub(crate) fn own_process_groups() -> bool {
+    OWN_PROCESS_GROUPS.load(Ordering::SeqCst)
 }
 
 /// Path of a `bitmesh` binary: `$BITMESH_BIN` (set by `cargo xtask test/demo`), else
@@ -233,7 +249,12 @@ impl World {
         // Started from a thread inside the gateway namespace: the node's 127.0.0.1 is
         // that namespace's loopback, where the controller finds it.
         let node = in_netns(&self.gateway, || {
-            let node = Bitcoind::start().context("bitcoind is not built (cargo xtask bitcoind)")?;
+            let node = Bitcoind::start_with(|cmd| {
+                if own_process_groups() {
+                    cmd.process_group(0);
+                }
+            })
+            .context("bitcoind is not built (cargo xtask bitcoind)")?;
             Ok(node)
         })?;
         self.node = Some(node);

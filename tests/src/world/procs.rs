@@ -2,8 +2,9 @@
 //! agents (`bitmesh pay`) in client namespaces. Each borrows the [`World`], so it is
 //! stopped before the namespaces go; each is killed on drop, also on panic.
 //!
-//! Children get their own process group: a Ctrl-C in the demo's terminal reaches only
-//! the demo, which then stops them in order (agents first, then the controller).
+//! In the demo, children get their own process group ([`super::use_own_process_groups`]):
+//! a Ctrl-C in its terminal reaches only the demo, which then stops them in order
+//! (agents first, then the controller).
 
 use std::fs::File;
 use std::os::unix::process::CommandExt;
@@ -92,10 +93,14 @@ impl<'w> Controller<'w> {
             .args(["--min-expiry-blocks", "50", "--close-margin-blocks", "6"])
             .args(&opts.extra)
             .env("RUST_LOG", std::env::var("BITMESH_LOG").unwrap_or_else(|_| "info".into()))
+            // A log file, not a terminal: no colour codes.
+            .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
-            .stderr(out)
-            .process_group(0);
+            .stderr(out);
+        if super::own_process_groups() {
+            cmd.process_group(0);
+        }
         // Spawned from a thread inside the gateway namespace, NOT via `ip netns exec`:
         // that would remount /sys and hide the host's bpffs at /sys/fs/bpf, where the
         // meter pins its maps.
@@ -251,8 +256,10 @@ impl<'w> Agent<'w> {
             .args(&opts.extra)
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
-            .stderr(out)
-            .process_group(0);
+            .stderr(out);
+        if super::own_process_groups() {
+            cmd.process_group(0);
+        }
         if opts.exit_when_spent {
             cmd.arg("--exit-when-spent");
         }
