@@ -136,7 +136,9 @@ impl Controller {
         push("--rpc-cookie", opts.rpc_cookie.as_os_str());
         push("--chain-poll-secs", "1".as_ref());
         push("--snapshot-interval-secs", "1".as_ref());
-        push("--metrics-addr", "off".as_ref());
+        if !opts.extra.iter().any(|a| a == "--metrics-addr") {
+            push("--metrics-addr", "off".as_ref());
+        }
         args.extend(opts.extra.iter().map(OsString::from));
         let mut c = Controller {
             child: None,
