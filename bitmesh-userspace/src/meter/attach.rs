@@ -209,7 +209,7 @@ impl Meter {
                 prog.attach(interface, mode).map_err(|source| attach_error(source, hook, interface))?
             }
         };
-        let link = prog.take_link(id).map_err(|source| MeterError::Program { operation: "take link", program: name, source })?;
+        let link = prog.take_link(id).map_err(|source| MeterError::Program { operation: "take link", program: name, source: Box::new(source) })?;
         match FdLink::try_from(link) {
             Ok(link) => self.keep_pinned(pin, link, name),
             Err(e) => {
@@ -253,7 +253,7 @@ impl Meter {
                 prog.attach(interface, at).map_err(|source| attach_error(source, UploadHook::Tc, interface))?
             }
         };
-        let link = prog.take_link(id).map_err(|source| MeterError::Program { operation: "take link", program: name, source })?;
+        let link = prog.take_link(id).map_err(|source| MeterError::Program { operation: "take link", program: name, source: Box::new(source) })?;
         match FdLink::try_from(link) {
             Ok(link) => self.keep_pinned(pin, link, name),
             Err(e) => {
@@ -377,7 +377,7 @@ where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
 {
     let prog = ebpf.program_mut(name).ok_or(MeterError::MissingInObject { what: "program", name })?;
-    prog.try_into().map_err(|source| MeterError::Program { operation: "look up", program: name, source })
+    prog.try_into().map_err(|source| MeterError::Program { operation: "look up", program: name, source: Box::new(source) })
 }
 
 fn load_program(ebpf: &mut Ebpf, program: MeterProgram) -> Result<(), MeterError> {
@@ -392,10 +392,10 @@ fn load_program(ebpf: &mut Ebpf, program: MeterProgram) -> Result<(), MeterError
             match permission_error("loading BPF programs", io_error) {
                 // EACCES with a log is the verifier talking, not a permission problem.
                 Some(e) if verifier_log.to_string().len() < 8 => e,
-                _ => MeterError::VerifierRejected { program: name, log: verifier_log.to_string(), source },
+                _ => MeterError::VerifierRejected { program: name, log: verifier_log.to_string(), source: Box::new(source) },
             }
         }
-        source => MeterError::Program { operation: "load", program: name, source },
+        source => MeterError::Program { operation: "load", program: name, source: Box::new(source) },
     })
 }
 
@@ -405,7 +405,7 @@ fn load_error(error: EbpfError) -> MeterError {
             return e;
         }
     }
-    MeterError::Load(error)
+    MeterError::Load(Box::new(error))
 }
 
 fn attach_error(source: ProgramError, hook: UploadHook, interface: &str) -> MeterError {
@@ -414,5 +414,5 @@ fn attach_error(source: ProgramError, hook: UploadHook, interface: &str) -> Mete
             return e;
         }
     }
-    MeterError::HookUnsupported { hook: hook.to_string(), interface: interface.to_string(), source }
+    MeterError::HookUnsupported { hook: hook.to_string(), interface: interface.to_string(), source: Box::new(source) }
 }

@@ -59,7 +59,7 @@ pub enum MeterError {
         path: PathBuf,
         /// The open error.
         #[source]
-        source: aya::maps::MapError,
+        source: Box<aya::maps::MapError>,
     },
 
     /// The verifier refused a program (a bug in bitmesh-ebpf or an unsupported kernel).
@@ -71,7 +71,7 @@ pub enum MeterError {
         log: String,
         /// The load error.
         #[source]
-        source: aya::programs::ProgramError,
+        source: Box<aya::programs::ProgramError>,
     },
 
     /// The hook cannot be used on this interface.
@@ -83,12 +83,12 @@ pub enum MeterError {
         interface: String,
         /// The attach error.
         #[source]
-        source: aya::programs::ProgramError,
+        source: Box<aya::programs::ProgramError>,
     },
 
     /// Parsing or creating the object's maps failed.
     #[error("loading the BitMesh eBPF object failed (rebuild it with `cargo xtask build-ebpf`; if the pinned maps in the pin directory come from an incompatible version, remove them)")]
-    Load(#[source] aya::EbpfError),
+    Load(#[source] Box<aya::EbpfError>),
 
     /// The object lacks a program or map it must have (stale object).
     #[error("the eBPF object has no {what} named {name}: rebuild it with `cargo xtask build-ebpf`")]
@@ -108,7 +108,7 @@ pub enum MeterError {
         program: &'static str,
         /// The aya error.
         #[source]
-        source: aya::programs::ProgramError,
+        source: Box<aya::programs::ProgramError>,
     },
 
     /// A link operation (pin, reuse after restart) failed.
@@ -132,7 +132,7 @@ pub enum MeterError {
         map: &'static str,
         /// The aya error.
         #[source]
-        source: aya::maps::MapError,
+        source: Box<aya::maps::MapError>,
     },
 
     /// The credit of a MAC may only increase.
@@ -179,3 +179,7 @@ pub(super) fn root_io_error<'a>(mut error: &'a (dyn std::error::Error + 'static)
         error = error.source()?;
     }
 }
+
+// aya's errors are large; they are boxed so `Result<_, MeterError>` stays small on
+// every caller's hot path (clippy::result_large_err).
+const _: () = assert!(std::mem::size_of::<MeterError>() <= 64);

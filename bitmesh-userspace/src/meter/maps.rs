@@ -96,7 +96,7 @@ pub struct MeterMaps {
 }
 
 fn map_err(operation: &'static str, map: &'static str) -> impl FnOnce(MapError) -> MeterError {
-    move |source| MeterError::Map { operation, map, source }
+    move |source| MeterError::Map { operation, map, source: Box::new(source) }
 }
 
 impl MeterMaps {
@@ -119,7 +119,7 @@ impl MeterMaps {
                         return e;
                     }
                 }
-                MeterError::NotPinned { path: pin_dir.to_path_buf(), source }
+                MeterError::NotPinned { path: pin_dir.to_path_buf(), source: Box::new(source) }
             })?;
             Map::from_map_data(data).map_err(map_err("open", name))
         };

@@ -20,10 +20,6 @@
 //! controller restart; [`Meter::load`] + [`Meter::attach`] after a restart reuse both.
 //! [`MeterMaps::open_pinned`] reads the maps without loading anything (CLI, tests).
 
-// aya's errors are large and carried as #[source]; they only occur on cold paths
-// (load, attach, map syscalls), where boxing buys nothing.
-#![allow(clippy::result_large_err)]
-
 mod attach;
 mod config;
 mod error;

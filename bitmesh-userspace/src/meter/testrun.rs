@@ -32,7 +32,7 @@ impl Meter {
             .program(name)
             .ok_or(MeterError::MissingInObject { what: "program", name })?;
         let opts = TestRunOptions { data_in: Some(frame), repeat: repeat.max(1), ..TestRunOptions::default() };
-        let to_err = |source| MeterError::Program { operation: "test run", program: name, source };
+        let to_err = |source| MeterError::Program { operation: "test run", program: name, source: Box::new(source) };
         let result = if program.is_xdp() {
             let xdp: &Xdp = prog.try_into().map_err(to_err)?;
             xdp.test_run(opts).map_err(to_err)?
