@@ -77,11 +77,22 @@ fn client_is_blocked_unpaid_pays_through_the_api_is_cut_at_its_budget_and_settle
     assert_eq!(row["paid_sat"].as_u64(), Some(first.to_sat()));
     assert_eq!(row["channel"].as_str(), Some(offer.channel_id.to_string().as_str()));
 
+    // RFC 8908: captive again with nothing left.
+    let captive = client.request("GET", "/captive-portal/api", &[], None).unwrap();
+    assert_eq!(captive.status, 200);
+    assert!(captive.headers.iter().any(|(k, v)| k == "content-type" && v.starts_with("application/captive+json")));
+    let cj = captive.json();
+    assert_eq!(cj["captive"], true, "{cj}");
+    assert_eq!(cj["bytes-remaining"].as_u64(), Some(budget - used), "{cj}");
+
     // Top up: traffic passes again.
     let second = first + Amount::from_sat(500);
     let ack2 = client.pay(second).unwrap();
     assert_eq!(ack2.credited_bytes, bytes_for_payment(second, price));
     assert_eq!(udp_round_trips(&udp, 5, DATAGRAM), 5, "topped-up client blocked");
+    let cj = client.request("GET", "/captive-portal/api", &[], None).unwrap().json();
+    assert_eq!(cj["captive"], false, "{cj}");
+    assert!(cj["bytes-remaining"].as_u64().unwrap() > 0 && cj["seconds-remaining"].as_u64().unwrap() > 0, "{cj}");
     let st = client.status().unwrap();
     assert_eq!(st.total_paid, second);
     assert_eq!(st.credited_bytes, ack2.credited_bytes);

@@ -18,6 +18,9 @@ use crate::api::{ApiError, CaptiveStatus, ClientEvent, ClientGateway, UsageRepor
 use crate::channel::{check_open, verify_funding, verify_update, FundingCheck};
 use crate::store::{AppendOutcome, ChannelRecord, ChannelState, Funding, NewChannel, NewPayment};
 
+/// Largest untagged Ethernet frame (1500 + 14): below this budget, RFC 8908 says captive.
+const FULL_FRAME_BYTES: u64 = 1514;
+
 /// Seconds per block, for the RFC 8908 `seconds-remaining` estimate.
 const SECS_PER_BLOCK: u64 = 600;
 
@@ -427,7 +430,8 @@ impl ClientGateway for Gateway {
             let r = self.report(&rec);
             let ends = crediting_ends_at(&rec, self.policy().close_margin_blocks).to_consensus_u32();
             let blocks = ends.saturating_sub(self.tip().to_consensus_u32()) as u64;
-            out.captive = r.remaining_bytes == ByteCount::ZERO;
+            // Less than one full Ethernet frame left: bulk traffic is already cut.
+            out.captive = r.remaining_bytes.0 < FULL_FRAME_BYTES;
             out.bytes_remaining = Some(r.remaining_bytes.0);
             out.seconds_remaining = Some(blocks * SECS_PER_BLOCK);
         }
