@@ -6,6 +6,7 @@
 //! and per-MAC iptables/nftables accounting; controller payment updates per second
 //! and memory. Writes `target/bench/report.md` and `target/bench/report.svg`.
 
+mod controller;
 mod forwarding;
 mod kernel;
 mod report;
@@ -22,6 +23,8 @@ fn main() -> Result<()> {
     kernel::run(&mut report, if quick { 100_000 } else { 1_000_000 })?;
     eprintln!("bench: forwarding rate over veth");
     forwarding::run(&mut report, quick)?;
+    eprintln!("bench: controller payment updates (real bitmesh run, regtest node)");
+    controller::run(&mut report, quick)?;
     report.write()?;
     Ok(())
 }
