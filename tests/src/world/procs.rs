@@ -146,6 +146,18 @@ impl<'w> Controller<'w> {
         serde_json::from_str(&text).with_context(|| format!("bitmesh {cmd} --json printed {text:?}"))
     }
 
+    /// The `bitmesh clients --json` row of `mac`, if the controller meters it.
+    pub fn client(&self, mac: &str) -> Option<Value> {
+        let rows = self.admin_json("clients").ok()?;
+        rows.as_array()?.iter().find(|r| r["mac"].as_str() == Some(mac)).cloned()
+    }
+
+    /// The newest `bitmesh channels --json` row of `mac`.
+    pub fn channel(&self, mac: &str) -> Option<Value> {
+        let rows = self.admin_json("channels").ok()?;
+        rows.as_array()?.iter().rev().find(|r| r["mac"].as_str() == Some(mac)).cloned()
+    }
+
     /// The last lines of its log.
     pub fn log_tail(&self, lines: usize) -> String {
         log_tail(&self.log, lines)
@@ -291,6 +303,16 @@ impl<'w> Agent<'w> {
             std::thread::sleep(Duration::from_millis(100));
         }
         bail!("agent {} did not print {needle:?} within {timeout:?}; log:\n{}", self.index, self.output())
+    }
+
+    /// Its channel state file (`<state-dir>/<channel id>.json`), parsed: what the
+    /// client signed (`latest.total_paid_sat`) and whether it was acknowledged.
+    pub fn state(&self) -> Option<Value> {
+        let entry = std::fs::read_dir(&self.state_dir)
+            .ok()?
+            .filter_map(|e| e.ok())
+            .find(|e| e.path().extension().is_some_and(|x| x == "json"))?;
+        serde_json::from_slice(&std::fs::read(entry.path()).ok()?).ok()
     }
 
     /// kill -9.
