@@ -33,6 +33,7 @@ use anyhow::{Context, Result};
 use bitcoin::secp256k1::{rand, Secp256k1, SecretKey};
 use bitcoin::{Amount, CompressedPublicKey, Network, PrivateKey, ScriptBuf, Txid};
 use bitmesh::chain::Chain;
+use bitmesh::meter::{ClientUsage, MeterMaps};
 use serde_json::json;
 
 pub use http::{Fetch, Upstream};
@@ -394,6 +395,13 @@ impl World {
     /// Start a client agent (`bitmesh pay`) in client `i`'s namespace.
     pub fn start_agent(&self, i: usize, opts: &AgentOpts) -> Result<Agent<'_>> {
         Agent::start(self, i, opts)
+    }
+
+    /// The kernel's own view of `mac` (CREDIT and USAGE), read from the pinned maps
+    /// directly: the truth while no controller runs. `None` if not metered.
+    pub fn kernel_usage(&self, mac: &str) -> Option<ClientUsage> {
+        let maps = MeterMaps::open_pinned(self.pins.path()).ok()?;
+        maps.usage(mac.parse().ok()?).ok().flatten()
     }
 
     /// A "reboot" of the gateway: the pinned maps and links are gone (bpffs is empty
