@@ -349,4 +349,41 @@ impl CoinbaseWallet {
         }
         tx
     }
+
+    /// A signed transaction paying each of `outputs` (outputs 0..n, in order), change
+    /// back to the wallet last, 2 sat/vB, spending one P2WPKH coinbase: funds many
+    /// channels at once.
+    pub fn pay_many(&mut self, outputs: &[TxOut]) -> Transaction {
+        let (outpoint, prev) = self.take(false);
+        // 1 P2WPKH input (~68 vB) + n outputs + change + overhead, rounded up.
+        let vsize: u64 = 11 + 69 + 31 + outputs.iter().map(|o| 9 + o.script_pubkey.len() as u64).sum::<u64>();
+        let fee = Amount::from_sat(2 * vsize);
+        let spent: Amount = outputs.iter().map(|o| o.value).sum();
+        let mut output = outputs.to_vec();
+        output.push(TxOut {
+            value: prev.value - spent - fee,
+            script_pubkey: self.segwit.script_pubkey(),
+        });
+        let mut tx = Transaction {
+            version: transaction::Version::TWO,
+            lock_time: absolute::LockTime::ZERO,
+            input: vec![TxIn {
+                previous_output: outpoint,
+                script_sig: ScriptBuf::new(),
+                sequence: Sequence::ENABLE_RBF_NO_LOCKTIME,
+                witness: Witness::new(),
+            }],
+            output,
+        };
+        let hash = SighashCache::new(&tx)
+            .p2wpkh_signature_hash(0, &prev.script_pubkey, prev.value, EcdsaSighashType::All)
+            .unwrap();
+        let sig = self.secp.sign_ecdsa(&Message::from(hash), &self.secret);
+        let sig = ecdsa::Signature {
+            signature: sig,
+            sighash_type: EcdsaSighashType::All,
+        };
+        tx.input[0].witness = Witness::p2wpkh(&sig, &self.public.inner);
+        tx
+    }
 }

@@ -452,7 +452,82 @@ pub mod http {
         headers: &[(&str, &str)],
         body: Option<&[u8]>,
     ) -> Result<Response> {
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        request_from(None, addr, method, path, headers, body)
+    }
+
+    /// `POST path` with a JSON body, from `source` (see [`request_from`]).
+    pub fn post_json_from(source: Option<&ClientIdentity>, addr: SocketAddr, path: &str, body: &serde_json::Value) -> Result<Response> {
+        request_from(source, addr, "POST", path, &[("content-type", "application/json")], Some(body.to_string().as_bytes()))
+    }
+
+    /// A TCP connection to `addr`; with a `source`, bound to that identity's
+    /// interface (`SO_BINDTODEVICE`, so it leaves with the identity's MAC) and source
+    /// IP before connecting. Connecting times out after 5 s either way.
+    pub fn connect_from(source: Option<&ClientIdentity>, addr: SocketAddr) -> Result<TcpStream> {
+        use std::os::fd::{FromRawFd, OwnedFd};
+        let Some(id) = source else { return Ok(TcpStream::connect_timeout(&addr, Duration::from_secs(5))?) };
+        let SocketAddr::V4(dst) = addr else { bail!("client identities are IPv4; {addr} is not") };
+        let sockaddr = |ip: std::net::Ipv4Addr, port: u16| libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: port.to_be(),
+            sin_addr: libc::in_addr { s_addr: u32::from(ip).to_be() },
+            sin_zero: [0; 8],
+        };
+        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        let check = |rc: libc::c_int, what: &str| -> Result<()> {
+            if rc != 0 {
+                bail!("{what} ({} on {}): {}", id.ip, id.iface, std::io::Error::last_os_error());
+            }
+            Ok(())
+        };
+        // SAFETY: plain socket(2); the fd is owned by the OwnedFd right below.
+        let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+        if raw < 0 {
+            bail!("socket: {}", std::io::Error::last_os_error());
+        }
+        // SAFETY: raw is a fresh, valid socket nobody else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let dev = id.iface.as_bytes();
+        // SAFETY: setsockopt reads `dev.len()` bytes of the interface name we pass.
+        check(
+            unsafe { libc::setsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_BINDTODEVICE, dev.as_ptr().cast(), dev.len() as libc::socklen_t) },
+            "SO_BINDTODEVICE",
+        )?;
+        // On Linux SO_SNDTIMEO also bounds a blocking connect(2).
+        let timeout = libc::timeval { tv_sec: 5, tv_usec: 0 };
+        // SAFETY: setsockopt reads one timeval we own.
+        check(
+            unsafe {
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_SNDTIMEO,
+                    (&timeout as *const libc::timeval).cast(),
+                    std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+                )
+            },
+            "SO_SNDTIMEO",
+        )?;
+        let local = sockaddr(id.ip, 0);
+        // SAFETY: bind(2) reads one sockaddr_in of `len` bytes we own.
+        check(unsafe { libc::bind(fd.as_raw_fd(), (&local as *const libc::sockaddr_in).cast(), len) }, "bind")?;
+        let remote = sockaddr(*dst.ip(), dst.port());
+        // SAFETY: connect(2) reads one sockaddr_in of `len` bytes we own.
+        check(unsafe { libc::connect(fd.as_raw_fd(), (&remote as *const libc::sockaddr_in).cast(), len) }, "connect")?;
+        Ok(TcpStream::from(fd))
+    }
+
+    /// Any request, its connection made by [`connect_from`] (`None`: the namespace's
+    /// default source address and route).
+    pub fn request_from(
+        source: Option<&ClientIdentity>,
+        addr: SocketAddr,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+    ) -> Result<Response> {
+        let mut s = connect_from(source, addr)?;
         s.set_read_timeout(Some(Duration::from_secs(30)))?;
         s.set_nodelay(true)?;
         let mut req = format!("{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n");
@@ -568,6 +643,8 @@ pub struct Lab {
     pub topo: crate::netns::Topology,
     /// The upstream namespace.
     pub upstream: Netns,
+    /// How many client identities [`Lab::add_client_identities`] made so far.
+    identities: std::sync::atomic::AtomicU32,
 }
 
 impl Lab {
@@ -600,7 +677,7 @@ impl Lab {
         let relay = LoopbackRelay::start(&topo.gateway, 0, ([127, 0, 0, 1], node.rpc_port).into())?;
         let opts = adjust(ControllerOptions::new(topo.gateway_if(), &relay.url(), &node.cookie_path()));
         let controller = Controller::start(&bin, &topo.gateway, &opts)?;
-        Ok(Some(Lab { controller, relay, echo, node, upstream_link, topo, upstream }))
+        Ok(Some(Lab { controller, relay, echo, node, upstream_link, topo, upstream, identities: Default::default() }))
     }
 
     /// The API address as the client sees it.
@@ -646,6 +723,126 @@ impl Lab {
     }
 }
 
+/// One more client device in the [`Lab`]'s client namespace: a macvlan interface on
+/// the client's veth end, with its own MAC and IPv4 address on the gateway's link.
+/// Made by [`Lab::add_client_identities`]; used by [`ScriptedClient::with_identity`]
+/// and [`http::connect_from`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientIdentity {
+    /// The macvlan interface in the client namespace.
+    pub iface: String,
+    /// Its MAC (`02:c2:..`), the one the gateway binds the channel to.
+    pub mac: String,
+    /// Its address, in 10.77.0.0/16 (10.77.1.2 onwards).
+    pub ip: std::net::Ipv4Addr,
+}
+
+impl ClientIdentity {
+    /// Identity number `k` (unique within a lab).
+    fn numbered(k: u32) -> ClientIdentity {
+        ClientIdentity {
+            iface: format!("mc{k}"),
+            mac: format!("02:c2:00:{:02x}:{:02x}:{:02x}", (k >> 16) & 0xff, (k >> 8) & 0xff, k & 0xff),
+            ip: std::net::Ipv4Addr::new(10, 77, (1 + k / 250) as u8, (2 + k % 250) as u8),
+        }
+    }
+}
+
+impl Lab {
+    /// Give the client namespace `n` more client devices ([`ClientIdentity`]), made in
+    /// two `ip -batch` runs (1,000 take a few seconds). Everything lives in the lab's
+    /// namespaces and goes with them.
+    ///
+    /// The client namespace answers ARP only on the interface that holds the asked
+    /// address (`arp_ignore=1`, so the veth end never claims an identity's IP), has
+    /// reverse-path filtering off, IPv6 off on the new interfaces (no DAD, MLD or router
+    /// solicitations through the meter), and a permanent neighbour entry for the
+    /// gateway on each identity. The gateway namespace gets an on-link route to
+    /// 10.77.0.0/16 on its client-facing veth (its own address stays 10.77.0.1/24).
+    ///
+    /// With `pin_gateway_neighbours` the gateway's neighbour table also gets permanent
+    /// IP -> MAC entries for the identities instead of learning them by ARP. Use it for
+    /// hundreds of identities: dynamic neighbour entries count against the host-wide
+    /// `gc_thresh3` (1,024 by default, shared by every namespace), permanent ones do not.
+    pub fn add_client_identities(&self, n: usize, pin_gateway_neighbours: bool) -> Result<Vec<ClientIdentity>> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let first = self.identities.fetch_add(n as u32, Relaxed);
+        anyhow::ensure!(first as usize + n <= 250 * 250, "at most 62,500 client identities per lab");
+        if first == 0 {
+            self.topo.client.exec(
+                "sysctl",
+                &[
+                    "-qw",
+                    "net.ipv4.conf.all.arp_ignore=1",
+                    "net.ipv4.conf.all.arp_announce=2",
+                    "net.ipv4.conf.all.rp_filter=0",
+                    "net.ipv4.conf.default.rp_filter=0",
+                    "net.ipv6.conf.default.disable_ipv6=1",
+                ],
+            )?;
+            self.topo.gateway.ip(&["route", "add", "10.77.0.0/16", "dev", self.topo.gateway_if(), "scope", "link"])?;
+        }
+        let ids: Vec<ClientIdentity> = (first..first + n as u32).map(ClientIdentity::numbered).collect();
+        let lower = &self.topo.veth.b;
+        let gw = crate::netns::GATEWAY_IPV4;
+        let gw_mac = crate::netns::GATEWAY_MAC;
+        let mut client = String::new();
+        let mut gateway = String::new();
+        for id in &ids {
+            let ClientIdentity { iface, mac, ip } = id;
+            client.push_str(&format!("link add link {lower} name {iface} address {mac} type macvlan mode bridge\n"));
+            client.push_str(&format!("addr add {ip}/16 dev {iface}\n"));
+            client.push_str(&format!("link set {iface} up\n"));
+            client.push_str(&format!("neigh replace {gw} lladdr {gw_mac} dev {iface} nud permanent\n"));
+            gateway.push_str(&format!("neigh replace {ip} lladdr {mac} dev {} nud permanent\n", self.topo.gateway_if()));
+        }
+        let batch = |ns: &Netns, text: &str| -> Result<()> {
+            let mut file = tempfile::Builder::new().prefix("bitmesh-ip-batch-").tempfile()?;
+            file.write_all(text.as_bytes())?;
+            file.flush()?;
+            ns.ip(&["-batch", &file.path().to_string_lossy()])?;
+            Ok(())
+        };
+        batch(&self.topo.client, &client)?;
+        if pin_gateway_neighbours {
+            batch(&self.topo.gateway, &gateway)?;
+        }
+        Ok(ids)
+    }
+
+    /// Fund every client's offered channel with `capacity`, `per_tx` channels per
+    /// funding transaction (one wallet coinbase each; keep `per_tx` <= 200 so a
+    /// transaction stays under the gateway's 10,000-byte relay limit), broadcast
+    /// straight to the node and confirmed by one block. Returns, per client in order,
+    /// the transaction and output to announce with [`ScriptedClient::fund_with`]; the
+    /// gateway then sees them confirmed and relays nothing.
+    pub fn confirmed_funding(
+        &self,
+        wallet: &mut crate::bitcoind::CoinbaseWallet,
+        clients: &[ScriptedClient],
+        capacity: bitcoin::Amount,
+        per_tx: usize,
+    ) -> Result<Vec<(Arc<bitcoin::Transaction>, u32)>> {
+        use bitmesh::chain::Chain;
+        let mut out = Vec::with_capacity(clients.len());
+        for group in clients.chunks(per_tx.max(1)) {
+            let outputs: Vec<bitcoin::TxOut> = group
+                .iter()
+                .map(|c| bitcoin::TxOut {
+                    value: capacity,
+                    script_pubkey: c.offer.as_ref().expect("open first").funding_script_pubkey.clone(),
+                })
+                .collect();
+            let tx = Arc::new(wallet.pay_many(&outputs));
+            self.node.rpc().broadcast(&tx).context("broadcasting a funding transaction")?;
+            out.extend((0..group.len() as u32).map(|vout| (tx.clone(), vout)));
+        }
+        self.node.mine(1);
+        self.wait_synced()?;
+        Ok(out)
+    }
+}
+
 /// Send `count` datagrams of `size` bytes through the gateway and count the echoes
 /// that come back (waiting up to 100 ms for each).
 pub fn udp_round_trips(sock: &std::net::UdpSocket, count: usize, size: usize) -> usize {
@@ -682,6 +879,7 @@ pub struct ScriptedClient {
     pub channel: Option<bitmesh::channel::Channel>,
     api: SocketAddr,
     netns: String,
+    source: Option<ClientIdentity>,
 }
 
 impl ScriptedClient {
@@ -692,19 +890,42 @@ impl ScriptedClient {
         let secret = SecretKey::new(&mut rand::thread_rng());
         let pubkey = bitcoin::PublicKey::new(secret.public_key(&secp));
         let change_script = bitcoin::ScriptBuf::new_p2wpkh(&pubkey.wpubkey_hash().unwrap());
-        ScriptedClient { secret, pubkey, change_script, offer: None, channel: None, api, netns: client_ns.name().to_string() }
+        ScriptedClient {
+            secret,
+            pubkey,
+            change_script,
+            offer: None,
+            channel: None,
+            api,
+            netns: client_ns.name().to_string(),
+            source: None,
+        }
     }
 
-    /// One HTTP request from the client's namespace.
+    /// A fresh key on its own device: every connection leaves from `identity`'s
+    /// interface and IP (see [`Lab::add_client_identities`]), so the gateway binds its
+    /// channel to that identity's MAC.
+    pub fn with_identity(client_ns: &Netns, api: SocketAddr, identity: ClientIdentity) -> ScriptedClient {
+        ScriptedClient { source: Some(identity), ..ScriptedClient::new(client_ns, api) }
+    }
+
+    /// The identity this client speaks from (`None`: the client namespace's own address).
+    pub fn identity(&self) -> Option<&ClientIdentity> {
+        self.source.as_ref()
+    }
+
+    /// One HTTP request from the client's namespace (and identity).
     pub fn request(&self, method: &str, path: &str, headers: &[(&str, &str)], body: Option<&[u8]>) -> Result<http::Response> {
         let api = self.api;
-        in_netns_named(&self.netns, || http::request(api, method, path, headers, body))
+        let source = self.source.as_ref();
+        in_netns_named(&self.netns, || http::request_from(source, api, method, path, headers, body))
     }
 
-    /// POST a JSON body from the client's namespace.
+    /// POST a JSON body from the client's namespace (and identity).
     pub fn post(&self, path: &str, body: &serde_json::Value) -> Result<http::Response> {
         let api = self.api;
-        in_netns_named(&self.netns, || http::post_json(api, path, body))
+        let source = self.source.as_ref();
+        in_netns_named(&self.netns, || http::post_json_from(source, api, path, body))
     }
 
     /// Run `f` on one thread inside the client namespace (for timing loops).
@@ -752,13 +973,20 @@ impl ScriptedClient {
         capacity: bitcoin::Amount,
     ) -> Result<bitmesh_common::wire::ChannelStatus> {
         let tx = self.funding_tx(wallet, capacity);
+        self.fund_with(&tx, 0)
+    }
+
+    /// Tell the gateway that output `vout` of `tx` funds the offered channel (the
+    /// gateway relays `tx` if its node does not know it yet).
+    pub fn fund_with(&mut self, tx: &bitcoin::Transaction, vout: u32) -> Result<bitmesh_common::wire::ChannelStatus> {
         let offer = self.offer.clone().expect("open first");
-        let req = bitmesh_common::wire::FundRequest { channel_id: offer.channel_id, funding_tx: tx.clone(), funding_vout: 0 };
+        let capacity = tx.output.get(vout as usize).context("no such funding output")?.value;
+        let req = bitmesh_common::wire::FundRequest { channel_id: offer.channel_id, funding_tx: tx.clone(), funding_vout: vout };
         let r = self.post(&format!("/v1/channels/{}/funding", offer.channel_id), &serde_json::to_value(&req)?)?;
         anyhow::ensure!(r.status == 200, "fund: {} {}", r.status, String::from_utf8_lossy(&r.body));
         self.channel = Some(bitmesh::channel::Channel {
             script: bitmesh::channel::ChannelScript { gateway: offer.gateway_pubkey, client: self.pubkey, expiry: offer.expiry },
-            funding_outpoint: bitcoin::OutPoint { txid: tx.compute_txid(), vout: 0 },
+            funding_outpoint: bitcoin::OutPoint { txid: tx.compute_txid(), vout },
             capacity,
             client_change_script: self.change_script.clone(),
             min_first_payment: offer.min_first_payment,
