@@ -246,6 +246,9 @@ impl Gateway {
 
     /// Close `ids` (or every open channel) now, in one transaction.
     pub async fn settle_now(&self, ids: Option<Vec<ChannelId>>) -> Result<SettleReport, GatewayError> {
+        // Held from the first mark to the broadcast: a settlement pass of the chain
+        // loop in between would otherwise close the channels marked so far on their own.
+        let _serial = self.write_lock.lock().await;
         let targets = match ids {
             Some(ids) => ids,
             None => self.store.channels_in(&[crate::store::ChannelState::Open])?.into_iter().map(|c| c.id).collect(),
@@ -253,6 +256,6 @@ impl Gateway {
         for id in targets {
             self.store.request_close(id, "operator")?;
         }
-        self.settle_due().await
+        self.settle_due_locked().await
     }
 }

@@ -89,6 +89,12 @@ impl Gateway {
     #[instrument(skip_all)]
     pub async fn settle_due(&self) -> Result<SettleReport, GatewayError> {
         let _serial = self.write_lock.lock().await;
+        self.settle_due_locked().await
+    }
+
+    /// [`Self::settle_due`] for a caller that already holds the write lock (so that
+    /// what it marked for closing cannot be split off by a concurrent pass).
+    pub(super) async fn settle_due_locked(&self) -> Result<SettleReport, GatewayError> {
         let tip = self.tip();
         let mut report = SettleReport::default();
         let mut due = Vec::new();
