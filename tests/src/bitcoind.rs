@@ -75,18 +75,37 @@ impl Bitcoind {
     /// Like [`Self::start`], letting the caller adjust the command first (e.g. put
     /// the node in its own process group, so that a Ctrl-C meant for the demo does
     /// not stop the node before the demo's guards stop it in order).
-    pub fn start_with(adjust: impl FnOnce(&mut Command)) -> Option<Bitcoind> {
+    pub fn start_with(adjust: impl Fn(&mut Command)) -> Option<Bitcoind> {
         let (bitcoind, _cli) = binaries();
         if !bitcoind.exists() {
             env::skip("bitcoind not built: run cargo xtask bitcoind");
             return None;
         }
+        // `free_port` only probes: another process (a parallel test, another node)
+        // can take the port before bitcoind binds it. Such a start is retried on
+        // fresh ports; any other failure is final.
+        const ATTEMPTS: u32 = 5;
+        for attempt in 1..=ATTEMPTS {
+            match Self::try_start(&bitcoind, &adjust) {
+                Ok(node) => return Some(node),
+                Err(log) if log.contains("Unable to bind") && attempt < ATTEMPTS => {
+                    eprintln!("bitcoind could not bind its ports (attempt {attempt}), retrying on others");
+                }
+                Err(log) => panic!("{log}"),
+            }
+        }
+        unreachable!("the last attempt either returns or panics")
+    }
+
+    /// One start on freshly probed ports; `Err` carries the reason and the log tail
+    /// when the node exits during startup.
+    fn try_start(bitcoind: &std::path::Path, adjust: &impl Fn(&mut Command)) -> Result<Bitcoind, String> {
         let datadir = tempfile::Builder::new()
             .prefix("bitmesh-regtest-")
             .tempdir()
             .unwrap();
         let (rpc_port, p2p_port) = (free_port(), free_port());
-        let mut cmd = Command::new(&bitcoind);
+        let mut cmd = Command::new(bitcoind);
         cmd.arg("-regtest")
             .arg(format!("-datadir={}", datadir.path().display()))
             .arg(format!("-rpcport={rpc_port}"))
@@ -124,10 +143,10 @@ impl Bitcoind {
                 let log = std::fs::read_to_string(datadir.path().join("regtest/debug.log"))
                     .unwrap_or_default();
                 let tail: Vec<_> = log.lines().rev().take(20).collect();
-                panic!(
+                return Err(format!(
                     "bitcoind exited with {status} during startup; debug.log tail:\n{}",
                     tail.join("\n")
-                );
+                ));
             }
             if cookie.exists() {
                 if let Ok(rpc) = BitcoindRpc::new(&url, BitcoindAuth::Cookie(cookie.clone())) {
@@ -144,7 +163,7 @@ impl Bitcoind {
             let _ = child.wait();
             panic!("bitcoind RPC did not answer within 60 s on port {rpc_port}");
         };
-        Some(Bitcoind {
+        Ok(Bitcoind {
             child,
             datadir,
             rpc_port,
