@@ -49,7 +49,7 @@ pub fn test(args: &[String]) -> Result<()> {
     let prepared = prepare()?;
     step("running the tests: unit, kernel, namespace, chain, end-to-end");
     let mut cmd = Command::new("cargo");
-    cmd.current_dir(repo_root()).args(["test", "--workspace"]).args(args);
+    cmd.current_dir(repo_root()).args(["test", "--workspace", "--no-fail-fast"]).args(args);
     prepared.apply(&mut cmd);
     run(&mut cmd)
 }

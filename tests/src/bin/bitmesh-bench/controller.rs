@@ -35,3 +35,29 @@ pub fn run(report: &mut Report, quick: bool) -> Result<()> {
     );
     Ok(())
 }
+
+/// Controller memory with many paying clients (`measure_memory`: a real controller,
+/// each client on its own MAC and IP, opened, funded and paid once).
+pub fn memory(report: &mut Report, quick: bool) -> Result<()> {
+    let clients = if quick { 100 } else { 1_000 };
+    let Some(m) = bitmesh_tests::controller_memory::measure_memory(clients)? else {
+        report.note("Skipped", "controller memory: the lab could not start here (see the skip notice above)");
+        return Ok(());
+    };
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    report.note(
+        "Controller",
+        format!(
+            "memory: RSS {:.1} MiB idle, {:.1} MiB with {} clients opened, funded and paid (about {:.0} bytes per client; peak {:.1} MiB); SQLite {:.0} KiB + {:.0} KiB WAL; setup {:.1} s",
+            mib(m.rss_idle),
+            mib(m.rss_loaded),
+            m.clients,
+            m.per_client,
+            mib(m.hwm_loaded),
+            m.sqlite_bytes as f64 / 1024.0,
+            m.sqlite_wal_bytes as f64 / 1024.0,
+            m.setup.as_secs_f64()
+        ),
+    );
+    Ok(())
+}

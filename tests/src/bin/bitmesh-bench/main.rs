@@ -25,6 +25,8 @@ fn main() -> Result<()> {
     forwarding::run(&mut report, quick)?;
     eprintln!("bench: controller payment updates (real bitmesh run, regtest node)");
     controller::run(&mut report, quick)?;
+    eprintln!("bench: controller memory with many paying clients");
+    controller::memory(&mut report, quick)?;
     report.write()?;
     Ok(())
 }
