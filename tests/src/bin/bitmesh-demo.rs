@@ -105,8 +105,7 @@ fn agent_status(agent: &Agent) -> Option<String> {
     let text = agent.output();
     text.split(['\n', '\r'])
         .map(|l| l.trim_end_matches("\x1b[K"))
-        .filter(|l| l.starts_with("paid "))
-        .next_back()
+        .rfind(|l| l.starts_with("paid "))
         .map(str::to_owned)
 }
 

@@ -1,0 +1,34 @@
+//! End-to-end: a long download runs at the link's speed. The client's own count of
+//! what it received (interface counters) and the gateway's billing (wire frames) must
+//! stay close enough that the client never holds back payment for bytes it really got.
+
+// Test code: unwrap is how a failed step fails the test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use bitcoin::Amount;
+use bitmesh_tests::world::{preflight, AgentOpts, ControllerOpts, World};
+
+const MIB: u64 = 1 << 20;
+
+#[test]
+#[ignore = "client bug: the agent counts GRO aggregates on its interface (about 2% under the \
+            wire bytes the gateway bills), so past ~chunk/2% it holds as 'unearned' and the \
+            download drips at 0.3 MiB/s; un-ignore when the agent allows for header overhead"]
+fn a_long_download_runs_at_link_speed_without_the_client_holding_back_payment() {
+    let Some(bin) = preflight() else { return };
+    let world = World::new(bin, 1).unwrap();
+    let funding = world.fund(1, Amount::from_sat(100_000)).unwrap();
+    // 100 sat/MiB: 80 MiB fit in a 40,000 sat zero-conf channel with room to spare.
+    let opts = ControllerOpts { price_msat_per_mib: 100_000, ..ControllerOpts::default() };
+    let ctl = world.start_controller(&opts).unwrap();
+    let mut a = world.start_agent(0, &AgentOpts::new(funding[0].file.clone(), 30_000)).unwrap();
+    a.wait_for("channel funded", Duration::from_secs(30)).unwrap();
+    // 80 MiB at 8 MiB/s: ten seconds when payments keep up.
+    let f = world.fetch_paced(0, 80 * MIB, 8 * MIB, Duration::from_secs(10));
+    let row = ctl.client(&world.clients[0].mac).unwrap();
+    let status = a.output().split('\r').next_back().unwrap_or_default().to_owned();
+    assert!(f.complete, "{f:?}\ngateway: {row}\nagent: {status}");
+    assert!(f.elapsed < Duration::from_secs(25), "payments held the download back: {f:?}\ngateway: {row}\nagent: {status}");
+}
