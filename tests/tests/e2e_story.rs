@@ -14,7 +14,7 @@ use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
 /// The paced "WiFi" rate of downloads.
-const RATE: u64 = 3 * MIB / 2;
+const RATE: u64 = MIB;
 /// Largest L2 frame on the veths (MTU 1500 + Ethernet header).
 const FRAME: u64 = 1514;
 
