@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 use crate::cache::{repo_root, run, step};
 use crate::{bitcoind, ebpf, provision};
@@ -25,28 +25,38 @@ fn host_target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| repo_root().join("target"))
 }
 
-fn prepare() -> Result<Prepared> {
+/// Which build of the `bitmesh` binary the tests, demo or benchmarks run.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Profile {
+    Debug,
+    Release,
+}
+
+fn prepare(profile: Profile) -> Result<Prepared> {
     provision::debian_packages(provision::DEBIAN_PACKAGES)?;
     let obj = ebpf::build()?;
     let bins = bitcoind::ensure()?;
     step("building the bitmesh binary");
-    run(Command::new("cargo")
-        .current_dir(repo_root())
-        .args(["build", "--package", "bitmesh-userspace", "--bin", "bitmesh"])
-        .env("BITMESH_EBPF_OBJ", &obj))?;
+    let mut build = Command::new("cargo");
+    build.current_dir(repo_root()).args(["build", "--package", "bitmesh-userspace", "--bin", "bitmesh"]);
+    if profile == Profile::Release {
+        build.arg("--release");
+    }
+    run(build.env("BITMESH_EBPF_OBJ", &obj))?;
+    let profile_dir = if profile == Profile::Release { "release" } else { "debug" };
     Ok(Prepared {
         env: vec![
             ("BITMESH_EBPF_OBJ", obj),
             ("BITMESH_BITCOIND", bins.bitcoind),
             ("BITMESH_BITCOIN_CLI", bins.bitcoin_cli),
-            ("BITMESH_BIN", host_target_dir().join("debug").join("bitmesh")),
+            ("BITMESH_BIN", host_target_dir().join(profile_dir).join("bitmesh")),
         ],
     })
 }
 
 /// The README's test command: every layer of tests, after provisioning.
 pub fn test(args: &[String]) -> Result<()> {
-    let prepared = prepare()?;
+    let prepared = prepare(Profile::Debug)?;
     step("running the tests: unit, kernel, namespace, chain, end-to-end");
     let mut cmd = Command::new("cargo");
     cmd.current_dir(repo_root()).args(["test", "--workspace", "--no-fail-fast"]).args(args);
@@ -61,17 +71,27 @@ pub fn demo() -> Result<()> {
     if euid.is_some_and(|u| u != "0") {
         bail!("the demo creates network namespaces and loads BPF programs: run it as root (sudo cargo xtask demo)");
     }
-    let prepared = prepare()?;
+    let prepared = prepare(Profile::Debug)?;
     step("running the demo: namespaces, a regtest node, the controller and three client agents");
     let mut cmd = Command::new("cargo");
     cmd.current_dir(repo_root()).args(["run", "--package", "bitmesh-tests", "--bin", "bitmesh-demo"]);
     prepared.apply(&mut cmd);
-    run(&mut cmd)
+    let status = cmd.status().context("could not start cargo run for the demo")?;
+    match status.code() {
+        Some(0) => Ok(()),
+        // The demo's own Ctrl-C handler has already removed what it created.
+        Some(130) => {
+            step("demo interrupted; its namespaces, processes and pinned maps were removed");
+            std::process::exit(130)
+        }
+        _ => bail!("the demo failed ({status}); the lines above say at which step"),
+    }
 }
 
 /// Benchmarks (release build): ratios measured side by side in one run.
 pub fn bench(args: &[String]) -> Result<()> {
-    let prepared = prepare()?;
+    // The controller figures are for the binary an operator would run.
+    let prepared = prepare(Profile::Release)?;
     step("running the benchmarks (release build); report in target/bench/");
     let mut cmd = Command::new("cargo");
     cmd.current_dir(repo_root())

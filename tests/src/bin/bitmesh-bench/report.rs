@@ -94,44 +94,56 @@ impl Report {
         s
     }
 
-    /// A horizontal bar chart: one bar per row, its length the ratio to the baseline.
+    /// Two horizontal bar charts, each on its own scale: kernel cost per frame as a
+    /// multiple of the empty program, and forwarding rate as a fraction of no program.
     fn svg(&self) -> String {
-        let mut bars: Vec<(String, f64)> = Vec::new();
-        for r in &self.kernel {
-            bars.push((format!("kernel: {} ({} clients) / empty", r.case, r.clients), ratio(r.ns, r.empty_ns)));
-        }
-        for r in &self.forwarding {
-            bars.push((
-                format!("forward: {} {} ({} clients) / none", r.method, r.direction, r.clients),
-                ratio(r.gbits, r.baseline_gbits),
-            ));
-        }
-        let max = bars.iter().map(|b| b.1).fold(1.0_f64, f64::max);
-        let (label_w, bar_w, row_h) = (430.0, 360.0, 18.0);
-        let height = 40.0 + row_h * bars.len() as f64;
+        let kernel: Vec<(String, f64)> = self
+            .kernel
+            .iter()
+            .map(|r| (format!("{} ({} clients)", r.case, r.clients), ratio(r.ns, r.empty_ns)))
+            .collect();
+        let forwarding: Vec<(String, f64)> = self
+            .forwarding
+            .iter()
+            .filter(|r| r.method != "no program")
+            .map(|r| (format!("{} {} ({} clients)", r.method, r.direction, r.clients), ratio(r.gbits, r.baseline_gbits)))
+            .collect();
+        let panels = [
+            ("Kernel cost per frame, x the empty program (lower is cheaper)", kernel),
+            ("Forwarding rate over veth, fraction of no program (higher is faster)", forwarding),
+        ];
+        let (label_w, bar_w, row_h, title_h) = (470.0, 330.0, 18.0, 30.0);
+        let height: f64 = panels.iter().map(|(_, bars)| title_h + row_h * bars.len() as f64 + 12.0).sum::<f64>() + 10.0;
         let mut s = format!(
             "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{height}\" font-family=\"monospace\" font-size=\"11\">\n\
-             <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
-             <text x=\"8\" y=\"16\" font-size=\"13\">BitMesh benchmark: ratio to baseline (1.0 = same as baseline)</text>\n",
+             <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n",
             label_w + bar_w + 60.0
         );
-        let one = label_w + bar_w / max;
-        let _ = writeln!(s, "<line x1=\"{one}\" y1=\"24\" x2=\"{one}\" y2=\"{height}\" stroke=\"#999\" stroke-dasharray=\"3,3\"/>");
-        for (i, (label, value)) in bars.iter().enumerate() {
-            let y = 28.0 + row_h * i as f64;
-            let w = bar_w * value / max;
-            let _ = writeln!(
-                s,
-                "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>\
-                 <rect x=\"{label_w}\" y=\"{y:.1}\" width=\"{w:.1}\" height=\"{:.1}\" fill=\"#3b7dd8\"/>\
-                 <text x=\"{:.1}\" y=\"{:.1}\">{value:.2}</text>",
-                label_w - 6.0,
-                y + 12.0,
-                escape(label),
-                row_h - 4.0,
-                label_w + w + 4.0,
-                y + 12.0
-            );
+        let mut top = 8.0;
+        for (title, bars) in &panels {
+            let _ = writeln!(s, "<text x=\"8\" y=\"{:.1}\" font-size=\"13\">{}</text>", top + 14.0, escape(title));
+            top += title_h;
+            let max = bars.iter().map(|b| b.1).filter(|v| v.is_finite()).fold(1.0_f64, f64::max);
+            let one = label_w + bar_w / max;
+            let bottom = top + row_h * bars.len() as f64;
+            let _ = writeln!(s, "<line x1=\"{one:.1}\" y1=\"{top:.1}\" x2=\"{one:.1}\" y2=\"{bottom:.1}\" stroke=\"#999\" stroke-dasharray=\"3,3\"/>");
+            for (i, (label, value)) in bars.iter().enumerate() {
+                let y = top + row_h * i as f64;
+                let w = if value.is_finite() { bar_w * value / max } else { 0.0 };
+                let _ = writeln!(
+                    s,
+                    "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>\
+                     <rect x=\"{label_w}\" y=\"{y:.1}\" width=\"{w:.1}\" height=\"{:.1}\" fill=\"#3b7dd8\"/>\
+                     <text x=\"{:.1}\" y=\"{:.1}\">{value:.2}</text>",
+                    label_w - 6.0,
+                    y + 12.0,
+                    escape(label),
+                    row_h - 4.0,
+                    label_w + w + 4.0,
+                    y + 12.0
+                );
+            }
+            top = bottom + 12.0;
         }
         s.push_str("</svg>\n");
         s
@@ -161,4 +173,25 @@ fn ratio(value: f64, baseline: f64) -> f64 {
 
 fn escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Report;
+
+    #[test]
+    fn svg_has_one_panel_per_section_and_leaves_out_the_baseline_rows() {
+        let mut r = Report::default();
+        r.kernel("XdpUpload, paid", 10, 60.0, 6.0, true);
+        r.forwarding("no program", 1, "upload", 10.0, 10.0);
+        r.forwarding("bitmesh meter (tc up, tc down)", 1, "upload", 9.0, 10.0);
+        let svg = r.svg();
+        assert!(svg.contains("Kernel cost per frame") && svg.contains("Forwarding rate over veth"));
+        assert!(svg.contains("XdpUpload, paid (10 clients)"));
+        assert!(!svg.contains("no program upload"), "the baseline is the scale, not a bar");
+        assert!(svg.contains(">10.00<") && svg.contains(">0.90<"));
+        if let Ok(path) = std::env::var("BITMESH_SVG_OUT") {
+            std::fs::write(path, &svg).ok();
+        }
+    }
 }
