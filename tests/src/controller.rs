@@ -1,60 +1,37 @@
-//! A `bitmesh run` process owned by a guard, and what a test needs around it.
+//! The controller tests' lab: a `bitmesh run` process and what a test needs around it.
 //!
-//! * [`Controller`]: starts the real `bitmesh` binary inside a network namespace,
-//!   waits until its client API answers, can `kill -9` it and start it again on the
-//!   same data and pin directories, and kills it on drop. [`Controller::cli`] runs the
-//!   operator CLI (`bitmesh clients --json`, ...) against its admin socket.
+//! * [`Controller`]: the lab's layer over [`ControllerProcess`] (start, wait-ready,
+//!   `kill -9`, restart on the same data and pin directories, log, the operator CLI:
+//!   all of that lives in [`crate::process`] and is reached through `Deref`). The lab
+//!   layer only chooses the flags ([`ControllerOptions`]) and owns a temporary data
+//!   directory and a pin directory, which live as long as the guard, across restarts.
 //! * [`LoopbackRelay`]: makes a TCP service of the test's namespace (the regtest node
 //!   on 127.0.0.1) reachable on 127.0.0.1 inside another namespace, so the controller
 //!   reaches bitcoind exactly as on a Pi, and the test keeps calling the node directly.
-//! * [`http`]: a tiny blocking HTTP/1.1 client whose sockets are created inside a
-//!   namespace (a client device talking to the gateway's API).
+//! * [`http`]: a tiny blocking HTTP/1.1 client (re-exported from [`crate::http`]).
+//! * [`Lab`], [`ScriptedClient`], [`measure_controller`]: the lab itself, a client
+//!   device driven by library calls, and the latency benchmark.
 //!
-//! The binary comes from `$BITMESH_BIN` (set by `cargo xtask test`), else
-//! `<repo>/target/debug/bitmesh`; [`bitmesh_bin`] returns `None` (after
-//! [`env::skip`], which panics under `CI=true`) when it is missing.
-//!
-//! Why not `ip netns exec`: it also unshares the mount namespace and remounts /sys,
-//! which hides /sys/fs/bpf; the controller would then mount a private bpffs whose
-//! pins die with the process, and a restart could not take the pinned maps over.
-//! The guard enters only the network namespace (`setns(CLONE_NEWNET)` between fork
-//! and exec), which is what `ip netns exec` does for the network.
+//! The binary comes from [`crate::process::bitmesh_bin`]; the lab skips (a failure
+//! under `CI=true`) when it is missing.
 
 // Test harness: any failure here must fail the test loudly.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::ffi::OsString;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt;
+use std::ops::{Deref, DerefMut};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+pub use crate::http;
 use crate::env;
-use crate::netns::{in_netns, Netns, PinDir};
-
-/// The `bitmesh` binary under test, or `None` after reporting a skip.
-pub fn bitmesh_bin() -> Option<PathBuf> {
-    let path = match std::env::var_os("BITMESH_BIN") {
-        Some(p) => PathBuf::from(p),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/bitmesh"),
-    };
-    if path.is_file() {
-        Some(path)
-    } else {
-        env::skip(&format!(
-            "the bitmesh binary {} is missing: build it (cargo build -p bitmesh-userspace) or set BITMESH_BIN",
-            path.display()
-        ));
-        None
-    }
-}
+use crate::netns::{in_netns, in_netns_named, Netns, PinDir, ServerThread};
+use crate::process::{bitmesh_bin_or_skip, ControllerProcess, OnDrop, RunSpec};
 
 /// How to start a controller. [`ControllerOptions::new`] fills the test defaults.
 #[derive(Clone, Debug)]
@@ -93,68 +70,46 @@ impl ControllerOptions {
     }
 }
 
-/// A `bitmesh run` process inside a namespace; killed on drop. Its data directory
-/// and pin directory live as long as the guard, across restarts.
+/// The lab's `bitmesh run` inside a namespace; killed (`kill -9`) on drop. Everything
+/// about the process is [`ControllerProcess`] (through `Deref`); this layer owns the
+/// data directory and the pin directory, which live as long as the guard.
 pub struct Controller {
-    child: Option<Child>,
-    bin: PathBuf,
-    netns: String,
-    args: Vec<OsString>,
+    // Dropped first: the process is killed before its directories go.
+    process: ControllerProcess,
     /// The API port inside the namespace.
     pub api_port: u16,
     /// The admin socket (in the filesystem, shared with the test).
     pub admin_socket: PathBuf,
     /// Where the SQLite store and the seed live.
     pub data_dir: PathBuf,
-    log_path: PathBuf,
-    starts: u32,
-    // Dropped after the process is killed (Drop below runs first).
     pins: PinDir,
     dir: tempfile::TempDir,
 }
 
 impl Controller {
-    /// Start `bin run ...` inside `ns` and wait until the API answers `/v1/terms`.
+    /// Start `bin run ...` inside `ns` and wait until the API and the admin socket answer.
     pub fn start(bin: &Path, ns: &Netns, opts: &ControllerOptions) -> Result<Controller> {
         let dir = tempfile::Builder::new().prefix("bitmesh-ctl-").tempdir()?;
         let pins = PinDir::new();
         let data_dir = dir.path().join("data");
         let admin_socket = dir.path().join("admin.sock");
-        let mut args: Vec<OsString> = vec!["run".into()];
-        let mut push = |k: &str, v: &std::ffi::OsStr| {
-            args.push(k.into());
-            args.push(v.to_owned());
-        };
-        push("--iface", opts.iface.as_ref());
-        push("--hook", opts.hook.as_ref());
-        push("--network", "regtest".as_ref());
-        push("--pin-dir", pins.path().as_os_str());
-        push("--data-dir", data_dir.as_os_str());
-        push("--admin-socket", admin_socket.as_os_str());
-        push("--api-port", opts.api_port.to_string().as_ref());
-        push("--rpc-url", opts.rpc_url.as_ref());
-        push("--rpc-cookie", opts.rpc_cookie.as_os_str());
-        push("--chain-poll-secs", "1".as_ref());
-        push("--snapshot-interval-secs", "1".as_ref());
-        if !opts.extra.iter().any(|a| a == "--metrics-addr") {
-            push("--metrics-addr", "off".as_ref());
-        }
-        args.extend(opts.extra.iter().map(OsString::from));
-        let mut c = Controller {
-            child: None,
+        let mut flags: Vec<String> = ["--hook", opts.hook.as_str(), "--snapshot-interval-secs", "1"].map(String::from).into();
+        flags.extend(opts.extra.iter().cloned());
+        let process = ControllerProcess::start(RunSpec {
             bin: bin.to_path_buf(),
             netns: ns.name().to_string(),
-            args,
+            iface: opts.iface.clone(),
+            pin_dir: pins.path().to_path_buf(),
+            data_dir: data_dir.clone(),
+            admin_socket: admin_socket.clone(),
             api_port: opts.api_port,
-            admin_socket,
-            data_dir,
-            log_path: dir.path().join("controller.log"),
-            starts: 0,
-            pins,
-            dir,
-        };
-        c.spawn()?;
-        Ok(c)
+            rpc_url: opts.rpc_url.clone(),
+            rpc_cookie: opts.rpc_cookie.clone(),
+            flags,
+            log: dir.path().join("controller.log"),
+            on_drop: OnDrop::Kill,
+        })?;
+        Ok(Controller { process, api_port: opts.api_port, admin_socket, data_dir, pins, dir })
     }
 
     /// The bpffs directory the controller pins its maps and links in.
@@ -166,171 +121,19 @@ impl Controller {
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
+}
 
-    fn spawn(&mut self) -> Result<()> {
-        self.starts += 1;
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log_path)?;
-        writeln!(&log, "===== start #{} =====", self.starts)?;
-        let ns_file = std::fs::File::open(format!("/var/run/netns/{}", self.netns))
-            .with_context(|| format!("opening namespace {}", self.netns))?;
-        let ns_fd = ns_file.as_raw_fd();
-        let mut cmd = Command::new(&self.bin);
-        cmd.args(&self.args)
-            .env("RUST_LOG", std::env::var("BITMESH_LOG").unwrap_or_else(|_| "info".into()))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
-        // SAFETY: between fork and exec only the async-signal-safe setns(2) runs; the
-        // fd is open in the parent (ns_file lives until after spawn) and CLOEXEC.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let child = cmd.spawn().with_context(|| format!("spawning {}", self.bin.display()))?;
-        drop(ns_file);
-        self.child = Some(child);
-        self.wait_ready(Duration::from_secs(30))
-    }
-
-    /// Wait until the API answers `GET /v1/terms` and the admin socket exists.
-    pub fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
-        let addr: SocketAddr = ([127, 0, 0, 1], self.api_port).into();
-        loop {
-            if let Some(child) = self.child.as_mut() {
-                if let Some(status) = child.try_wait()? {
-                    self.child = None;
-                    bail!("bitmesh run exited with {status} during startup:\n{}", self.log_tail(30));
-                }
-            }
-            let ns = self.netns.clone();
-            let up = in_netns_named(&ns, || Ok(http::get(addr, "/v1/terms", &[]).map(|r| r.status == 200).unwrap_or(false)))?;
-            if up && self.admin_socket.exists() {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!("bitmesh run did not answer within {timeout:?}:\n{}", self.log_tail(30));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// The process id, while running.
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(|c| c.id())
-    }
-
-    /// `kill -9` the controller (no shutdown code runs) and reap it.
-    pub fn kill9(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// SIGTERM (graceful stop: final snapshot) and reap; kill -9 after 10 s.
-    pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // SAFETY: kill(2) on the pid of our own child, not yet reaped.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// Start it again with the same flags, data dir and pin dir (after [`Self::kill9`]
-    /// or [`Self::stop`]).
-    pub fn restart(&mut self) -> Result<()> {
-        self.kill9();
-        self.spawn()
-    }
-
-    /// Everything the controller logged, over all starts.
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log_path).unwrap_or_default()
-    }
-
-    /// The last `n` log lines.
-    pub fn log_tail(&self, n: usize) -> String {
-        let log = self.log();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(n)..].join("\n")
-    }
-
-    /// Run `bitmesh <args> --admin-socket <ours>` (the operator CLI), failing on a
-    /// non-zero exit.
-    pub fn cli(&self, args: &[&str]) -> Result<Output> {
-        let out = Command::new(&self.bin)
-            .args(args)
-            .arg("--admin-socket")
-            .arg(&self.admin_socket)
-            .stdin(Stdio::null())
-            .output()
-            .with_context(|| format!("running bitmesh {args:?}"))?;
-        if !out.status.success() {
-            bail!("bitmesh {args:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
-        }
-        Ok(out)
-    }
-
-    /// Run a CLI command with `--json` and parse its output.
-    pub fn cli_json(&self, args: &[&str]) -> Result<serde_json::Value> {
-        let mut all = args.to_vec();
-        all.push("--json");
-        let out = self.cli(&all)?;
-        serde_json::from_slice(&out.stdout).with_context(|| format!("bitmesh {all:?} printed no JSON"))
-    }
-
-    /// `bitmesh clients --json`.
-    pub fn clients(&self) -> Result<Vec<serde_json::Value>> {
-        Ok(self.cli_json(&["clients"])?.as_array().cloned().unwrap_or_default())
-    }
-
-    /// `bitmesh channels --json`.
-    pub fn channels(&self) -> Result<Vec<serde_json::Value>> {
-        Ok(self.cli_json(&["channels"])?.as_array().cloned().unwrap_or_default())
-    }
-
-    /// `bitmesh earnings --json`.
-    pub fn earnings(&self) -> Result<serde_json::Value> {
-        self.cli_json(&["earnings"])
+impl Deref for Controller {
+    type Target = ControllerProcess;
+    fn deref(&self) -> &ControllerProcess {
+        &self.process
     }
 }
 
-impl Drop for Controller {
-    fn drop(&mut self) {
-        self.kill9();
-        if std::thread::panicking() {
-            eprintln!("--- controller log (last 40 lines) ---\n{}", self.log_tail(40));
-        }
+impl DerefMut for Controller {
+    fn deref_mut(&mut self) -> &mut ControllerProcess {
+        &mut self.process
     }
-}
-
-fn in_netns_named<T: Send>(name: &str, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
-    let path = format!("/var/run/netns/{name}");
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            let file = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
-            // SAFETY: setns on a valid namespace fd affects only this thread.
-            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                bail!("setns into {name}: {}", std::io::Error::last_os_error());
-            }
-            f()
-        })
-        .join()
-        .map_err(|_| anyhow::anyhow!("thread inside namespace panicked"))?
-    })
 }
 
 /// Forwards `127.0.0.1:<port>` inside a namespace to `target` in the test's own
@@ -339,8 +142,7 @@ fn in_netns_named<T: Send>(name: &str, f: impl FnOnce() -> Result<T> + Send) -> 
 pub struct LoopbackRelay {
     /// The port on 127.0.0.1 inside the namespace.
     pub port: u16,
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    _server: ServerThread,
 }
 
 impl LoopbackRelay {
@@ -351,10 +153,8 @@ impl LoopbackRelay {
         let listener = in_netns(ns, || Ok(TcpListener::bind(("127.0.0.1", port))?))?;
         listener.set_nonblocking(true)?;
         let port = listener.local_addr()?.port();
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = std::thread::spawn(move || {
-            while !flag.load(Ordering::Relaxed) {
+        let server = ServerThread::spawn(move |stop| {
+            while !stop.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((inside, _)) => {
                         let _ = inside.set_nonblocking(false);
@@ -367,7 +167,7 @@ impl LoopbackRelay {
                 }
             }
         });
-        Ok(LoopbackRelay { port, stop, thread: Some(thread) })
+        Ok(LoopbackRelay { port, _server: server })
     }
 
     /// `http://127.0.0.1:<port>` (the URL to give the controller).
@@ -399,188 +199,6 @@ fn pump(a: TcpStream, b: TcpStream) {
     copy(b, a2);
 }
 
-impl Drop for LoopbackRelay {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-/// A minimal blocking HTTP/1.1 client (`Connection: close`), enough for the JSON
-/// API. Call it from a thread inside the client's namespace (or pass a socket made
-/// there): the TCP socket is created in the calling thread's namespace.
-pub mod http {
-    use super::*;
-
-    /// A response: status, headers (lower-case names) and body.
-    #[derive(Debug, Clone)]
-    pub struct Response {
-        pub status: u16,
-        pub headers: Vec<(String, String)>,
-        pub body: Vec<u8>,
-    }
-
-    impl Response {
-        /// The body as JSON (`Null` if it is not JSON).
-        pub fn json(&self) -> serde_json::Value {
-            serde_json::from_slice(&self.body).unwrap_or(serde_json::Value::Null)
-        }
-
-        /// The error `code` of a JSON error body.
-        pub fn code(&self) -> String {
-            self.json()["code"].as_str().unwrap_or("").to_string()
-        }
-    }
-
-    /// `GET path` with extra headers.
-    pub fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Result<Response> {
-        request(addr, "GET", path, headers, None)
-    }
-
-    /// `POST path` with a JSON body.
-    pub fn post_json(addr: SocketAddr, path: &str, body: &serde_json::Value) -> Result<Response> {
-        request(addr, "POST", path, &[("content-type", "application/json")], Some(body.to_string().as_bytes()))
-    }
-
-    /// Any request; `body` is sent as is with its length.
-    pub fn request(
-        addr: SocketAddr,
-        method: &str,
-        path: &str,
-        headers: &[(&str, &str)],
-        body: Option<&[u8]>,
-    ) -> Result<Response> {
-        request_from(None, addr, method, path, headers, body)
-    }
-
-    /// `POST path` with a JSON body, from `source` (see [`request_from`]).
-    pub fn post_json_from(source: Option<&ClientIdentity>, addr: SocketAddr, path: &str, body: &serde_json::Value) -> Result<Response> {
-        request_from(source, addr, "POST", path, &[("content-type", "application/json")], Some(body.to_string().as_bytes()))
-    }
-
-    /// A TCP connection to `addr`; with a `source`, bound to that identity's
-    /// interface (`SO_BINDTODEVICE`, so it leaves with the identity's MAC) and source
-    /// IP before connecting. Connecting times out after 5 s either way.
-    pub fn connect_from(source: Option<&ClientIdentity>, addr: SocketAddr) -> Result<TcpStream> {
-        use std::os::fd::{FromRawFd, OwnedFd};
-        let Some(id) = source else { return Ok(TcpStream::connect_timeout(&addr, Duration::from_secs(5))?) };
-        let SocketAddr::V4(dst) = addr else { bail!("client identities are IPv4; {addr} is not") };
-        let sockaddr = |ip: std::net::Ipv4Addr, port: u16| libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: port.to_be(),
-            sin_addr: libc::in_addr { s_addr: u32::from(ip).to_be() },
-            sin_zero: [0; 8],
-        };
-        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-        let check = |rc: libc::c_int, what: &str| -> Result<()> {
-            if rc != 0 {
-                bail!("{what} ({} on {}): {}", id.ip, id.iface, std::io::Error::last_os_error());
-            }
-            Ok(())
-        };
-        // SAFETY: plain socket(2); the fd is owned by the OwnedFd right below.
-        let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-        if raw < 0 {
-            bail!("socket: {}", std::io::Error::last_os_error());
-        }
-        // SAFETY: raw is a fresh, valid socket nobody else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let dev = id.iface.as_bytes();
-        // SAFETY: setsockopt reads `dev.len()` bytes of the interface name we pass.
-        check(
-            unsafe { libc::setsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_BINDTODEVICE, dev.as_ptr().cast(), dev.len() as libc::socklen_t) },
-            "SO_BINDTODEVICE",
-        )?;
-        // On Linux SO_SNDTIMEO also bounds a blocking connect(2).
-        let timeout = libc::timeval { tv_sec: 5, tv_usec: 0 };
-        // SAFETY: setsockopt reads one timeval we own.
-        check(
-            unsafe {
-                libc::setsockopt(
-                    fd.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    libc::SO_SNDTIMEO,
-                    (&timeout as *const libc::timeval).cast(),
-                    std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-                )
-            },
-            "SO_SNDTIMEO",
-        )?;
-        let local = sockaddr(id.ip, 0);
-        // SAFETY: bind(2) reads one sockaddr_in of `len` bytes we own.
-        check(unsafe { libc::bind(fd.as_raw_fd(), (&local as *const libc::sockaddr_in).cast(), len) }, "bind")?;
-        let remote = sockaddr(*dst.ip(), dst.port());
-        // SAFETY: connect(2) reads one sockaddr_in of `len` bytes we own.
-        check(unsafe { libc::connect(fd.as_raw_fd(), (&remote as *const libc::sockaddr_in).cast(), len) }, "connect")?;
-        Ok(TcpStream::from(fd))
-    }
-
-    /// Any request, its connection made by [`connect_from`] (`None`: the namespace's
-    /// default source address and route).
-    pub fn request_from(
-        source: Option<&ClientIdentity>,
-        addr: SocketAddr,
-        method: &str,
-        path: &str,
-        headers: &[(&str, &str)],
-        body: Option<&[u8]>,
-    ) -> Result<Response> {
-        let mut s = connect_from(source, addr)?;
-        s.set_read_timeout(Some(Duration::from_secs(30)))?;
-        s.set_nodelay(true)?;
-        let mut req = format!("{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n");
-        for (k, v) in headers {
-            req.push_str(&format!("{k}: {v}\r\n"));
-        }
-        let body = body.unwrap_or_default();
-        if method != "GET" || !body.is_empty() {
-            req.push_str(&format!("content-length: {}\r\n", body.len()));
-        }
-        req.push_str("\r\n");
-        let mut bytes = req.into_bytes();
-        bytes.extend_from_slice(body);
-        s.write_all(&bytes)?;
-        let mut raw = Vec::new();
-        s.read_to_end(&mut raw)?;
-        parse(&raw)
-    }
-
-    fn parse(raw: &[u8]) -> Result<Response> {
-        let end = raw.windows(4).position(|w| w == b"\r\n\r\n").context("no end of headers")?;
-        let head = String::from_utf8_lossy(&raw[..end]).to_string();
-        let mut lines = head.split("\r\n");
-        let status: u16 = lines
-            .next()
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|s| s.parse().ok())
-            .context("no status line")?;
-        let headers: Vec<(String, String)> = lines
-            .filter_map(|l| l.split_once(':'))
-            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-            .collect();
-        let mut body = raw[end + 4..].to_vec();
-        if headers.iter().any(|(k, v)| k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked")) {
-            body = dechunk(&body);
-        }
-        Ok(Response { status, headers, body })
-    }
-
-    fn dechunk(mut b: &[u8]) -> Vec<u8> {
-        let mut out = Vec::new();
-        while let Some(pos) = b.windows(2).position(|w| w == b"\r\n") {
-            let len = usize::from_str_radix(String::from_utf8_lossy(&b[..pos]).trim(), 16).unwrap_or(0);
-            if len == 0 || b.len() < pos + 2 + len {
-                break;
-            }
-            out.extend_from_slice(&b[pos + 2..pos + 2 + len]);
-            b = &b[(pos + 4 + len).min(b.len())..];
-        }
-        out
-    }
-}
-
 /// Upstream side of the [`Lab`]: the "internet" beyond the gateway.
 pub const UPSTREAM_GATEWAY_IPV4: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 88, 0, 1);
 /// The upstream host (UDP echo server).
@@ -590,8 +208,7 @@ pub const ECHO_PORT: u16 = 7777;
 
 /// A UDP echo server on a socket created inside a namespace; stopped on drop.
 pub struct UdpEcho {
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    _server: ServerThread,
 }
 
 impl UdpEcho {
@@ -599,26 +216,15 @@ impl UdpEcho {
     pub fn start(ns: &Netns, addr: SocketAddr) -> Result<UdpEcho> {
         let sock = in_netns(ns, || Ok(std::net::UdpSocket::bind(addr)?))?;
         sock.set_read_timeout(Some(Duration::from_millis(50)))?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = std::thread::spawn(move || {
+        let server = ServerThread::spawn(move |stop| {
             let mut buf = [0u8; 65536];
-            while !flag.load(Ordering::Relaxed) {
+            while !stop.load(Ordering::Relaxed) {
                 if let Ok((n, from)) = sock.recv_from(&mut buf) {
                     let _ = sock.send_to(&buf[..n], from);
                 }
             }
         });
-        Ok(UdpEcho { stop, thread: Some(thread) })
-    }
-}
-
-impl Drop for UdpEcho {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        Ok(UdpEcho { _server: server })
     }
 }
 
@@ -661,7 +267,7 @@ impl Lab {
             env::skip("controller tests need root (namespaces, BPF)");
             return Ok(None);
         }
-        let Some(bin) = bitmesh_bin() else { return Ok(None) };
+        let Some(bin) = bitmesh_bin_or_skip() else { return Ok(None) };
         let Some(node) = crate::bitcoind::Bitcoind::start() else { return Ok(None) };
         let topo = crate::netns::Topology::new()?;
         let upstream = Netns::new()?;

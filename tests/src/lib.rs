@@ -5,6 +5,8 @@ pub mod bitcoind;
 pub mod controller;
 pub mod controller_memory;
 pub mod env;
+pub mod http;
 pub mod kernel_bench;
 pub mod netns;
+pub mod process;
 pub mod world;

@@ -8,7 +8,8 @@
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use bitmesh::meter::{Meter, MeterConfig};
@@ -207,22 +208,53 @@ impl Drop for VethPair {
 
 /// Run `f` with the calling thread moved into namespace `ns` (on a scoped thread,
 /// so the test's own thread never changes namespace). Used to attach the meter to
-/// an interface that only exists inside a namespace.
+/// an interface that only exists inside a namespace, to make sockets that belong to
+/// it, and to spawn processes into it.
 pub fn in_netns<T: Send>(ns: &Netns, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
-    let path = format!("/var/run/netns/{}", ns.name());
+    in_netns_named(ns.name(), f)
+}
+
+/// [`in_netns`] for a namespace known by name (`/var/run/netns/<name>`).
+pub fn in_netns_named<T: Send>(name: &str, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+    let path = format!("/var/run/netns/{name}");
     std::thread::scope(|s| {
         s.spawn(|| {
             let file = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
             // SAFETY: setns on a valid namespace fd affects only this thread.
             let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
             if rc != 0 {
-                bail!("setns into {}: {}", ns.name(), std::io::Error::last_os_error());
+                bail!("setns into {name}: {}", std::io::Error::last_os_error());
             }
             f()
         })
         .join()
         .map_err(|_| anyhow::anyhow!("thread inside namespace panicked"))?
     })
+}
+
+/// A background thread (a server whose socket was made inside a namespace) that runs
+/// until this guard drops: drop raises the stop flag the thread polls, then joins it.
+pub struct ServerThread {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ServerThread {
+    /// Run `serve(stop)` on a new thread; it should return soon after `stop` is set.
+    pub fn spawn(serve: impl FnOnce(Arc<AtomicBool>) + Send + 'static) -> ServerThread {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        ServerThread { stop, thread: Some(std::thread::spawn(move || serve(flag))) }
+    }
+}
+
+impl Drop for ServerThread {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// MAC of the gateway end of the [`Topology`] veth.

@@ -26,7 +26,6 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::os::unix::process::CommandExt;
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -38,10 +37,12 @@ use serde_json::json;
 
 pub use http::{Fetch, Upstream};
 pub use procs::{Agent, AgentOpts, Controller, ControllerOpts};
+pub use crate::process::{bitmesh_bin, use_own_process_groups};
 
 use crate::bitcoind::{Bitcoind, CoinbaseWallet};
 use crate::env;
 use crate::netns::{in_netns, unique_name, Netns, PinDir, VethPair};
+use crate::process::{bitmesh_bin_or_skip, own_process_groups};
 
 /// The gateway's address on the client-facing bridge.
 pub const GATEWAY_IP: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 1);
@@ -63,34 +64,6 @@ pub fn gateway_url() -> String {
     format!("http://{GATEWAY_IP}:{API_PORT}")
 }
 
-static OWN_PROCESS_GROUPS: AtomicBool = AtomicBool::new(false);
-
-/// Start every process of the world (node, controller, agents) in its own process
-/// group from now on. The demo calls this: a Ctrl-C in its terminal then reaches only
-/// the demo, which stops them in order. Tests leave it off, so an interrupted
-/// `cargo test` takes its children down with it.
-pub fn use_own_process_groups() {
-    OWN_PROCESS_GROUPS.store(true, Ordering::SeqCst);
-}
-
-pub(crate) fn own_process_groups() -> bool {
-    OWN_PROCESS_GROUPS.load(Ordering::SeqCst)
-}
-
-/// Path of a `bitmesh` binary: `$BITMESH_BIN` (set by `cargo xtask test/demo`), else
-/// `<repo>/target/debug/bitmesh` (or under `$CARGO_TARGET_DIR`). `None` if missing.
-pub fn bitmesh_bin() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("BITMESH_BIN").map(PathBuf::from) {
-        return p.exists().then_some(p);
-    }
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo.join("target"));
-    let p = target.join("debug").join("bitmesh");
-    p.exists().then_some(p)
-}
-
 /// Everything an end-to-end test needs, or `None` after [`env::skip`] saying what is
 /// missing (root, the bitmesh binary, bitcoind).
 pub fn preflight() -> Option<PathBuf> {
@@ -98,13 +71,7 @@ pub fn preflight() -> Option<PathBuf> {
         env::skip("end-to-end tests need root (namespaces, BPF): run with sudo or cargo xtask test");
         return None;
     }
-    let Some(bin) = bitmesh_bin() else {
-        env::skip(
-            "no bitmesh binary: set BITMESH_BIN or run `cargo build -p bitmesh-userspace --bin bitmesh` \
-             (cargo xtask test does both)",
-        );
-        return None;
-    };
+    let bin = bitmesh_bin_or_skip()?;
     if !crate::bitcoind::binaries().0.exists() {
         env::skip("bitcoind not built: run cargo xtask bitcoind");
         return None;

@@ -80,7 +80,7 @@ fn say(text: &str) {
 /// The operator's view: run a CLI command and print it indented.
 fn operator(ctl: &Controller, args: &[&str]) -> Result<()> {
     println!("\n   operator $ bitmesh {}", args.join(" "));
-    for line in ctl.admin(args)?.lines() {
+    for line in ctl.cli_text(args)?.lines() {
         println!("   | {line}");
     }
     Ok(())
@@ -118,16 +118,6 @@ fn funded(agent: &mut Agent) -> Result<()> {
         bail!("the client agent exited before its channel was funded; its log:\n{}", agent.output());
     }
     Ok(())
-}
-
-fn client_row(ctl: &Controller, mac: &str) -> Option<Value> {
-    let rows = ctl.admin_json("clients").ok()?;
-    rows.as_array()?.iter().find(|r| r["mac"].as_str() == Some(mac)).cloned()
-}
-
-fn channel_row(ctl: &Controller, mac: &str) -> Option<Value> {
-    let rows = ctl.admin_json("channels").ok()?;
-    rows.as_array()?.iter().rev().find(|r| r["mac"].as_str() == Some(mac)).cloned()
 }
 
 fn describe_fetch(f: &Fetch, wanted: u64) -> String {
@@ -259,7 +249,7 @@ fn run() -> Result<()> {
         Ok(dl.join().expect("download thread"))
     })?;
     say(&format!("A $ fetch http://{UPSTREAM_IP}/12MiB  -> {}", describe_fetch(&f, want)));
-    if let Some(ch) = channel_row(&ctl, &world.clients[0].mac) {
+    if let Some(ch) = ctl.channel(&world.clients[0].mac) {
         say(&format!(
             "{} payment updates so far, {} sat paid: each sent at the low-water mark, before the budget ran out",
             ch["payments"], ch["paid_sat"]
@@ -281,7 +271,7 @@ fn run() -> Result<()> {
     if let Some(st) = agent_status(&b) {
         say(&format!("B agent> {st}"));
     }
-    if let Some(row) = client_row(&ctl, &world.clients[1].mac) {
+    if let Some(row) = ctl.client(&world.clients[1].mac) {
         let used = row["up_bytes"].as_u64().unwrap_or(0) + row["down_bytes"].as_u64().unwrap_or(0);
         let budget = row["credited_bytes"].as_u64().unwrap_or(0);
         say(&format!(
@@ -312,8 +302,8 @@ fn run() -> Result<()> {
     let mac_b = world.clients[1].mac.clone();
     let mac_c = world.clients[2].mac.clone();
     wait_for("the idle channels of B and C to close", Duration::from_secs(IDLE_SECS + 45), || {
-        let b = channel_row(&ctl, &mac_b)?;
-        let c = channel_row(&ctl, &mac_c)?;
+        let b = ctl.channel(&mac_b)?;
+        let c = ctl.channel(&mac_c)?;
         (b["state"] != "open" && c["state"] != "open").then_some(())
     })?;
     say(&format!("closed {:.0} s after C went idle", idle_from.elapsed().as_secs_f64()));
@@ -326,8 +316,7 @@ fn run() -> Result<()> {
     let height = world.mine(1);
     say(&format!("mined 1 block, tip {height}"));
     let txids: Vec<(String, String)> = wait_for("the settlements to be recorded as confirmed", Duration::from_secs(30), || {
-        let rows = ctl.admin_json("channels").ok()?;
-        let rows = rows.as_array()?;
+        let rows = ctl.channels().ok()?;
         let all_closed = rows.iter().filter(|r| r["payments"].as_u64().unwrap_or(0) > 0).all(|r| r["state"] == "closed");
         all_closed.then(|| {
             rows.iter()

@@ -1,6 +1,7 @@
 //! "The internet": a tiny HTTP/1.1 server in the upstream namespace that answers
 //! `GET /<n>` with an `n`-byte body, and the client side that fetches from inside a
-//! client namespace, measuring bytes and the longest stall.
+//! client namespace, measuring bytes and the longest stall (a streaming read, unlike
+//! the request/response client of [`crate::http`], which `get` uses).
 //!
 //! In-process threads, not an external server: no interpreter to provision, any body
 //! size without files, and the sockets live in the namespace they were created in.
@@ -8,18 +9,15 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 
-use crate::netns::{in_netns, Netns};
+use crate::netns::{in_netns, Netns, ServerThread};
 
 /// The HTTP server; stopped on drop.
 pub struct Upstream {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    _server: ServerThread,
 }
 
 impl Upstream {
@@ -29,29 +27,18 @@ impl Upstream {
         // accept loop may then run anywhere.
         let listener = in_netns(ns, || Ok(TcpListener::bind(addr)?))?;
         listener.set_nonblocking(true)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = std::thread::spawn(move || {
-            while !flag.load(Ordering::Relaxed) {
+        let server = ServerThread::spawn(move |stop| {
+            while !stop.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((conn, _)) => {
-                        let flag = flag.clone();
-                        std::thread::spawn(move || serve(conn, &flag));
+                        let stop = stop.clone();
+                        std::thread::spawn(move || serve(conn, &stop));
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(20)),
                 }
             }
         });
-        Ok(Upstream { stop, thread: Some(thread) })
-    }
-}
-
-impl Drop for Upstream {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        Ok(Upstream { _server: server })
     }
 }
 
@@ -201,32 +188,9 @@ pub fn fetch(ns: &Netns, server: SocketAddrV4, bytes: u64, bps: Option<u64>, tim
     r.unwrap_or_else(|e| Fetch::failed(e.to_string(), start))
 }
 
-/// A plain GET of `path` on `server` from inside `ns`: status code and body.
+/// A plain GET of `path` on `server` from inside `ns` (the shared client of
+/// [`crate::http`], each read waiting at most `timeout`): status code and body.
 pub fn get(ns: &Netns, server: SocketAddrV4, path: &str, timeout: Duration) -> Result<(u16, String)> {
-    in_netns(ns, || {
-        let mut conn = TcpStream::connect_timeout(&SocketAddr::V4(server), timeout)?;
-        conn.set_read_timeout(Some(timeout))?;
-        conn.write_all(format!("GET {path} HTTP/1.1\r\nHost: {server}\r\nConnection: close\r\n\r\n").as_bytes())?;
-        let mut all = Vec::new();
-        conn.read_to_end(&mut all)?;
-        let text = String::from_utf8_lossy(&all).into_owned();
-        let Some((head, body)) = text.split_once("\r\n\r\n") else { bail!("no HTTP answer: {text:?}") };
-        let code = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-        let chunked = head.to_ascii_lowercase().contains("transfer-encoding: chunked");
-        Ok((code, if chunked { dechunk(body) } else { body.to_owned() }))
-    })
-}
-
-/// Decode a `Transfer-Encoding: chunked` body.
-fn dechunk(mut body: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = body.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { break };
-        if n == 0 || rest.len() < n {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        body = rest[n..].trim_start_matches("\r\n");
-    }
-    out
+    let r = in_netns(ns, || crate::http::get_within(SocketAddr::V4(server), path, timeout))?;
+    Ok((r.status, r.text()))
 }

@@ -2,21 +2,22 @@
 //! agents (`bitmesh pay`) in client namespaces. Each borrows the [`World`], so it is
 //! stopped before the namespaces go; each is killed on drop, also on panic.
 //!
-//! In the demo, children get their own process group ([`super::use_own_process_groups`]):
+//! Both are started by [`crate::process`] (the controller through its shared guard,
+//! [`ControllerProcess`]); in the demo, children get their own process group
+//! ([`crate::process::use_own_process_groups`]):
 //! a Ctrl-C in its terminal reaches only the demo, which then stops them in order
 //! (agents first, then the controller).
 
-use std::fs::File;
-use std::os::unix::process::CommandExt;
+use std::ops::{Deref, DerefMut};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
 use super::{gateway_url, World, API_PORT};
-use crate::netns::in_netns;
+use crate::process::{spawn_logged, stop_child, ControllerProcess, OnDrop, RunSpec};
 
 /// `bitmesh run` settings the tests and the demo vary. Prices and sizes are chosen so
 /// that a few MiB cost a few thousand sat: small downloads cross chunk boundaries.
@@ -50,158 +51,86 @@ impl Default for ControllerOpts {
     }
 }
 
-/// The controller process; SIGTERM then SIGKILL on drop.
+/// The world's controller: a thin layer over [`ControllerProcess`] (reached through
+/// `Deref`: `cli`, `clients`, `client(mac)`, `channel(mac)`, `log_tail`, ...), started
+/// in the gateway namespace on the world's bridge, data dir, pin dir and node. It
+/// borrows the [`World`], so it is stopped before the namespaces go; SIGTERM then
+/// SIGKILL on drop.
 pub struct Controller<'w> {
-    world: &'w World,
-    child: Option<Child>,
-    /// Its log (stdout and stderr).
+    _world: &'w World,
+    process: ControllerProcess,
+    /// Its log (stdout and stderr), appended to by every controller of the world.
     pub log: PathBuf,
-}
-
-fn log_tail(path: &PathBuf, lines: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 impl<'w> Controller<'w> {
     pub(super) fn start(world: &'w World, opts: &ControllerOpts) -> Result<Controller<'w>> {
         std::fs::create_dir_all(world.data_dir())?;
-        let _ = std::fs::remove_file(world.admin_socket());
         let log = world.dir.path().join("controller.log");
-        let out = File::options().create(true).append(true).open(&log)?;
-        let mut cmd = Command::new(&world.bin);
-        cmd.arg("run")
-            .args(["--iface", &world.bridge])
-            .arg("--pin-dir")
-            .arg(world.pins.path())
-            .arg("--data-dir")
-            .arg(world.data_dir())
-            .arg("--admin-socket")
-            .arg(world.admin_socket())
-            .args(["--metrics-addr", "off", "--network", "regtest", "--chain", "bitcoind"])
-            .args(["--rpc-url", &format!("http://127.0.0.1:{}", world.rpc_port())])
-            .arg("--rpc-cookie")
-            .arg(world.rpc_cookie())
-            .args(["--api-port", &API_PORT.to_string(), "--chain-poll-secs", "1"])
-            .args(["--price-msat-per-mib", &opts.price_msat_per_mib.to_string()])
-            .args(["--chunk-bytes", &opts.chunk_bytes.to_string()])
-            .args(["--low-water-bytes", &opts.low_water_bytes.to_string()])
-            .args(["--idle-timeout-secs", &opts.idle_timeout_secs.to_string()])
-            .args(["--snapshot-interval-secs", &opts.snapshot_interval_secs.to_string()])
+        let mut flags: Vec<String> = vec!["--chain".into(), "bitcoind".into()];
+        for (flag, value) in [
+            ("--price-msat-per-mib", opts.price_msat_per_mib),
+            ("--chunk-bytes", opts.chunk_bytes),
+            ("--low-water-bytes", opts.low_water_bytes),
+            ("--idle-timeout-secs", opts.idle_timeout_secs),
+            ("--snapshot-interval-secs", opts.snapshot_interval_secs),
             // Regtest: short channels, so the story fits in minutes.
-            .args(["--min-expiry-blocks", "50", "--close-margin-blocks", "6"])
-            .args(&opts.extra)
-            .env("RUST_LOG", std::env::var("BITMESH_LOG").unwrap_or_else(|_| "info".into()))
-            // A log file, not a terminal: no colour codes.
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out);
-        if super::own_process_groups() {
-            cmd.process_group(0);
+            ("--min-expiry-blocks", 50),
+            ("--close-margin-blocks", 6),
+        ] {
+            flags.extend([flag.to_string(), value.to_string()]);
         }
-        // Spawned from a thread inside the gateway namespace, NOT via `ip netns exec`:
-        // that would remount /sys and hide the host's bpffs at /sys/fs/bpf, where the
-        // meter pins its maps.
-        let child = in_netns(&world.gateway, || cmd.spawn().context("spawning bitmesh run"))?;
-        let mut ctl = Controller { world, child: Some(child), log };
-        ctl.wait_ready(Duration::from_secs(30))?;
-        Ok(ctl)
+        flags.extend(opts.extra.iter().cloned());
+        let process = ControllerProcess::start(RunSpec {
+            bin: world.bin.clone(),
+            netns: world.gateway.name().to_string(),
+            iface: world.bridge.clone(),
+            pin_dir: world.pins.path().to_path_buf(),
+            data_dir: world.data_dir(),
+            admin_socket: world.admin_socket(),
+            api_port: API_PORT,
+            rpc_url: format!("http://127.0.0.1:{}", world.rpc_port()),
+            rpc_cookie: world.rpc_cookie(),
+            flags,
+            log: log.clone(),
+            on_drop: OnDrop::Terminate,
+        })?;
+        Ok(Controller { _world: world, process, log })
     }
 
-    fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                bail!("bitmesh run exited with {status}; log tail:\n{}", log_tail(&self.log, 30));
-            }
-            if self.world.admin_socket().exists() && self.admin(&["clients", "--json"]).is_ok() {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        bail!("bitmesh run not ready within {timeout:?}; log tail:\n{}", log_tail(&self.log, 30))
-    }
-
-    /// Run an operator command (`bitmesh clients`, `earnings`, ...) against this
-    /// controller's admin socket; its stdout.
+    /// What an operator command (`bitmesh clients`, `earnings`, ...) printed; the
+    /// same as [`ControllerProcess::cli_text`].
     pub fn admin(&self, args: &[&str]) -> Result<String> {
-        let out = Command::new(&self.world.bin)
-            .args(args)
-            .arg("--admin-socket")
-            .arg(self.world.admin_socket())
-            .stdin(Stdio::null())
-            .output()
-            .with_context(|| format!("running bitmesh {args:?}"))?;
-        if !out.status.success() {
-            bail!("bitmesh {args:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        self.process.cli_text(args)
     }
 
-    /// `bitmesh <cmd> --json`, parsed.
+    /// `bitmesh <cmd> --json`, parsed; the same as [`ControllerProcess::cli_json`].
     pub fn admin_json(&self, cmd: &str) -> Result<Value> {
-        let text = self.admin(&[cmd, "--json"])?;
-        serde_json::from_str(&text).with_context(|| format!("bitmesh {cmd} --json printed {text:?}"))
-    }
-
-    /// The `bitmesh clients --json` row of `mac`, if the controller meters it.
-    pub fn client(&self, mac: &str) -> Option<Value> {
-        let rows = self.admin_json("clients").ok()?;
-        rows.as_array()?.iter().find(|r| r["mac"].as_str() == Some(mac)).cloned()
-    }
-
-    /// The newest `bitmesh channels --json` row of `mac`.
-    pub fn channel(&self, mac: &str) -> Option<Value> {
-        let rows = self.admin_json("channels").ok()?;
-        rows.as_array()?.iter().rev().find(|r| r["mac"].as_str() == Some(mac)).cloned()
-    }
-
-    /// The last lines of its log.
-    pub fn log_tail(&self, lines: usize) -> String {
-        log_tail(&self.log, lines)
+        self.process.cli_json(&[cmd])
     }
 
     /// kill -9: no shutdown path runs (the crash case).
     pub fn kill9(mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.process.kill9();
     }
 
     /// SIGTERM and wait (the operator's `systemctl stop`).
     pub fn stop(mut self) {
-        self.terminate();
-    }
-
-    fn terminate(&mut self) {
-        if let Some(c) = self.child.take() {
-            stop_child(c, Duration::from_secs(10));
-        }
+        self.process.stop();
     }
 }
 
-impl Drop for Controller<'_> {
-    fn drop(&mut self) {
-        self.terminate();
+impl Deref for Controller<'_> {
+    type Target = ControllerProcess;
+    fn deref(&self) -> &ControllerProcess {
+        &self.process
     }
 }
 
-/// SIGTERM, then SIGKILL after `grace`.
-fn stop_child(mut c: Child, grace: Duration) {
-    // SAFETY: kill(2) on our own child's pid; no memory is involved.
-    unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
-    let deadline = Instant::now() + grace;
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = c.try_wait() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
+impl DerefMut for Controller<'_> {
+    fn deref_mut(&mut self) -> &mut ControllerProcess {
+        &mut self.process
     }
-    let _ = c.kill();
-    let _ = c.wait();
 }
 
 /// `bitmesh pay` settings.
@@ -252,7 +181,6 @@ impl<'w> Agent<'w> {
     pub(super) fn start(world: &'w World, i: usize, opts: &AgentOpts) -> Result<Agent<'w>> {
         let state_dir = world.dir.path().join(format!("client-{i}"));
         let log = world.dir.path().join(format!("agent-{i}.log"));
-        let out = File::options().create(true).append(true).open(&log)?;
         let mut cmd = world.client_command(i, &world.bin);
         cmd.arg("pay")
             .args(["--gateway", &gateway_url()])
@@ -265,18 +193,12 @@ impl<'w> Agent<'w> {
             .arg(&opts.fund_from)
             .arg("--state-dir")
             .arg(&state_dir)
-            .args(&opts.extra)
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out);
-        if super::own_process_groups() {
-            cmd.process_group(0);
-        }
+            .args(&opts.extra);
         if opts.exit_when_spent {
             cmd.arg("--exit-when-spent");
         }
         // `ip netns exec` execs the agent in place, so the child's pid is the agent's.
-        let child = cmd.spawn().context("spawning bitmesh pay")?;
+        let child = spawn_logged(&mut cmd, &log).context("spawning bitmesh pay")?;
         Ok(Agent { _world: world, child: Some(child), index: i, log, state_dir })
     }
 
