@@ -164,3 +164,24 @@ fn unreachable_backends_say_which_backend_and_call_failed() {
         }
     ));
 }
+
+#[test]
+fn bitcoind_backend_finds_confirmed_outputs_paying_a_script() {
+    let Some(node) = Bitcoind::start() else {
+        return;
+    };
+    let mut wallet = CoinbaseWallet::fund(&node, 2, 0);
+    let rpc = node.rpc();
+    let target = ScriptBuf::new_p2wsh(&bitcoin::WScriptHash::from_raw_hash(bitcoin::hashes::Hash::all_zeros()));
+    assert!(rpc.outputs_paying(&target).unwrap().is_empty(), "nothing pays it yet");
+    let tx = wallet.pay(&target, Amount::from_sat(70_000), false);
+    rpc.broadcast(&tx).unwrap();
+    // scantxoutset reads the UTXO set: a mempool payment is not there yet.
+    assert!(rpc.outputs_paying(&target).unwrap().is_empty());
+    node.mine(1);
+    let found = rpc.outputs_paying(&target).unwrap();
+    let vout = tx.output.iter().position(|o| o.script_pubkey == target).unwrap() as u32;
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].outpoint, OutPoint { txid: tx.compute_txid(), vout });
+    assert_eq!((found[0].value, found[0].confirmations), (Amount::from_sat(70_000), 1));
+}

@@ -1,9 +1,12 @@
 //! The client agent against a test gateway that serves the controller's real API
 //! router: refusal of expensive terms, a hostile gateway that over-reports usage,
-//! and resuming a channel after the agent restarts. No root, no chain needed.
+//! resuming a channel after the agent restarts, and an agent that must not spin when
+//! the event stream keeps ending or the gateway rate-limits it. No root, no chain
+//! needed.
 
 mod client_support;
 
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bitcoin::Amount;
@@ -65,7 +68,7 @@ fn agent_stops_paying_at_received_plus_one_chunk_when_the_gateway_over_reports()
     meter.set(9 * MIB);
     wait_until("payments up to the new ceiling", || gw.totals().last() == Some(&ceiling(9 * MIB)));
     std::thread::sleep(Duration::from_millis(300));
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    stop.store(true, Ordering::SeqCst);
     let (result, ui) = agent.join().unwrap();
     let summary = result.unwrap();
 
@@ -94,7 +97,7 @@ fn agent_restart_resumes_the_same_channel() {
         let agent = std::thread::spawn(move || session::run(cfg, &mut m, &mut RecordingUi::default()));
         wait_until("a payment", || gw.totals().len() > before);
         std::thread::sleep(Duration::from_millis(200));
-        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        stop.store(true, Ordering::SeqCst);
         agent.join().unwrap().unwrap()
     };
     // First run: 2 MiB used, paid 3 sat (2 MiB + one chunk), left open.
@@ -109,4 +112,154 @@ fn agent_restart_resumes_the_same_channel() {
     assert_eq!(second.record.received, ByteCount(6 * MIB), "count carried across the restart");
     assert_eq!(second.record.paid(), Amount::from_sat(7), "6 MiB + one chunk");
     assert_eq!(gw.totals(), vec![Amount::from_sat(3), Amount::from_sat(7)]);
+}
+
+#[test]
+fn agent_polls_at_its_interval_while_the_event_stream_keeps_ending() {
+    // The test gateway's event stream ends as soon as it opens, like a controller
+    // that died: the agent must neither spin on the dead stream nor re-open it in a
+    // tight loop (the gateway would rate-limit it, payments included).
+    let gw = TestGateway::start(false);
+    let dir = tempfile::tempdir().unwrap();
+    let (cfg, stop) = config(&gw.url, dir.path(), fake_funding(), 1000);
+    let poll = cfg.poll;
+    let meter = TestMeter::default();
+    meter.set(MIB);
+    gw.book.lock().unwrap().used = ByteCount(MIB);
+    let mut m = meter.clone();
+    let agent = std::thread::spawn(move || session::run(cfg, &mut m, &mut RecordingUi::default()));
+    wait_until("the first payment", || !gw.totals().is_empty());
+
+    let (from, t0) = (gw.requests.load(Ordering::SeqCst), Instant::now());
+    std::thread::sleep(Duration::from_secs(1));
+    let (requests, elapsed) = (gw.requests.load(Ordering::SeqCst) - from, t0.elapsed());
+    stop.store(true, Ordering::SeqCst);
+    agent.join().unwrap().unwrap();
+    // One status poll per interval, plus stream re-opens backing off (20, 40, 80 ms...).
+    let polls = (elapsed.as_millis() / poll.as_millis()) as u64;
+    assert!(requests <= polls + 15, "{requests} requests in {elapsed:?} at a {poll:?} poll");
+    assert!(requests >= polls / 4, "still polling: {requests} requests in {elapsed:?}");
+}
+
+#[test]
+fn a_rate_limited_agent_waits_out_retry_after_and_its_payment_still_gets_through() {
+    // 60 requests a minute: the agent's 20 ms polls use them up in about a second;
+    // then every answer is `rate_limited` with Retry-After 1 s.
+    let gw = TestGateway::start_limited(false, 60);
+    let dir = tempfile::tempdir().unwrap();
+    let (cfg, stop) = config(&gw.url, dir.path(), fake_funding(), 1000);
+    let meter = TestMeter::default();
+    meter.set(8 * MIB);
+    let mut m = meter.clone();
+    let t0 = Instant::now();
+    let agent = std::thread::spawn(move || {
+        let mut ui = RecordingUi::default();
+        let r = session::run(cfg, &mut m, &mut ui);
+        (r, ui)
+    });
+    wait_until("the first payment", || !gw.totals().is_empty());
+    std::thread::sleep(Duration::from_secs(2));
+    // Now the gateway has used the first chunk: a top-up is due.
+    gw.book.lock().unwrap().used = ByteCount(3 * MIB);
+    let price = PriceMsatPerMib::from_sat_per_mib(1).unwrap();
+    let due = payment_for_bytes(ByteCount(4 * MIB), price);
+    wait_until("the top-up through the rate limit", || gw.totals().last() == Some(&due));
+    let (requests, elapsed) = (gw.requests.load(Ordering::SeqCst), t0.elapsed());
+    stop.store(true, Ordering::SeqCst);
+    let (result, ui) = agent.join().unwrap();
+    result.unwrap();
+    // The bucket's 60, one more per second of refill, and per Retry-After period at
+    // most a couple of requests that find the bucket empty again.
+    let secs = elapsed.as_secs() + 1;
+    assert!(requests <= 60 + 3 * secs + 10, "{requests} requests in {elapsed:?}: the agent does not wait");
+    assert!(ui.notes.iter().any(|n| n.contains("rate_limited")), "says why: {:?}", ui.notes);
+}
+
+/// A chain on which a wallet pays the channel address on the third look-up (clones
+/// share the state: the test keeps one, the agent gets another).
+#[derive(Clone, Default)]
+struct WalletPaysLater {
+    lookups: std::sync::Arc<std::sync::Mutex<u32>>,
+    paid: std::sync::Arc<std::sync::Mutex<Option<bitcoin::Transaction>>>,
+}
+
+impl bitmesh::chain::Chain for WalletPaysLater {
+    fn backend(&self) -> &'static str {
+        "test-chain"
+    }
+    fn tip_height(&self) -> Result<bitcoin::absolute::Height, bitmesh::chain::ChainError> {
+        Ok(bitcoin::absolute::Height::from_consensus(500).unwrap())
+    }
+    fn transaction(&self, txid: &bitcoin::Txid) -> Result<Option<bitmesh::chain::TxStatus>, bitmesh::chain::ChainError> {
+        let paid = self.paid.lock().unwrap();
+        Ok(paid.iter().find(|t| t.compute_txid() == *txid).map(|tx| bitmesh::chain::TxStatus {
+            tx: tx.clone(),
+            confirmations: 0,
+            block_height: None,
+        }))
+    }
+    fn unspent_output(&self, _: &bitcoin::OutPoint) -> Result<Option<bitmesh::chain::OutputStatus>, bitmesh::chain::ChainError> {
+        Ok(None)
+    }
+    fn broadcast(&self, tx: &bitcoin::Transaction) -> Result<bitcoin::Txid, bitmesh::chain::ChainError> {
+        Ok(tx.compute_txid())
+    }
+    fn fee_rate(&self, _: u16, floor: bitcoin::FeeRate) -> Result<bitcoin::FeeRate, bitmesh::chain::ChainError> {
+        Ok(floor)
+    }
+    fn test_mempool_accept(&self, _: &[bitcoin::Transaction]) -> Result<Vec<bitmesh::chain::MempoolAcceptance>, bitmesh::chain::ChainError> {
+        Ok(Vec::new())
+    }
+    fn outputs_paying(&self, script: &bitcoin::Script) -> Result<Vec<bitmesh::chain::ScriptUtxo>, bitmesh::chain::ChainError> {
+        let mut n = self.lookups.lock().unwrap();
+        *n += 1;
+        if *n < 3 {
+            return Ok(Vec::new());
+        }
+        // The wallet's transaction: some other output first, the channel at index 1.
+        let tx = bitcoin::Transaction {
+            version: bitcoin::transaction::Version::TWO,
+            lock_time: bitcoin::absolute::LockTime::ZERO,
+            input: vec![bitcoin::TxIn {
+                previous_output: bitcoin::OutPoint { txid: bitcoin::Txid::from_raw_hash(bitcoin::hashes::Hash::all_zeros()), vout: 3 },
+                ..Default::default()
+            }],
+            output: vec![
+                bitcoin::TxOut { value: Amount::from_sat(5_000), script_pubkey: bitcoin::ScriptBuf::new_op_return([1u8; 4]) },
+                bitcoin::TxOut { value: Amount::from_sat(100_000), script_pubkey: script.to_owned() },
+            ],
+        };
+        let outpoint = bitcoin::OutPoint { txid: tx.compute_txid(), vout: 1 };
+        *self.paid.lock().unwrap() = Some(tx);
+        Ok(vec![bitmesh::chain::ScriptUtxo { outpoint, value: Amount::from_sat(100_000), confirmations: 0 }])
+    }
+}
+
+#[test]
+fn bip21_funding_is_found_on_the_chain_without_pasting_anything() {
+    let gw = TestGateway::start(false);
+    let dir = tempfile::tempdir().unwrap();
+    let (mut cfg, stop) = config(&gw.url, dir.path(), fake_funding(), 1000);
+    let chain = WalletPaysLater::default();
+    cfg.funding = bitmesh::client::session::FundingMode::Bip21 { chain: Some(Box::new(chain.clone())) };
+    let refund = bitcoin::ScriptBuf::new_p2wpkh(&bitcoin::WPubkeyHash::from_raw_hash(bitcoin::hashes::Hash::all_zeros()));
+    cfg.refund_script = Some(refund);
+    let meter = TestMeter::default();
+    let mut m = meter.clone();
+    let agent = std::thread::spawn(move || {
+        // RecordingUi answers no paste (read_funding = None): only the chain can fund.
+        let mut ui = RecordingUi::default();
+        let r = session::run(cfg, &mut m, &mut ui);
+        (r, ui)
+    });
+    wait_until("the first payment on the found funding", || !gw.totals().is_empty());
+    stop.store(true, Ordering::SeqCst);
+    let (result, ui) = agent.join().unwrap();
+    let summary = result.unwrap();
+    let paid = chain.paid.lock().unwrap().clone().unwrap();
+    let outpoint = bitcoin::OutPoint { txid: paid.compute_txid(), vout: 1 };
+    assert_eq!(gw.book.lock().unwrap().funded, Some(outpoint), "funded with the wallet's output");
+    assert_eq!(summary.record.funding.unwrap().outpoint, outpoint);
+    assert!(*chain.lookups.lock().unwrap() >= 3, "watched until the payment appeared");
+    assert!(ui.notes.iter().any(|n| n.starts_with("payment seen")), "{:?}", ui.notes);
 }

@@ -1,5 +1,6 @@
 //! End-to-end faults (DESIGN.md section 9, layer 5): the controller killed with
-//! SIGKILL in the middle of payments, and a gateway reboot that loses the pinned maps.
+//! SIGKILL in the middle of payments, a gateway reboot that loses the pinned maps,
+//! and the client agent killed with SIGKILL in the middle of its session.
 
 // Test code: unwrap is how a failed step fails the test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -7,7 +8,9 @@
 use std::time::Duration;
 
 use bitcoin::Amount;
-use bitmesh_common::pricing::{bytes_for_payment, PriceMsatPerMib};
+use bitmesh::channel::sign_update;
+use bitmesh::client::state::{SignedState, StateDir};
+use bitmesh_common::pricing::{bytes_for_payment, payment_for_bytes, ByteCount, PriceMsatPerMib};
 use bitmesh_tests::world::{preflight, wait_until, Agent, AgentOpts, ControllerOpts, World};
 use serde_json::Value;
 
@@ -30,11 +33,9 @@ fn controller_killed_during_payments_keeps_every_acknowledged_payment_and_credit
     const CLIENTS: usize = 4;
     let world = World::new(bin, CLIENTS).unwrap();
     let funding = world.fund(CLIENTS, Amount::from_sat(100_000)).unwrap();
-    // Workaround, client bug: once the event stream drops (the controller died), the
-    // agent's pay loop polls status without pausing and trips the per-IP rate limit,
-    // which then refuses its payments too. A generous limit keeps this test about the
-    // controller's durability; remove when the agent waits and reconnects.
-    let opts = ControllerOpts { extra: vec!["--rate-limit-per-min".into(), "1000000".into()], ..ControllerOpts::default() };
+    // Default limits, the per-IP rate limit included: an agent that lost its event
+    // stream must wait and reconnect, not poll its way into `rate_limited`.
+    let opts = ControllerOpts::default();
     let price = PriceMsatPerMib::new(opts.price_msat_per_mib).unwrap();
     let ctl = world.start_controller(&opts).unwrap();
     let mut agents: Vec<Agent> = (0..CLIENTS)
@@ -98,12 +99,8 @@ fn gateway_reboot_restores_budgets_and_usage_from_the_store_losing_at_most_one_s
     let Some(bin) = preflight() else { return };
     let world = World::new(bin, 2).unwrap();
     let funding = world.fund(2, Amount::from_sat(100_000)).unwrap();
-    let opts = ControllerOpts {
-        snapshot_interval_secs: 2,
-        // Same workaround as above: the agents lose their event stream at the reboot.
-        extra: vec!["--rate-limit-per-min".into(), "1000000".into()],
-        ..ControllerOpts::default()
-    };
+    // Default rate limits: the agents lose their event stream at the reboot.
+    let opts = ControllerOpts { snapshot_interval_secs: 2, ..ControllerOpts::default() };
     let interval = Duration::from_secs(opts.snapshot_interval_secs);
     let price = PriceMsatPerMib::new(opts.price_msat_per_mib).unwrap();
     let ctl = world.start_controller(&opts).unwrap();
@@ -165,4 +162,106 @@ fn gateway_reboot_restores_budgets_and_usage_from_the_store_losing_at_most_one_s
         ctl.client(&busy).filter(|r| n(r, "up_bytes") + n(r, "down_bytes") >= after + 4 * MIB)
     });
     assert!(n(&row, "up_bytes") + n(&row, "down_bytes") <= n(&row, "credited_bytes"), "{row}");
+}
+
+/// The agent's state file as the library reads it (the test edits it while the agent
+/// is dead, to stand in for the two crash windows around a payment).
+fn agent_record(agent: &Agent) -> (StateDir, bitmesh::client::state::ChannelRecord) {
+    let dir = StateDir::open(&agent.state_dir).unwrap();
+    let mut all = dir.all().unwrap();
+    assert_eq!(all.len(), 1, "one channel in the agent's state directory");
+    (dir, all.remove(0))
+}
+
+/// Journal rows (`bitmesh channels`) of `mac`: one per channel ever opened.
+fn channel_rows(ctl: &bitmesh_tests::world::Controller<'_>, mac: &str) -> Vec<Value> {
+    let rows = ctl.admin_json("channels").unwrap();
+    rows.as_array().unwrap().iter().filter(|r| r["mac"].as_str() == Some(mac)).cloned().collect()
+}
+
+/// Lines of the controller's log that credit a payment of exactly `total` sat.
+fn credited_lines(ctl: &bitmesh_tests::world::Controller<'_>, total: u64) -> usize {
+    let log = std::fs::read_to_string(&ctl.log).unwrap();
+    let (a, b) = (format!("total_sat={total} "), format!("total_sat={total}}}"));
+    log.lines().filter(|l| l.contains("payment credited") && (l.contains(&a) || l.contains(&b))).count()
+}
+
+#[test]
+fn agent_killed_mid_session_resumes_its_channel_and_resends_an_unacknowledged_update_once() {
+    let Some(bin) = preflight() else { return };
+    let world = World::new(bin, 1).unwrap();
+    let funding = world.fund(1, Amount::from_sat(100_000)).unwrap();
+    let opts = ControllerOpts::default();
+    let price = PriceMsatPerMib::new(opts.price_msat_per_mib).unwrap();
+    let chunk = ByteCount(opts.chunk_bytes);
+    let ctl = world.start_controller(&opts).unwrap();
+    let mac = world.clients[0].mac.clone();
+    let agent_opts = AgentOpts::new(funding[0].file.clone(), 30_000);
+    let mut agent = world.start_agent(0, &agent_opts).unwrap();
+    agent.wait_for("channel funded", Duration::from_secs(60)).unwrap();
+    assert!(world.fetch(0, 3 * MIB, Duration::from_secs(10)).complete);
+    wait_until("the agent's payments to be acknowledged", Duration::from_secs(10), || {
+        let (total, acked) = signed(&agent);
+        (acked && ctl.channel(&mac).map(|c| n(&c, "paid_sat")) == Some(total)).then_some(())
+    });
+    // Let a last top-up for the tail of the download land before the kill.
+    std::thread::sleep(Duration::from_secs(1));
+
+    // Crash 1, the answer lost: the gateway journaled t1 but the agent died before it
+    // saved the acknowledgement. Its file then says "t1, not acknowledged".
+    agent.kill9();
+    let before = ctl.channel(&mac).unwrap();
+    let (dir, mut first) = agent_record(&agent);
+    let t1 = first.paid().to_sat();
+    assert_eq!(n(&before, "paid_sat"), t1, "the gateway holds the agent's last total: {before}");
+    first.latest.as_mut().unwrap().acked = false;
+    dir.save(&first).unwrap();
+    let mut agent = world.start_agent(0, &agent_opts).unwrap();
+    agent.wait_for("resuming channel", Duration::from_secs(10)).unwrap();
+    wait_until("the re-sent update to be acknowledged", Duration::from_secs(10), || signed(&agent).1.then_some(()));
+    let after = ctl.channel(&mac).unwrap();
+    assert_eq!(n(&after, "paid_sat"), t1, "{after}");
+    assert_eq!(n(&after, "payments"), n(&before, "payments"), "the duplicate was not journaled again: {after}");
+    assert_eq!(credited_lines(&ctl, t1), 1, "t1 credited once:\n{}", ctl.log_tail(30));
+
+    // Crash 2, in the middle of a download, the update saved but never sent: the
+    // agent had signed and stored t2 = (acknowledged total + 1 sat) when it died.
+    let fetch = std::thread::scope(|s| {
+        let world = &world;
+        let dl = s.spawn(move || world.fetch_paced(0, 8 * MIB, MIB, Duration::from_secs(30)));
+        std::thread::sleep(Duration::from_secs(3));
+        agent.kill9();
+        let (dir, mut rec) = agent_record(&agent);
+        let paid = ctl.channel(&mac).map(|c| n(&c, "paid_sat")).unwrap();
+        assert!(rec.paid().to_sat() >= paid, "the agent saved every total it sent: {} < {paid}", rec.paid());
+        let t2 = rec.paid() + Amount::from_sat(1);
+        let signature = sign_update(&rec.channel().unwrap(), t2, &rec.client_secret).unwrap();
+        rec.latest = Some(SignedState { total_paid: t2, signature, acked: false });
+        dir.save(&rec).unwrap();
+        // Dead for a second: the download stalls at the prepaid budget, then goes on.
+        std::thread::sleep(Duration::from_secs(1));
+        agent = world.start_agent(0, &agent_opts).unwrap();
+        wait_until("the saved update to reach the gateway", Duration::from_secs(10), || {
+            (credited_lines(&ctl, t2.to_sat()) == 1).then_some(())
+        });
+        dl.join().unwrap()
+    });
+    assert!(fetch.complete, "the download carried on after the restart: {fetch:?}\nagent:\n{}", agent.output());
+
+    // Same channel throughout, opened once; what the gateway holds is what the agent
+    // signed last; and that is within received + one chunk and the spending cap.
+    std::thread::sleep(Duration::from_secs(1));
+    let (_, last) = agent_record(&agent);
+    assert_eq!(last.channel_id, first.channel_id, "the restarts resumed the same channel");
+    assert_eq!(channel_rows(&ctl, &mac).len(), 1, "no second channel opened");
+    assert_eq!(agent.output().matches("opened channel").count(), 1, "{}", agent.output());
+    let ch = ctl.channel(&mac).unwrap();
+    let (latest, acked) = signed(&agent);
+    assert!(acked, "{ch}");
+    assert_eq!(n(&ch, "paid_sat"), latest, "{ch}");
+    let cap = payment_for_bytes(last.received.saturating_add(chunk), price);
+    assert!(last.paid() <= cap, "signed {} above received + one chunk ({cap}): {ch}", last.paid());
+    assert!(last.paid() <= Amount::from_sat(agent_opts.max_spend_sat));
+    let row = ctl.client(&mac).unwrap();
+    assert_eq!(n(&row, "credited_bytes"), bytes_for_payment(Amount::from_sat(latest), price).to_u64(), "{row}");
 }

@@ -4,11 +4,11 @@
 use std::path::PathBuf;
 
 use bitcoin::consensus::encode;
-use bitcoin::{absolute, Amount, FeeRate, OutPoint, ScriptBuf, Transaction, TxOut, Txid};
+use bitcoin::{absolute, Amount, FeeRate, OutPoint, Script, ScriptBuf, Transaction, TxOut, Txid};
 use jsonrpc::Client;
 use serde_json::{json, Value};
 
-use super::{height, Chain, ChainError, MempoolAcceptance, OutputStatus, TxStatus};
+use super::{height, Chain, ChainError, MempoolAcceptance, OutputStatus, ScriptUtxo, TxStatus};
 
 const BACKEND: &str = "bitcoind";
 
@@ -185,6 +185,37 @@ impl Chain for BitcoindRpc {
             },
             confirmations,
         }))
+    }
+
+    fn outputs_paying(&self, script: &Script) -> Result<Vec<ScriptUtxo>, ChainError> {
+        const CALL: &str = "scantxoutset";
+        // A `raw()` descriptor matches the exact output script; no wallet needed.
+        let desc = json!({ "desc": format!("raw({})", script.to_hex_string()) });
+        let v: Value = self.call(CALL, &[json!("start"), json!([desc])]).map_err(call_err(CALL))?;
+        if v["success"].as_bool() == Some(false) {
+            return Err(unexpected(CALL, "scan did not complete"));
+        }
+        // `height` is the tip the scan ran at; each unspent has its block's height.
+        let tip = v["height"].as_u64().ok_or_else(|| unexpected(CALL, "no height"))?;
+        let unspents = v["unspents"].as_array().ok_or_else(|| unexpected(CALL, "no unspents"))?;
+        let mut out = Vec::with_capacity(unspents.len());
+        for u in unspents {
+            let txid: Txid = u["txid"]
+                .as_str()
+                .and_then(|t| t.parse().ok())
+                .ok_or_else(|| unexpected(CALL, "bad txid"))?;
+            let vout = u["vout"]
+                .as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .ok_or_else(|| unexpected(CALL, "bad vout"))?;
+            let btc = u["amount"].as_f64().ok_or_else(|| unexpected(CALL, "no amount"))?;
+            let value = Amount::from_btc(btc).map_err(|e| unexpected(CALL, e.to_string()))?;
+            let at = u["height"].as_u64().ok_or_else(|| unexpected(CALL, "no height"))?;
+            let confirmations = u32::try_from((tip + 1).saturating_sub(at))
+                .map_err(|e| unexpected(CALL, e.to_string()))?;
+            out.push(ScriptUtxo { outpoint: OutPoint { txid, vout }, value, confirmations });
+        }
+        Ok(out)
     }
 
     fn broadcast(&self, tx: &Transaction) -> Result<Txid, ChainError> {

@@ -1,9 +1,9 @@
 //! Esplora HTTP backend (esplora-client, blocking), for operators without a node.
 
-use bitcoin::{absolute, FeeRate, OutPoint, Transaction, Txid};
+use bitcoin::{absolute, FeeRate, OutPoint, Script, Transaction, Txid};
 use esplora_client::{BlockingClient, Builder};
 
-use super::{height, Chain, ChainError, MempoolAcceptance, OutputStatus, TxStatus};
+use super::{height, Chain, ChainError, MempoolAcceptance, OutputStatus, ScriptUtxo, TxStatus};
 
 const BACKEND: &str = "esplora";
 
@@ -107,6 +107,21 @@ impl Chain for Esplora {
             txout,
             confirmations: tx.confirmations,
         }))
+    }
+
+    fn outputs_paying(&self, script: &Script) -> Result<Vec<ScriptUtxo>, ChainError> {
+        const CALL: &str = "GET /scripthash/:hash/utxo";
+        let utxos = self.client.get_scripthash_utxos(script).map_err(call_err(CALL))?;
+        let mut out = Vec::with_capacity(utxos.len());
+        for u in utxos {
+            let confirmed = if u.status.confirmed { u.status.block_height } else { None };
+            out.push(ScriptUtxo {
+                outpoint: OutPoint { txid: u.txid, vout: u.vout },
+                value: u.value,
+                confirmations: self.confirmations(confirmed)?,
+            });
+        }
+        Ok(out)
     }
 
     fn broadcast(&self, tx: &Transaction) -> Result<Txid, ChainError> {

@@ -7,7 +7,7 @@
 //! block or per channel open), so the tokio controller simply wraps each call in
 //! `tokio::task::spawn_blocking` instead of paying for a second HTTP stack.
 
-use bitcoin::{absolute, FeeRate, OutPoint, Transaction, TxOut, Txid};
+use bitcoin::{absolute, Amount, FeeRate, OutPoint, Script, Transaction, TxOut, Txid};
 
 mod bitcoind;
 mod esplora;
@@ -31,6 +31,17 @@ pub struct TxStatus {
 pub struct OutputStatus {
     /// The output.
     pub txout: TxOut,
+    /// 0 while its transaction is in the mempool.
+    pub confirmations: u32,
+}
+
+/// An unspent output found by the script it pays.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScriptUtxo {
+    /// Where it is.
+    pub outpoint: OutPoint,
+    /// Its value.
+    pub value: Amount,
     /// 0 while its transaction is in the mempool.
     pub confirmations: u32,
 }
@@ -120,6 +131,14 @@ pub trait Chain: Send + Sync {
         &self,
         txs: &[Transaction],
     ) -> Result<Vec<MempoolAcceptance>, ChainError>;
+    /// Unspent outputs paying `script` (how the client agent notices a wallet paid
+    /// its channel address). Bitcoin Core: `scantxoutset`, confirmed outputs only (it
+    /// scans the UTXO set, not the mempool); Esplora: `/scripthash/:hash/utxo`,
+    /// mempool included. Backends without a script index say `Unsupported`.
+    fn outputs_paying(&self, script: &Script) -> Result<Vec<ScriptUtxo>, ChainError> {
+        let _ = script;
+        Err(ChainError::Unsupported { backend: self.backend(), call: "outputs_paying" })
+    }
 }
 
 pub(crate) fn height(

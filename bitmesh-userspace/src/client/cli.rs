@@ -118,7 +118,8 @@ pub struct PayArgs {
     /// of asking the gateway to close.
     #[arg(long)]
     pub keep_open: bool,
-    /// Chain backend to look up a pasted funding txid (BIP21 funding).
+    /// Chain backend to find the wallet's payment by itself (BIP21 funding); else
+    /// the funding transaction is pasted.
     #[command(flatten)]
     pub chain: ChainArgs,
 }
@@ -185,7 +186,7 @@ pub fn pay(args: PayArgs) -> anyhow::Result<()> {
             .context("cannot tell which interface reaches the gateway: pass --iface")?,
     };
     let mut meter = IfaceMeter::new(&iface)?;
-    eprintln!("counting own traffic on {iface} (rx + tx bytes)");
+    eprintln!("counting own traffic on {iface} (rx + tx, as the wire frames the gateway bills)");
 
     let funding = match &args.fund_from {
         Some(path) => FundingMode::FromFile(FundingSource::read(path)?),
@@ -327,7 +328,6 @@ impl Ui for TerminalUi {
             eprintln!("{qr}");
         }
         eprintln!("pay with any wallet: {uri}");
-        eprintln!("then paste the funding transaction (raw hex, or its txid with a chain backend) and press Enter:");
     }
 
     fn read_funding(&mut self) -> Option<String> {

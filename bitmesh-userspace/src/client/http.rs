@@ -76,6 +76,9 @@ pub enum HttpError {
         status: i32,
         /// The error body.
         body: ErrorBody,
+        /// The `Retry-After` header (seconds), when the gateway sent one
+        /// (`rate_limited` answers carry it).
+        retry_after: Option<Duration>,
     },
     /// The gateway answered something that is not the expected JSON.
     #[error("gateway answered {path} with HTTP {status} and an unexpected body ({message}): is this a BitMesh gateway?")]
@@ -94,6 +97,15 @@ impl HttpError {
     pub fn code(&self) -> Option<ErrorCode> {
         match self {
             HttpError::Refused { body, .. } => Some(body.code),
+            _ => None,
+        }
+    }
+
+    /// How long the gateway asked the agent to wait before the next request
+    /// (`Retry-After` of a `rate_limited` answer), if it did.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            HttpError::Refused { retry_after, .. } => *retry_after,
             _ => None,
         }
     }
@@ -202,9 +214,9 @@ impl GatewayApi {
             .send_lazy()
             .map_err(|e| HttpError::Unreachable { url: url.clone(), message: e.to_string() })?;
         if resp.status_code != 200 {
-            let status = resp.status_code;
+            let (status, wait) = (resp.status_code, retry_after(&resp.headers));
             let body: Vec<u8> = resp.take(MAX_BODY).filter_map(|b| b.ok().map(|(b, _)| b)).collect();
-            return Err(error_from(&path, status, &body));
+            return Err(error_from(&path, status, wait, &body));
         }
         Ok(EventStream { inner: resp, parser: super::events::SseParser::default() })
     }
@@ -216,7 +228,7 @@ impl GatewayApi {
             req = req.with_header(AUTH_HEADER, sig.0.to_lower_hex_string());
         }
         let resp = req.send().map_err(|e| HttpError::Unreachable { url, message: e.to_string() })?;
-        decode(path, resp.status_code, resp.as_bytes())
+        decode(path, &resp)
     }
 
     fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T, HttpError> {
@@ -233,7 +245,7 @@ impl GatewayApi {
             .with_max_body_size(MAX_BODY)
             .send()
             .map_err(|e| HttpError::Unreachable { url, message: e.to_string() })?;
-        decode(path, resp.status_code, resp.as_bytes())
+        decode(path, &resp)
     }
 }
 
@@ -245,7 +257,8 @@ pub fn auth_signature(action: &str, id: &ChannelId, key: &SecretKey) -> Signatur
     SignatureBytes(sig.serialize_der().to_vec())
 }
 
-fn decode<T: DeserializeOwned>(path: &str, status: i32, body: &[u8]) -> Result<T, HttpError> {
+fn decode<T: DeserializeOwned>(path: &str, resp: &bitreq::Response) -> Result<T, HttpError> {
+    let (status, body) = (resp.status_code, resp.as_bytes());
     if (200..300).contains(&status) {
         return serde_json::from_slice(body).map_err(|e| HttpError::Malformed {
             path: path.to_owned(),
@@ -253,12 +266,23 @@ fn decode<T: DeserializeOwned>(path: &str, status: i32, body: &[u8]) -> Result<T
             message: e.to_string(),
         });
     }
-    Err(error_from(path, status, body))
+    Err(error_from(path, status, retry_after(&resp.headers), body))
 }
 
-fn error_from(path: &str, status: i32, body: &[u8]) -> HttpError {
+/// Longest `Retry-After` honoured: a gateway asking for more is treated as asking
+/// for this, so a bogus header cannot park the agent (and its payments) for hours.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(120);
+
+/// `Retry-After` in its delay-seconds form (the only one the controller sends;
+/// bitreq lowercases header names), capped at [`MAX_RETRY_AFTER`].
+fn retry_after(headers: &std::collections::BTreeMap<String, String>) -> Option<Duration> {
+    let secs: u64 = headers.get("retry-after")?.trim().parse().ok()?;
+    Some(Duration::from_secs(secs).min(MAX_RETRY_AFTER))
+}
+
+fn error_from(path: &str, status: i32, retry_after: Option<Duration>, body: &[u8]) -> HttpError {
     match serde_json::from_slice::<ErrorBody>(body) {
-        Ok(body) => HttpError::Refused { path: path.to_owned(), status, body },
+        Ok(body) => HttpError::Refused { path: path.to_owned(), status, body, retry_after },
         Err(_) => HttpError::Malformed {
             path: path.to_owned(),
             status,

@@ -28,10 +28,11 @@ use crate::channel::{build_refund, sign_update, ChannelError, ChannelScript};
 pub enum FundingMode {
     /// Build and sign from the user's keys and UTXOs; submit through the gateway.
     FromFile(FundingSource),
-    /// Show a BIP21 URI and QR code; the user pastes the transaction (or its txid,
-    /// looked up on `chain`) once a wallet paid it.
+    /// Show a BIP21 URI and QR code. With a `chain`, the agent watches it for the
+    /// payment by itself; without (or when the backend cannot look outputs up by
+    /// script), the user pastes the transaction once a wallet paid it.
     Bip21 {
-        /// Optional chain backend to fetch a pasted txid.
+        /// Optional chain backend to find the payment (or fetch a pasted txid).
         chain: Option<Box<dyn Chain>>,
     },
 }
@@ -273,7 +274,7 @@ fn fund_channel(
                 ));
                 (built.tx, built.vout)
             }
-            FundingMode::Bip21 { chain } => wait_for_wallet(record, chain.as_deref(), ui)?,
+            FundingMode::Bip21 { chain } => wait_for_wallet(record, chain.as_deref(), cfg, ui)?,
         };
         set_funding(cfg, record, tx, vout)?;
     }
@@ -290,6 +291,10 @@ fn fund_channel(
                     said = true;
                 }
                 std::thread::sleep(cfg.poll.max(Duration::from_millis(200)));
+            }
+            // Busy gateway: wait as asked, then send the same funding again.
+            Err(e) if e.code() == Some(ErrorCode::RateLimited) && !cfg.stop.load(Ordering::Relaxed) => {
+                nap(&cfg.stop, e.retry_after().unwrap_or(cfg.poll).max(cfg.poll));
             }
             Err(e) => return Err(e.into()),
         }
@@ -323,12 +328,19 @@ fn set_funding(cfg: &PayConfig, record: &mut ChannelRecord, tx: Transaction, vou
 fn wait_for_wallet(
     record: &ChannelRecord,
     chain: Option<&dyn Chain>,
+    cfg: &PayConfig,
     ui: &mut dyn Ui,
 ) -> Result<(Transaction, u32), SessionError> {
     let address = record.script().address(record.network);
     let uri = bip21_uri(&address, record.planned_capacity);
     ui.show_funding_request(&uri, qr_text(&uri).as_deref());
     let spk = address.script_pubkey();
+    if let Some(chain) = chain {
+        if let Some(found) = watch_chain(record, chain, &spk, cfg, ui)? {
+            return Ok(found);
+        }
+    }
+    ui.note("then paste the funding transaction (raw hex, or its txid with a chain backend) and press Enter:");
     loop {
         let Some(line) = ui.read_funding() else {
             return Err(SessionError::NoFunding(record.channel_id.to_string()));
@@ -351,11 +363,183 @@ fn wait_for_wallet(
     }
 }
 
+/// Shortest pause between two chain look-ups while waiting for a wallet (a
+/// `scantxoutset` walks the whole UTXO set).
+const CHAIN_POLL_MIN: Duration = Duration::from_secs(2);
+
+/// Watch `chain` for an output paying the channel script: the wallet's payment,
+/// found without the user pasting anything. `None` when the backend cannot look
+/// outputs up by script (then the user pastes), an error when the user stops.
+fn watch_chain(
+    record: &ChannelRecord,
+    chain: &dyn Chain,
+    spk: &ScriptBuf,
+    cfg: &PayConfig,
+    ui: &mut dyn Ui,
+) -> Result<Option<(Transaction, u32)>, SessionError> {
+    ui.note(&format!(
+        "waiting for the payment to appear on {} (Ctrl-C to stop; bitcoind sees it once confirmed)",
+        chain.backend()
+    ));
+    let mut notes = Notes::default();
+    while !cfg.stop.load(Ordering::Relaxed) {
+        match chain.outputs_paying(spk) {
+            Ok(utxos) => {
+                // Several payments (a wallet that paid twice): fund with the largest;
+                // the others stay refundable with the same key after expiry.
+                if let Some(u) = utxos.iter().max_by_key(|u| u.value) {
+                    match chain.transaction(&u.outpoint.txid)? {
+                        Some(st) => {
+                            ui.note(&format!("payment seen: {} ({} sat)", u.outpoint, u.value.to_sat()));
+                            return Ok(Some((st.tx, u.outpoint.vout)));
+                        }
+                        None => notes.say(
+                            ui,
+                            format!(
+                                "payment {} seen, but {} cannot return its transaction (bitcoind needs -txindex=1): paste it instead",
+                                u.outpoint,
+                                chain.backend()
+                            ),
+                        ),
+                    }
+                }
+            }
+            Err(ChainError::Unsupported { .. }) => return Ok(None),
+            // A flaky backend: say so once, keep watching.
+            Err(e) => notes.say(ui, format!("looking for the payment: {e}")),
+        }
+        nap(&cfg.stop, cfg.poll.max(CHAIN_POLL_MIN));
+    }
+    Err(SessionError::NoFunding(record.channel_id.to_string()))
+}
+
 /// The gateway's view, refreshed by events and polls.
 #[derive(Debug, Default, Clone, Copy)]
 struct GatewayView {
     used: ByteCount,
     closed: bool,
+}
+
+/// Longest wait between two attempts to re-open a dropped event stream. Polls go on
+/// meanwhile, so a longer wait only delays pushes, never payments.
+const MAX_STREAM_BACKOFF: Duration = Duration::from_secs(30);
+
+/// The gateway's event stream, read on a thread and re-opened when it drops (the
+/// controller restarted, the WiFi blinked). A dropped stream never makes the loop
+/// spin: every [`EventFeed::wait`] takes an event or about `poll` of wall time.
+struct EventFeed {
+    api: GatewayApi,
+    id: bitmesh_common::wire::ChannelId,
+    key: SecretKey,
+    rx: Option<mpsc::Receiver<GatewayEvent>>,
+    opened_at: Instant,
+    reopen_at: Instant,
+    backoff: Duration,
+    poll: Duration,
+}
+
+impl EventFeed {
+    fn new(api: &GatewayApi, record: &ChannelRecord, poll: Duration) -> EventFeed {
+        let now = Instant::now();
+        EventFeed {
+            api: api.clone(),
+            id: record.channel_id,
+            key: record.client_secret,
+            rx: None,
+            opened_at: now,
+            reopen_at: now,
+            backoff: poll,
+            poll,
+        }
+    }
+
+    /// The next push, or `None` after about one poll interval without one.
+    fn wait(&mut self, stop: &AtomicBool) -> Option<GatewayEvent> {
+        if self.rx.is_none() && Instant::now() >= self.reopen_at {
+            self.rx = Some(spawn_events(self.api.clone(), self.id, self.key));
+            self.opened_at = Instant::now();
+        }
+        let Some(rx) = &self.rx else {
+            nap(stop, self.poll);
+            return None;
+        };
+        match rx.recv_timeout(self.poll) {
+            Ok(ev) => {
+                // A stream that delivers is healthy: the next drop retries quickly.
+                self.backoff = self.poll;
+                Some(ev)
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => None,
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                // The stream ended (or never opened). recv_timeout now returns at
+                // once on every call, so wait here, and re-open with backoff: a
+                // gateway that is down or refusing must not be asked 5 times a second.
+                self.rx = None;
+                if self.opened_at.elapsed() > MAX_STREAM_BACKOFF {
+                    self.backoff = self.poll;
+                }
+                self.reopen_at = Instant::now() + self.backoff;
+                self.backoff = (self.backoff * 2).min(MAX_STREAM_BACKOFF).max(self.poll);
+                nap(stop, self.poll);
+                None
+            }
+        }
+    }
+}
+
+/// Sleep `d`, waking early when `stop` is set (Ctrl-C must not wait out a
+/// Retry-After).
+fn nap(stop: &AtomicBool, d: Duration) {
+    let end = Instant::now() + d;
+    while !stop.load(Ordering::Relaxed) {
+        let now = Instant::now();
+        if now >= end {
+            return;
+        }
+        std::thread::sleep((end - now).min(Duration::from_millis(50)));
+    }
+}
+
+/// Notes about failed requests, printed once per distinct message: a gateway that
+/// is down for a minute must not print sixty identical lines.
+#[derive(Default)]
+struct Notes {
+    last: Option<String>,
+}
+
+impl Notes {
+    fn say(&mut self, ui: &mut dyn Ui, message: String) {
+        if self.last.as_deref() != Some(message.as_str()) {
+            ui.note(&message);
+            self.last = Some(message);
+        }
+    }
+
+    fn clear(&mut self) {
+        self.last = None;
+    }
+}
+
+/// What to do after a refused or failed request.
+enum Failure {
+    /// The channel takes no more payments: leave the loop.
+    Over,
+    /// Try again later (at the next poll, or after the gateway's Retry-After).
+    Later,
+}
+
+/// Classify a request failure; `rate_limited` answers start a quiet period.
+fn on_failure(e: &HttpError, quiet_until: &mut Option<Instant>, poll: Duration) -> Failure {
+    match e.code() {
+        Some(ErrorCode::ChannelExpired | ErrorCode::ChannelNotOpen) => Failure::Over,
+        Some(ErrorCode::RateLimited) => {
+            // Honour Retry-After (capped in http.rs); without one, wait a poll at least.
+            let wait = e.retry_after().unwrap_or(poll).max(poll);
+            *quiet_until = Some(Instant::now() + wait);
+            Failure::Later
+        }
+        _ => Failure::Later,
+    }
 }
 
 fn pay_loop(
@@ -375,47 +559,94 @@ fn pay_loop(
         min_first_payment: record.min_first_payment,
         change_dust: record.client_change_script.minimal_non_dust(),
     };
-    let events = spawn_events(api.clone(), record);
+    let mut events = EventFeed::new(api, record, cfg.poll);
     // Counted before this run (state file) + counted by this run's meter.
     let carried = record.received;
     let mut view = GatewayView::default();
     let mut last_rate = (Instant::now(), carried);
     let mut rate = 0u64;
     let mut last_save = Instant::now();
-
-    // An update saved but never acknowledged (crash between save and ack): send it
-    // again; the gateway answers amount_not_increasing if it already has it.
-    if let Some(latest) = record.latest.clone().filter(|l| !l.acked) {
-        let update = PaymentUpdate { channel_id: record.channel_id, total_paid: latest.total_paid, signature: latest.signature };
-        match api.pay(&update) {
-            Ok(_) => {}
-            Err(e) if e.code() == Some(ErrorCode::AmountNotIncreasing) => {}
-            Err(e) => return Err(e.into()),
-        }
-        mark_acked(record);
-        cfg.state.save(record)?;
-    }
+    let mut notes = Notes::default();
+    // Set by a `rate_limited` answer: no request to the gateway before then.
+    let mut quiet_until: Option<Instant> = None;
 
     let mut first = true;
     while !cfg.stop.load(Ordering::Relaxed) {
         // Wait for a push or the poll interval (not on the first round: pay at once).
-        let event = if first { None } else { events.recv_timeout(cfg.poll).ok() };
+        let event = if first { None } else { events.wait(&cfg.stop) };
         first = false;
+        if let Some(until) = quiet_until {
+            let now = Instant::now();
+            if now < until {
+                nap(&cfg.stop, until - now);
+                continue;
+            }
+            quiet_until = None;
+        }
         match event {
             Some(GatewayEvent::Usage(u)) | Some(GatewayEvent::LowWater(u)) => view.used = u.used_bytes,
             Some(GatewayEvent::Closed { .. }) => view.closed = true,
-            None => match api.status(&record.channel_id, &record.client_secret) {
-                Ok(s) => {
-                    view.used = s.used_bytes;
-                    view.closed = !matches!(s.state, bitmesh_common::wire::ChannelState::Open | bitmesh_common::wire::ChannelState::AwaitingFunding);
-                }
-                Err(e) => ui.note(&format!("status: {e}")),
-            },
+            None => {}
         }
         if view.closed {
             ui.note("the gateway closed the channel");
             break;
         }
+        let mut fresh = event.is_some();
+
+        // An update saved but not acknowledged (the gateway was unreachable or busy,
+        // or the agent crashed between saving and the answer) goes out again, the
+        // same total and signature, before anything new is signed: the gateway
+        // answers a duplicate from its journal and credits nothing twice. Without
+        // this, the agent would count that total as paid and wait for a low-water
+        // mark the gateway can never reach. It goes before the status poll: its
+        // answer carries the usage too, and under a rate limit the payment is the
+        // request that matters.
+        if let Some(latest) = record.latest.clone().filter(|l| !l.acked) {
+            let update = PaymentUpdate { channel_id: record.channel_id, total_paid: latest.total_paid, signature: latest.signature };
+            match api.pay(&update) {
+                Ok(ack) => {
+                    view.used = ack.used_bytes;
+                    fresh = true;
+                    mark_acked(record);
+                    cfg.state.save(record)?;
+                    notes.clear();
+                }
+                // The gateway already holds this total (or more): nothing to re-send.
+                Err(e) if e.code() == Some(ErrorCode::AmountNotIncreasing) => {
+                    mark_acked(record);
+                    cfg.state.save(record)?;
+                }
+                Err(e) => {
+                    notes.say(ui, format!("payment of {} sat not yet accepted, will re-send: {e}", latest.total_paid.to_sat()));
+                    match on_failure(&e, &mut quiet_until, cfg.poll) {
+                        Failure::Over => {
+                            ui.note(&format!("the gateway takes no more payments: {e}"));
+                            break;
+                        }
+                        Failure::Later => continue,
+                    }
+                }
+            }
+        }
+        if !fresh {
+            match api.status(&record.channel_id, &record.client_secret) {
+                Ok(s) => {
+                    view.used = s.used_bytes;
+                    view.closed = !matches!(s.state, bitmesh_common::wire::ChannelState::Open | bitmesh_common::wire::ChannelState::AwaitingFunding);
+                }
+                Err(e) => {
+                    notes.say(ui, format!("status: {e}"));
+                    let _ = on_failure(&e, &mut quiet_until, cfg.poll);
+                    continue;
+                }
+            }
+            if view.closed {
+                ui.note("the gateway closed the channel");
+                break;
+            }
+        }
+
         let received = carried.saturating_add(meter.bytes()?);
         record.received = received;
         let state = PolicyState { paid: record.paid(), received, gateway_used: view.used };
@@ -434,12 +665,16 @@ fn pay_loop(
                         view.used = ack.used_bytes;
                         mark_acked(record);
                         cfg.state.save(record)?;
+                        notes.clear();
                     }
-                    Err(e) if matches!(e.code(), Some(ErrorCode::ChannelExpired | ErrorCode::ChannelNotOpen)) => {
-                        ui.note(&format!("the gateway takes no more payments: {e}"));
-                        break;
+                    Err(e) => {
+                        // Left unacknowledged: the next pass re-sends it.
+                        notes.say(ui, format!("payment of {} sat not accepted: {e}", total.to_sat()));
+                        if let Failure::Over = on_failure(&e, &mut quiet_until, cfg.poll) {
+                            ui.note(&format!("the gateway takes no more payments: {e}"));
+                            break;
+                        }
                     }
-                    Err(e) => ui.note(&format!("payment of {} sat not accepted: {e}", total.to_sat())),
                 }
             }
             Next::Hold(Hold::Ahead) => {}
@@ -480,10 +715,10 @@ fn mark_acked(record: &mut ChannelRecord) {
 }
 
 /// Read the gateway's event stream on a thread; the loop polls when it is silent,
-/// so a missing or broken stream only makes top-ups slower, never wrong.
-fn spawn_events(api: GatewayApi, record: &ChannelRecord) -> mpsc::Receiver<GatewayEvent> {
+/// so a missing or broken stream only makes top-ups slower, never wrong. The
+/// receiver disconnects when the stream ends or cannot be opened.
+fn spawn_events(api: GatewayApi, id: bitmesh_common::wire::ChannelId, key: SecretKey) -> mpsc::Receiver<GatewayEvent> {
     let (tx, rx) = mpsc::channel();
-    let (id, key) = (record.channel_id, record.client_secret);
     std::thread::spawn(move || {
         if let Ok(mut stream) = api.events(&id, &key) {
             while let Some(ev) = stream.next_event() {

@@ -165,11 +165,29 @@ impl ClientGateway for Scripted {
 pub struct TestGateway {
     pub url: String,
     pub book: Arc<Mutex<Book>>,
+    /// Every HTTP request that reached the server, refused by its rate limit or not.
+    pub requests: Arc<AtomicU64>,
     rt: Option<tokio::runtime::Runtime>,
+}
+
+/// Counts requests before the router's own rate limit sees them.
+async fn count_requests(
+    axum::extract::State(n): axum::extract::State<Arc<AtomicU64>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    n.fetch_add(1, Ordering::SeqCst);
+    next.run(req).await
 }
 
 impl TestGateway {
     pub fn start(hostile: bool) -> TestGateway {
+        Self::start_limited(hostile, 1_000_000)
+    }
+
+    /// A gateway whose per-IP rate limit is `requests_per_min` (the controller's
+    /// default is 600).
+    pub fn start_limited(hostile: bool, requests_per_min: u32) -> TestGateway {
         let book = Arc::new(Mutex::new(Book {
             terms: terms(),
             hostile,
@@ -181,14 +199,16 @@ impl TestGateway {
             funded: None,
         }));
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-        let limits = ApiLimits { requests_per_min: 1_000_000, ..ApiLimits::default() };
-        let router = api::router(Arc::new(Scripted(book.clone())), limits);
+        let limits = ApiLimits { requests_per_min, ..ApiLimits::default() };
+        let requests = Arc::new(AtomicU64::new(0));
+        let router = api::router(Arc::new(Scripted(book.clone())), limits)
+            .layer(axum::middleware::from_fn_with_state(requests.clone(), count_requests));
         let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         rt.spawn(async move {
             let _ = axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>()).await;
         });
-        TestGateway { url, book, rt: Some(rt) }
+        TestGateway { url, book, requests, rt: Some(rt) }
     }
 
     pub fn totals(&self) -> Vec<Amount> {
