@@ -55,8 +55,12 @@ pub fn clients_table(rows: &[ClientRow]) -> String {
                     bytes(r.up_bytes),
                     bytes(r.down_bytes),
                     bytes(r.remaining_bytes),
-                    format!("{}/s", bytes(r.rate_bps as u64)),
-                    r.last_seen_secs_ago.map(|s| format!("{s}s ago")).unwrap_or_else(|| "never".into()),
+                    if r.metered { format!("{}/s", bytes(r.rate_bps as u64)) } else { "-".into() },
+                    match (r.metered, r.last_seen_secs_ago) {
+                        (false, _) => "-".into(),
+                        (true, Some(s)) => format!("{s}s ago"),
+                        (true, None) => "never".into(),
+                    },
                     r.state.clone(),
                 ]
             })
@@ -122,6 +126,10 @@ mod tests {
             remaining_bytes: 0,
             rate_bps: 0.0,
             last_seen_secs_ago: Some(3),
+            metered: true,
+            capacity_sat: None,
+            close_reason: None,
+            close_txid: None,
         };
         let t = clients_table(&[row]);
         let lines: Vec<&str> = t.lines().collect();
@@ -131,5 +139,30 @@ mod tests {
             assert!(lines[1].contains(want), "{want} missing in {}", lines[1]);
         }
         assert_eq!(lines[0].find("IP"), lines[1].find("10.0.0.2"));
+    }
+
+    #[test]
+    fn clients_table_shows_no_rate_or_last_seen_for_an_unmetered_client() {
+        let row = ClientRow {
+            mac: "02:00:00:00:00:02".into(),
+            ip: None,
+            channel: None,
+            state: "closed".into(),
+            paid_sat: 900,
+            credited_bytes: 0,
+            up_bytes: 10,
+            down_bytes: 20,
+            remaining_bytes: 0,
+            rate_bps: 0.0,
+            last_seen_secs_ago: None,
+            metered: false,
+            capacity_sat: Some(20_000),
+            close_reason: Some("client".into()),
+            close_txid: Some("ab".into()),
+        };
+        let t = clients_table(&[row]);
+        let line = t.lines().nth(1).unwrap();
+        assert!(line.contains("900 sat") && line.ends_with("closed"), "{line}");
+        assert!(!line.contains("never") && !line.contains("/s"), "{line}");
     }
 }

@@ -1,7 +1,9 @@
 //! The operator's interface: a root-only unix socket (mode 0600) speaking one JSON
-//! request line -> one JSON response line, the CLI client for it, the table/JSON
-//! formatting of what the CLI prints (`format`), and Prometheus metrics (`metrics`).
+//! request line -> one JSON response line, the CLI client for it, which clients
+//! `bitmesh clients` lists (`clients`), the table/JSON formatting of what the CLI
+//! prints (`format`), and Prometheus metrics (`metrics`).
 
+pub mod clients;
 pub mod format;
 pub mod metrics;
 
@@ -16,8 +18,8 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
-use crate::gateway::Gateway;
-use crate::store::{ChannelRecord, ChannelState, Earnings, MacAddr};
+use crate::gateway::{Gateway, GatewayError};
+use crate::store::{unix_now, ChannelRecord, ChannelState, Earnings, MacAddr};
 
 /// Errors of the admin socket and its client.
 #[derive(Debug, thiserror::Error)]
@@ -47,14 +49,17 @@ pub enum AdminRequest {
     Price { set_msat_per_mib: Option<u64> },
 }
 
-/// One row of `bitmesh clients`.
+/// One row of `bitmesh clients`: one client device (MAC) and the channel that matters
+/// most for it (see [`clients`] for which rows and what each column holds).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ClientRow {
     pub mac: String,
     pub ip: Option<String>,
     pub channel: Option<ChannelId>,
+    /// `awaiting_funding`, `open`, `closing`, `closed`, or `unpaid` (metered, no channel).
     pub state: String,
     pub paid_sat: u64,
+    /// What the kernel credits now (0 once metering stops).
     pub credited_bytes: u64,
     pub up_bytes: u64,
     pub down_bytes: u64,
@@ -63,6 +68,18 @@ pub struct ClientRow {
     pub rate_bps: f64,
     /// Seconds since the kernel last billed a frame for this client.
     pub last_seen_secs_ago: Option<u64>,
+    /// Whether the kernel meters the client now.
+    #[serde(default)]
+    pub metered: bool,
+    /// The channel's funded capacity.
+    #[serde(default)]
+    pub capacity_sat: Option<u64>,
+    /// Why the channel is closing or closed (client, idle, expiry, fully_paid, operator).
+    #[serde(default)]
+    pub close_reason: Option<String>,
+    /// The settlement transaction of a closing or closed channel.
+    #[serde(default)]
+    pub close_txid: Option<String>,
 }
 
 /// One row of `bitmesh channels`.
@@ -142,49 +159,42 @@ fn channel_row(gw: &Gateway, c: &ChannelRecord) -> ChannelRow {
     }
 }
 
+/// `bitmesh clients`: the store's channels and the kernel's counters, through
+/// [`clients::client_rows`], with the rate sampled for metered clients.
+fn client_list(gw: &Gateway, rates: &RateSampler) -> Result<Vec<ClientRow>, GatewayError> {
+    let metered = gw.metered_clients()?;
+    let store = gw.store();
+    let channels = store.channels()?;
+    let ips: HashMap<MacAddr, String> =
+        store.client_bindings().unwrap_or_default().into_iter().map(|b| (b.mac, b.ip.to_string())).collect();
+    let mut closes = HashMap::new();
+    let settled = channels.iter().filter(|c| matches!(c.state, ChannelState::Closing | ChannelState::Closed));
+    for id in settled.filter_map(|c| c.settlement_id) {
+        if closes.contains_key(&id) {
+            continue;
+        }
+        if let Some(s) = store.settlement(id)? {
+            closes.insert(id, clients::CloseInfo { txid: s.txid.to_string(), broadcast_at: s.created_at });
+        }
+    }
+    let now = clients::Now { unix: unix_now(), boot_ns: boottime_ns() };
+    let mut rows = clients::client_rows(&channels, &metered, &ips, &closes, now);
+    for r in rows.iter_mut().filter(|r| r.metered) {
+        if let Ok(mac) = r.mac.parse::<MacAddr>() {
+            r.rate_bps = rates.sample(mac, r.up_bytes.saturating_add(r.down_bytes));
+        }
+    }
+    Ok(rows)
+}
+
 /// Answer one request.
 pub async fn handle(gw: &Gateway, rates: &RateSampler, req: AdminRequest) -> AdminResponse {
     let err = |e: &dyn std::fmt::Display| AdminResponse::Error { message: e.to_string() };
     match req {
-        AdminRequest::Clients => {
-            let metered = match gw.metered_clients() {
-                Ok(m) => m,
-                Err(e) => return err(&e),
-            };
-            let channels = match gw.store().channels() {
-                Ok(c) => c,
-                Err(e) => return err(&e),
-            };
-            let bindings: HashMap<MacAddr, String> = gw
-                .store()
-                .client_bindings()
-                .unwrap_or_default()
-                .into_iter()
-                .map(|b| (b.mac, b.ip.to_string()))
-                .collect();
-            let now = boottime_ns();
-            let clients = metered
-                .into_iter()
-                .map(|(mac, credited, u)| {
-                    let ch = channels.iter().rev().find(|c| c.mac == mac && c.state == ChannelState::Open);
-                    let used = u.used_bytes();
-                    ClientRow {
-                        mac: mac.to_string(),
-                        ip: bindings.get(&mac).cloned(),
-                        channel: ch.map(|c| c.id),
-                        state: ch.map(|c| c.state.to_string()).unwrap_or_else(|| "unpaid".into()),
-                        paid_sat: ch.map(|c| c.paid_total.to_sat()).unwrap_or(0),
-                        credited_bytes: credited.0,
-                        up_bytes: u.up_bytes,
-                        down_bytes: u.down_bytes,
-                        remaining_bytes: credited.0.saturating_sub(used),
-                        rate_bps: rates.sample(mac, used),
-                        last_seen_secs_ago: (u.last_seen_ns > 0).then(|| now.saturating_sub(u.last_seen_ns) / 1_000_000_000),
-                    }
-                })
-                .collect();
-            AdminResponse::Clients { clients }
-        }
+        AdminRequest::Clients => match client_list(gw, rates) {
+            Ok(clients) => AdminResponse::Clients { clients },
+            Err(e) => err(&e),
+        },
         AdminRequest::Channels => match gw.store().channels() {
             Ok(cs) => AdminResponse::Channels { channels: cs.iter().map(|c| channel_row(gw, c)).collect() },
             Err(e) => err(&e),

@@ -21,8 +21,8 @@ pub trait MeterPort: Send {
     fn usage(&self, mac: MacAddr) -> Result<Option<(ByteCount, Usage)>, MeterError>;
     /// Every metered client.
     fn all_usage(&self) -> Result<Vec<(MacAddr, ByteCount, Usage)>, MeterError>;
-    /// Stop metering (the client becomes unpaid).
-    fn remove_client(&mut self, mac: MacAddr) -> Result<(), MeterError>;
+    /// Stop metering (the client becomes unpaid); its final usage, if it was metered.
+    fn remove_client(&mut self, mac: MacAddr) -> Result<Option<Usage>, MeterError>;
 }
 
 fn mac(m: MacAddr) -> Mac {
@@ -42,8 +42,8 @@ impl MeterPort for MeterMaps {
     fn all_usage(&self) -> Result<Vec<(MacAddr, ByteCount, Usage)>, MeterError> {
         Ok(MeterMaps::all_usage(self)?.into_iter().map(|u| (MacAddr(u.mac.0), u.credited, u.usage)).collect())
     }
-    fn remove_client(&mut self, m: MacAddr) -> Result<(), MeterError> {
-        MeterMaps::remove_client(self, mac(m)).map(|_| ())
+    fn remove_client(&mut self, m: MacAddr) -> Result<Option<Usage>, MeterError> {
+        Ok(MeterMaps::remove_client(self, mac(m))?.map(|u| u.usage))
     }
 }
 
@@ -69,9 +69,8 @@ impl MeterPort for MemoryMeter {
     fn all_usage(&self) -> Result<Vec<(MacAddr, ByteCount, Usage)>, MeterError> {
         Ok(self.clients.iter().map(|(m, (c, u))| (*m, *c, *u)).collect())
     }
-    fn remove_client(&mut self, mac: MacAddr) -> Result<(), MeterError> {
-        self.clients.remove(&mac);
-        Ok(())
+    fn remove_client(&mut self, mac: MacAddr) -> Result<Option<Usage>, MeterError> {
+        Ok(self.clients.remove(&mac).map(|(_, u)| u))
     }
 }
 
@@ -168,7 +167,7 @@ impl MeterPort for crate::meter::Meter {
     fn all_usage(&self) -> Result<Vec<(MacAddr, ByteCount, Usage)>, MeterError> {
         MeterPort::all_usage(self.maps())
     }
-    fn remove_client(&mut self, m: MacAddr) -> Result<(), MeterError> {
+    fn remove_client(&mut self, m: MacAddr) -> Result<Option<Usage>, MeterError> {
         MeterPort::remove_client(self.maps_mut(), m)
     }
 }

@@ -9,7 +9,9 @@ use tracing::{info, instrument, warn};
 
 use super::{crediting_ends_at, fee_for_weight, Gateway, GatewayError};
 use crate::channel::{build_close, ChannelKey, CloseInput, CloseTx, VerifiedUpdate};
-use crate::store::{ChannelRecord, ChannelState, NewSettlement, SettlementRecord, SettlementState, UsageSnapshot};
+use crate::store::{
+    ByteCount, ChannelRecord, ChannelState, FinalUsage, NewSettlement, SettlementRecord, SettlementState, UsageSnapshot,
+};
 
 /// What one settlement pass did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -183,7 +185,10 @@ impl Gateway {
     }
 
     fn stop_metering(&self, rec: &ChannelRecord) -> Result<(), GatewayError> {
-        self.with_meter(|m| m.remove_client(rec.mac))?;
+        if let Some(u) = self.with_meter(|m| m.remove_client(rec.mac))? {
+            // Kept for the operator (`bitmesh clients`): the maps forget it now.
+            self.store.set_final_usage(rec.id, FinalUsage { up: ByteCount(u.up_bytes), down: ByteCount(u.down_bytes) })?;
+        }
         // The next channel of this device starts from zero, also after a reboot.
         self.store.save_usage(&[UsageSnapshot { mac: rec.mac, taken_at: crate::store::unix_now(), ..Default::default() }])?;
         Ok(())

@@ -63,6 +63,13 @@ pub struct Funding {
     pub height: Option<Height>,
 }
 
+/// What the kernel had billed a channel's client when metering stopped.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct FinalUsage {
+    pub up: ByteCount,
+    pub down: ByteCount,
+}
+
 /// What the gateway decided at open; everything the channel's script and close
 /// transaction depend on.
 #[derive(Clone, Debug)]
@@ -111,6 +118,9 @@ pub struct ChannelRecord {
     pub credited: ByteCount,
     /// Number of payments in the journal.
     pub payments: u64,
+    /// What the client had used when metering stopped (set when the channel starts
+    /// closing or is abandoned; `None` before, and for channels closed by older builds).
+    pub final_usage: Option<FinalUsage>,
 }
 
 const SELECT: &str = "SELECT c.id, c.mac, c.ip, c.client_pubkey, c.gateway_key_index, c.gateway_pubkey,
@@ -119,7 +129,8 @@ const SELECT: &str = "SELECT c.id, c.mac, c.ip, c.client_pubkey, c.gateway_key_i
     c.client_change_script, c.min_first_payment_sat,
     COALESCE((SELECT MAX(p.paid_total_sat) FROM payments p WHERE p.channel_id = c.id), 0),
     COALESCE((SELECT MAX(p.credited_bytes) FROM payments p WHERE p.channel_id = c.id), 0),
-    (SELECT COUNT(*) FROM payments p WHERE p.channel_id = c.id)
+    (SELECT COUNT(*) FROM payments p WHERE p.channel_id = c.id),
+    c.final_up_bytes, c.final_down_bytes
     FROM channels c";
 
 fn pubkey(row: &Row, idx: usize) -> rusqlite::Result<PublicKey> {
@@ -150,6 +161,8 @@ fn from_row(row: &Row) -> rusqlite::Result<ChannelRecord> {
     let txid: Option<String> = row.get(10)?;
     let vout: Option<u32> = row.get(11)?;
     let capacity: Option<i64> = row.get(12)?;
+    let final_up: Option<i64> = row.get(23)?;
+    let final_down: Option<i64> = row.get(24)?;
     let funding = match (txid, vout, capacity) {
         (Some(t), Some(v), Some(c)) => Some(Funding {
             outpoint: OutPoint { txid: t.parse::<Txid>().map_err(|e| col_err(10, e))?, vout: v },
@@ -179,6 +192,10 @@ fn from_row(row: &Row) -> rusqlite::Result<ChannelRecord> {
         paid_total: sat(20, row.get(20)?)?,
         credited: ByteCount(row.get::<_, i64>(21)? as u64),
         payments: row.get::<_, i64>(22)? as u64,
+        final_usage: match (final_up, final_down) {
+            (Some(up), Some(down)) => Some(FinalUsage { up: ByteCount(up as u64), down: ByteCount(down as u64) }),
+            _ => None,
+        },
     })
 }
 
@@ -316,6 +333,18 @@ impl Store {
             params![id.to_string(), reason],
         )?;
         get(&conn, id)?.ok_or(StoreError::UnknownChannel(id))
+    }
+
+    /// Record what the channel's client had used when metering stopped.
+    pub fn set_final_usage(&self, id: ChannelId, usage: FinalUsage) -> Result<(), StoreError> {
+        let n = self.conn()?.execute(
+            "UPDATE channels SET final_up_bytes = ?2, final_down_bytes = ?3 WHERE id = ?1",
+            params![id.to_string(), usage.up.0 as i64, usage.down.0 as i64],
+        )?;
+        if n == 0 {
+            return Err(StoreError::UnknownChannel(id));
+        }
+        Ok(())
     }
 
     /// Give up a channel with nothing to settle: an offer never funded, or a funded

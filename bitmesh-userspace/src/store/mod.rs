@@ -22,7 +22,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::Connection;
 
-pub use channels::{ChannelRecord, ChannelState, Funding, NewChannel};
+pub use channels::{ChannelRecord, ChannelState, FinalUsage, Funding, NewChannel};
 pub use payments::{AppendOutcome, NewPayment, PaymentRecord};
 pub use schema::SCHEMA_VERSION;
 pub use settlements::{Earnings, NewSettlement, SettlementRecord, SettlementState};

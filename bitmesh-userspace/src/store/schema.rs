@@ -103,6 +103,12 @@ const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE channels ADD COLUMN min_first_payment_sat INTEGER NOT NULL DEFAULT 0;
     "#,
+    // 3: what the kernel had billed a channel's client when metering stopped (the
+    // channel started closing), so the operator still sees it once the maps forget it.
+    r#"
+    ALTER TABLE channels ADD COLUMN final_up_bytes INTEGER;
+    ALTER TABLE channels ADD COLUMN final_down_bytes INTEGER;
+    "#,
 ];
 
 /// The schema version this build writes.

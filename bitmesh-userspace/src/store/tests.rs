@@ -246,3 +246,18 @@ fn bindings_and_settings_round_trip() {
     let live = new_channel(&store, 3);
     assert_eq!(store.live_channel_for_mac(mac).unwrap().unwrap().id, live.id);
 }
+
+#[test]
+fn final_usage_is_kept_with_the_channel_and_survives_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = Store::path_in(dir.path());
+    let store = Store::open(&path).unwrap();
+    let ch = new_channel(&store, 4);
+    assert_eq!(ch.final_usage, None, "nothing recorded while metered");
+    let used = FinalUsage { up: ByteCount(1_500), down: ByteCount(2_000_000) };
+    store.set_final_usage(ch.id, used).unwrap();
+    drop(store);
+    let store = Store::open(&path).unwrap();
+    assert_eq!(store.channel(ch.id).unwrap().unwrap().final_usage, Some(used));
+    assert!(matches!(store.set_final_usage(random_id(), used), Err(StoreError::UnknownChannel(_))));
+}

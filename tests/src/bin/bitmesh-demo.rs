@@ -335,7 +335,7 @@ fn run() -> Result<()> {
     heading(7, "The operator's final view");
     operator(&ctl, &["channels"])?;
     operator(&ctl, &["clients"])?;
-    say("(no client is metered any more: every channel is settled)");
+    say("(every channel is settled: each client shows as closed, with what it paid and used)");
     operator(&ctl, &["earnings"])?;
     ctl.stop();
     Ok(())
