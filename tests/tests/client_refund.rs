@@ -2,6 +2,9 @@
 //! vanishes without closing; the agent's refund is refused as too early (with the
 //! height it becomes possible), then confirms once expiry has passed.
 
+// Test code: unwrap is how a failed step fails the test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod client_support;
 
 use std::time::{Duration, Instant};

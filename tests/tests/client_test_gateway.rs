@@ -4,6 +4,9 @@
 //! the event stream keeps ending or the gateway rate-limits it. No root, no chain
 //! needed.
 
+// Test code: unwrap is how a failed step fails the test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod client_support;
 
 use std::sync::atomic::Ordering;

@@ -563,6 +563,8 @@ fn pay_loop(
     // Counted before this run (state file) + counted by this run's meter.
     let carried = record.received;
     let mut view = GatewayView::default();
+    // When `view` was last refreshed (long ago: the first pass asks at once).
+    let mut view_at = Instant::now().checked_sub(cfg.poll).unwrap_or_else(Instant::now);
     let mut last_rate = (Instant::now(), carried);
     let mut rate = 0u64;
     let mut last_save = Instant::now();
@@ -592,7 +594,14 @@ fn pay_loop(
             ui.note("the gateway closed the channel");
             break;
         }
-        let mut fresh = event.is_some();
+        // A push, or an acknowledgement less than a poll interval old, already says
+        // how much the gateway counted: no status request then (at link speed the
+        // acks come several times a second, and every request counts against the
+        // gateway's per-client rate limit).
+        if event.is_some() {
+            view_at = Instant::now();
+        }
+        let mut fresh = view_at.elapsed() < cfg.poll;
 
         // An update saved but not acknowledged (the gateway was unreachable or busy,
         // or the agent crashed between saving and the answer) goes out again, the
@@ -607,6 +616,7 @@ fn pay_loop(
             match api.pay(&update) {
                 Ok(ack) => {
                     view.used = ack.used_bytes;
+                    view_at = Instant::now();
                     fresh = true;
                     mark_acked(record);
                     cfg.state.save(record)?;
@@ -633,6 +643,7 @@ fn pay_loop(
             match api.status(&record.channel_id, &record.client_secret) {
                 Ok(s) => {
                     view.used = s.used_bytes;
+                    view_at = Instant::now();
                     view.closed = !matches!(s.state, bitmesh_common::wire::ChannelState::Open | bitmesh_common::wire::ChannelState::AwaitingFunding);
                 }
                 Err(e) => {
@@ -663,6 +674,7 @@ fn pay_loop(
                 match api.pay(&update) {
                     Ok(ack) => {
                         view.used = ack.used_bytes;
+                        view_at = Instant::now();
                         mark_acked(record);
                         cfg.state.save(record)?;
                         notes.clear();

@@ -3,6 +3,9 @@
 //! hostile (claims more usage than it carried, the adversary the agent's policy
 //! defends against) — plus a test byte meter and a recording UI.
 
+// Test code: unwrap is how a failed step fails the test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+// Each test file uses part of it.
 #![allow(dead_code)]
 
 use std::net::{IpAddr, SocketAddr};
