@@ -92,8 +92,9 @@ pub fn spawn_logged(cmd: &mut Command, log: &Path) -> Result<Child> {
     cmd.spawn().with_context(|| format!("spawning {cmd:?}"))
 }
 
-/// SIGTERM, then SIGKILL after `grace`; reaped either way.
-pub fn stop_child(mut c: Child, grace: Duration) {
+/// SIGTERM, then SIGKILL after `grace`; reaped either way. `None`: nothing to do.
+pub fn stop_child(c: Option<Child>, grace: Duration) {
+    let Some(mut c) = c else { return };
     // SAFETY: kill(2) on the pid of our own child, not yet reaped; no memory involved.
     unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
     let deadline = Instant::now() + grace;
@@ -105,6 +106,14 @@ pub fn stop_child(mut c: Child, grace: Duration) {
     }
     let _ = c.kill();
     let _ = c.wait();
+}
+
+/// `kill -9` and reap (no shutdown code runs: the crash case). `None`: nothing to do.
+pub fn kill_child(c: Option<Child>) {
+    if let Some(mut c) = c {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
 }
 
 /// The last `n` lines of the file at `path` (empty if unreadable).
@@ -267,18 +276,13 @@ impl ControllerProcess {
 
     /// `kill -9` the controller (no shutdown code runs: the crash case) and reap it.
     pub fn kill9(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        kill_child(self.child.take());
     }
 
     /// SIGTERM (graceful stop: final snapshot, the operator's `systemctl stop`) and
     /// reap; kill -9 after 10 s.
     pub fn stop(&mut self) {
-        if let Some(child) = self.child.take() {
-            stop_child(child, Duration::from_secs(10));
-        }
+        stop_child(self.child.take(), Duration::from_secs(10));
     }
 
     /// Start it again with the same flags, data dir and pin dir (`kill -9` first if it

@@ -17,7 +17,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
 use super::{gateway_url, World, API_PORT};
-use crate::process::{spawn_logged, stop_child, ControllerProcess, OnDrop, RunSpec};
+use crate::process::{kill_child, spawn_logged, stop_child, ControllerProcess, OnDrop, RunSpec};
 
 /// `bitmesh run` settings the tests and the demo vary. Prices and sizes are chosen so
 /// that a few MiB cost a few thousand sat: small downloads cross chunk boundaries.
@@ -239,17 +239,12 @@ impl<'w> Agent<'w> {
 
     /// kill -9.
     pub fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        kill_child(self.child.take());
     }
 
     /// SIGTERM (Ctrl-C): the agent asks the gateway to close, then exits.
     pub fn stop(&mut self) {
-        if let Some(c) = self.child.take() {
-            stop_child(c, Duration::from_secs(15));
-        }
+        stop_child(self.child.take(), Duration::from_secs(15));
     }
 
     /// Wait for it to exit by itself (e.g. `--exit-when-spent`); false on timeout.
