@@ -185,3 +185,57 @@ fn bitcoind_backend_finds_confirmed_outputs_paying_a_script() {
     assert_eq!(found[0].outpoint, OutPoint { txid: tx.compute_txid(), vout });
     assert_eq!((found[0].value, found[0].confirmations), (Amount::from_sat(70_000), 1));
 }
+
+/// An HTTP server standing in for Esplora: answers a GET whose path starts with one
+/// of the prefixes with that body, anything else with 404.
+fn fake_esplora(routes: Vec<(&'static str, String)>) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut request_line = String::new();
+            let _ = reader.read_line(&mut request_line);
+            // Drain the headers.
+            let mut line = String::new();
+            while reader.read_line(&mut line).map(|n| n > 2).unwrap_or(false) {
+                line.clear();
+            }
+            let path = request_line.split_whitespace().nth(1).unwrap_or("").to_owned();
+            let (status, body) = match routes.iter().find(|(p, _)| path.starts_with(p)) {
+                Some((_, body)) => ("200 OK", body.clone()),
+                None => ("404 Not Found", String::new()),
+            };
+            let _ = write!(
+                stream,
+                "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    url
+}
+
+#[test]
+fn esplora_backend_finds_outputs_paying_a_script_mempool_included() {
+    let txid = "5a".repeat(32);
+    let utxos = format!(
+        r#"[{{"txid":"{t}","vout":1,"status":{{"confirmed":true,"block_height":95,"block_hash":"{h}","block_time":1700000000}},"value":70000}},
+            {{"txid":"{t}","vout":2,"status":{{"confirmed":false}},"value":5000}}]"#,
+        t = txid,
+        h = "00".repeat(32)
+    );
+    let url = fake_esplora(vec![("/scripthash/", utxos), ("/blocks/tip/height", "100".to_owned())]);
+    let esplora = Esplora::new(&url);
+    let target = ScriptBuf::new_p2wsh(&bitcoin::WScriptHash::from_raw_hash(bitcoin::hashes::Hash::all_zeros()));
+    let found = esplora.outputs_paying(&target).unwrap();
+    let txid: bitcoin::Txid = txid.parse().unwrap();
+    let got: Vec<_> = found.iter().map(|u| (u.outpoint, u.value.to_sat(), u.confirmations)).collect();
+    assert_eq!(
+        got,
+        vec![(OutPoint { txid, vout: 1 }, 70_000, 6), (OutPoint { txid, vout: 2 }, 5_000, 0)],
+        "confirmed at 95 with the tip at 100: 6 confirmations; the mempool one: 0"
+    );
+}
