@@ -51,6 +51,20 @@ fn twenty_clients_pay_and_download_concurrently_each_billed_within_what_it_paid(
         assert!(f.complete, "client {i}: {f:?}\nagent:\n{}", agents[i].output());
     }
 
+    // The agents stay connected and may still land a top-up they started near the
+    // end of their download: read the books once payments have stopped moving, so
+    // the clients table and the earnings below are one consistent snapshot.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut last = ctl.admin_json("earnings").unwrap();
+    loop {
+        std::thread::sleep(Duration::from_millis(1500));
+        let now = ctl.admin_json("earnings").unwrap();
+        if now == last {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "payments never settled down: {now}");
+        last = now;
+    }
     let rows = ctl.admin_json("clients").unwrap();
     let rows = rows.as_array().unwrap();
     assert_eq!(rows.len(), CLIENTS, "{rows:?}");
