@@ -644,6 +644,8 @@ fn pay_loop(
                 Ok(s) => {
                     view.used = s.used_bytes;
                     view_at = Instant::now();
+                    // Reachable again: the next outage is reported again.
+                    notes.clear();
                     view.closed = !matches!(s.state, bitmesh_common::wire::ChannelState::Open | bitmesh_common::wire::ChannelState::AwaitingFunding);
                 }
                 Err(e) => {
