@@ -338,9 +338,8 @@ impl CoinbaseWallet {
                 },
             ],
         };
-        let mut cache = SighashCache::new(&tx);
         if legacy {
-            let hash = cache
+            let hash = SighashCache::new(&tx)
                 .legacy_signature_hash(0, &prev.script_pubkey, EcdsaSighashType::All.to_u32())
                 .unwrap();
             let sig = self.secp.sign_ecdsa(&Message::from(hash), &self.secret);
@@ -355,18 +354,10 @@ impl CoinbaseWallet {
                 .push_key(&self.public)
                 .into_script();
             tx.input[0].script_sig = script_sig;
+            tx
         } else {
-            let hash = cache
-                .p2wpkh_signature_hash(0, &prev.script_pubkey, prev.value, EcdsaSighashType::All)
-                .unwrap();
-            let sig = self.secp.sign_ecdsa(&Message::from(hash), &self.secret);
-            let sig = ecdsa::Signature {
-                signature: sig,
-                sighash_type: EcdsaSighashType::All,
-            };
-            tx.input[0].witness = Witness::p2wpkh(&sig, &self.public.inner);
+            self.sign_p2wpkh_input(tx, &prev)
         }
-        tx
     }
 
     /// A signed transaction paying each of `outputs` (outputs 0..n, in order), change
@@ -383,7 +374,7 @@ impl CoinbaseWallet {
             value: prev.value - spent - fee,
             script_pubkey: self.segwit.script_pubkey(),
         });
-        let mut tx = Transaction {
+        let tx = Transaction {
             version: transaction::Version::TWO,
             lock_time: absolute::LockTime::ZERO,
             input: vec![TxIn {
@@ -394,6 +385,11 @@ impl CoinbaseWallet {
             }],
             output,
         };
+        self.sign_p2wpkh_input(tx, &prev)
+    }
+
+    /// Sign input 0 of `tx`, which spends the wallet's P2WPKH output `prev`.
+    fn sign_p2wpkh_input(&self, mut tx: Transaction, prev: &TxOut) -> Transaction {
         let hash = SighashCache::new(&tx)
             .p2wpkh_signature_hash(0, &prev.script_pubkey, prev.value, EcdsaSighashType::All)
             .unwrap();

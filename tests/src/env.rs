@@ -24,3 +24,20 @@ pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() == 0 }
 }
+
+/// Poll `f` every 100 ms until it returns `Some`, or panic after `timeout` with `what`.
+pub fn wait_until<T>(what: &str, timeout: std::time::Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let end = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(std::time::Instant::now() < end, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// [`wait_until`] for a condition: poll until `f` is true.
+pub fn wait_for_true(what: &str, timeout: std::time::Duration, mut f: impl FnMut() -> bool) {
+    wait_until(what, timeout, || f().then_some(()))
+}

@@ -79,17 +79,7 @@ pub fn preflight() -> Option<PathBuf> {
     Some(bin)
 }
 
-/// Poll `f` every 100 ms until it returns `Some`, or panic after `timeout` with `what`.
-pub fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let end = std::time::Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(std::time::Instant::now() < end, "timed out after {timeout:?} waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
+pub use crate::env::wait_until;
 
 /// One client: its namespace, its interface there, address and MAC.
 pub struct ClientNs {

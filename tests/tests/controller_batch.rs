@@ -7,11 +7,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashSet;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bitcoin::{Amount, FeeRate, Network, Txid};
 use bitmesh::chain::Chain;
 use bitmesh_tests::bitcoind::CoinbaseWallet;
+use bitmesh_tests::env::wait_for_true;
 use bitmesh_tests::controller::{Lab, ScriptedClient};
 
 const CAPACITY: Amount = Amount::from_sat(20_000);
@@ -20,14 +21,6 @@ const CAPACITY: Amount = Amount::from_sat(20_000);
 const CLOSE_FEE_RATE_SAT_VB: u64 = 2;
 /// What `build_close` reserves for the gateway's signature when sizing the fee.
 const GATEWAY_SIG_RESERVE: usize = 72;
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 #[test]
 fn three_clients_settled_together_close_in_one_transaction_paying_each_change_and_the_gateway_exactly() {
@@ -91,7 +84,7 @@ fn three_clients_settled_together_close_in_one_transaction_paying_each_change_an
 
     // It confirms.
     lab.node.mine(1);
-    wait_until("all three channels closed", Duration::from_secs(20), || {
+    wait_for_true("all three channels closed", Duration::from_secs(20), || {
         let chans = lab.controller.channels().unwrap();
         clients.iter().all(|c| chans.iter().any(|r| r["id"] == c.channel_id().to_string().as_str() && r["state"] == "closed"))
     });

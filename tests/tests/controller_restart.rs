@@ -4,13 +4,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bitcoin::Amount;
 use bitmesh::chain::Chain;
 use bitmesh::store::Store;
 use bitmesh_common::pricing::{bytes_for_payment, PriceMsatPerMib};
 use bitmesh_tests::bitcoind::CoinbaseWallet;
+use bitmesh_tests::env::wait_for_true;
 use bitmesh_tests::controller::{udp_round_trips, Lab, ScriptedClient};
 
 const PRICE: u64 = 8_000_000;
@@ -29,14 +30,6 @@ fn used(row: &serde_json::Value) -> u64 {
 fn journal(lab: &Lab, client: &ScriptedClient) -> Vec<Amount> {
     let store = Store::open(&Store::path_in(&lab.controller.data_dir)).unwrap();
     store.payments(client.channel_id()).unwrap().into_iter().map(|p| p.paid_total).collect()
-}
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 #[test]
@@ -130,7 +123,7 @@ fn kill_9_and_restart_keep_every_acknowledged_payment_and_the_kernel_enforces_me
     let txid: bitcoin::Txid = chans[0]["close_txid"].as_str().unwrap().parse().unwrap();
     assert!(text.contains(&txid.to_string()));
     lab.node.mine(1);
-    wait_until("settlement confirmed", Duration::from_secs(20), || {
+    wait_for_true("settlement confirmed", Duration::from_secs(20), || {
         lab.controller.channels().unwrap()[0]["state"] == "closed"
     });
     let tx = lab.node.rpc().transaction(&txid).unwrap().unwrap().tx;

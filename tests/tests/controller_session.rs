@@ -4,12 +4,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bitcoin::{Amount, Network};
 use bitmesh::chain::Chain;
 use bitmesh_common::pricing::{bytes_for_payment, PriceMsatPerMib};
 use bitmesh_tests::bitcoind::CoinbaseWallet;
+use bitmesh_tests::env::wait_for_true;
 use bitmesh_tests::controller::{udp_round_trips, Lab, ScriptedClient};
 
 /// High enough that the first payment buys a budget a test exhausts in a second.
@@ -18,14 +19,6 @@ const CAPACITY: Amount = Amount::from_sat(20_000);
 const DATAGRAM: usize = 1000;
 /// What one echoed datagram costs: up and down, each payload + 42 bytes of headers.
 const ROUND_TRIP_BYTES: u64 = 2 * (DATAGRAM as u64 + 42);
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 #[test]
 fn client_is_blocked_unpaid_pays_through_the_api_is_cut_at_its_budget_and_settles_on_chain() {
@@ -110,7 +103,7 @@ fn client_is_blocked_unpaid_pays_through_the_api_is_cut_at_its_budget_and_settle
     assert_eq!(closed.client_change, CAPACITY - second);
     assert_eq!(udp_round_trips(&udp, 3, DATAGRAM), 0, "closed channel still passes traffic");
     lab.node.mine(1);
-    wait_until("settlement confirmed", Duration::from_secs(20), || {
+    wait_for_true("settlement confirmed", Duration::from_secs(20), || {
         lab.controller.channels().unwrap().iter().any(|c| c["state"] == "closed")
     });
     let tx = lab.node.rpc().transaction(&close_txid).unwrap().expect("close tx known").tx;

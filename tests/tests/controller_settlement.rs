@@ -4,26 +4,16 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bitcoin::{Amount, Txid};
 use bitmesh::chain::Chain;
 use bitmesh_tests::bitcoind::CoinbaseWallet;
+use bitmesh_tests::env::wait_until;
 use bitmesh_tests::controller::{Lab, ScriptedClient};
 use serde_json::json;
 
 const CAPACITY: Amount = Amount::from_sat(20_000);
-
-fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 fn channel(lab: &Lab) -> serde_json::Value {
     lab.controller.channels().unwrap().remove(0)
@@ -45,7 +35,7 @@ fn idle_channel_closes_and_a_stuck_close_is_fee_bumped_until_it_confirms() {
     client.pay(paid).unwrap();
 
     // No traffic, no payment: closed for idleness.
-    let first: Txid = wait_for("idle close", Duration::from_secs(20), || {
+    let first: Txid = wait_until("idle close", Duration::from_secs(20), || {
         let c = channel(&lab);
         c["close_txid"].as_str().map(|t| t.parse().unwrap())
     });
@@ -55,7 +45,7 @@ fn idle_channel_closes_and_a_stuck_close_is_fee_bumped_until_it_confirms() {
     // Make the miner ignore it: the next block leaves it out, the engine bumps.
     lab.node.rpc().call_raw("prioritisetransaction", &[json!(first.to_string()), json!(0), json!(-1_000_000)]).unwrap();
     lab.node.mine(1);
-    let bumped: Txid = wait_for("fee bump", Duration::from_secs(20), || {
+    let bumped: Txid = wait_until("fee bump", Duration::from_secs(20), || {
         let t: Txid = channel(&lab)["close_txid"].as_str().unwrap().parse().unwrap();
         (t != first).then_some(t)
     });
@@ -69,7 +59,7 @@ fn idle_channel_closes_and_a_stuck_close_is_fee_bumped_until_it_confirms() {
     assert_eq!(to_client(&old), CAPACITY - paid);
 
     lab.node.mine(1);
-    wait_for("bumped close confirmed", Duration::from_secs(20), || (channel(&lab)["state"] == "closed").then_some(()));
+    wait_until("bumped close confirmed", Duration::from_secs(20), || (channel(&lab)["state"] == "closed").then_some(()));
     let st = lab.node.rpc().transaction(&bumped).unwrap().unwrap();
     assert!(st.block_height.is_some(), "the replacement confirmed");
     let e = lab.controller.earnings().unwrap();
@@ -98,12 +88,12 @@ fn channel_closes_at_expiry_minus_margin_and_funding_confirmation_is_tracked() {
     assert_eq!(channel(&lab)["state"], "open", "closed before its deadline");
     assert!(lab.controller.log().contains("funding confirmed"), "zero-conf funding confirmation noted");
     lab.node.mine(1);
-    let txid: Txid = wait_for("expiry close", Duration::from_secs(20), || {
+    let txid: Txid = wait_until("expiry close", Duration::from_secs(20), || {
         channel(&lab)["close_txid"].as_str().map(|t| t.parse().unwrap())
     });
     assert_eq!(channel(&lab)["close_reason"], "expiry");
     lab.node.mine(1);
-    wait_for("close confirmed", Duration::from_secs(20), || (channel(&lab)["state"] == "closed").then_some(()));
+    wait_until("close confirmed", Duration::from_secs(20), || (channel(&lab)["state"] == "closed").then_some(()));
     let tx = lab.node.rpc().transaction(&txid).unwrap().unwrap().tx;
     assert!(tx.output.iter().any(|o| o.script_pubkey == client.change_script && o.value == CAPACITY - paid));
     assert!(lab.client_row().unwrap().is_none_or(|r| r["credited_bytes"] == 0), "client unmetered after close");
