@@ -133,6 +133,25 @@ impl Neighbours for StaticNeighbours {
     }
 }
 
+/// The loaded meter (programs attached, maps pinned) as the controller's port.
+impl MeterPort for crate::meter::Meter {
+    fn restore_client(&mut self, m: MacAddr, usage: Usage) -> Result<(), MeterError> {
+        MeterPort::restore_client(self.maps_mut(), m, usage)
+    }
+    fn raise_credit(&mut self, m: MacAddr, total: ByteCount) -> Result<(), MeterError> {
+        MeterPort::raise_credit(self.maps_mut(), m, total)
+    }
+    fn usage(&self, m: MacAddr) -> Result<Option<(ByteCount, Usage)>, MeterError> {
+        MeterPort::usage(self.maps(), m)
+    }
+    fn all_usage(&self) -> Result<Vec<(MacAddr, ByteCount, Usage)>, MeterError> {
+        MeterPort::all_usage(self.maps())
+    }
+    fn remove_client(&mut self, m: MacAddr) -> Result<Option<Usage>, MeterError> {
+        MeterPort::remove_client(self.maps_mut(), m)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -150,24 +169,5 @@ mod tests {
         let neigh = "fe80::2 lladdr 02:00:00:00:00:05 REACHABLE\nfe80::3 FAILED\n";
         assert_eq!(parse_ip_neigh(neigh, ip("fe80::2")), Some(MacAddr([2, 0, 0, 0, 0, 5])));
         assert_eq!(parse_ip_neigh(neigh, ip("fe80::3")), None);
-    }
-}
-
-/// The loaded meter (programs attached, maps pinned) as the controller's port.
-impl MeterPort for crate::meter::Meter {
-    fn restore_client(&mut self, m: MacAddr, usage: Usage) -> Result<(), MeterError> {
-        MeterPort::restore_client(self.maps_mut(), m, usage)
-    }
-    fn raise_credit(&mut self, m: MacAddr, total: ByteCount) -> Result<(), MeterError> {
-        MeterPort::raise_credit(self.maps_mut(), m, total)
-    }
-    fn usage(&self, m: MacAddr) -> Result<Option<(ByteCount, Usage)>, MeterError> {
-        MeterPort::usage(self.maps(), m)
-    }
-    fn all_usage(&self) -> Result<Vec<(MacAddr, ByteCount, Usage)>, MeterError> {
-        MeterPort::all_usage(self.maps())
-    }
-    fn remove_client(&mut self, m: MacAddr) -> Result<Option<Usage>, MeterError> {
-        MeterPort::remove_client(self.maps_mut(), m)
     }
 }
