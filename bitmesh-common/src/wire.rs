@@ -305,6 +305,25 @@ pub fn client_auth_digest(action: &str, channel_id: &ChannelId) -> [u8; 32] {
     sha256::Hash::from_engine(engine).to_byte_array()
 }
 
+/// The 32-byte message a client signs to authenticate a channel-scoped GET
+/// (`status`, `events`): `SHA256("bitmesh/v1/" || action || "/" || channel_id ||
+/// counter as 8 bytes big-endian)`. The counter (milliseconds since the Unix epoch,
+/// strictly increasing per channel) makes every signature single-use: the gateway
+/// refuses a counter it has already seen or one outside [`CLIENT_AUTH_WINDOW_MS`].
+pub fn client_request_digest(action: &str, channel_id: &ChannelId, counter: u64) -> [u8; 32] {
+    let mut engine = sha256::Hash::engine();
+    engine.input(b"bitmesh/v1/");
+    engine.input(action.as_bytes());
+    engine.input(b"/");
+    engine.input(&channel_id.0);
+    engine.input(&counter.to_be_bytes());
+    sha256::Hash::from_engine(engine).to_byte_array()
+}
+
+/// How far (either way, in milliseconds) a request counter may be from the
+/// gateway's clock: 120 s.
+pub const CLIENT_AUTH_WINDOW_MS: u64 = 120_000;
+
 /// Every error the gateway returns: a stable code and a human message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {
@@ -379,6 +398,9 @@ pub enum ErrorCode {
     UnknownChannel,
     /// The request is not authenticated by the channel's client (key or MAC).
     Unauthorized,
+    /// The signed request counter was already used (a replay) or is more than
+    /// 120 s away from the gateway's clock: sign again with a fresh counter.
+    AuthReplayed,
     /// The channel is not in a state that allows this request.
     ChannelNotOpen,
     /// Too many requests; retry later.
@@ -421,6 +443,7 @@ impl ErrorCode {
         ErrorCode::BadRequest,
         ErrorCode::UnknownChannel,
         ErrorCode::Unauthorized,
+        ErrorCode::AuthReplayed,
         ErrorCode::ChannelNotOpen,
         ErrorCode::RateLimited,
         ErrorCode::ChainUnavailable,
@@ -457,6 +480,7 @@ impl ErrorCode {
             ErrorCode::BadRequest => "bad_request",
             ErrorCode::UnknownChannel => "unknown_channel",
             ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::AuthReplayed => "auth_replayed",
             ErrorCode::ChannelNotOpen => "channel_not_open",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::ChainUnavailable => "chain_unavailable",
@@ -575,5 +599,13 @@ mod tests {
             client_auth_digest("close", &a),
             client_auth_digest("status", &a)
         );
+    }
+
+    #[test]
+    fn request_digest_binds_the_counter() {
+        let a = ChannelId([1; 32]);
+        assert_ne!(client_request_digest("status", &a, 1), client_request_digest("status", &a, 2));
+        assert_ne!(client_request_digest("status", &a, 1), client_request_digest("events", &a, 1));
+        assert_ne!(client_request_digest("status", &a, 1), client_auth_digest("status", &a));
     }
 }

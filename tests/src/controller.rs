@@ -627,7 +627,7 @@ impl ScriptedClient {
         Ok(serde_json::from_slice(&r.body)?)
     }
 
-    /// Hex DER signature over `client_auth_digest(action, channel)`.
+    /// Hex DER signature over `client_auth_digest(action, channel)` (the close body).
     pub fn auth(&self, action: &str) -> String {
         use bitcoin::hex::DisplayHex;
         let digest = bitmesh_common::wire::client_auth_digest(action, &self.channel_id());
@@ -636,9 +636,25 @@ impl ScriptedClient {
         sig.serialize_der().to_lower_hex_string()
     }
 
+    /// `X-BitMesh-Signature` value of a signed GET with an explicit counter:
+    /// `<counter>.<hex DER signature over client_request_digest(action, channel, counter)>`.
+    pub fn auth_at(&self, action: &str, counter: u64) -> String {
+        use bitcoin::hex::DisplayHex;
+        let digest = bitmesh_common::wire::client_request_digest(action, &self.channel_id(), counter);
+        let msg = bitcoin::secp256k1::Message::from_digest(digest);
+        let sig = bitcoin::secp256k1::Secp256k1::new().sign_ecdsa(&msg, &self.secret);
+        format!("{counter}.{}", sig.serialize_der().to_lower_hex_string())
+    }
+
+    /// `X-BitMesh-Signature` value of a signed GET with a fresh counter (the agent's
+    /// `max(now_ms, last + 1)`).
+    pub fn auth_header(&self, action: &str) -> String {
+        self.auth_at(action, bitmesh::client::http::next_counter())
+    }
+
     /// `GET /v1/channels/{id}` (signed).
     pub fn status(&self) -> Result<bitmesh_common::wire::ChannelStatus> {
-        let auth = self.auth("status");
+        let auth = self.auth_header("status");
         let r = self.request("GET", &format!("/v1/channels/{}", self.channel_id()), &[(bitmesh::api::AUTH_HEADER, &auth)], None)?;
         anyhow::ensure!(r.status == 200, "status: {} {}", r.status, String::from_utf8_lossy(&r.body));
         Ok(serde_json::from_slice(&r.body)?)

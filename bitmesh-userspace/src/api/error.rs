@@ -28,6 +28,9 @@ pub enum ApiError {
     /// Not signed by the channel's client key, or not from the channel's device.
     #[error("{0}")]
     Unauthorized(String),
+    /// The signed request counter was already accepted, or is outside the clock window.
+    #[error("{0}")]
+    AuthReplayed(String),
     /// The gateway could not find the MAC of the connecting device.
     #[error("the gateway cannot see your device's MAC address on its client interface: connect through the gateway's WiFi")]
     NotOnLink,
@@ -55,6 +58,7 @@ impl ApiError {
             ApiError::BadRequest(_) | ApiError::BodyTooLarge | ApiError::NoRoute => ErrorCode::BadRequest,
             ApiError::UnknownChannel(_) => ErrorCode::UnknownChannel,
             ApiError::Unauthorized(_) | ApiError::NotOnLink => ErrorCode::Unauthorized,
+            ApiError::AuthReplayed(_) => ErrorCode::AuthReplayed,
             ApiError::ChannelNotOpen { .. } => ErrorCode::ChannelNotOpen,
             ApiError::RateLimited { .. } => ErrorCode::RateLimited,
             ApiError::FundingNotFound(_) => ErrorCode::FundingNotFound,
@@ -75,6 +79,7 @@ impl ApiError {
             ApiError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::NoRoute | ApiError::UnknownChannel(_) => StatusCode::NOT_FOUND,
             ApiError::Unauthorized(_) | ApiError::NotOnLink => StatusCode::FORBIDDEN,
+            ApiError::AuthReplayed(_) => StatusCode::UNAUTHORIZED,
             ApiError::ChannelNotOpen { .. } => StatusCode::CONFLICT,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::FundingNotFound(_) => StatusCode::UNPROCESSABLE_ENTITY,

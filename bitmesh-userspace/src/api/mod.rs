@@ -51,9 +51,22 @@ pub use extract::ApiJson;
 pub use limits::RateLimiter;
 
 /// Header carrying the client-key signature on channel-scoped GET requests:
-/// hex DER ECDSA signature over `client_auth_digest(action, channel_id)` with action
-/// `status` or `events`.
+/// `<counter>.<hex DER ECDSA signature>`, the signature over
+/// `client_request_digest(action, channel_id, counter)` with action `status` or
+/// `events` and the counter in decimal (see [`ClientAuth`]).
 pub const AUTH_HEADER: &str = "x-bitmesh-signature";
+
+/// A parsed [`AUTH_HEADER`]: the client's counter (milliseconds since the Unix
+/// epoch, strictly increasing per channel) and its signature over
+/// `client_request_digest(action, channel_id, counter)`. The gateway accepts each
+/// counter once per (channel, action), and only within 120 s of its clock.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientAuth {
+    /// The signed counter.
+    pub counter: u64,
+    /// DER ECDSA signature by the channel's client key.
+    pub signature: SignatureBytes,
+}
 
 /// A push on a channel's event stream.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -98,14 +111,14 @@ pub trait ClientGateway: Send + Sync + 'static {
         &self,
         peer: IpAddr,
         id: ChannelId,
-        auth: SignatureBytes,
+        auth: ClientAuth,
     ) -> impl Future<Output = Result<ChannelStatus, ApiError>> + Send;
     fn close(&self, peer: IpAddr, req: CloseRequest) -> impl Future<Output = Result<CloseResponse, ApiError>> + Send;
     fn events(
         &self,
         peer: IpAddr,
         id: ChannelId,
-        auth: SignatureBytes,
+        auth: ClientAuth,
     ) -> impl Future<Output = Result<mpsc::Receiver<ClientEvent>, ApiError>> + Send;
     fn captive(&self, peer: IpAddr) -> impl Future<Output = Result<CaptiveStatus, ApiError>> + Send;
 }
@@ -181,14 +194,16 @@ fn same_channel(path: ChannelId, body: ChannelId) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn auth_header(headers: &HeaderMap) -> Result<SignatureBytes, ApiError> {
+fn auth_header(headers: &HeaderMap) -> Result<ClientAuth, ApiError> {
     let v = headers
         .get(AUTH_HEADER)
         .ok_or_else(|| ApiError::Unauthorized(format!("missing {AUTH_HEADER} header: sign the request with the channel's client key")))?;
-    let s = v.to_str().map_err(|_| ApiError::Unauthorized(format!("{AUTH_HEADER} is not hex")))?;
-    Vec::<u8>::from_hex(s.trim())
-        .map(SignatureBytes)
-        .map_err(|_| ApiError::Unauthorized(format!("{AUTH_HEADER} is not hex")))
+    let malformed = || ApiError::Unauthorized(format!("{AUTH_HEADER} is not <counter>.<hex signature>"));
+    let s = v.to_str().map_err(|_| malformed())?;
+    let (counter, sig) = s.trim().split_once('.').ok_or_else(malformed)?;
+    let counter = counter.parse::<u64>().map_err(|_| malformed())?;
+    let signature = Vec::<u8>::from_hex(sig).map(SignatureBytes).map_err(|_| malformed())?;
+    Ok(ClientAuth { counter, signature })
 }
 
 async fn terms<G: ClientGateway>(State(s): St<G>) -> Result<Json<Terms>, ApiError> {

@@ -75,7 +75,7 @@ impl ClientGateway for Fake {
             used_bytes: ByteCount(0),
         })
     }
-    async fn status(&self, _: IpAddr, id: ChannelId, _: SignatureBytes) -> Result<ChannelStatus, ApiError> {
+    async fn status(&self, _: IpAddr, id: ChannelId, _: ClientAuth) -> Result<ChannelStatus, ApiError> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         Ok(status_of(id))
     }
@@ -83,7 +83,7 @@ impl ClientGateway for Fake {
         self.calls.fetch_add(1, Ordering::SeqCst);
         Err(ApiError::UnknownChannel(r.channel_id))
     }
-    async fn events(&self, _: IpAddr, id: ChannelId, _: SignatureBytes) -> Result<mpsc::Receiver<ClientEvent>, ApiError> {
+    async fn events(&self, _: IpAddr, id: ChannelId, _: ClientAuth) -> Result<mpsc::Receiver<ClientEvent>, ApiError> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         let (tx, rx) = mpsc::channel(4);
         let r = UsageReport { channel_id: id, credited_bytes: ByteCount(10), used_bytes: ByteCount(9), remaining_bytes: ByteCount(1) };
@@ -112,7 +112,7 @@ async fn send(r: &Router, method: &str, uri: &str, body: &str) -> (StatusCode, a
         .method(method)
         .uri(uri)
         .header("content-type", "application/json")
-        .header(AUTH_HEADER, "3006020101020101")
+        .header(AUTH_HEADER, "1.3006020101020101")
         .body(Body::from(body.to_owned()))
         .unwrap();
     let resp = r.clone().oneshot(req).await.unwrap();
@@ -182,6 +182,25 @@ async fn status_without_signature_header_is_unauthorized() {
 }
 
 #[tokio::test]
+async fn signature_header_without_a_counter_is_unauthorized() {
+    let (fake, r) = app(ApiLimits::default());
+    for value in ["3006020101020101", "x.3006020101020101", "1.zz"] {
+        let req = Request::builder().uri(format!("/v1/channels/{ID}")).header(AUTH_HEADER, value).body(Body::empty()).unwrap();
+        let resp = r.clone().oneshot(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::FORBIDDEN, "{value}");
+        let bytes = axum::body::to_bytes(resp.into_body(), 4096).await.unwrap();
+        assert_eq!(serde_json::from_slice::<ErrorBody>(&bytes).unwrap().code, ErrorCode::Unauthorized);
+    }
+    assert_eq!(fake.calls.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn auth_replayed_is_401() {
+    let e = ApiError::AuthReplayed("again".into());
+    assert_eq!((e.status(), e.code()), (StatusCode::UNAUTHORIZED, ErrorCode::AuthReplayed));
+}
+
+#[tokio::test]
 async fn client_over_its_rate_gets_rate_limited_with_retry_after() {
     let (_, r) = app(ApiLimits { requests_per_min: 3, ..ApiLimits::default() });
     for _ in 0..3 {
@@ -210,7 +229,7 @@ async fn event_stream_pushes_low_water_as_sse() {
     let (_, r) = app(ApiLimits::default());
     let req = Request::builder()
         .uri(format!("/v1/channels/{ID}/events"))
-        .header(AUTH_HEADER, "00")
+        .header(AUTH_HEADER, "1.00")
         .body(Body::empty())
         .unwrap();
     let resp = r.oneshot(req).await.unwrap();

@@ -4,13 +4,14 @@
 //! Every route path lives in [`routes`] and mirrors `api/mod.rs` (docs/api.md):
 //! one place to change if the controller moves a path.
 
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bitcoin::hex::DisplayHex;
 use bitcoin::secp256k1::{Message, SecretKey};
 use bitmesh_common::pricing::ByteCount;
 use bitmesh_common::wire::{
-    client_auth_digest, ChannelId, ChannelStatus, CloseRequest, CloseResponse, ErrorBody, ErrorCode,
+    client_auth_digest, client_request_digest, ChannelId, ChannelStatus, CloseRequest, CloseResponse, ErrorBody, ErrorCode,
     FundRequest, OpenRequest, OpenResponse, PaymentAck, PaymentUpdate, SignatureBytes, Terms,
 };
 use serde::de::DeserializeOwned;
@@ -48,7 +49,8 @@ pub mod routes {
     }
 }
 
-/// Header carrying the client-key signature on channel-scoped GETs (`api::AUTH_HEADER`).
+/// Header carrying the client-key signature on channel-scoped GETs (`api::AUTH_HEADER`):
+/// `<counter>.<hex DER signature>` (see [`auth_header`]).
 pub const AUTH_HEADER: &str = "x-bitmesh-signature";
 
 /// How long one request may take (the gateway is one hop away).
@@ -194,7 +196,7 @@ impl GatewayApi {
 
     /// `GET /v1/channels/{id}`, signed with the channel's client key.
     pub fn status(&self, id: &ChannelId, key: &SecretKey) -> Result<ChannelStatus, HttpError> {
-        self.get(&routes::channel(id), Some(auth_signature("status", id, key)))
+        self.get(&routes::channel(id), Some(auth_header("status", id, key)))
     }
 
     /// `POST /v1/channels/{id}/close`, signed with the channel's client key.
@@ -207,9 +209,8 @@ impl GatewayApi {
     pub fn events(&self, id: &ChannelId, key: &SecretKey) -> Result<EventStream, HttpError> {
         let path = routes::events(id);
         let url = format!("{}{path}", self.base);
-        let sig = auth_signature("events", id, key);
         let resp = bitreq::get(url.as_str())
-            .with_header(AUTH_HEADER, sig.0.to_lower_hex_string())
+            .with_header(AUTH_HEADER, auth_header("events", id, key))
             .with_header("Accept", "text/event-stream")
             .send_lazy()
             .map_err(|e| HttpError::Unreachable { url: url.clone(), message: e.to_string() })?;
@@ -221,11 +222,11 @@ impl GatewayApi {
         Ok(EventStream { inner: resp, parser: super::events::SseParser::default() })
     }
 
-    fn get<T: DeserializeOwned>(&self, path: &str, auth: Option<SignatureBytes>) -> Result<T, HttpError> {
+    fn get<T: DeserializeOwned>(&self, path: &str, auth: Option<String>) -> Result<T, HttpError> {
         let url = format!("{}{path}", self.base);
         let mut req = bitreq::get(url.as_str()).with_timeout(REQUEST_TIMEOUT).with_max_body_size(MAX_BODY);
-        if let Some(sig) = auth {
-            req = req.with_header(AUTH_HEADER, sig.0.to_lower_hex_string());
+        if let Some(value) = auth {
+            req = req.with_header(AUTH_HEADER, value);
         }
         let resp = req.send().map_err(|e| HttpError::Unreachable { url, message: e.to_string() })?;
         decode(path, &resp)
@@ -249,12 +250,39 @@ impl GatewayApi {
     }
 }
 
-/// The signature that authenticates a channel-scoped request: DER ECDSA over
+/// The signature that authenticates a close request: DER ECDSA over
 /// `client_auth_digest(action, id)` with the channel's client key.
 pub fn auth_signature(action: &str, id: &ChannelId, key: &SecretKey) -> SignatureBytes {
     let msg = Message::from_digest(client_auth_digest(action, id));
     let sig = crate::channel::secp().sign_ecdsa(&msg, key);
     SignatureBytes(sig.serialize_der().to_vec())
+}
+
+/// Last request counter this process signed (any channel).
+static LAST_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// A fresh request counter: milliseconds since the Unix epoch, strictly above every
+/// counter this process signed before (`max(now_ms, last + 1)`), so two requests in
+/// the same millisecond still get distinct counters and the gateway takes both.
+pub fn next_counter() -> u64 {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0);
+    let step = |last: u64| Some(now.max(last.saturating_add(1)));
+    match LAST_COUNTER.fetch_update(Ordering::SeqCst, Ordering::SeqCst, step) {
+        Ok(last) | Err(last) => now.max(last.saturating_add(1)),
+    }
+}
+
+/// The [`AUTH_HEADER`] value of a channel-scoped GET: `<counter>.<hex DER signature>`,
+/// the signature over `client_request_digest(action, id, counter)` with a fresh
+/// [`next_counter`] (the gateway takes each counter once, within 120 s of its clock).
+pub fn auth_header(action: &str, id: &ChannelId, key: &SecretKey) -> String {
+    let counter = next_counter();
+    let msg = Message::from_digest(client_request_digest(action, id, counter));
+    let sig = crate::channel::secp().sign_ecdsa(&msg, key);
+    format!("{counter}.{}", sig.serialize_der().to_lower_hex_string())
 }
 
 fn decode<T: DeserializeOwned>(path: &str, resp: &bitreq::Response) -> Result<T, HttpError> {
@@ -309,5 +337,18 @@ impl EventStream {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_counters_are_current_ms_and_strictly_increasing() {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        let counters: Vec<u64> = (0..1000).map(|_| next_counter()).collect();
+        assert!(counters.windows(2).all(|w| w[1] > w[0]), "strictly increasing");
+        assert!(counters[0] >= now && counters[0] < now + 60_000, "milliseconds since the epoch");
     }
 }

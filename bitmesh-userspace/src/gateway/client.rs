@@ -7,14 +7,15 @@ use bitcoin::secp256k1::{ecdsa, Message, Secp256k1};
 use bitcoin::{Amount, OutPoint, Transaction};
 use bitmesh_common::pricing::{bytes_for_payment, ByteCount};
 use bitmesh_common::wire::{
-    client_auth_digest, ChannelId, ChannelState as WireState, ChannelStatus, CloseRequest, CloseResponse,
-    FundRequest, OpenRequest, OpenResponse, PaymentAck, PaymentUpdate, SignatureBytes, Terms, PROTOCOL_VERSION,
+    client_auth_digest, client_request_digest, ChannelId, ChannelState as WireState, ChannelStatus, CloseRequest, CloseResponse,
+    FundRequest, OpenRequest, OpenResponse, PaymentAck, PaymentUpdate, SignatureBytes, Terms, CLIENT_AUTH_WINDOW_MS,
+    PROTOCOL_VERSION,
 };
 use tokio::sync::mpsc;
 use tracing::{info, instrument, warn};
 
 use super::{crediting_ends_at, script_of, Gateway, GatewayError};
-use crate::api::{ApiError, CaptiveStatus, ClientEvent, ClientGateway, UsageReport};
+use crate::api::{ApiError, CaptiveStatus, ClientAuth, ClientEvent, ClientGateway, UsageReport};
 use crate::channel::{check_open, verify_funding, verify_update, FundingCheck};
 use crate::store::{AppendOutcome, ChannelRecord, ChannelState, Funding, NewChannel, NewPayment};
 
@@ -49,12 +50,44 @@ impl Gateway {
         self.store.channel(id).map_err(GatewayError::from)?.ok_or(ApiError::UnknownChannel(id))
     }
 
-    /// Check a client-key signature over `client_auth_digest(action, id)`.
+    /// Check a client-key signature over `client_auth_digest(action, id)` (close body).
     fn check_client_sig(rec: &ChannelRecord, action: &str, sig: &SignatureBytes) -> Result<(), ApiError> {
         let refuse = || ApiError::Unauthorized(format!("signature does not verify: sign client_auth_digest(\"{action}\", channel_id) with the channel's client key (DER)"));
         let sig = ecdsa::Signature::from_der(&sig.0).map_err(|_| refuse())?;
         let msg = Message::from_digest(client_auth_digest(action, &rec.id));
         Secp256k1::verification_only().verify_ecdsa(&msg, &sig, &rec.client_pubkey.inner).map_err(|_| refuse())
+    }
+
+    /// Check a signed GET (`status`, `events`): the signature over
+    /// `client_request_digest(action, id, counter)`, then the counter: within
+    /// ±120 s of our clock and above the last one accepted for (channel, action).
+    /// Only a verified, fresh counter is recorded, so a forger cannot push it up.
+    fn check_client_request(&self, rec: &ChannelRecord, action: &'static str, auth: &ClientAuth) -> Result<(), ApiError> {
+        let refuse = || ApiError::Unauthorized(format!("signature does not verify: sign client_request_digest(\"{action}\", channel_id, counter) with the channel's client key (DER)"));
+        let sig = ecdsa::Signature::from_der(&auth.signature.0).map_err(|_| refuse())?;
+        let msg = Message::from_digest(client_request_digest(action, &rec.id, auth.counter));
+        Secp256k1::verification_only().verify_ecdsa(&msg, &sig, &rec.client_pubkey.inner).map_err(|_| refuse())?;
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .map_err(|_| ApiError::Internal("system clock is before the Unix epoch".into()))?;
+        if auth.counter.abs_diff(now_ms) > CLIENT_AUTH_WINDOW_MS {
+            return Err(ApiError::AuthReplayed(format!(
+                "request counter {} is more than {} s from the gateway clock ({now_ms} ms): sign again with the current time in ms",
+                auth.counter,
+                CLIENT_AUTH_WINDOW_MS / 1000
+            )));
+        }
+        let mut seen = self.auth_counters.lock().map_err(|_| ApiError::Internal("auth counter lock poisoned".into()))?;
+        let last = seen.entry((rec.id, action)).or_insert(0);
+        if auth.counter <= *last {
+            return Err(ApiError::AuthReplayed(format!(
+                "request counter {} is not above the last accepted ({}): a signed request is single-use, sign again with a higher counter",
+                auth.counter, *last
+            )));
+        }
+        *last = auth.counter;
+        Ok(())
     }
 
     /// Budget figures of a channel from the kernel (falling back to the store).
@@ -367,9 +400,9 @@ impl ClientGateway for Gateway {
         Gateway::pay(self, update).await
     }
 
-    async fn status(&self, _peer: IpAddr, id: ChannelId, auth: SignatureBytes) -> Result<ChannelStatus, ApiError> {
+    async fn status(&self, _peer: IpAddr, id: ChannelId, auth: ClientAuth) -> Result<ChannelStatus, ApiError> {
         let rec = self.channel_record(id)?;
-        Self::check_client_sig(&rec, "status", &auth)?;
+        self.check_client_request(&rec, "status", &auth)?;
         Ok(self.status_of(&rec))
     }
 
@@ -399,10 +432,10 @@ impl ClientGateway for Gateway {
         &self,
         _peer: IpAddr,
         id: ChannelId,
-        auth: SignatureBytes,
+        auth: ClientAuth,
     ) -> Result<mpsc::Receiver<ClientEvent>, ApiError> {
         let rec = self.channel_record(id)?;
-        Self::check_client_sig(&rec, "events", &auth)?;
+        self.check_client_request(&rec, "events", &auth)?;
         let (tx, rx) = mpsc::channel(16);
         if rec.state == ChannelState::Open {
             let _ = tx.try_send(ClientEvent::Usage(self.report(&rec)));

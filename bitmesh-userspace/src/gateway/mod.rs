@@ -112,6 +112,9 @@ pub struct Gateway {
     subscribers: Mutex<HashMap<ChannelId, Vec<mpsc::Sender<ClientEvent>>>>,
     /// Last low-water state pushed per channel (push once per crossing).
     low_water_sent: Mutex<HashMap<ChannelId, bool>>,
+    /// Last signed request counter accepted per (channel, action): a signed GET is
+    /// single-use. In memory only: after a restart the 120 s window alone protects.
+    auth_counters: Mutex<HashMap<(ChannelId, &'static str), u64>>,
 }
 
 impl Gateway {
@@ -137,6 +140,7 @@ impl Gateway {
             write_lock: tokio::sync::Mutex::new(()),
             subscribers: Mutex::new(HashMap::new()),
             low_water_sent: Mutex::new(HashMap::new()),
+            auth_counters: Mutex::new(HashMap::new()),
         }))
     }
 
