@@ -4,7 +4,7 @@
 //! Every route path lives in [`routes`] and mirrors `api/mod.rs` (docs/api.md):
 //! one place to change if the controller moves a path.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bitcoin::hex::DisplayHex;
@@ -214,6 +214,7 @@ impl GatewayApi {
             .with_header("Accept", "text/event-stream")
             .send_lazy()
             .map_err(|e| HttpError::Unreachable { url: url.clone(), message: e.to_string() })?;
+        learn_gateway_clock(&resp.headers);
         if resp.status_code != 200 {
             let (status, wait) = (resp.status_code, retry_after(&resp.headers));
             let body: Vec<u8> = resp.take(MAX_BODY).filter_map(|b| b.ok().map(|(b, _)| b)).collect();
@@ -261,14 +262,43 @@ pub fn auth_signature(action: &str, id: &ChannelId, key: &SecretKey) -> Signatur
 /// Last request counter this process signed (any channel).
 static LAST_COUNTER: AtomicU64 = AtomicU64::new(0);
 
-/// A fresh request counter: milliseconds since the Unix epoch, strictly above every
-/// counter this process signed before (`max(now_ms, last + 1)`), so two requests in
-/// the same millisecond still get distinct counters and the gateway takes both.
+/// The gateway's clock minus ours, in ms, learned from its `Date` headers: a client
+/// that has not paid yet has no internet and maybe no NTP, and the gateway takes a
+/// counter only within 120 s of its own clock.
+static GATEWAY_CLOCK_OFFSET_MS: AtomicI64 = AtomicI64::new(0);
+
+/// Offsets smaller than this are left at zero: `Date` has one-second resolution.
+const CLOCK_OFFSET_MIN_MS: i64 = 5_000;
+
+/// The gateway's clock minus `now`, from an HTTP `Date` header value; `None` when the
+/// header does not parse, `Some(0)` when the clocks agree to within the header's
+/// resolution.
+fn clock_offset_ms(date: &str, now: SystemTime) -> Option<i64> {
+    let gateway = httpdate::parse_http_date(date).ok()?;
+    let offset = match gateway.duration_since(now) {
+        Ok(ahead) => i64::try_from(ahead.as_millis()).ok()?,
+        Err(behind) => -i64::try_from(behind.duration().as_millis()).ok()?,
+    };
+    Some(if offset.abs() < CLOCK_OFFSET_MIN_MS { 0 } else { offset })
+}
+
+/// Follow the gateway's clock as its latest response states it.
+fn learn_gateway_clock(headers: &std::collections::BTreeMap<String, String>) {
+    if let Some(offset) = headers.get("date").and_then(|d| clock_offset_ms(d, SystemTime::now())) {
+        GATEWAY_CLOCK_OFFSET_MS.store(offset, Ordering::Relaxed);
+    }
+}
+
+/// A fresh request counter: milliseconds since the Unix epoch on the gateway's clock
+/// (ours, corrected by what its `Date` headers say), strictly above every counter this
+/// process signed before (`max(now_ms, last + 1)`), so two requests in the same
+/// millisecond still get distinct counters and the gateway takes both.
 pub fn next_counter() -> u64 {
-    let now = SystemTime::now()
+    let ours = SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
         .unwrap_or(0);
+    let now = u64::try_from(ours.saturating_add(GATEWAY_CLOCK_OFFSET_MS.load(Ordering::Relaxed))).unwrap_or(0);
     let step = |last: u64| Some(now.max(last.saturating_add(1)));
     match LAST_COUNTER.fetch_update(Ordering::SeqCst, Ordering::SeqCst, step) {
         Ok(last) | Err(last) => now.max(last.saturating_add(1)),
@@ -286,6 +316,7 @@ pub fn auth_header(action: &str, id: &ChannelId, key: &SecretKey) -> String {
 }
 
 fn decode<T: DeserializeOwned>(path: &str, resp: &bitreq::Response) -> Result<T, HttpError> {
+    learn_gateway_clock(&resp.headers);
     let (status, body) = (resp.status_code, resp.as_bytes());
     if (200..300).contains(&status) {
         return serde_json::from_slice(body).map_err(|e| HttpError::Malformed {
@@ -350,5 +381,16 @@ mod tests {
         let counters: Vec<u64> = (0..1000).map(|_| next_counter()).collect();
         assert!(counters.windows(2).all(|w| w[1] > w[0]), "strictly increasing");
         assert!(counters[0] >= now && counters[0] < now + 60_000, "milliseconds since the epoch");
+    }
+
+    #[test]
+    fn counters_follow_the_gateway_clock_from_its_date_header() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let at = |secs: u64| httpdate::fmt_http_date(UNIX_EPOCH + Duration::from_secs(secs));
+        // Ten minutes ahead, ten minutes behind, and within the header's resolution.
+        assert_eq!(clock_offset_ms(&at(1_800_000_600), now), Some(600_000));
+        assert_eq!(clock_offset_ms(&at(1_799_999_400), now), Some(-600_000));
+        assert_eq!(clock_offset_ms(&at(1_800_000_001), now), Some(0));
+        assert_eq!(clock_offset_ms("not a date", now), None);
     }
 }
