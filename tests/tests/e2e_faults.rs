@@ -249,8 +249,14 @@ fn agent_killed_mid_session_resumes_its_channel_and_resends_an_unacknowledged_up
     assert!(fetch.complete, "the download carried on after the restart: {fetch:?}\nagent:\n{}", agent.output());
 
     // Same channel throughout, opened once; what the gateway holds is what the agent
-    // signed last; and that is within received + one chunk and the spending cap.
-    std::thread::sleep(Duration::from_secs(1));
+    // signed last; and that is within received + one chunk and the spending cap. The
+    // agent may still have a top-up in flight (saved, not yet acknowledged) when the
+    // download ends: wait for it to land rather than read mid-flight.
+    wait_until("the agent's last update acknowledged and held by the gateway", Duration::from_secs(15), || {
+        let (latest, acked) = signed(&agent);
+        let ch = ctl.channel(&mac)?;
+        (acked && n(&ch, "paid_sat") == latest).then_some(())
+    });
     let (_, last) = agent_record(&agent);
     assert_eq!(last.channel_id, first.channel_id, "the restarts resumed the same channel");
     assert_eq!(channel_rows(&ctl, &mac).len(), 1, "no second channel opened");
