@@ -318,26 +318,11 @@ impl CoinbaseWallet {
     pub fn pay(&mut self, script_pubkey: &ScriptBuf, value: Amount, legacy: bool) -> Transaction {
         let (outpoint, prev) = self.take(legacy);
         let fee = Amount::from_sat(if legacy { 2 * 230 } else { 2 * 145 });
-        let mut tx = Transaction {
-            version: transaction::Version::TWO,
-            lock_time: absolute::LockTime::ZERO,
-            input: vec![TxIn {
-                previous_output: outpoint,
-                script_sig: ScriptBuf::new(),
-                sequence: Sequence::ENABLE_RBF_NO_LOCKTIME,
-                witness: Witness::new(),
-            }],
-            output: vec![
-                TxOut {
-                    value,
-                    script_pubkey: script_pubkey.clone(),
-                },
-                TxOut {
-                    value: prev.value - value - fee,
-                    script_pubkey: self.segwit.script_pubkey(),
-                },
-            ],
-        };
+        let output = vec![
+            TxOut { value, script_pubkey: script_pubkey.clone() },
+            TxOut { value: prev.value - value - fee, script_pubkey: self.segwit.script_pubkey() },
+        ];
+        let mut tx = unsigned_spend(outpoint, output);
         if legacy {
             let hash = SighashCache::new(&tx)
                 .legacy_signature_hash(0, &prev.script_pubkey, EcdsaSighashType::All.to_u32())
@@ -374,18 +359,7 @@ impl CoinbaseWallet {
             value: prev.value - spent - fee,
             script_pubkey: self.segwit.script_pubkey(),
         });
-        let tx = Transaction {
-            version: transaction::Version::TWO,
-            lock_time: absolute::LockTime::ZERO,
-            input: vec![TxIn {
-                previous_output: outpoint,
-                script_sig: ScriptBuf::new(),
-                sequence: Sequence::ENABLE_RBF_NO_LOCKTIME,
-                witness: Witness::new(),
-            }],
-            output,
-        };
-        self.sign_p2wpkh_input(tx, &prev)
+        self.sign_p2wpkh_input(unsigned_spend(outpoint, output), &prev)
     }
 
     /// Sign input 0 of `tx`, which spends the wallet's P2WPKH output `prev`.
@@ -400,5 +374,20 @@ impl CoinbaseWallet {
         };
         tx.input[0].witness = Witness::p2wpkh(&sig, &self.public.inner);
         tx
+    }
+}
+
+/// Version 2, no lock time, one RBF-signalling input spending `outpoint`, unsigned.
+fn unsigned_spend(outpoint: OutPoint, output: Vec<TxOut>) -> Transaction {
+    Transaction {
+        version: transaction::Version::TWO,
+        lock_time: absolute::LockTime::ZERO,
+        input: vec![TxIn {
+            previous_output: outpoint,
+            script_sig: ScriptBuf::new(),
+            sequence: Sequence::ENABLE_RBF_NO_LOCKTIME,
+            witness: Witness::new(),
+        }],
+        output,
     }
 }
