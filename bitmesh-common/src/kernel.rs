@@ -5,20 +5,23 @@
 //! * [`parse`]: bounds-checked frame parsing into a [`parse::FrameClass`], generic over
 //!   how bytes are read so the very same code runs in the kernel and in host tests.
 //! * [`verdict`]: the pure billing rule (frame class, length, client budget -> verdict).
+//! * [`garden`]: the per-client limits around it (walled-garden budget, bound source).
 //!
 //! The eBPF program only extracts bytes, calls these functions and applies the
 //! result (atomic adds, return code), so every branch of the rule is unit-tested on
 //! the host in microseconds.
 
 pub mod abi;
+pub mod garden;
 pub mod mac;
 pub mod parse;
 pub mod verdict;
 
 pub use abi::*;
 pub use mac::{Mac, ParseMacError};
+pub use garden::{gcra_take, source_as_ipv6, source_is_bound, GardenBucket};
 pub use parse::{classify, segment_header_len, FrameBytes, FrameClass, GardenKind, GatewayConfig};
-pub use verdict::{verdict, wire_cost, Budget, Verdict};
+pub use verdict::{verdict, wire_cost, Budget, Gate, Verdict};
 
 /// Builders for crafted Ethernet frames (host tests, kernel tests, benchmarks).
 #[cfg(any(test, feature = "user"))]

@@ -4,10 +4,13 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, PerCpuArray},
+    maps::{HashMap, LruHashMap, PerCpuArray},
     Global,
 };
-use bitmesh_common::kernel::{GatewayConfig, MacKey, StatCounter, Usage, MAX_CLIENTS, STATS_LEN};
+use bitmesh_common::kernel::{
+    BoundAddrs, GardenBuckets, GardenLimits, GatewayConfig, MacKey, StatCounter, Usage, GARDEN_ENTRIES,
+    MAX_CLIENTS, STATS_LEN,
+};
 
 /// MAC -> total bytes credited. Written only by userspace.
 #[map]
@@ -20,6 +23,22 @@ pub static USAGE: HashMap<MacKey, Usage> = HashMap::pinned(MAX_CLIENTS, 0);
 /// Per-CPU frames/bytes per (direction, verdict), see `stat_index`.
 #[map]
 pub static STATS: PerCpuArray<StatCounter> = PerCpuArray::pinned(STATS_LEN, 0);
+
+/// MAC -> walled-garden buckets. LRU and inserted by the kernel for any MAC that
+/// uses a budgeted garden service: a separate map, so CREDIT/USAGE stay userspace-made.
+#[map]
+pub static GARDEN: LruHashMap<MacKey, GardenBuckets> = LruHashMap::pinned(GARDEN_ENTRIES, 0);
+
+/// MAC -> bound source addresses. Written by userspace; the kernel counts violations.
+#[map]
+pub static BOUND: HashMap<MacKey, BoundAddrs> = HashMap::pinned(MAX_CLIENTS, 0);
+
+/// Walled-garden budgets (set by the loader; all zero disables them).
+#[no_mangle]
+static GARDEN_LIMITS: Global<GardenLimits> = Global::new(GardenLimits {
+    services: bitmesh_common::kernel::BucketParams { ns_per_byte: 0, burst_ns: 0 },
+    payment: bitmesh_common::kernel::BucketParams { ns_per_byte: 0, burst_ns: 0 },
+});
 
 /// Gateway IPv4, network order (set by the loader; 0.0.0.0 disables IPv4 rules).
 #[no_mangle]
@@ -43,4 +62,10 @@ pub fn gateway() -> GatewayConfig {
         payment_port: PAYMENT_PORT.load(),
         dns_allowed: DNS_ALLOWED.load() != 0,
     }
+}
+
+/// The walled-garden budgets (read-only global).
+#[inline(always)]
+pub fn garden_limits() -> GardenLimits {
+    GARDEN_LIMITS.load()
 }

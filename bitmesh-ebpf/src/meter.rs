@@ -1,26 +1,49 @@
-//! Apply the verdict: look up the client's budget only for billable frames, bill
-//! with atomic adds, count every frame in the per-CPU stats.
+//! Apply the verdict: look up the client's budget only for billable frames (and
+//! garden frames beyond the garden budget), check the garden budget and the bound
+//! source, bill with atomic adds, count every frame in the per-CPU stats.
 
 use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
-use aya_ebpf::helpers::bpf_ktime_get_boot_ns;
+use aya_ebpf::helpers::{bpf_ktime_get_boot_ns, bpf_ktime_get_ns};
 use bitmesh_common::kernel::{
-    classify, parse::client_mac, stat_index, verdict, Budget, Direction, FrameBytes, FrameClass,
-    MacKey, Usage, Verdict,
+    classify, gcra_take, parse::client_mac, source_as_ipv6, source_is_bound, stat_index, verdict,
+    Budget, Direction, FrameBytes, FrameClass, GardenBucket, GardenBuckets, Gate, MacKey, Usage,
+    Verdict,
 };
 
-use crate::maps::{gateway, CREDIT, STATS, USAGE};
+use crate::maps::{garden_limits, gateway, BOUND, CREDIT, GARDEN, STATS, USAGE};
+
+/// `BPF_NOEXIST`: create the garden entry only if no other CPU just did.
+const BPF_NOEXIST: u64 = 1;
 
 /// Classify, decide, bill and count one frame (or aggregate) that costs `len`
 /// bytes and `frames` frames on the wire.
 #[inline(always)]
 pub fn meter<F: FrameBytes>(frame: &F, direction: Direction, len: u64, frames: u64) -> Verdict {
     let class = classify(frame, direction, &gateway());
+    let mut gate = Gate::Open;
+    let mut needs_budget = class == FrameClass::Billable;
+    let mac = client_mac(frame, direction).map(MacKey::new);
+    if let (FrameClass::WalledGarden(kind), Some(key)) = (class, mac) {
+        if let Some(bucket) = kind.bucket() {
+            if !garden_take(key, bucket, len) {
+                gate = Gate::GardenBudgetSpent;
+                needs_budget = true;
+            }
+        }
+    }
+    if class == FrameClass::Billable && direction == Direction::Upload {
+        if let Some(key) = mac {
+            if !source_allowed(frame, key) {
+                gate = Gate::WrongSource;
+                needs_budget = false;
+            }
+        }
+    }
     let mut usage: *mut Usage = core::ptr::null_mut();
     let mut budget = None;
-    if class == FrameClass::Billable {
-        if let Some(mac) = client_mac(frame, direction) {
-            let key = MacKey::new(mac);
+    if needs_budget {
+        if let Some(key) = mac {
             // SAFETY: the value is a plain u64 that the kernel never writes; a
             // concurrent userspace update replaces it atomically.
             let credited = unsafe { CREDIT.get(key) }.copied();
@@ -33,12 +56,80 @@ pub fn meter<F: FrameBytes>(frame: &F, direction: Direction, len: u64, frames: u
             }
         }
     }
-    let v = verdict(class, len, budget);
+    let v = verdict(class, len, budget, gate);
     if v == Verdict::PassPaid && !usage.is_null() {
         bill(usage, direction, len, frames);
     }
     count(stat_index(direction, v), len, frames);
     v
+}
+
+/// Take `len` bytes from `key`'s garden `bucket`; false if it is spent. Creates the
+/// MAC's entry (full buckets) in the LRU map on first use.
+#[inline(always)]
+fn garden_take(key: MacKey, bucket: GardenBucket, len: u64) -> bool {
+    let params = garden_limits().of(bucket);
+    if params.ns_per_byte == 0 {
+        return true;
+    }
+    let entry = match GARDEN.get_ptr_mut(key) {
+        Some(e) => e,
+        None => {
+            // Zero times are full buckets. EEXIST: another CPU created it first.
+            let _ = GARDEN.insert(key, GardenBuckets::default(), BPF_NOEXIST);
+            match GARDEN.get_ptr_mut(key) {
+                Some(e) => e,
+                // Cannot happen with an LRU map; fail closed (billed or dropped).
+                None => return false,
+            }
+        }
+    };
+    // SAFETY: a helper without arguments or preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: `entry` points at a live map value (8-byte aligned u64 fields) that
+    // stays valid for this program run (RCU).
+    unsafe {
+        let tat = match bucket {
+            GardenBucket::Services => &raw mut (*entry).services_tat_ns,
+            GardenBucket::Payment => &raw mut (*entry).payment_tat_ns,
+        };
+        let old = core::ptr::read_volatile(tat);
+        match gcra_take(old, now, len, params) {
+            Some(new) => {
+                if old >= now {
+                    // A bucket in use: an atomic add, so concurrent CPUs lose nothing.
+                    atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(tat, new - old);
+                } else {
+                    // An idle (full) bucket restarts from now; a racing CPU can
+                    // overwrite at most one frame's cost here.
+                    core::ptr::write_volatile(tat, new);
+                }
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Whether a billable upload frame may be billed to `key`: true unless the MAC is
+/// bound, enforced, and the frame's source is not its bound address. Violations are
+/// counted in the binding (enforced or not) for the controller's alert.
+#[inline(always)]
+fn source_allowed<F: FrameBytes>(frame: &F, key: MacKey) -> bool {
+    let Some(bound) = BOUND.get_ptr_mut(key) else {
+        return true;
+    };
+    // SAFETY: `bound` points at a live map value for this program run; userspace
+    // replaces the addresses as a whole value.
+    unsafe {
+        if source_is_bound(frame, &*bound) {
+            return true;
+        }
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*bound).wrong_source_frames, 1);
+        // Informational only (the alert names the source): a plain store.
+        (*bound).last_wrong_source = source_as_ipv6(frame);
+        (*bound).enforce == 0
+    }
 }
 
 /// Add one frame to the client's usage. Atomic: two CPUs may meter one client.

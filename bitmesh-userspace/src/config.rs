@@ -115,6 +115,10 @@ pub struct RunArgs {
     /// Let unpaid clients use DNS on the gateway (walled garden): true or false.
     #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
     pub dns_allowed: bool,
+    /// Drop a paying client's billable upload frames that do not come from the address
+    /// it paid from (MAC-cloning defence; false only counts and warns): true or false.
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+    pub enforce_bound_ip: bool,
 
     // --- client API ---
     /// Address the client API listens on (0.0.0.0 = every address of the gateway).

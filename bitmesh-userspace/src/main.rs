@@ -243,6 +243,8 @@ async fn run(args: RunArgs) -> Result<()> {
         gateway_ipv6: None,
         payment_port: args.api_port,
         dns_allowed: args.dns_allowed,
+        garden: bitmesh::meter::default_garden_limits(),
+        enforce_bound_ip: args.enforce_bound_ip,
     };
     let mut meter = Meter::load(&meter_config)?;
     let hook = match args.hook {
@@ -329,6 +331,17 @@ async fn run(args: RunArgs) -> Result<()> {
         loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
             egw.push_events();
+        }
+    });
+    // MAC-cloning alert: a bound client's MAC sending from another address.
+    let wgw = gw.clone();
+    tokio::spawn(async move {
+        let mut watch = bitmesh::gateway::SourceWatch::default();
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if let Err(e) = wgw.warn_on_second_sources(&mut watch) {
+                warn!(error = %e, "reading the bound-address counters failed");
+            }
         }
     });
 

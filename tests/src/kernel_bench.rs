@@ -9,6 +9,7 @@ use std::fmt::Write as _;
 use anyhow::{Context, Result};
 use bitmesh::meter::{Mac, MeterProgram};
 use bitmesh_common::kernel::frames::Eth;
+use bitmesh_common::kernel::{BucketParams, GardenLimits};
 use bitmesh_common::pricing::ByteCount;
 
 use crate::netns::{TestMeter, CLIENT_IPV4, GATEWAY_IPV4};
@@ -16,7 +17,8 @@ use crate::netns::{TestMeter, CLIENT_IPV4, GATEWAY_IPV4};
 /// One measured path.
 #[derive(Clone, Debug)]
 pub struct CostRow {
-    /// Which verdict path: "paid", "walled garden", "drop (unpaid)".
+    /// Which verdict path: "paid", "paid (unbound)", "walled garden", "garden (no
+    /// budget)", "drop (unpaid)".
     pub path: &'static str,
     /// The meter program measured.
     pub program: MeterProgram,
@@ -43,11 +45,21 @@ fn mac(n: u32) -> Mac {
 /// Measure every path with `clients` paying clients in the maps, `repeat` runs
 /// each (>= 1,000,000 for the published figures). Needs root.
 pub fn kernel_cost_per_frame(repeat: u32, clients: u32) -> Result<Vec<CostRow>> {
-    let mut t = TestMeter::load()?;
+    // The walled-garden budget runs (lookup, GCRA, add) but never runs out here, so
+    // the garden rows keep passing for a million runs; a second meter without it
+    // gives the "no budget" baseline of the same path.
+    let unlimited = BucketParams { ns_per_byte: 1, burst_ns: u64::MAX / 4 };
+    let mut t = TestMeter::load_with(|c| c.garden = GardenLimits { services: unlimited, payment: unlimited })?;
+    let no_budget = TestMeter::load_with(|c| c.garden = GardenLimits::default())?;
     for n in 0..clients.max(1) {
         t.meter.maps_mut().raise_credit(mac(n), ByteCount(u64::MAX / 2)).context("populating clients")?;
+        // Every paying client is bound to its address (the controller does so).
+        t.meter.maps_mut().bind_source(mac(n), CLIENT_IPV4.into()).context("binding clients")?;
     }
     let paid = mac(clients.max(1) / 2);
+    // One more paying client without a binding: the cost of the source check.
+    let unbound = Mac([0x02, 0xdd, 0, 0, 0, 2]);
+    t.meter.maps_mut().raise_credit(unbound, ByteCount(u64::MAX / 2)).context("unbound client")?;
     let stranger = Mac([0x02, 0xdd, 0, 0, 0, 1]);
     let gw_mac = [0x02, 0x77, 0, 0, 0, 1];
     let (cl, gw, net) = (CLIENT_IPV4.octets(), GATEWAY_IPV4.octets(), [93, 184, 216, 34]);
@@ -61,12 +73,20 @@ pub fn kernel_cost_per_frame(repeat: u32, clients: u32) -> Result<Vec<CostRow>> 
         ("paid", MeterProgram::TcUpload, up(paid).ipv4_udp(cl, net, 5000, 5000, 958)),
         ("walled garden", MeterProgram::TcUpload, up(stranger).ipv4_udp(cl, gw, 40000, 53, 40)),
         ("drop (unpaid)", MeterProgram::TcUpload, up(stranger).ipv4_udp(cl, net, 5000, 5000, 958)),
+        ("paid (unbound)", MeterProgram::XdpUpload, up(unbound).ipv4_udp(cl, net, 5000, 5000, 958)),
+        ("paid (unbound)", MeterProgram::TcUpload, up(unbound).ipv4_udp(cl, net, 5000, 5000, 958)),
         ("paid", MeterProgram::TcDownload, down(paid).ipv4_udp(net, cl, 5000, 5000, 958)),
         ("walled garden", MeterProgram::TcDownload, down(stranger).ipv4_udp(gw, cl, 53, 40000, 100)),
         ("drop (unpaid)", MeterProgram::TcDownload, down(stranger).ipv4_udp(net, cl, 5000, 5000, 958)),
     ];
+    let baseline: Vec<(&'static str, MeterProgram, Vec<u8>)> = vec![
+        ("garden (no budget)", MeterProgram::XdpUpload, up(stranger).ipv4_udp(cl, gw, 40000, 53, 40)),
+        ("garden (no budget)", MeterProgram::TcUpload, up(stranger).ipv4_udp(cl, gw, 40000, 53, 40)),
+        ("garden (no budget)", MeterProgram::TcDownload, down(stranger).ipv4_udp(gw, cl, 53, 40000, 100)),
+    ];
+    let cases = cases.into_iter().map(|c| (&t, c)).chain(baseline.into_iter().map(|c| (&no_budget, c)));
     let mut rows = Vec::new();
-    for (path, program, frame) in cases {
+    for (t, (path, program, frame)) in cases {
         let empty = if program.is_xdp() { MeterProgram::XdpEmpty } else { MeterProgram::TcEmpty };
         // Empty before and after, so drift during the run affects both sides alike.
         let e1 = t.meter.test_run(empty, &frame, repeat)?;
@@ -87,11 +107,11 @@ pub fn kernel_cost_per_frame(repeat: u32, clients: u32) -> Result<Vec<CostRow>> 
 
 /// The rows as a plain-text table.
 pub fn format_table(rows: &[CostRow]) -> String {
-    let mut out = String::from("program      path            clients  meter ns  empty ns  overhead ns\n");
+    let mut out = String::from("program      path                clients  meter ns  empty ns  overhead ns\n");
     for r in rows {
         let _ = writeln!(
             out,
-            "{:<12} {:<15} {:>7} {:>9.1} {:>9.1} {:>12.1}",
+            "{:<12} {:<19} {:>7} {:>9.1} {:>9.1} {:>12.1}",
             format!("{:?}", r.program),
             r.path,
             r.clients,

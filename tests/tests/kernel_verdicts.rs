@@ -6,7 +6,7 @@
 
 use bitmesh::meter::{Direction, Mac, MeterProgram, MeterStats, StatCounter, Verdict};
 use bitmesh_common::kernel::frames::Eth;
-use bitmesh_common::kernel::{classify, verdict, Budget, GatewayConfig, Usage};
+use bitmesh_common::kernel::{classify, verdict, BucketParams, Budget, GardenLimits, Gate, GatewayConfig, Usage};
 use bitmesh_common::pricing::ByteCount;
 use bitmesh_tests::env::{is_root, skip};
 use bitmesh_tests::netns::{TestMeter, CLIENT_IPV4, GATEWAY_IPV4, PAYMENT_PORT};
@@ -111,12 +111,18 @@ fn assert_all(failures: Vec<String>) {
     assert!(failures.is_empty(), "{} failing case(s):\n{}", failures.len(), failures.join("\n"));
 }
 
+/// The meter with the walled-garden budgets off: the tables below run hundreds of
+/// garden frames per MAC; the budget has its own tests.
 fn load() -> Option<TestMeter> {
+    load_with_garden(GardenLimits::default())
+}
+
+fn load_with_garden(garden: GardenLimits) -> Option<TestMeter> {
     if !is_root() {
         skip("kernel tests need root (BPF_PROG_LOAD, bpffs)");
         return None;
     }
-    match TestMeter::load() {
+    match TestMeter::load_with(|c| c.garden = garden) {
         Ok(t) => Some(t),
         Err(e) => panic!("loading the meter failed: {e:#}"),
     }
@@ -151,6 +157,7 @@ fn walled_garden(mac: Mac) -> Vec<(&'static str, Direction, Vec<u8>)> {
         ("dhcpv6 solicit", U, up(mac).ipv6_udp(LL6, DHCP6_SERVERS, 546, 547, 60)),
         ("dhcpv6 reply", D, down(mac).ipv6_udp(LL6, LL6, 547, 546, 60)),
         ("mld report behind hop-by-hop", U, up(mac).ipv6_mld(LL6, MLD_ROUTERS, 143)),
+        ("mld query to the client", D, down(mac).ipv6_mld(LL6, ALL_NODES, 130)),
         ("dns in 802.1q", U, up(mac).tagged(&[0x8100]).ipv4_udp(CL4, GW4, 40000, 53, 40)),
         ("dhcp in qinq", U, up(mac).tagged(&[0x88a8, 0x8100]).ipv4_udp(CL4, GW4, 68, 67, 300)),
         ("neighbour solicitation in 802.1q", U, up(mac).tagged(&[0x8100]).ipv6_icmp(LL6, ALL_NODES, 135, 255)),
@@ -176,6 +183,7 @@ fn not_walled_garden(mac: Mac) -> Vec<(&'static str, Direction, Vec<u8>)> {
         ("neighbour solicitation with hop limit 64", U, up(mac).ipv6_icmp(LL6, ALL_NODES, 135, 64)),
         ("forwarded router advertisement", D, down(mac).ipv6_icmp(NET6, CL6, 134, 254)),
         ("mld without hop-by-hop", U, up(mac).ipv6_icmp(LL6, MLD_ROUTERS, 143, 1)),
+        ("forwarded internet packet shaped like mld (hop limit 1)", D, down(mac).ipv6_mld(NET6, CL6, 130)),
         ("unknown ethertype", U, up(mac).raw(0x8863, &[0; 40])),
         ("internet udp in qinq", U, up(mac).tagged(&[0x88a8, 0x8100]).ipv4_udp(CL4, NET4, 1, 2, 40)),
         ("multicast from the client", U, Eth::new(mac.0, [0x01, 0, 0x5e, 0, 0, 0xfb]).ipv4_udp(CL4, [224, 0, 0, 251], 5353, 5353, 40)),
@@ -307,7 +315,7 @@ fn truncated_frames_never_pass_as_paid() {
             let prefix = &frame[..cut];
             let class = classify(prefix, direction, &gateway_config());
             let budget = Some(Budget { credited: u64::MAX / 2, used: t.meter.maps().usage(mac).ok().flatten().map_or(0, |u| u.used().0) });
-            let want = verdict(class, cut as u64, budget);
+            let want = verdict(class, cut as u64, budget, Gate::Open);
             // Cut inside the fixed IP header: must be dropped, never billed.
             if cut < ip_header_end(&frame) && want != Verdict::DropMalformed {
                 failures.push(format!("{name} cut at {cut}: host verdict {want:?}, want DropMalformed"));
@@ -362,7 +370,7 @@ fn garbage_frames_from_unpaid_clients_are_dropped() {
         }
         let mac = Mac(frame[6..12].try_into().unwrap_or_default());
         let class = classify(frame.as_slice(), Direction::Upload, &gateway_config());
-        let want = verdict(class, len as u64, None);
+        let want = verdict(class, len as u64, None, Gate::Open);
         if want == Verdict::PassPaid {
             failures.push(format!("garbage {i} would pass as paid without credit"));
         }
@@ -425,4 +433,167 @@ fn credit_only_ever_increases() {
     let last = maps.remove_client(mac).expect("remove").expect("was there");
     assert_eq!(last.credited, ByteCount(5000));
     assert_eq!(maps.usage(mac).expect("usage"), None);
+}
+
+/// 1 byte per second (no refill worth a frame during a test), 1000-byte burst.
+fn tight_garden() -> GardenLimits {
+    GardenLimits { services: BucketParams::new(1, 1000), payment: BucketParams::new(1, 1000) }
+}
+
+#[test]
+fn garden_services_are_free_only_up_to_the_macs_budget() {
+    let Some(mut t) = load_with_garden(tight_garden()) else { return };
+    let mut failures = Vec::new();
+    for (n, program) in [MeterProgram::XdpUpload, MeterProgram::TcUpload].into_iter().enumerate() {
+        // Unpaid: 82-byte DNS queries; twelve fit the 1000-byte burst, the 13th not.
+        let mac = client(10 + n as u8);
+        let query = up(mac).ipv4_udp(CL4, GW4, 40000, 53, 40);
+        assert_eq!(query.len(), 82);
+        for i in 0..12 {
+            failures.extend(check(&t, &format!("dns query {i} within budget"), program, Direction::Upload, mac, &query, Verdict::PassWalledGarden));
+        }
+        failures.extend(check(&t, "dns query beyond budget", program, Direction::Upload, mac, &query, Verdict::DropGardenBudget));
+        let tcp = up(mac).ipv4_tcp(CL4, GW4, 40000, 53);
+        failures.extend(check(&t, "dns over tcp shares the budget", program, Direction::Upload, mac, &tcp, Verdict::DropGardenBudget));
+        let ping = up(mac).ipv4_icmp(CL4, GW4, 8);
+        failures.extend(check(&t, "ping shares the services budget", program, Direction::Upload, mac, &ping, Verdict::DropGardenBudget));
+        // Answers to the same MAC draw from the same bucket.
+        let answer = down(mac).ipv4_udp(GW4, CL4, 53, 40000, 40);
+        failures.extend(check(&t, "dns answer beyond budget", MeterProgram::TcDownload, Direction::Download, mac, &answer, Verdict::DropGardenBudget));
+        // The payment API has its own bucket; address configuration has none.
+        let pay = up(mac).ipv4_tcp(CL4, GW4, 40000, PAYMENT_PORT);
+        failures.extend(check(&t, "payment port has its own budget", program, Direction::Upload, mac, &pay, Verdict::PassWalledGarden));
+        let bcast = Eth::new(mac.0, [0xff; 6]);
+        for (name, frame) in [
+            ("arp", bcast.arp()),
+            ("dhcp discover", bcast.ipv4_udp([0; 4], [255; 4], 68, 67, 300)),
+            ("neighbour solicitation", up(mac).ipv6_icmp(LL6, ALL_NODES, 135, 255)),
+            ("eapol", up(mac).eapol()),
+        ] {
+            for _ in 0..20 {
+                failures.extend(check(&t, &format!("{name} is never budgeted"), program, Direction::Upload, mac, &frame, Verdict::PassWalledGarden));
+            }
+        }
+        // A paying client's garden traffic beyond the budget is billed, not dropped;
+        // once its credit is spent too, it is dropped.
+        let paid = client(20 + n as u8);
+        t.meter.maps_mut().raise_credit(paid, ByteCount(82 * 2)).expect("credit");
+        let query = up(paid).ipv4_udp(CL4, GW4, 40000, 53, 40);
+        for i in 0..12 {
+            failures.extend(check(&t, &format!("paid dns {i} within budget is free"), program, Direction::Upload, paid, &query, Verdict::PassWalledGarden));
+        }
+        failures.extend(check(&t, "paid dns beyond budget is billed", program, Direction::Upload, paid, &query, Verdict::PassPaid));
+        failures.extend(check(&t, "paid dns beyond budget is billed", program, Direction::Upload, paid, &query, Verdict::PassPaid));
+        failures.extend(check(&t, "beyond budget and credit", program, Direction::Upload, paid, &query, Verdict::DropGardenBudget));
+    }
+    // The kernel made garden entries, never CREDIT/USAGE ones, for the unpaid MACs.
+    let garden = t.meter.maps().garden_macs().expect("garden");
+    assert!(garden.contains(&client(10)) && garden.contains(&client(11)), "{garden:?}");
+    for m in [client(10), client(11)] {
+        assert_eq!(t.meter.maps().usage(m).expect("usage"), None, "no USAGE entry for {m}");
+        assert_eq!(t.meter.maps().credit(m).expect("credit"), None, "no CREDIT entry for {m}");
+    }
+    assert_all(failures);
+}
+
+#[test]
+fn payment_port_budget_covers_opening_a_channel_and_then_stops() {
+    let Some(t) = load_with_garden(GardenLimits {
+        services: BucketParams::new(1, 1000),
+        payment: BucketParams::new(1, 4000),
+    }) else {
+        return;
+    };
+    let mac = client(30);
+    let mut failures = Vec::new();
+    // 1000-byte segments both ways: four fit the 4000-byte payment burst.
+    let req = up(mac).ipv4(CL4, GW4, 6, &{
+        let mut seg = bitmesh_common::kernel::frames::tcp(40000, PAYMENT_PORT);
+        seg.resize(1000 - 34, 0);
+        seg
+    });
+    let resp = down(mac).ipv4(GW4, CL4, 6, &{
+        let mut seg = bitmesh_common::kernel::frames::tcp(PAYMENT_PORT, 40000);
+        seg.resize(1000 - 34, 0);
+        seg
+    });
+    assert_eq!((req.len(), resp.len()), (1000, 1000));
+    failures.extend(check(&t, "request 1", MeterProgram::XdpUpload, Direction::Upload, mac, &req, Verdict::PassWalledGarden));
+    failures.extend(check(&t, "response 1", MeterProgram::TcDownload, Direction::Download, mac, &resp, Verdict::PassWalledGarden));
+    failures.extend(check(&t, "request 2", MeterProgram::TcUpload, Direction::Upload, mac, &req, Verdict::PassWalledGarden));
+    failures.extend(check(&t, "response 2", MeterProgram::TcDownload, Direction::Download, mac, &resp, Verdict::PassWalledGarden));
+    failures.extend(check(&t, "request 3 beyond budget", MeterProgram::XdpUpload, Direction::Upload, mac, &req, Verdict::DropGardenBudget));
+    failures.extend(check(&t, "response 3 beyond budget", MeterProgram::TcDownload, Direction::Download, mac, &resp, Verdict::DropGardenBudget));
+    // Another device has its own budget.
+    let other = client(31);
+    let req2 = up(other).ipv4_tcp(CL4, GW4, 40000, PAYMENT_PORT);
+    failures.extend(check(&t, "another mac", MeterProgram::XdpUpload, Direction::Upload, other, &req2, Verdict::PassWalledGarden));
+    assert_all(failures);
+}
+
+#[test]
+fn forwarded_mld_lookalikes_and_unicast_ip_in_group_frames_are_not_free() {
+    let Some(mut t) = load() else { return };
+    let mut failures = Vec::new();
+    let mac = client(40);
+    let bcast = Eth::new(GW_MAC, [0xff; 6]);
+    let mcast4 = Eth::new(GW_MAC, [0x01, 0, 0x5e, 0, 0, 1]);
+    let mcast6 = Eth::new(GW_MAC, [0x33, 0x33, 0, 0, 0, 2]);
+    let cases: Vec<(&str, Mac, Vec<u8>)> = vec![
+        ("internet packet with hop limit 1 behind hop-by-hop", mac, down(mac).ipv6_mld(NET6, CL6, 131)),
+        ("unicast udp to the client in a broadcast frame", Mac([0xff; 6]), bcast.ipv4_udp(NET4, CL4, 443, 40000, 1000)),
+        ("unicast tcp to the client in an ipv4 multicast frame", Mac([0x01, 0, 0x5e, 0, 0, 1]), mcast4.ipv4_tcp(NET4, CL4, 443, 40000)),
+        ("unicast ipv6 to the client in an ipv6 multicast frame", Mac([0x33, 0x33, 0, 0, 0, 2]), mcast6.ipv6_udp(NET6, CL6, 443, 40000, 1000)),
+    ];
+    for (name, key, frame) in &cases {
+        failures.extend(check(&t, name, MeterProgram::TcDownload, Direction::Download, *key, frame, Verdict::DropUnpaid));
+    }
+    // The forwarded MLD look-alike is billed to a paying client like any download.
+    t.meter.maps_mut().raise_credit(mac, ByteCount(1 << 20)).expect("credit");
+    failures.extend(check(&t, "forwarded hop-limit-1 packet to a paying client", MeterProgram::TcDownload, Direction::Download, mac, &cases[0].2, Verdict::PassPaid));
+    assert_all(failures);
+}
+
+#[test]
+fn a_bound_client_is_billed_only_for_frames_from_its_bound_address() {
+    let Some(mut t) = load() else { return };
+    let mut failures = Vec::new();
+    let other4: [u8; 4] = [10, 77, 0, 99];
+    for (n, program) in [MeterProgram::XdpUpload, MeterProgram::TcUpload].into_iter().enumerate() {
+        let mac = client(50 + n as u8);
+        t.meter.maps_mut().raise_credit(mac, ByteCount(1 << 20)).expect("credit");
+        t.meter.maps_mut().bind_source(mac, CLIENT_IPV4.into()).expect("bind");
+        let u = |src: [u8; 4]| up(mac).ipv4_udp(src, NET4, 5000, 5000, 100);
+        failures.extend(check(&t, "from the bound address", program, Direction::Upload, mac, &u(CL4), Verdict::PassPaid));
+        failures.extend(check(&t, "from another ipv4 (cloned mac)", program, Direction::Upload, mac, &u(other4), Verdict::DropWrongSource));
+        failures.extend(check(&t, "cloned mac in 802.1q", program, Direction::Upload, mac, &up(mac).tagged(&[0x8100]).ipv4_udp(other4, NET4, 1, 2, 10), Verdict::DropWrongSource));
+        failures.extend(check(&t, "routable ipv6 on an ipv4 binding", program, Direction::Upload, mac, &up(mac).ipv6_udp(CL6, NET6, 1, 2, 10), Verdict::DropWrongSource));
+        failures.extend(check(&t, "link-local ipv6 stays billable", program, Direction::Upload, mac, &up(mac).ipv6_udp(LL6, ALL_NODES, 5353, 5353, 10), Verdict::PassPaid));
+        failures.extend(check(&t, "garden from another address is still garden", program, Direction::Upload, mac, &up(mac).ipv4_udp(other4, GW4, 40000, 53, 40), Verdict::PassWalledGarden));
+        failures.extend(check(&t, "download is not judged by source", MeterProgram::TcDownload, Direction::Download, mac, &down(mac).ipv4_udp(NET4, other4, 1, 2, 10), Verdict::PassPaid));
+        let b = t.meter.maps().binding(mac).expect("binding").expect("bound");
+        if b.wrong_source_frames != 3 || b.last_wrong_source != Some(CL6.into()) || b.ipv4 != Some(CLIENT_IPV4) || !b.enforced {
+            failures.push(format!("{program:?}: binding {b:?}"));
+        }
+    }
+    // Not enforced: counted, billed, passed.
+    let mac = client(60);
+    t.meter.maps_mut().raise_credit(mac, ByteCount(1 << 20)).expect("credit");
+    t.meter.maps_mut().set_enforce_bound_ip(false);
+    t.meter.maps_mut().bind_source(mac, CLIENT_IPV4.into()).expect("bind");
+    let cloned = up(mac).ipv4_udp(other4, NET4, 5000, 5000, 100);
+    failures.extend(check(&t, "unenforced binding only counts", MeterProgram::XdpUpload, Direction::Upload, mac, &cloned, Verdict::PassPaid));
+    let b = t.meter.maps().binding(mac).expect("binding").expect("bound");
+    assert_eq!((b.enforced, b.wrong_source_frames, b.last_wrong_source), (false, 1, Some(std::net::Ipv4Addr::from(other4).into())));
+    // An IPv6 binding: that address, link-local, nothing routable on IPv4.
+    let mac6 = client(61);
+    t.meter.maps_mut().set_enforce_bound_ip(true);
+    t.meter.maps_mut().raise_credit(mac6, ByteCount(1 << 20)).expect("credit");
+    t.meter.maps_mut().bind_source(mac6, std::net::Ipv6Addr::from(CL6).into()).expect("bind");
+    failures.extend(check(&t, "bound ipv6", MeterProgram::XdpUpload, Direction::Upload, mac6, &up(mac6).ipv6_udp(CL6, NET6, 1, 2, 10), Verdict::PassPaid));
+    failures.extend(check(&t, "ipv4 on an ipv6 binding", MeterProgram::XdpUpload, Direction::Upload, mac6, &up(mac6).ipv4_udp(CL4, NET4, 1, 2, 10), Verdict::DropWrongSource));
+    // Removing the client removes its binding.
+    t.meter.maps_mut().remove_client(mac).expect("remove");
+    assert_eq!(t.meter.maps().binding(mac).expect("binding"), None);
+    assert_all(failures);
 }

@@ -13,6 +13,13 @@ pub const MAP_USAGE: &str = "USAGE";
 /// Name of the per-CPU stats array: index ([`stat_index`]) -> [`StatCounter`].
 pub const MAP_STATS: &str = "STATS";
 
+/// Name of the walled-garden budget map: [`MacKey`] -> [`GardenBuckets`]. An LRU hash
+/// that the kernel inserts into (any MAC, paid or not); never `CREDIT`/`USAGE`.
+pub const MAP_GARDEN: &str = "GARDEN";
+/// Name of the bound-address map: [`MacKey`] -> [`BoundAddrs`]. Userspace writes the
+/// binding when a client is metered; the kernel only counts violations in it.
+pub const MAP_BOUND: &str = "BOUND";
+
 /// Capacity of `CREDIT` and `USAGE` (clients metered at once per gateway).
 pub const MAX_CLIENTS: u32 = 16_384;
 
@@ -36,6 +43,12 @@ pub const GLOBAL_PAYMENT_PORT: &str = "PAYMENT_PORT";
 /// Load-time global: `1` if DNS (UDP/TCP 53) to and from the gateway is in the walled
 /// garden, `0` otherwise (`u8`).
 pub const GLOBAL_DNS_ALLOWED: &str = "DNS_ALLOWED";
+
+/// Load-time global: the walled-garden budgets ([`GardenLimits`]).
+pub const GLOBAL_GARDEN_LIMITS: &str = "GARDEN_LIMITS";
+
+/// Capacity of `GARDEN` (LRU: the least recently seen MAC's buckets go first).
+pub const GARDEN_ENTRIES: u32 = 16_384;
 
 /// Ethertypes the parser understands.
 pub mod ethertype {
@@ -116,6 +129,79 @@ impl Usage {
     }
 }
 
+/// Per-MAC walled-garden token buckets in `GARDEN`, as GCRA "theoretical arrival
+/// times" (`bpf_ktime_get_ns` ns): a bucket is full when its time is <= now, and a
+/// frame of `len` bytes pushes it `len * ns_per_byte` into the future (see
+/// [`crate::kernel::garden`]). Zero (a new entry) is a full bucket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GardenBuckets {
+    /// DNS and ICMP echo to/from the gateway.
+    pub services_tat_ns: u64,
+    /// The payment API port.
+    pub payment_tat_ns: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<GardenBuckets>() == 16);
+
+/// One walled-garden budget: refill rate as ns per byte (0 = unlimited) and burst as
+/// ns of refill (`burst_bytes * ns_per_byte`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BucketParams {
+    /// Nanoseconds of refill one byte costs: `1e9 / bytes_per_second`; 0 disables the budget.
+    pub ns_per_byte: u64,
+    /// How far ahead of now a bucket may run: `burst_bytes * ns_per_byte`.
+    pub burst_ns: u64,
+}
+
+impl BucketParams {
+    /// A budget of `burst_bytes` refilled at `bytes_per_sec` (0 = unlimited).
+    pub const fn new(bytes_per_sec: u64, burst_bytes: u64) -> Self {
+        if bytes_per_sec == 0 {
+            return Self { ns_per_byte: 0, burst_ns: 0 };
+        }
+        let ns_per_byte = 1_000_000_000 / bytes_per_sec;
+        let ns_per_byte = if ns_per_byte == 0 { 1 } else { ns_per_byte };
+        Self { ns_per_byte, burst_ns: burst_bytes.saturating_mul(ns_per_byte) }
+    }
+}
+
+/// The walled-garden budgets (load-time global `GARDEN_LIMITS`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GardenLimits {
+    /// DNS and ICMP echo to/from the gateway, per MAC.
+    pub services: BucketParams,
+    /// The payment API port, per MAC.
+    pub payment: BucketParams,
+}
+
+const _: () = assert!(core::mem::size_of::<GardenLimits>() == 32);
+
+/// A metered client's bound addresses in `BOUND`, written by userspace when the
+/// client is bound (channel funded, restart). The kernel reads the addresses and
+/// `enforce`, and only adds to `wrong_source_frames` / stores `last_wrong_source`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BoundAddrs {
+    /// Bound IPv4 (network order); `0.0.0.0`: none, billable IPv4 is refused.
+    pub ipv4: [u8; 4],
+    /// Bound IPv6; `::`: none, billable IPv6 from a routable source is refused.
+    pub ipv6: [u8; 16],
+    /// 1: drop billable upload frames from another source (`DropWrongSource`);
+    /// 0: count them only.
+    pub enforce: u8,
+    /// Always zero.
+    pub _pad: [u8; 3],
+    /// Billable upload frames from this MAC with another source address (kernel adds).
+    pub wrong_source_frames: u64,
+    /// The last such source: an IPv4 is stored as `::ffff:a.b.c.d`.
+    pub last_wrong_source: [u8; 16],
+}
+
+const _: () = assert!(core::mem::size_of::<BoundAddrs>() == 48);
+
 /// One slot of the per-CPU stats array: frames and L2 bytes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -144,14 +230,14 @@ pub const STATS_PER_DIRECTION: u32 = 8;
 pub const STATS_LEN: u32 = 2 * STATS_PER_DIRECTION;
 
 /// Index in `STATS` of the counter for `verdict` in `direction`:
-/// `direction * 8 + verdict` (upload 0..=5, download 8..=13).
+/// `direction * 8 + verdict` (upload 0..=7, download 8..=15).
 pub const fn stat_index(direction: Direction, verdict: crate::kernel::Verdict) -> u32 {
     direction as u32 * STATS_PER_DIRECTION + verdict as u32
 }
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: all three are #[repr(C)], contain only integers/byte arrays, have explicit
+    // SAFETY: all of them are #[repr(C)], contain only integers/byte arrays, have explicit
     // padding fields (sizes asserted above), so every bit pattern is valid and there
     // are no uninitialised bytes.
     unsafe impl aya::Pod for super::MacKey {}
@@ -159,4 +245,12 @@ mod pod {
     unsafe impl aya::Pod for super::Usage {}
     // SAFETY: see above.
     unsafe impl aya::Pod for super::StatCounter {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for super::GardenBuckets {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for super::BoundAddrs {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for super::BucketParams {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for super::GardenLimits {}
 }

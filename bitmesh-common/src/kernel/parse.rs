@@ -60,7 +60,8 @@ pub enum GardenKind {
     /// DHCPv6: client 546 -> server 547 to ff02::1:2 or the gateway; 547 -> 546 from
     /// the gateway or a link-local address.
     Dhcpv6,
-    /// MLD (ICMPv6 130/131/132/143) behind a hop-by-hop header with hop limit 1.
+    /// MLD (ICMPv6 130/131/132/143) behind a hop-by-hop header with hop limit 1 and a
+    /// link-local source (or `::` on upload).
     Mld,
 }
 
@@ -127,9 +128,16 @@ pub fn classify<F: FrameBytes + ?Sized>(
         return FrameClass::Malformed;
     };
     // The group bit of the destination MAC: broadcast and multicast at egress are
-    // the gateway talking to the whole segment (ARP, RA, DHCP offers, mDNS).
+    // the gateway talking to the whole segment (ARP, RA, DHCP offers, mDNS). Only
+    // when the IP destination is a group too: a unicast IP packet in a group-MAC
+    // frame (a client that answered ARP/ND with a multicast MAC for its address)
+    // would otherwise carry the internet to it for free.
     if direction == Direction::Download && dst_mac[0] & 1 == 1 {
-        return FrameClass::Group;
+        match ip_destination_is_group(frame, proto, l3) {
+            Some(true) => return FrameClass::Group,
+            Some(false) => {}
+            None => return FrameClass::Malformed,
+        }
     }
     match proto {
         ethertype::ARP => FrameClass::WalledGarden(GardenKind::Arp),
@@ -155,6 +163,55 @@ fn l3_protocol<F: FrameBytes + ?Sized>(frame: &F) -> Option<(u16, usize)> {
         }
     }
     Some((proto, l3))
+}
+
+/// Whether the L3 destination is broadcast/multicast: IPv4 255.255.255.255 or
+/// 224.0.0.0/4, IPv6 ff00::/8, any non-IP ethertype. `None` if the header is cut.
+#[inline(always)]
+fn ip_destination_is_group<F: FrameBytes + ?Sized>(frame: &F, proto: u16, l3: usize) -> Option<bool> {
+    match proto {
+        ethertype::IPV4 => {
+            let d = frame.bytes::<4>(l3 + 16)?;
+            Some(d == [255; 4] || d[0] & 0xf0 == 0xe0)
+        }
+        ethertype::IPV6 => {
+            let [d0] = frame.bytes::<1>(l3 + 24)?;
+            Some(d0 == 0xff)
+        }
+        _ => Some(true),
+    }
+}
+
+/// A frame's L3 source address (for the bound-address check).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum L3Source {
+    /// IPv4 source.
+    V4([u8; 4]),
+    /// IPv6 source.
+    V6([u8; 16]),
+    /// Not an IP ethertype.
+    NotIp,
+    /// IP ethertype with the source address cut.
+    Truncated,
+}
+
+/// The L3 source of a frame (after up to two VLAN tags).
+#[inline(always)]
+pub fn l3_source<F: FrameBytes + ?Sized>(frame: &F) -> L3Source {
+    let Some((proto, l3)) = l3_protocol(frame) else {
+        return L3Source::Truncated;
+    };
+    match proto {
+        ethertype::IPV4 => match frame.bytes::<4>(l3 + 12) {
+            Some(a) => L3Source::V4(a),
+            None => L3Source::Truncated,
+        },
+        ethertype::IPV6 => match frame.bytes::<16>(l3 + 8) {
+            Some(a) => L3Source::V6(a),
+            None => L3Source::Truncated,
+        },
+        _ => L3Source::NotIp,
+    }
 }
 
 #[inline(always)]
@@ -295,6 +352,16 @@ fn ipv6<F: FrameBytes + ?Sized>(
     };
     let peer_is_gateway = is_gateway6(&peer, gw);
     let peer_is_link_local = peer[0] == 0xfe && peer[1] & 0xc0 == 0x80;
+    // The source proves on-link-ness for MLD: a router never forwards a packet with
+    // a link-local source, and hop limit 1 alone would let a forwarded internet
+    // packet (hop limit 1 after the gateway's decrement) through at egress.
+    let Some(src) = frame.bytes::<16>(l3 + 8) else {
+        return FrameClass::Malformed;
+    };
+    let src_is_link_local = src[0] == 0xfe && src[1] & 0xc0 == 0x80;
+    // MLD reports may come from :: before the host has an address (RFC 3810 5.2.13);
+    // nothing with that source is forwarded to the client side.
+    let mld_source_ok = src_is_link_local || (direction == Direction::Upload && src == [0; 16]);
     let mut l4 = l3 + 40;
     let mut behind_hop_by_hop = false;
     if next == IPPROTO_HOPOPTS {
@@ -322,8 +389,9 @@ fn ipv6<F: FrameBytes + ?Sized>(
                         FrameClass::Billable
                     }
                 }
-                // MLDv1 query/report/done, MLDv2 report: hop limit 1 keeps them on-link.
-                130 | 131 | 132 | 143 if behind_hop_by_hop && hop_limit == 1 => {
+                // MLDv1 query/report/done, MLDv2 report: hop limit 1 and a
+                // link-local source keep them on-link.
+                130 | 131 | 132 | 143 if behind_hop_by_hop && hop_limit == 1 && mld_source_ok => {
                     FrameClass::WalledGarden(GardenKind::Mld)
                 }
                 128 if direction == Direction::Upload && peer_is_gateway => {

@@ -21,17 +21,24 @@ pub enum Verdict {
     DropCreditExhausted = 4,
     /// Frame too short or inconsistent to classify: drop, whoever sent it.
     DropMalformed = 5,
+    /// Walled-garden frame beyond the MAC's garden budget, and no credit to bill it
+    /// to: drop.
+    DropGardenBudget = 6,
+    /// Billable upload frame from a bound MAC with another source address: drop.
+    DropWrongSource = 7,
 }
 
 impl Verdict {
     /// All verdicts, in stats-slot order.
-    pub const ALL: [Verdict; 6] = [
+    pub const ALL: [Verdict; 8] = [
         Verdict::PassPaid,
         Verdict::PassWalledGarden,
         Verdict::PassGroup,
         Verdict::DropUnpaid,
         Verdict::DropCreditExhausted,
         Verdict::DropMalformed,
+        Verdict::DropGardenBudget,
+        Verdict::DropWrongSource,
     ];
 
     /// Whether the frame goes through.
@@ -52,28 +59,57 @@ pub struct Budget {
     pub used: u64,
 }
 
+/// What the per-client checks around the billing rule found (see [`super::garden`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Gate {
+    /// Nothing against the frame (or no check applies to it).
+    Open,
+    /// A walled-garden frame that does not fit the MAC's garden budget.
+    GardenBudgetSpent,
+    /// A billable upload frame whose source is not the address the MAC is bound
+    /// with, and the binding is enforced.
+    WrongSource,
+}
+
 /// Decide the fate of one frame.
 ///
 /// * `class`: what the parser found ([`super::classify`]).
 /// * `len`: the L2 length the hook sees, the amount billed.
 /// * `client`: the budget of the MAC the frame is keyed by, `None` if the MAC is not
 ///   in both `CREDIT` and `USAGE` (an unknown MAC is an unpaid client).
+/// * `gate`: the garden-budget / bound-source checks.
 ///
 /// Walled-garden and group frames pass before the budget is consulted, so they are
-/// never billed, for paid and unpaid clients alike. A billable frame passes only if
-/// `used + len <= credited`; an overflowing sum drops.
+/// never billed, for paid and unpaid clients alike, as long as a garden frame fits
+/// the MAC's garden budget; beyond it a garden frame is billed like any other if the
+/// client's credit covers it, else dropped (`DropGardenBudget`). A billable frame
+/// passes only if `used + len <= credited`; an overflowing sum drops.
 #[inline(always)]
-pub fn verdict(class: FrameClass, len: u64, client: Option<Budget>) -> Verdict {
+pub fn verdict(class: FrameClass, len: u64, client: Option<Budget>, gate: Gate) -> Verdict {
     match class {
         FrameClass::Malformed => Verdict::DropMalformed,
         FrameClass::Group => Verdict::PassGroup,
-        FrameClass::WalledGarden(_) => Verdict::PassWalledGarden,
-        FrameClass::Billable => match client {
-            None => Verdict::DropUnpaid,
-            Some(b) => match b.used.checked_add(len) {
-                Some(total) if total <= b.credited => Verdict::PassPaid,
-                _ => Verdict::DropCreditExhausted,
+        FrameClass::WalledGarden(_) => match gate {
+            Gate::GardenBudgetSpent => match bill(len, client) {
+                Verdict::PassPaid => Verdict::PassPaid,
+                _ => Verdict::DropGardenBudget,
             },
+            Gate::Open | Gate::WrongSource => Verdict::PassWalledGarden,
+        },
+        FrameClass::Billable => match gate {
+            Gate::WrongSource => Verdict::DropWrongSource,
+            Gate::Open | Gate::GardenBudgetSpent => bill(len, client),
+        },
+    }
+}
+
+#[inline(always)]
+fn bill(len: u64, client: Option<Budget>) -> Verdict {
+    match client {
+        None => Verdict::DropUnpaid,
+        Some(b) => match b.used.checked_add(len) {
+            Some(total) if total <= b.credited => Verdict::PassPaid,
+            _ => Verdict::DropCreditExhausted,
         },
     }
 }
@@ -126,7 +162,25 @@ mod tests {
             ("malformed drops even when paid", FrameClass::Malformed, 10, budget(u64::MAX, 0), Verdict::DropMalformed),
         ];
         for (name, class, len, client, want) in cases {
-            assert_eq!(verdict(*class, *len, *client), *want, "{name}");
+            assert_eq!(verdict(*class, *len, *client, Gate::Open), *want, "{name}");
+        }
+    }
+
+    #[test]
+    fn gates() {
+        let dns = FrameClass::WalledGarden(GardenKind::Dns);
+        let cases: &[(&str, FrameClass, u64, Option<Budget>, Gate, Verdict)] = &[
+            ("garden over budget, unpaid: dropped", dns, 100, None, Gate::GardenBudgetSpent, Verdict::DropGardenBudget),
+            ("garden over budget, exhausted: dropped", dns, 100, budget(50, 0), Gate::GardenBudgetSpent, Verdict::DropGardenBudget),
+            ("garden over budget, credit left: billed", dns, 100, budget(1000, 0), Gate::GardenBudgetSpent, Verdict::PassPaid),
+            ("garden within budget: free", dns, 100, None, Gate::Open, Verdict::PassWalledGarden),
+            ("wrong source, paid: dropped", FrameClass::Billable, 100, budget(1000, 0), Gate::WrongSource, Verdict::DropWrongSource),
+            ("wrong source never applies to garden", dns, 100, None, Gate::WrongSource, Verdict::PassWalledGarden),
+            ("group ignores gates", FrameClass::Group, 100, None, Gate::GardenBudgetSpent, Verdict::PassGroup),
+            ("malformed stays malformed", FrameClass::Malformed, 100, budget(1000, 0), Gate::WrongSource, Verdict::DropMalformed),
+        ];
+        for (name, class, len, client, gate, want) in cases {
+            assert_eq!(verdict(*class, *len, *client, *gate), *want, "{name}");
         }
     }
 

@@ -65,6 +65,11 @@ pub fn render(gw: &Gateway) -> String {
             ("{direction=\"down\"}".into(), metered.iter().map(|(_, _, u)| u.down_bytes).sum()),
         ],
     );
+    gauge(
+        "bitmesh_second_source_frames",
+        "Billable frames from bound clients' MACs with another source address (MAC cloning; dropped when --enforce-bound-ip).",
+        vec![(String::new(), gw.second_source_frames())],
+    );
     gauge("bitmesh_chain_tip_height", "Chain tip as last seen.", vec![(String::new(), gw.tip().to_consensus_u32() as u64)]);
     out
 }

@@ -390,6 +390,7 @@ impl ClientGateway for Gateway {
             .set_funding(rec.id, Funding { outpoint: funded.outpoint, capacity: funded.capacity, height })
             .map_err(GatewayError::from)?;
         self.with_meter(|m| m.restore_client(rec.mac, Default::default()))?;
+        self.with_meter(|m| m.bind_source(rec.mac, rec.ip))?;
         info!(capacity_sat = funded.capacity.to_sat(), zero_conf = funded.zero_conf, "channel funded");
         Ok(self.status_of(&rec))
     }

@@ -8,6 +8,7 @@
 //! * `reconcile.rs`: restart reconciliation and periodic usage snapshots.
 //! * `ports.rs`: the narrow kernel/link interfaces (real and in-memory).
 
+mod binding;
 mod client;
 mod ports;
 mod reconcile;
@@ -33,6 +34,7 @@ use crate::config::Policy;
 use crate::meter::MeterError;
 use crate::store::{ChannelRecord, Store, StoreError};
 
+pub use binding::SourceWatch;
 pub use ports::{KernelNeighbours, MemoryMeter, MeterPort, Neighbours, StaticNeighbours};
 pub use reconcile::ReconcileReport;
 pub use settle::SettleReport;

@@ -23,6 +23,15 @@ pub trait MeterPort: Send {
     fn all_usage(&self) -> Result<Vec<(MacAddr, ByteCount, Usage)>, MeterError>;
     /// Stop metering (the client becomes unpaid); its final usage, if it was metered.
     fn remove_client(&mut self, mac: MacAddr) -> Result<Option<Usage>, MeterError>;
+    /// Bind a metered client to the source address it paid from (MAC-cloning defence).
+    fn bind_source(&mut self, _mac: MacAddr, _ip: IpAddr) -> Result<(), MeterError> {
+        Ok(())
+    }
+    /// Bound clients the kernel saw billable frames from with another source:
+    /// (MAC, such frames so far, the last such source).
+    fn source_violations(&self) -> Result<Vec<(MacAddr, u64, Option<IpAddr>)>, MeterError> {
+        Ok(Vec::new())
+    }
 }
 
 fn mac(m: MacAddr) -> Mac {
@@ -44,6 +53,16 @@ impl MeterPort for MeterMaps {
     }
     fn remove_client(&mut self, m: MacAddr) -> Result<Option<Usage>, MeterError> {
         Ok(MeterMaps::remove_client(self, mac(m))?.map(|u| u.usage))
+    }
+    fn bind_source(&mut self, m: MacAddr, ip: IpAddr) -> Result<(), MeterError> {
+        MeterMaps::bind_source(self, mac(m), ip)
+    }
+    fn source_violations(&self) -> Result<Vec<(MacAddr, u64, Option<IpAddr>)>, MeterError> {
+        Ok(MeterMaps::bindings(self)?
+            .into_iter()
+            .filter(|b| b.wrong_source_frames > 0)
+            .map(|b| (MacAddr(b.mac.0), b.wrong_source_frames, b.last_wrong_source))
+            .collect())
     }
 }
 
@@ -149,6 +168,12 @@ impl MeterPort for crate::meter::Meter {
     }
     fn remove_client(&mut self, m: MacAddr) -> Result<Option<Usage>, MeterError> {
         MeterPort::remove_client(self.maps_mut(), m)
+    }
+    fn bind_source(&mut self, m: MacAddr, ip: IpAddr) -> Result<(), MeterError> {
+        MeterPort::bind_source(self.maps_mut(), m, ip)
+    }
+    fn source_violations(&self) -> Result<Vec<(MacAddr, u64, Option<IpAddr>)>, MeterError> {
+        MeterPort::source_violations(self.maps())
     }
 }
 

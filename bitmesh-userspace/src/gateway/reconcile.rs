@@ -48,6 +48,7 @@ impl Gateway {
             };
             // Existing (pinned) entries are left untouched by restore_client.
             self.with_meter(|m| m.restore_client(rec.mac, usage))?;
+            self.with_meter(|m| m.bind_source(rec.mac, rec.ip))?;
             if let Err(e) = self.with_meter(|m| m.raise_credit(rec.mac, rec.credited)) {
                 warn!(channel = %rec.id, mac = %rec.mac, error = %e, "could not raise credit from the journal");
             }

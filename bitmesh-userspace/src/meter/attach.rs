@@ -11,9 +11,9 @@ use aya::programs::xdp::XdpLink;
 use aya::programs::{ProgramError, SchedClassifier, Xdp, XdpMode};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use bitmesh_common::kernel::{
-    GLOBAL_DNS_ALLOWED, GLOBAL_GATEWAY_IPV4, GLOBAL_GATEWAY_IPV6, GLOBAL_PAYMENT_PORT, MAP_CREDIT,
-    MAP_STATS, MAP_USAGE, PROG_TC_DOWNLOAD, PROG_TC_EMPTY, PROG_TC_UPLOAD, PROG_XDP_EMPTY,
-    PROG_XDP_UPLOAD,
+    GLOBAL_DNS_ALLOWED, GLOBAL_GARDEN_LIMITS, GLOBAL_GATEWAY_IPV4, GLOBAL_GATEWAY_IPV6,
+    GLOBAL_PAYMENT_PORT, MAP_BOUND, MAP_CREDIT, MAP_GARDEN, MAP_STATS, MAP_USAGE, PROG_TC_DOWNLOAD,
+    PROG_TC_EMPTY, PROG_TC_UPLOAD, PROG_XDP_EMPTY, PROG_XDP_UPLOAD,
 };
 
 use super::config::{MeterConfig, UploadHook};
@@ -98,6 +98,7 @@ impl Meter {
             .override_global(GLOBAL_GATEWAY_IPV6, &ipv6, true)
             .override_global(GLOBAL_PAYMENT_PORT, &port, true)
             .override_global(GLOBAL_DNS_ALLOWED, &dns, true)
+            .override_global(GLOBAL_GARDEN_LIMITS, &config.garden, true)
             .load(EBPF_OBJECT)
             .map_err(load_error)?;
         for program in MeterProgram::ALL {
@@ -107,7 +108,9 @@ impl Meter {
             ebpf.take_map(name).ok_or(MeterError::MissingInObject { what: "map", name })
         };
         let (credit, usage, stats) = (take(MAP_CREDIT)?, take(MAP_USAGE)?, take(MAP_STATS)?);
-        let maps = MeterMaps::from_maps(credit, usage, stats)?;
+        let (garden, bound) = (take(MAP_GARDEN)?, take(MAP_BOUND)?);
+        let mut maps = MeterMaps::from_maps(credit, usage, stats, garden, bound)?;
+        maps.set_enforce_bound_ip(config.enforce_bound_ip);
         tracing::info!(pin_dir = %config.pin_dir.display(), "meter programs loaded and verified");
         Ok(Meter {
             ebpf,
@@ -297,7 +300,7 @@ impl Meter {
     /// Delete the pinned maps (all counters and credit!) from the pin directory.
     /// For tests and `uninstall`; never for a restart.
     pub fn remove_pinned_maps(pin_dir: &Path) -> Result<(), MeterError> {
-        for name in [MAP_CREDIT, MAP_USAGE, MAP_STATS] {
+        for name in [MAP_CREDIT, MAP_USAGE, MAP_STATS, MAP_GARDEN, MAP_BOUND] {
             remove_pin(&pin_dir.join(name))?;
         }
         Ok(())

@@ -5,6 +5,8 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::str::FromStr;
 
+use bitmesh_common::kernel::{BucketParams, GardenLimits};
+
 /// Default bpffs directory for the pinned maps and links.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/bitmesh";
 
@@ -60,10 +62,37 @@ pub struct MeterConfig {
     pub payment_port: u16,
     /// Whether DNS to and from the gateway is in the walled garden.
     pub dns_allowed: bool,
+    /// Per-MAC budgets of the walled garden's forwardable services (DNS, ICMP echo,
+    /// payment API); see [`default_garden_limits`].
+    pub garden: GardenLimits,
+    /// Whether a bound client's billable upload frames must carry its bound source
+    /// address (else they are only counted as violations).
+    pub enforce_bound_ip: bool,
+}
+
+/// Walled-garden DNS + ICMP echo budget per MAC: 16 KiB burst, 512 B/s. A captive
+/// device's lookups (a few hundred bytes each) fit; a DNS tunnel gets ~4 kbit/s.
+pub const GARDEN_SERVICES_BURST: u64 = 16 * 1024;
+/// Refill of [`GARDEN_SERVICES_BURST`], bytes per second.
+pub const GARDEN_SERVICES_RATE: u64 = 512;
+/// Payment API budget per MAC: 64 KiB burst, enough to read the terms, open, relay
+/// a funding transaction of up to 10 kB and send the first payments (about 15 KB on
+/// the wire with TCP overhead), refilled at 4 KiB/s for top-ups of an exhausted client.
+pub const GARDEN_PAYMENT_BURST: u64 = 64 * 1024;
+/// Refill of [`GARDEN_PAYMENT_BURST`], bytes per second.
+pub const GARDEN_PAYMENT_RATE: u64 = 4 * 1024;
+
+/// The default walled-garden budgets (documented in docs/kernel-abi.md).
+pub const fn default_garden_limits() -> GardenLimits {
+    GardenLimits {
+        services: BucketParams::new(GARDEN_SERVICES_RATE, GARDEN_SERVICES_BURST),
+        payment: BucketParams::new(GARDEN_PAYMENT_RATE, GARDEN_PAYMENT_BURST),
+    }
 }
 
 impl MeterConfig {
-    /// Defaults: pins under [`DEFAULT_PIN_DIR`], payment port 3141, DNS allowed, no IPv6.
+    /// Defaults: pins under [`DEFAULT_PIN_DIR`], payment port 3141, DNS allowed, no IPv6,
+    /// the default garden budgets, bound addresses enforced.
     pub fn new(gateway_ipv4: Ipv4Addr) -> Self {
         Self {
             pin_dir: PathBuf::from(DEFAULT_PIN_DIR),
@@ -71,6 +100,8 @@ impl MeterConfig {
             gateway_ipv6: None,
             payment_port: 3141,
             dns_allowed: true,
+            garden: default_garden_limits(),
+            enforce_bound_ip: true,
         }
     }
 }

@@ -1,12 +1,13 @@
 //! Typed access to the pinned maps: credit (only ever raised), usage (created here,
 //! then only the kernel adds), per-CPU stats (summed here).
 
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 
 use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray};
 use bitmesh_common::kernel::{
-    stat_index, Direction, Mac, MacKey, StatCounter, Usage, Verdict, MAP_CREDIT, MAP_STATS,
-    MAP_USAGE, STATS_LEN,
+    stat_index, BoundAddrs, Direction, GardenBuckets, Mac, MacKey, StatCounter, Usage, Verdict,
+    MAP_BOUND, MAP_CREDIT, MAP_GARDEN, MAP_STATS, MAP_USAGE, STATS_LEN,
 };
 use bitmesh_common::pricing::ByteCount;
 
@@ -54,6 +55,38 @@ impl ClientUsage {
     }
 }
 
+/// A client's bound source addresses and what the kernel saw against them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Binding {
+    /// The client.
+    pub mac: Mac,
+    /// Bound IPv4, if any (without one, billable IPv4 from this MAC is refused).
+    pub ipv4: Option<Ipv4Addr>,
+    /// Bound IPv6, if any (without one, routable IPv6 from this MAC is refused).
+    pub ipv6: Option<Ipv6Addr>,
+    /// Whether other sources are dropped (else only counted).
+    pub enforced: bool,
+    /// Billable upload frames seen from this MAC with another source.
+    pub wrong_source_frames: u64,
+    /// The last such source.
+    pub last_wrong_source: Option<IpAddr>,
+}
+
+impl Binding {
+    fn from_value(mac: Mac, v: &BoundAddrs) -> Self {
+        let last = Ipv6Addr::from(v.last_wrong_source);
+        Binding {
+            mac,
+            ipv4: (v.ipv4 != [0; 4]).then(|| Ipv4Addr::from(v.ipv4)),
+            ipv6: (v.ipv6 != [0; 16]).then(|| Ipv6Addr::from(v.ipv6)),
+            enforced: v.enforce != 0,
+            wrong_source_frames: v.wrong_source_frames,
+            last_wrong_source: (v.wrong_source_frames > 0)
+                .then(|| last.to_ipv4_mapped().map_or(IpAddr::V6(last), IpAddr::V4)),
+        }
+    }
+}
+
 /// Stats summed over all CPUs, per (direction, verdict).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MeterStats {
@@ -86,13 +119,16 @@ impl MeterStats {
     }
 }
 
-/// Handles on `CREDIT`, `USAGE` and `STATS`.
+/// Handles on `CREDIT`, `USAGE`, `STATS`, `GARDEN` and `BOUND`.
 ///
 /// One writer is assumed (the controller): `raise_credit` reads then writes.
 pub struct MeterMaps {
     credit: HashMap<MapData, MacKey, u64>,
     usage: HashMap<MapData, MacKey, Usage>,
     stats: PerCpuArray<MapData, StatCounter>,
+    garden: HashMap<MapData, MacKey, GardenBuckets>,
+    bound: HashMap<MapData, MacKey, BoundAddrs>,
+    enforce_bound_ip: bool,
 }
 
 fn map_err(operation: &'static str, map: &'static str) -> impl FnOnce(MapError) -> MeterError {
@@ -101,12 +137,20 @@ fn map_err(operation: &'static str, map: &'static str) -> impl FnOnce(MapError) 
 
 impl MeterMaps {
     /// Wrap the maps taken from a freshly loaded object.
-    pub(super) fn from_maps(credit: Map, usage: Map, stats: Map) -> Result<Self, MeterError> {
+    pub(super) fn from_maps(credit: Map, usage: Map, stats: Map, garden: Map, bound: Map) -> Result<Self, MeterError> {
         Ok(Self {
             credit: HashMap::try_from(credit).map_err(map_err("open", MAP_CREDIT))?,
             usage: HashMap::try_from(usage).map_err(map_err("open", MAP_USAGE))?,
             stats: PerCpuArray::try_from(stats).map_err(map_err("open", MAP_STATS))?,
+            garden: HashMap::try_from(garden).map_err(map_err("open", MAP_GARDEN))?,
+            bound: HashMap::try_from(bound).map_err(map_err("open", MAP_BOUND))?,
+            enforce_bound_ip: true,
         })
+    }
+
+    /// Whether bindings written from now on are enforced (`--enforce-bound-ip`).
+    pub fn set_enforce_bound_ip(&mut self, enforce: bool) {
+        self.enforce_bound_ip = enforce;
     }
 
     /// Open the maps pinned in `pin_dir` by a running (or crashed) controller, without
@@ -123,7 +167,7 @@ impl MeterMaps {
             })?;
             Map::from_map_data(data).map_err(map_err("open", name))
         };
-        Self::from_maps(open(MAP_CREDIT)?, open(MAP_USAGE)?, open(MAP_STATS)?)
+        Self::from_maps(open(MAP_CREDIT)?, open(MAP_USAGE)?, open(MAP_STATS)?, open(MAP_GARDEN)?, open(MAP_BOUND)?)
     }
 
     /// Start metering `mac`: create its zeroed `USAGE` entry and a zero credit, unless
@@ -158,6 +202,64 @@ impl MeterMaps {
             tracing::debug!(%mac, credited = total.0, "credit raised");
         }
         Ok(total)
+    }
+
+    /// Bind `mac` to the source address `ip` (the one it opened its channel from):
+    /// from now on its billable upload frames of that family must come from `ip`
+    /// (enforced or only counted, per [`Self::set_enforce_bound_ip`]). The other
+    /// family's bound address, if any, is kept. The violation counter is kept too,
+    /// and a rebinding races only with that counter's kernel adds (an alert count,
+    /// never money).
+    pub fn bind_source(&mut self, mac: Mac, ip: IpAddr) -> Result<(), MeterError> {
+        if mac.is_group() {
+            return Err(MeterError::GroupMac { mac });
+        }
+        let mut value = match self.bound.get(&mac.key(), 0) {
+            Ok(v) => v,
+            Err(MapError::KeyNotFound) => BoundAddrs::default(),
+            Err(e) => return Err(map_err("read binding", MAP_BOUND)(e)),
+        };
+        match ip {
+            IpAddr::V4(v4) => value.ipv4 = v4.octets(),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => value.ipv4 = v4.octets(),
+                None => value.ipv6 = v6.octets(),
+            },
+        }
+        value.enforce = u8::from(self.enforce_bound_ip);
+        self.bound.insert(mac.key(), value, 0).map_err(map_err("bind source", MAP_BOUND))?;
+        tracing::debug!(%mac, %ip, enforced = self.enforce_bound_ip, "client bound to its source address");
+        Ok(())
+    }
+
+    /// The binding of `mac`, `None` if it has none.
+    pub fn binding(&self, mac: Mac) -> Result<Option<Binding>, MeterError> {
+        match self.bound.get(&mac.key(), 0) {
+            Ok(v) => Ok(Some(Binding::from_value(mac, &v))),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err("read binding", MAP_BOUND)(e)),
+        }
+    }
+
+    /// Every binding, sorted by MAC.
+    pub fn bindings(&self) -> Result<Vec<Binding>, MeterError> {
+        let mut out = Vec::new();
+        for item in self.bound.iter() {
+            let (key, value) = item.map_err(map_err("list bindings", MAP_BOUND))?;
+            out.push(Binding::from_value(Mac::from(key), &value));
+        }
+        out.sort_by_key(|b| b.mac);
+        Ok(out)
+    }
+
+    /// MACs with walled-garden buckets in the kernel's LRU map (diagnostics, tests).
+    pub fn garden_macs(&self) -> Result<Vec<Mac>, MeterError> {
+        let mut out = Vec::new();
+        for key in self.garden.keys() {
+            out.push(Mac::from(key.map_err(map_err("list garden", MAP_GARDEN))?));
+        }
+        out.sort();
+        Ok(out)
     }
 
     /// Total bytes credited to `mac`, `None` if unknown.
@@ -206,6 +308,11 @@ impl MeterMaps {
         match self.usage.remove(&mac.key()) {
             Ok(()) | Err(MapError::KeyNotFound) => {}
             Err(e) => return Err(map_err("remove usage", MAP_USAGE)(e)),
+        }
+        // Unbound after: its frames are unpaid now whatever their source.
+        match self.bound.remove(&mac.key()) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(map_err("remove binding", MAP_BOUND)(e)),
         }
         Ok(last)
     }

@@ -28,9 +28,9 @@ mod object;
 mod testrun;
 
 pub use attach::{Meter, MeterProgram};
-pub use config::{MeterConfig, UploadHook, DEFAULT_PIN_DIR};
+pub use config::{default_garden_limits, MeterConfig, UploadHook, DEFAULT_PIN_DIR};
 pub use error::MeterError;
-pub use maps::{ClientUsage, MeterMaps, MeterStats};
+pub use maps::{Binding, ClientUsage, MeterMaps, MeterStats};
 pub use testrun::TestRunOutcome;
 
 pub use bitmesh_common::kernel::{Direction, Mac, StatCounter, Usage, Verdict};

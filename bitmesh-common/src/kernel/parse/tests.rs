@@ -118,6 +118,12 @@ fn cases() -> Vec<(&'static str, Direction, Vec<u8>, FrameClass)> {
         ("mldv2 report behind hop-by-hop passes", U, up().ipv6_mld(LL6, MLD_ROUTERS, 143), G(Mld)),
         ("mld query to client passes", D, down().ipv6_mld(LL6, LL6, 130), G(Mld)),
         ("mld without hop-by-hop is billable", U, up().ipv6_icmp(LL6, MLD_ROUTERS, 143, 1), Billable),
+        ("mld report from :: (before DAD) passes", U, up().ipv6_mld([0; 16], MLD_ROUTERS, 143), G(Mld)),
+        // A forwarded internet packet leaves the gateway with hop limit 1: its
+        // routable source gives it away.
+        ("forwarded mld-shaped packet from the internet is billable", D, down().ipv6_mld(NET6, CLIENT6, 130), Billable),
+        ("mld from :: at egress is billable", D, down().ipv6_mld([0; 16], CLIENT6, 130), Billable),
+        ("mld from a routable source upstream is billable", U, up().ipv6_mld(CLIENT6, NET6, 143), Billable),
         // --- VLAN ---
         ("dns in 802.1q passes", U, up().tagged(&[0x8100]).ipv4_udp(CLIENT4, GW4, 40000, 53, 40), G(Dns)),
         ("dns in qinq passes", U, up().tagged(&[0x88a8, 0x8100]).ipv4_udp(CLIENT4, GW4, 40000, 53, 40), G(Dns)),
@@ -126,6 +132,14 @@ fn cases() -> Vec<(&'static str, Direction, Vec<u8>, FrameClass)> {
         // --- group at egress ---
         ("broadcast at egress is group", D, Eth::new(GW_MAC, BCAST).raw(0x1234, &[0; 40]), Group),
         ("ipv6 multicast at egress is group", D, Eth::new(GW_MAC, [0x33, 0x33, 0, 0, 0, 1]).ipv6_udp(LL6, ALL_NODES, 1, 2, 10), Group),
+        ("ipv4 multicast at egress is group", D, Eth::new(GW_MAC, [0x01, 0, 0x5e, 0, 0, 0xfb]).ipv4_udp(NET4, [224, 0, 0, 251], 5353, 5353, 40), Group),
+        ("arp broadcast at egress is group", D, Eth::new(GW_MAC, BCAST).arp(), Group),
+        // A client that answered ARP/ND with a group MAC for its own address.
+        ("unicast ipv4 in a broadcast frame at egress is billable", D, Eth::new(GW_MAC, BCAST).ipv4_udp(NET4, CLIENT4, 1, 2, 40), Billable),
+        ("unicast ipv4 in a multicast frame at egress is billable", D, Eth::new(GW_MAC, [0x01, 0, 0x5e, 0, 0, 1]).ipv4_tcp(NET4, CLIENT4, 443, 40000), Billable),
+        ("unicast ipv6 in a multicast frame at egress is billable", D, Eth::new(GW_MAC, [0x33, 0x33, 0, 0, 0, 2]).ipv6_udp(NET6, CLIENT6, 1, 2, 10), Billable),
+        ("dns answer in a broadcast frame is still garden", D, Eth::new(GW_MAC, BCAST).ipv4_udp(GW4, CLIENT4, 53, 40000, 40), G(Dns)),
+        ("cut ipv4 in a broadcast frame at egress is malformed", D, Eth::new(GW_MAC, BCAST).ipv4_udp(GW4, [255; 4], 67, 68, 0)[..14 + 19].to_vec(), Malformed),
         ("multicast from client is billable", U, Eth::new(CLIENT, [0x01, 0, 0x5e, 0, 0, 0xfb]).ipv4_udp(CLIENT4, [224, 0, 0, 251], 5353, 5353, 40), Billable),
         // --- plain traffic ---
         ("udp to internet is billable", U, up().ipv4_udp(CLIENT4, NET4, 5000, 5000, 100), Billable),
