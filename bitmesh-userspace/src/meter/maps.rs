@@ -312,6 +312,8 @@ impl MeterMaps {
         // Unbound after: its frames are unpaid now whatever their source.
         match self.bound.remove(&mac.key()) {
             Ok(()) | Err(MapError::KeyNotFound) => {}
+            // aya reports a missing key on delete as the raw ENOENT.
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
             Err(e) => return Err(map_err("remove binding", MAP_BOUND)(e)),
         }
         Ok(last)
