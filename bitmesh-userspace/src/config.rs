@@ -414,6 +414,14 @@ mod tests {
     }
 
     #[test]
+    fn bound_ip_is_enforced_unless_turned_off() {
+        let (args, _) = parse(&["x", "--iface", "wlan0"]);
+        assert!(args.enforce_bound_ip);
+        let (args, _) = parse(&["x", "--iface", "wlan0", "--enforce-bound-ip", "false"]);
+        assert!(!args.enforce_bound_ip);
+    }
+
+    #[test]
     fn flags_override_the_config_file() {
         let (args, m) = parse(&["x", "--price-msat-per-mib", "5000"]);
         let file = "iface = \"br0\"\nprice_msat_per_mib = 7000\nchunk_bytes = 1024\n";
