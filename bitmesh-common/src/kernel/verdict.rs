@@ -166,10 +166,13 @@ mod tests {
         }
     }
 
+    /// (name, class, len, client, gate, expected verdict)
+    type GateCase = (&'static str, FrameClass, u64, Option<Budget>, Gate, Verdict);
+
     #[test]
     fn gates() {
         let dns = FrameClass::WalledGarden(GardenKind::Dns);
-        let cases: &[(&str, FrameClass, u64, Option<Budget>, Gate, Verdict)] = &[
+        let cases: &[GateCase] = &[
             ("garden over budget, unpaid: dropped", dns, 100, None, Gate::GardenBudgetSpent, Verdict::DropGardenBudget),
             ("garden over budget, exhausted: dropped", dns, 100, budget(50, 0), Gate::GardenBudgetSpent, Verdict::DropGardenBudget),
             ("garden over budget, credit left: billed", dns, 100, budget(1000, 0), Gate::GardenBudgetSpent, Verdict::PassPaid),
