@@ -5,6 +5,7 @@ pub mod bitcoind;
 pub mod controller;
 pub mod controller_memory;
 pub mod env;
+pub mod garden_attack;
 pub mod http;
 pub mod kernel_bench;
 pub mod netns;

@@ -7,143 +7,20 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
 use bitcoin::Amount;
 use bitmesh::meter::{Mac, MeterMaps};
 use bitmesh_tests::bitcoind::CoinbaseWallet;
 use bitmesh_tests::controller::{http, udp_round_trips, Lab, ScriptedClient, ECHO_PORT, UPSTREAM_IPV4};
-use bitmesh_tests::netns::{in_netns, ServerThread, CLIENT_MAC, GATEWAY_IPV4};
-
-/// What the attacker tries to push through port 53.
-const ATTACK_BYTES: u64 = 10 << 20;
-/// The controller's default walled-garden budget for DNS and ping, per MAC.
-const GARDEN_BURST: u64 = 16 * 1024;
-const GARDEN_RATE: u64 = 512;
-
-/// The most a MAC can move through its garden budget in `elapsed`: the burst, the
-/// refill, and one full frame per CPU that may race the bucket (docs/kernel-abi.md).
-fn garden_bound(elapsed: Duration) -> u64 {
-    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get()) as u64;
-    GARDEN_BURST + GARDEN_RATE * (elapsed.as_secs() + 1) + 2 * cpus * 1514
-}
-
-/// A "resolver" on the gateway's port 53 that answers anything: it echoes every UDP
-/// datagram and every TCP byte back, counting what it received.
-struct TunnelResolver {
-    received: Arc<AtomicU64>,
-    _udp: ServerThread,
-    _tcp: ServerThread,
-}
-
-impl TunnelResolver {
-    fn start(lab: &Lab) -> TunnelResolver {
-        let received = Arc::new(AtomicU64::new(0));
-        let udp = in_netns(&lab.topo.gateway, || Ok(UdpSocket::bind((GATEWAY_IPV4, 53))?)).expect("udp 53");
-        udp.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
-        let count = received.clone();
-        let udp = ServerThread::spawn(move |stop| {
-            let mut buf = vec![0u8; 65536];
-            while !stop.load(Ordering::Relaxed) {
-                if let Ok((n, from)) = udp.recv_from(&mut buf) {
-                    count.fetch_add(n as u64, Ordering::Relaxed);
-                    let _ = udp.send_to(&buf[..n], from);
-                }
-            }
-        });
-        let tcp = in_netns(&lab.topo.gateway, || Ok(TcpListener::bind((GATEWAY_IPV4, 53))?)).expect("tcp 53");
-        tcp.set_nonblocking(true).unwrap();
-        let count = received.clone();
-        let tcp = ServerThread::spawn(move |stop| {
-            while !stop.load(Ordering::Relaxed) {
-                let Ok((mut s, _)) = tcp.accept() else {
-                    std::thread::sleep(Duration::from_millis(20));
-                    continue;
-                };
-                s.set_nonblocking(false).unwrap();
-                s.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
-                s.set_write_timeout(Some(Duration::from_millis(100))).unwrap();
-                let mut buf = vec![0u8; 64 * 1024];
-                while !stop.load(Ordering::Relaxed) {
-                    match s.read(&mut buf) {
-                        Ok(0) => break,
-                        Ok(n) => {
-                            count.fetch_add(n as u64, Ordering::Relaxed);
-                            let _ = s.write_all(&buf[..n]);
-                        }
-                        Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
-                        Err(_) => break,
-                    }
-                }
-            }
-        });
-        TunnelResolver { received, _udp: udp, _tcp: tcp }
-    }
-
-    fn take(&self) -> u64 {
-        self.received.swap(0, Ordering::Relaxed)
-    }
-}
-
-/// Blast `ATTACK_BYTES` in 1,000-byte datagrams at the gateway's port 53 from `sock`
-/// (for at most 5 s) and count the answers' bytes.
-fn udp_tunnel(sock: &UdpSocket) -> u64 {
-    sock.set_nonblocking(true).unwrap();
-    let payload = vec![0x7au8; 1000];
-    let mut buf = vec![0u8; 2048];
-    let mut back = 0u64;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let mut sent = 0u64;
-    while sent < ATTACK_BYTES && Instant::now() < deadline {
-        if sock.send(&payload).is_ok() {
-            sent += payload.len() as u64;
-        }
-        while let Ok(n) = sock.recv(&mut buf) {
-            back += n as u64;
-        }
-    }
-    std::thread::sleep(Duration::from_millis(300));
-    while let Ok(n) = sock.recv(&mut buf) {
-        back += n as u64;
-    }
-    back
-}
-
-/// Push `ATTACK_BYTES` through a TCP connection to port 53 of the gateway (for at
-/// most 5 s), reading the echo; returns the echoed bytes.
-fn tcp_tunnel(mut s: std::net::TcpStream) -> u64 {
-    s.set_write_timeout(Some(Duration::from_millis(200))).unwrap();
-    s.set_read_timeout(Some(Duration::from_millis(1))).unwrap();
-    let chunk = vec![0x7bu8; 64 * 1024];
-    let mut buf = vec![0u8; 64 * 1024];
-    let (mut sent, mut back) = (0u64, 0u64);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while sent < ATTACK_BYTES && Instant::now() < deadline {
-        if let Ok(n) = s.write(&chunk) {
-            sent += n as u64;
-        }
-        if let Ok(n) = s.read(&mut buf) {
-            back += n as u64;
-        }
-    }
-    s.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
-    while let Ok(n) = s.read(&mut buf) {
-        if n == 0 {
-            break;
-        }
-        back += n as u64;
-    }
-    back
-}
+use bitmesh_tests::garden_attack::{garden_bound, tcp_tunnel, udp_tunnel, TunnelResolver};
+use bitmesh_tests::netns::{CLIENT_MAC, GATEWAY_IPV4};
 
 #[test]
 fn an_unpaid_client_moves_at_most_the_garden_budget_through_port_53() {
     let Some(lab) = Lab::start(&[]).unwrap() else { return };
-    let resolver = TunnelResolver::start(&lab);
+    let resolver = TunnelResolver::start(&lab.topo.gateway, GATEWAY_IPV4);
     let ids = lab.add_client_identities(1, false).unwrap();
 
     // UDP from the lab's client device.

@@ -416,3 +416,82 @@ fn retransmitted_segments(s: &TcpStream) -> u64 {
     }
     u64::from(info.tcpi_total_retrans)
 }
+
+#[test]
+fn an_unpaid_client_tunnels_at_most_its_garden_budget_through_port_53() {
+    use bitmesh_tests::garden_attack::{garden_bound, tcp_tunnel, udp_tunnel, TunnelResolver};
+    if !can_run() {
+        return;
+    }
+    // The default budgets (MeterConfig::new), as the controller runs them.
+    let m = Metered::new(UploadHook::Tc).expect("topology");
+    let resolver = TunnelResolver::start(&m.net.gateway, GW);
+    let start = std::time::Instant::now();
+    let sock = in_netns(&m.net.client, || {
+        let s = UdpSocket::bind((CL, 0))?;
+        s.connect((GW, 53))?;
+        Ok(s)
+    })
+    .expect("udp");
+    let back = udp_tunnel(&sock);
+    let up = resolver.take();
+    let elapsed = start.elapsed();
+    eprintln!("dns tunnel over udp: {up} B up, {back} B back in {elapsed:?}");
+    assert!(up > 0 && up + back <= garden_bound(elapsed), "udp port 53 carried {} B in {elapsed:?}", up + back);
+    // TCP from the same device: its services budget is spent, the connection
+    // cannot carry more than what refills.
+    let start = std::time::Instant::now();
+    let back = in_netns(&m.net.client, || {
+        let s = TcpStream::connect_timeout(&(GW, 53).into(), Duration::from_secs(3));
+        Ok(s.map(tcp_tunnel).unwrap_or(0))
+    })
+    .expect("tcp");
+    let up = resolver.take();
+    let elapsed = start.elapsed();
+    eprintln!("dns tunnel over tcp: {up} B up, {back} B back in {elapsed:?}");
+    assert!(up + back <= refill_bound(elapsed), "tcp port 53 carried {} B in {elapsed:?}", up + back);
+    // Nothing was metered: the kernel only made a garden entry for the MAC.
+    assert_eq!(m.usage(), Default::default());
+    assert!(m.meter.meter.maps().garden_macs().expect("garden").contains(&client_mac()));
+    let stats = m.meter.meter.maps().stats().expect("stats");
+    assert!(stats.sum(Verdict::DropGardenBudget).packets > 0, "{stats:?}");
+    // Address configuration is never budgeted: ARP (a fresh neighbour entry) and
+    // DHCP to the gateway still work though the services budget is spent.
+    m.net.client.ip(&["neigh", "flush", "dev", &m.net.veth.b]).expect("flush");
+    let rx = m.udp(true, SocketAddrV4::new(GW, 67)).expect("dhcp server");
+    let tx = m.udp(false, SocketAddrV4::new(CL, 68)).expect("dhcp client");
+    tx.send_to(b"DHCPREQUEST", SocketAddrV4::new(GW, 67)).expect("request");
+    let mut buf = [0u8; 64];
+    assert!(rx.recv_from(&mut buf).is_ok(), "dhcp (and arp) to the gateway after the dns budget is spent");
+}
+
+/// The refill alone over `elapsed`, plus one frame per CPU racing the bucket.
+fn refill_bound(elapsed: Duration) -> u64 {
+    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get()) as u64;
+    bitmesh::meter::GARDEN_SERVICES_RATE * (elapsed.as_secs() + 1) + 2 * cpus * 1514
+}
+
+#[test]
+fn a_cloned_mac_sending_from_another_address_gets_nothing_billable_through() {
+    if !can_run() {
+        return;
+    }
+    for hook in [UploadHook::XdpNative, UploadHook::Tc] {
+        let mut m = Metered::new(hook).expect("topology");
+        m.meter.meter.maps_mut().raise_credit(client_mac(), ByteCount(1 << 30)).expect("credit");
+        m.meter.meter.maps_mut().bind_source(client_mac(), CL.into()).expect("bind");
+        let rx = m.udp(true, SocketAddrV4::new(GW, UPSTREAM_PORT)).expect("rx");
+        let to = SocketAddrV4::new(GW, UPSTREAM_PORT);
+        let tx = m.udp(false, SocketAddrV4::new(CL, 0)).expect("tx");
+        assert_eq!(m.blast(&tx, to, &rx, 10, 100).expect("blast"), 10, "{hook}: the bound client pays and passes");
+        let billed = m.usage().up_bytes;
+        // The clone: same MAC, another address on the link.
+        m.net.client.ip(&["addr", "add", "10.77.0.99/24", "dev", &m.net.veth.b]).expect("second address");
+        let clone = m.udp(false, SocketAddrV4::new(Ipv4Addr::new(10, 77, 0, 99), 0)).expect("clone tx");
+        assert_eq!(m.blast(&clone, to, &rx, 20, 100).expect("blast"), 0, "{hook}: the clone's datagrams pass on the victim's credit");
+        assert_eq!(m.usage().up_bytes, billed, "{hook}: nothing billed for the clone");
+        let b = m.meter.meter.maps().binding(client_mac()).expect("binding").expect("bound");
+        assert!(b.wrong_source_frames >= 20 && b.last_wrong_source == Some(Ipv4Addr::new(10, 77, 0, 99).into()), "{hook}: {b:?}");
+        assert_eq!(m.blast(&tx, to, &rx, 5, 100).expect("blast"), 5, "{hook}: the bound client still passes");
+    }
+}

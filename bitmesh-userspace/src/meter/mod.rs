@@ -28,7 +28,10 @@ mod object;
 mod testrun;
 
 pub use attach::{Meter, MeterProgram};
-pub use config::{default_garden_limits, MeterConfig, UploadHook, DEFAULT_PIN_DIR};
+pub use config::{
+    default_garden_limits, MeterConfig, UploadHook, DEFAULT_PIN_DIR, GARDEN_PAYMENT_BURST,
+    GARDEN_PAYMENT_RATE, GARDEN_SERVICES_BURST, GARDEN_SERVICES_RATE,
+};
 pub use error::MeterError;
 pub use maps::{Binding, ClientUsage, MeterMaps, MeterStats};
 pub use testrun::TestRunOutcome;
