@@ -52,6 +52,7 @@ pub fn kernel_cost_per_frame(repeat: u32, clients: u32) -> Result<Vec<CostRow>> 
     let mut t = TestMeter::load_with(|c| c.garden = GardenLimits { services: unlimited, payment: unlimited })?;
     let no_budget = TestMeter::load_with(|c| c.garden = GardenLimits::default())?;
     for n in 0..clients.max(1) {
+        t.meter.maps_mut().add_client(mac(n)).context("populating clients")?;
         t.meter.maps_mut().raise_credit(mac(n), ByteCount(u64::MAX / 2)).context("populating clients")?;
         // Every paying client is bound to its address (the controller does so).
         t.meter.maps_mut().bind_source(mac(n), CLIENT_IPV4.into()).context("binding clients")?;
@@ -59,6 +60,7 @@ pub fn kernel_cost_per_frame(repeat: u32, clients: u32) -> Result<Vec<CostRow>> 
     let paid = mac(clients.max(1) / 2);
     // One more paying client without a binding: the cost of the source check.
     let unbound = Mac([0x02, 0xdd, 0, 0, 0, 2]);
+    t.meter.maps_mut().add_client(unbound).context("unbound client")?;
     t.meter.maps_mut().raise_credit(unbound, ByteCount(u64::MAX / 2)).context("unbound client")?;
     let stranger = Mac([0x02, 0xdd, 0, 0, 0, 1]);
     let gw_mac = [0x02, 0x77, 0, 0, 0, 1];

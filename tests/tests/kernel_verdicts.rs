@@ -477,6 +477,7 @@ fn garden_services_are_free_only_up_to_the_macs_budget() {
         // A paying client's garden traffic beyond the budget is billed, not dropped;
         // once its credit is spent too, it is dropped.
         let paid = client(20 + n as u8);
+        t.meter.maps_mut().add_client(paid).expect("add client");
         t.meter.maps_mut().raise_credit(paid, ByteCount(82 * 2)).expect("credit");
         let query = up(paid).ipv4_udp(CL4, GW4, 40000, 53, 40);
         for i in 0..12 {
@@ -549,6 +550,7 @@ fn forwarded_mld_lookalikes_and_unicast_ip_in_group_frames_are_not_free() {
         failures.extend(check(&t, name, MeterProgram::TcDownload, Direction::Download, *key, frame, Verdict::DropUnpaid));
     }
     // The forwarded MLD look-alike is billed to a paying client like any download.
+    t.meter.maps_mut().add_client(mac).expect("add client");
     t.meter.maps_mut().raise_credit(mac, ByteCount(1 << 20)).expect("credit");
     failures.extend(check(&t, "forwarded hop-limit-1 packet to a paying client", MeterProgram::TcDownload, Direction::Download, mac, &cases[0].2, Verdict::PassPaid));
     assert_all(failures);
@@ -561,6 +563,7 @@ fn a_bound_client_is_billed_only_for_frames_from_its_bound_address() {
     let other4: [u8; 4] = [10, 77, 0, 99];
     for (n, program) in [MeterProgram::XdpUpload, MeterProgram::TcUpload].into_iter().enumerate() {
         let mac = client(50 + n as u8);
+        t.meter.maps_mut().add_client(mac).expect("add client");
         t.meter.maps_mut().raise_credit(mac, ByteCount(1 << 20)).expect("credit");
         t.meter.maps_mut().bind_source(mac, CLIENT_IPV4.into()).expect("bind");
         let u = |src: [u8; 4]| up(mac).ipv4_udp(src, NET4, 5000, 5000, 100);
@@ -578,6 +581,7 @@ fn a_bound_client_is_billed_only_for_frames_from_its_bound_address() {
     }
     // Not enforced: counted, billed, passed.
     let mac = client(60);
+    t.meter.maps_mut().add_client(mac).expect("add client");
     t.meter.maps_mut().raise_credit(mac, ByteCount(1 << 20)).expect("credit");
     t.meter.maps_mut().set_enforce_bound_ip(false);
     t.meter.maps_mut().bind_source(mac, CLIENT_IPV4.into()).expect("bind");
@@ -588,6 +592,7 @@ fn a_bound_client_is_billed_only_for_frames_from_its_bound_address() {
     // An IPv6 binding: that address, link-local, nothing routable on IPv4.
     let mac6 = client(61);
     t.meter.maps_mut().set_enforce_bound_ip(true);
+    t.meter.maps_mut().add_client(mac6).expect("add client");
     t.meter.maps_mut().raise_credit(mac6, ByteCount(1 << 20)).expect("credit");
     t.meter.maps_mut().bind_source(mac6, std::net::Ipv6Addr::from(CL6).into()).expect("bind");
     failures.extend(check(&t, "bound ipv6", MeterProgram::XdpUpload, Direction::Upload, mac6, &up(mac6).ipv6_udp(CL6, NET6, 1, 2, 10), Verdict::PassPaid));

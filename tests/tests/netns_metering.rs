@@ -478,6 +478,7 @@ fn a_cloned_mac_sending_from_another_address_gets_nothing_billable_through() {
     }
     for hook in [UploadHook::XdpNative, UploadHook::Tc] {
         let mut m = Metered::new(hook).expect("topology");
+        m.meter.meter.maps_mut().add_client(client_mac()).expect("add client");
         m.meter.meter.maps_mut().raise_credit(client_mac(), ByteCount(1 << 30)).expect("credit");
         m.meter.meter.maps_mut().bind_source(client_mac(), CL.into()).expect("bind");
         let rx = m.udp(true, SocketAddrV4::new(GW, UPSTREAM_PORT)).expect("rx");
