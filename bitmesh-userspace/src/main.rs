@@ -111,9 +111,23 @@ fn main() -> ExitCode {
     }
 }
 
-/// The error and its causes on one line (a cause's own line breaks folded in).
+/// The error and its causes on one line, as `{:#}` joins them (`a: b: c`), with two
+/// fixes: a cause that a message already quotes (many say `...: {source}` and also
+/// name it as their source) is printed once, and line breaks inside a message are
+/// folded.
 fn one_line(e: &anyhow::Error) -> String {
-    format!("{e:#}").lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ")
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.contains(text.as_str()) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ")
 }
 
 fn run_command() -> Result<()> {
@@ -382,4 +396,24 @@ async fn run(args: RunArgs) -> Result<()> {
     info!("controller stopped; the kernel keeps enforcing paid budgets");
     let _ = IpAddr::V4(gateway_ip);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::one_line;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("cannot reach the controller at /x: {source}")]
+    struct QuotesItsSource {
+        source: std::io::Error,
+    }
+
+    #[test]
+    fn errors_print_as_one_line_with_each_cause_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        let e = anyhow::Error::new(QuotesItsSource { source: io }).context("bitmesh clients");
+        assert_eq!(one_line(&e), "bitmesh clients: cannot reach the controller at /x: no such file");
+        let e = anyhow::anyhow!("clap says\n\n  usage: x\n").context("--config");
+        assert_eq!(one_line(&e), "--config: clap says usage: x");
+    }
 }

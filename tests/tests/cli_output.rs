@@ -72,6 +72,11 @@ fn expected_failures_print_one_line_and_exit_non_zero_even_with_rust_backtrace()
         assert_eq!(lines.len(), c.progress_lines + 1, "one error line after {} progress line(s): {what}", c.progress_lines);
         let last = lines.last().copied().unwrap_or_default();
         assert!(last.starts_with("error: ") && last.contains(c.says), "{what}");
+        // Each cause once: many messages quote their source and also chain it.
+        let causes: Vec<&str> = last.split(": ").filter(|s| s.len() > 8).collect();
+        for (i, cause) in causes.iter().enumerate() {
+            assert!(!causes[i + 1..].contains(cause), "{cause:?} twice: {what}");
+        }
     }
 }
 
