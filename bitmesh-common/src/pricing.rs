@@ -112,9 +112,18 @@ impl From<PriceMsatPerMib> for u64 {
     }
 }
 
+/// In sat per MiB, the one unit people read prices in, operator and client alike
+/// (`2 sat/MiB`, `0.25 sat/MiB`; at most three decimals, trailing zeros dropped).
+/// The exact integer for flags and the wire is [`PriceMsatPerMib::to_msat`].
 impl core::fmt::Display for PriceMsatPerMib {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        write!(f, "{} msat/MiB", self.0)
+        let (whole, frac) = (self.0 / MSAT_PER_SAT, self.0 % MSAT_PER_SAT);
+        match frac {
+            0 => write!(f, "{whole} sat/MiB"),
+            _ if frac % 100 == 0 => write!(f, "{whole}.{} sat/MiB", frac / 100),
+            _ if frac % 10 == 0 => write!(f, "{whole}.{:02} sat/MiB", frac / 10),
+            _ => write!(f, "{whole}.{frac:03} sat/MiB"),
+        }
     }
 }
 
@@ -140,6 +149,13 @@ pub fn payment_for_bytes(bytes: ByteCount, price: PriceMsatPerMib) -> Amount {
 #[allow(clippy::unwrap_used, clippy::expect_used)] // a failed test should panic
 mod tests {
     use super::*;
+
+    #[test]
+    fn prices_display_in_sat_per_mib() {
+        for (msat, text) in [(1000, "1 sat/MiB"), (2500, "2.5 sat/MiB"), (250, "0.25 sat/MiB"), (1, "0.001 sat/MiB"), (1_000_000, "1000 sat/MiB")] {
+            assert_eq!(price(msat).to_string(), text);
+        }
+    }
 
     fn price(msat: u64) -> PriceMsatPerMib {
         PriceMsatPerMib::new(msat).unwrap()

@@ -1,8 +1,10 @@
-//! `bitmesh`: controller (`run`), operator CLI and (later) the client agent
-//! (`pay`, `refund`). Clap commands -> library functions; anyhow only here.
+//! `bitmesh`: controller (`run`), operator CLI and the client agent (`pay`,
+//! `refund`). Clap commands -> library functions; anyhow only here, and every error
+//! leaves as one line (see `main`).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -80,15 +82,55 @@ enum Command {
     /// Client: broadcast the refund of a channel the gateway never closed (after expiry).
     Refund(bitmesh::client::cli::RefundArgs),
     /// Show, or set, the price for NEW channels in msat per MiB (open channels keep theirs).
+    /// A price set here is kept in the store and overrides --price-msat-per-mib (flag or
+    /// config file) at every start, until `bitmesh price --reset`.
     Price {
-        /// New price in millisatoshis per MiB. [default: show the current price]
+        /// New price in millisatoshis per MiB (1000 = 1 sat/MiB). [default: show the current price]
+        #[arg(conflicts_with = "reset")]
         msat_per_mib: Option<u64>,
+        /// Forget the price set with `bitmesh price`: --price-msat-per-mib applies again.
+        #[arg(long)]
+        reset: bool,
         #[command(flatten)]
         socket: SocketArg,
     },
 }
 
-fn main() -> Result<()> {
+/// Every expected failure ends here: one line on stderr (the chain of causes, `{:#}`)
+/// and exit status 1. `main` returning `Result` would print anyhow's `Debug` form,
+/// which carries a backtrace of the error's creation whenever `RUST_BACKTRACE` is set;
+/// only panics, which are bugs, keep their backtrace. Usage errors are clap's own
+/// (the message and a hint, exit status 2).
+fn main() -> ExitCode {
+    match run_command() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", one_line(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The error and its causes on one line, as `{:#}` joins them (`a: b: c`), with two
+/// fixes: a cause that a message already quotes (many say `...: {source}` and also
+/// name it as their source) is printed once, and line breaks inside a message are
+/// folded.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.contains(text.as_str()) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ")
+}
+
+fn run_command() -> Result<()> {
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches)?;
     let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
@@ -109,7 +151,7 @@ fn main() -> Result<()> {
         }
         Command::Clients { json, watch, socket } => rt.block_on(async {
             loop {
-                let AdminResponse::Clients { clients } = admin::request(&socket.admin_socket, &AdminRequest::Clients).await? else {
+                let AdminResponse::Clients { clients, price } = admin::request(&socket.admin_socket, &AdminRequest::Clients).await? else {
                     bail!("unexpected answer from the controller");
                 };
                 if json {
@@ -117,6 +159,9 @@ fn main() -> Result<()> {
                 } else {
                     if watch.is_some() {
                         print!("\x1b[2J\x1b[H");
+                    }
+                    if let Some(p) = &price {
+                        println!("{}", format::price_line(p));
                     }
                     print!("{}", format::clients_table(&clients));
                 }
@@ -158,10 +203,10 @@ fn main() -> Result<()> {
                 _ => bail!("unexpected answer from the controller"),
             }
         }),
-        Command::Price { msat_per_mib, socket } => rt.block_on(async {
-            match admin::request(&socket.admin_socket, &AdminRequest::Price { set_msat_per_mib: msat_per_mib }).await? {
-                AdminResponse::Price { msat_per_mib } => {
-                    println!("price for new channels: {msat_per_mib} msat/MiB");
+        Command::Price { msat_per_mib, reset, socket } => rt.block_on(async {
+            match admin::request(&socket.admin_socket, &AdminRequest::Price { set_msat_per_mib: msat_per_mib, reset }).await? {
+                AdminResponse::Price(p) => {
+                    println!("{}", format::price_line(&p));
                     Ok(())
                 }
                 _ => bail!("unexpected answer from the controller"),
@@ -271,6 +316,13 @@ async fn run(args: RunArgs) -> Result<()> {
         tip,
     )?;
     gw.reconcile(maps_were_pinned)?;
+    // A price set with `bitmesh price` beats the flag and the file: say so at start.
+    let price = admin::PriceSetting::of(&gw)?;
+    if price.set_at_runtime && Some(price.msat_per_mib) != price.configured_msat_per_mib {
+        warn!("{}", format::price_line(&price));
+    } else {
+        info!("{}", format::price_line(&price));
+    }
 
     let limits = ApiLimits {
         max_body_bytes: args.max_body_bytes,
@@ -357,4 +409,24 @@ async fn run(args: RunArgs) -> Result<()> {
     info!("controller stopped; the kernel keeps enforcing paid budgets");
     let _ = IpAddr::V4(gateway_ip);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::one_line;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("cannot reach the controller at /x: {source}")]
+    struct QuotesItsSource {
+        source: std::io::Error,
+    }
+
+    #[test]
+    fn errors_print_as_one_line_with_each_cause_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        let e = anyhow::Error::new(QuotesItsSource { source: io }).context("bitmesh clients");
+        assert_eq!(one_line(&e), "bitmesh clients: cannot reach the controller at /x: no such file");
+        let e = anyhow::anyhow!("clap says\n\n  usage: x\n").context("--config");
+        assert_eq!(one_line(&e), "--config: clap says usage: x");
+    }
 }

@@ -1,7 +1,9 @@
 //! What the CLI prints: aligned tables for people, JSON for scripts. The only place
 //! that formats operator output.
 
-use super::{ChannelRow, ClientRow};
+use bitmesh_common::pricing::PriceMsatPerMib;
+
+use super::{ChannelRow, ClientRow, PriceSetting};
 use crate::store::Earnings;
 
 /// Human byte count (binary units).
@@ -91,6 +93,29 @@ pub fn channels_table(rows: &[ChannelRow]) -> String {
     )
 }
 
+/// A price as people read it, in sat/MiB, with the msat/MiB the flags take beside it.
+fn price(msat: u64) -> String {
+    match PriceMsatPerMib::new(msat) {
+        Ok(p) => format!("{p} ({msat} msat/MiB)"),
+        Err(_) => format!("{msat} msat/MiB"),
+    }
+}
+
+/// The price for new channels and where it comes from (`bitmesh price`, and the line
+/// above `bitmesh clients`). A price set with `bitmesh price` outlives restarts and
+/// silently beats the flag and config file otherwise, so that is spelled out.
+pub fn price_line(p: &PriceSetting) -> String {
+    let now = price(p.msat_per_mib);
+    match (p.set_at_runtime, p.configured_msat_per_mib) {
+        (true, Some(conf)) => format!(
+            "price for new channels: {now}, set with `bitmesh price`: it overrides --price-msat-per-mib {} at every start; `bitmesh price --reset` goes back to it",
+            price(conf)
+        ),
+        (true, None) => format!("price for new channels: {now}, set with `bitmesh price`"),
+        (false, _) => format!("price for new channels: {now}, from --price-msat-per-mib (flag, config file or default)"),
+    }
+}
+
 /// `bitmesh earnings`.
 pub fn earnings_text(e: &Earnings) -> String {
     format!(
@@ -104,6 +129,18 @@ pub fn earnings_text(e: &Earnings) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn price_line_says_when_bitmesh_price_overrides_the_flag() {
+        let flag = PriceSetting { msat_per_mib: 1000, configured_msat_per_mib: Some(1000), set_at_runtime: false };
+        let line = price_line(&flag);
+        assert!(line.contains("1 sat/MiB (1000 msat/MiB)") && line.contains("from --price-msat-per-mib"), "{line}");
+        let set = PriceSetting { msat_per_mib: 2500, configured_msat_per_mib: Some(1000), set_at_runtime: true };
+        let line = price_line(&set);
+        assert!(line.contains("2.5 sat/MiB (2500 msat/MiB)"), "{line}");
+        assert!(line.contains("overrides --price-msat-per-mib 1 sat/MiB (1000 msat/MiB)"), "{line}");
+        assert!(line.contains("bitmesh price --reset"), "{line}");
+    }
 
     #[test]
     fn byte_counts_use_binary_units() {

@@ -45,8 +45,39 @@ pub enum AdminRequest {
     Earnings,
     /// Close one channel, or all open channels when `channel` is `None`.
     Settle { channel: Option<ChannelId> },
-    /// Read (`set` = None) or change the price for new channels.
-    Price { set_msat_per_mib: Option<u64> },
+    /// Read (`set` = None) or change the price for new channels; `reset` forgets a
+    /// price set this way, so the flag or config file's applies again.
+    Price {
+        set_msat_per_mib: Option<u64>,
+        #[serde(default)]
+        reset: bool,
+    },
+}
+
+/// The price for new channels and where it comes from. A price set with
+/// `bitmesh price` is kept in the store and overrides `--price-msat-per-mib` (flag or
+/// config file) at every start until `bitmesh price --reset`, so the CLI says so.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PriceSetting {
+    /// In force for new channels, msat per MiB.
+    pub msat_per_mib: u64,
+    /// What `--price-msat-per-mib` (flag, config file or default) asks for.
+    #[serde(default)]
+    pub configured_msat_per_mib: Option<u64>,
+    /// Set with `bitmesh price` (overrides the configured price).
+    #[serde(default)]
+    pub set_at_runtime: bool,
+}
+
+impl PriceSetting {
+    /// The gateway's price now and its origin.
+    pub fn of(gw: &Gateway) -> Result<PriceSetting, GatewayError> {
+        Ok(PriceSetting {
+            msat_per_mib: gw.policy().price.to_msat(),
+            configured_msat_per_mib: Some(gw.configured_price().to_msat()),
+            set_at_runtime: gw.price_set_at_runtime()?,
+        })
+    }
 }
 
 /// One row of `bitmesh clients`: one client device (MAC) and the channel that matters
@@ -101,11 +132,16 @@ pub struct ChannelRow {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum AdminResponse {
-    Clients { clients: Vec<ClientRow> },
+    Clients {
+        clients: Vec<ClientRow>,
+        /// The price for new channels (shown above the table).
+        #[serde(default)]
+        price: Option<PriceSetting>,
+    },
     Channels { channels: Vec<ChannelRow> },
     Earnings { earnings: Earnings },
     Settled { closed: Vec<ChannelId>, txids: Vec<String> },
-    Price { msat_per_mib: u64 },
+    Price(PriceSetting),
     Error { message: String },
 }
 
@@ -192,7 +228,7 @@ pub async fn handle(gw: &Gateway, rates: &RateSampler, req: AdminRequest) -> Adm
     let err = |e: &dyn std::fmt::Display| AdminResponse::Error { message: e.to_string() };
     match req {
         AdminRequest::Clients => match client_list(gw, rates) {
-            Ok(clients) => AdminResponse::Clients { clients },
+            Ok(clients) => AdminResponse::Clients { clients, price: PriceSetting::of(gw).ok() },
             Err(e) => err(&e),
         },
         AdminRequest::Channels => match gw.store().channels() {
@@ -207,7 +243,12 @@ pub async fn handle(gw: &Gateway, rates: &RateSampler, req: AdminRequest) -> Adm
             Ok(r) => AdminResponse::Settled { closed: r.closed, txids: r.broadcast.iter().map(|t| t.to_string()).collect() },
             Err(e) => err(&e),
         },
-        AdminRequest::Price { set_msat_per_mib } => {
+        AdminRequest::Price { set_msat_per_mib, reset } => {
+            if reset {
+                if let Err(e) = gw.reset_price() {
+                    return err(&e);
+                }
+            }
             if let Some(v) = set_msat_per_mib {
                 let price = match PriceMsatPerMib::new(v) {
                     Ok(p) => p,
@@ -217,7 +258,10 @@ pub async fn handle(gw: &Gateway, rates: &RateSampler, req: AdminRequest) -> Adm
                     return err(&e);
                 }
             }
-            AdminResponse::Price { msat_per_mib: gw.policy().price.to_msat() }
+            match PriceSetting::of(gw) {
+                Ok(p) => AdminResponse::Price(p),
+                Err(e) => err(&e),
+            }
         }
     }
 }

@@ -225,7 +225,7 @@ impl GatewayApi {
 
     fn get<T: DeserializeOwned>(&self, path: &str, auth: Option<String>) -> Result<T, HttpError> {
         let url = format!("{}{path}", self.base);
-        let mut req = bitreq::get(url.as_str()).with_timeout(REQUEST_TIMEOUT).with_max_body_size(MAX_BODY);
+        let mut req = bitreq::get(url.as_str()).with_timeout(REQUEST_TIMEOUT.as_secs()).with_max_body_size(MAX_BODY);
         if let Some(value) = auth {
             req = req.with_header(AUTH_HEADER, value);
         }
@@ -243,7 +243,7 @@ impl GatewayApi {
         let resp = bitreq::post(url.as_str())
             .with_header("Content-Type", "application/json")
             .with_body(json)
-            .with_timeout(REQUEST_TIMEOUT)
+            .with_timeout(REQUEST_TIMEOUT.as_secs())
             .with_max_body_size(MAX_BODY)
             .send()
             .map_err(|e| HttpError::Unreachable { url, message: e.to_string() })?;

@@ -104,6 +104,9 @@ pub struct Gateway {
     chain: Arc<dyn Chain>,
     seed: GatewaySeed,
     policy: RwLock<Policy>,
+    /// The price `--price-msat-per-mib` (flag, config file or default) asked for; a
+    /// price set with `bitmesh price` overrides it until `bitmesh price --reset`.
+    configured_price: PriceMsatPerMib,
     payout_script: ScriptBuf,
     neighbours: Box<dyn Neighbours>,
     portal_url: String,
@@ -124,10 +127,9 @@ impl Gateway {
     /// from the store; `tip` is the chain tip read at start.
     pub fn new(parts: GatewayParts, tip: Height) -> Result<Arc<Gateway>, GatewayError> {
         let mut policy = parts.policy;
-        if let Some(p) = parts.store.setting(PRICE_SETTING)? {
-            if let Some(price) = p.parse::<u64>().ok().and_then(|v| PriceMsatPerMib::new(v).ok()) {
-                policy.price = price;
-            }
+        let configured_price = policy.price;
+        if let Some(price) = stored_price(&parts.store)? {
+            policy.price = price;
         }
         Ok(Arc::new(Gateway {
             store: parts.store,
@@ -135,6 +137,7 @@ impl Gateway {
             chain: parts.chain,
             seed: parts.seed,
             policy: RwLock::new(policy),
+            configured_price,
             payout_script: parts.payout_script,
             neighbours: parts.neighbours,
             portal_url: parts.portal_url,
@@ -176,6 +179,31 @@ impl Gateway {
             Err(p) => p.into_inner().price = price,
         }
         tracing::info!(price_msat_per_mib = price.to_msat(), "price for new channels changed");
+        Ok(())
+    }
+
+    /// The price the flag or config file asked for (in force unless
+    /// [`Gateway::price_set_at_runtime`]).
+    pub fn configured_price(&self) -> PriceMsatPerMib {
+        self.configured_price
+    }
+
+    /// Whether the price in force was set with `bitmesh price` (kept in the store, so
+    /// it overrides the flag and the config file at every start).
+    pub fn price_set_at_runtime(&self) -> Result<bool, GatewayError> {
+        Ok(stored_price(&self.store)?.is_some())
+    }
+
+    /// Forget the price set with `bitmesh price`: the flag or config file's price
+    /// applies again to channels opened from now on (durably).
+    pub fn reset_price(&self) -> Result<(), GatewayError> {
+        self.store.delete_setting(PRICE_SETTING)?;
+        let price = self.configured_price;
+        match self.policy.write() {
+            Ok(mut p) => p.price = price,
+            Err(p) => p.into_inner().price = price,
+        }
+        tracing::info!(price_msat_per_mib = price.to_msat(), "price for new channels back to the configured one");
         Ok(())
     }
 
@@ -228,6 +256,11 @@ impl Gateway {
     fn mac_of(&self, peer: IpAddr) -> Result<crate::store::MacAddr, ApiError> {
         self.neighbours.mac_of(peer).ok_or(ApiError::NotOnLink)
     }
+}
+
+/// The price set with `bitmesh price`, if any (an unreadable value is ignored).
+fn stored_price(store: &Store) -> Result<Option<PriceMsatPerMib>, StoreError> {
+    Ok(store.setting(PRICE_SETTING)?.and_then(|p| p.parse::<u64>().ok()).and_then(|v| PriceMsatPerMib::new(v).ok()))
 }
 
 fn script_of(rec: &ChannelRecord) -> ChannelScript {

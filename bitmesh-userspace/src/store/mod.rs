@@ -110,6 +110,12 @@ impl Store {
         let conn = self.conn()?;
         usage::set_setting(&conn, key, value)
     }
+
+    /// Forget a runtime setting (durably); the flag or config value applies again.
+    pub fn delete_setting(&self, key: &str) -> Result<(), StoreError> {
+        let conn = self.conn()?;
+        usage::delete_setting(&conn, key)
+    }
 }
 
 /// Seconds since the Unix epoch (wall clock: only for display and idle timers;

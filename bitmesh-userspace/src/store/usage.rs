@@ -121,3 +121,8 @@ pub(super) fn set_setting(conn: &Connection, key: &str, value: &str) -> Result<(
     )?;
     Ok(())
 }
+
+pub(super) fn delete_setting(conn: &Connection, key: &str) -> Result<(), StoreError> {
+    conn.execute("DELETE FROM settings WHERE key = ?1", [key])?;
+    Ok(())
+}
