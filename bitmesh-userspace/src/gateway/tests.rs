@@ -34,8 +34,11 @@ impl Chain for StandIn {
     fn transaction(&self, txid: &Txid) -> Result<Option<TxStatus>, ChainError> {
         Ok(self.txs.lock().unwrap().get(txid).map(|tx| TxStatus { tx: tx.clone(), confirmations: 0, block_height: None }))
     }
-    fn unspent_output(&self, _: &OutPoint) -> Result<Option<OutputStatus>, ChainError> {
-        Ok(None)
+    fn unspent_output(&self, op: &OutPoint) -> Result<Option<OutputStatus>, ChainError> {
+        // Every output of a known transaction counts as unspent (nothing here spends).
+        let txs = self.txs.lock().unwrap();
+        let out = txs.get(&op.txid).and_then(|tx| tx.output.get(op.vout as usize).cloned());
+        Ok(out.map(|txout| OutputStatus { txout, confirmations: 0 }))
     }
     fn broadcast(&self, tx: &Transaction) -> Result<Txid, ChainError> {
         self.txs.lock().unwrap().insert(tx.compute_txid(), tx.clone());
@@ -114,6 +117,8 @@ async fn payment_is_journaled_then_credited_and_resubmission_returns_the_same_ac
         .unwrap();
     assert_eq!(st.capacity, Some(Amount::from_sat(40_000)));
     assert_eq!(credit_of(&gw), Some(0), "funded client is metered with zero credit");
+    // Confirmed at the tip: the zero-conf credit cap (exposure.rs) no longer applies.
+    store.set_funding_height(open.channel_id, Height::from_consensus(200).unwrap()).unwrap();
 
     let rec = store.channel(open.channel_id).unwrap().unwrap();
     let channel = Gateway::channel_of(&rec).unwrap();
@@ -153,6 +158,8 @@ async fn payment_is_journaled_then_credited_and_resubmission_returns_the_same_ac
     let last = store.channel(open.channel_id).unwrap().unwrap();
     drop(gw);
     let gw = gateway(store.clone());
+    // The node still has the funding output after the gateway's reboot.
+    gw.chain.broadcast(&funding).unwrap();
     assert_eq!(credit_of(&gw), None);
     let r = gw.reconcile(false).unwrap();
     assert_eq!(r.clients, 1);
