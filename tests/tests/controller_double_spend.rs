@@ -129,8 +129,8 @@ fn zero_conf_exposure_across_channels_is_capped() {
     b.open(200).unwrap();
     a.fund(&mut wallet, CAPACITY).unwrap();
     let tx_b = b.funding_tx(&mut wallet, CAPACITY);
-    let body = serde_json::json!({ "channel_id": b.channel_id(), "funding_tx": bitcoin::consensus::encode::serialize_hex(&tx_b), "funding_vout": 0 });
-    let r = b.post(&format!("/v1/channels/{}/funding", b.channel_id()), &body).unwrap();
+    let req = bitmesh_common::wire::FundRequest { channel_id: b.channel_id(), funding_tx: tx_b.clone(), funding_vout: 0 };
+    let r = b.post(&format!("/v1/channels/{}/funding", b.channel_id()), &serde_json::to_value(&req).unwrap()).unwrap();
     assert_eq!(r.status, 409, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(code(&r), "funding_unconfirmed");
     // Once it confirms, the same funding is accepted.
