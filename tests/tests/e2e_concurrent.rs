@@ -22,7 +22,9 @@ fn twenty_clients_pay_and_download_concurrently_each_billed_within_what_it_paid(
     let Some(bin) = preflight() else { return };
     let world = World::new(bin, CLIENTS).unwrap();
     let funding = world.fund(CLIENTS, Amount::from_sat(100_000)).unwrap();
-    let opts = ControllerOpts::default();
+    // Twenty zero-conf channels of 4,000 sat unconfirmed credit each (first payment +
+    // one chunk) exceed the default 20,000 sat exposure: raise it for this test.
+    let opts = ControllerOpts { extra: vec!["--zero-conf-exposure-sat".into(), "100000".into()], ..ControllerOpts::default() };
     let price = PriceMsatPerMib::new(opts.price_msat_per_mib).unwrap();
     let ctl = world.start_controller(&opts).unwrap();
 
