@@ -97,7 +97,9 @@ impl Gateway {
     /// confirmed: refuse totals above [`unconfirmed_total_cap`].
     pub(super) fn check_unconfirmed_total(&self, rec: &ChannelRecord, total: Amount) -> Result<(), ApiError> {
         let cap = unconfirmed_total_cap(rec);
-        if total > cap {
+        // Above the capacity: verification refuses it with its own code.
+        let capacity = rec.funding.map_or(Amount::MAX, |f| f.capacity);
+        if total > cap && total <= capacity {
             return Err(ApiError::ZeroConfLimit(format!(
                 "total {} sat is above the {} sat this channel may pay before its funding confirms: re-send it after {} confirmation(s)",
                 total.to_sat(),
