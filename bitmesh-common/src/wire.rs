@@ -367,6 +367,10 @@ pub enum ErrorCode {
     FundingUnconfirmed,
     /// The chain does not know the funding transaction and it could not be relayed.
     FundingNotFound,
+    /// The channel's funding output vanished before it confirmed (double-spent or
+    /// dropped from the mempool): the channel takes no more payments and is never
+    /// settled; the client keeps (or already spent) its coins.
+    FundingDoubleSpent,
     // --- updates ---
     /// The channel no longer takes payments: the tip reached `expiry - close_margin`.
     ChannelExpired,
@@ -429,6 +433,7 @@ impl ErrorCode {
         ErrorCode::FundingInputNotSegwit,
         ErrorCode::FundingUnconfirmed,
         ErrorCode::FundingNotFound,
+        ErrorCode::FundingDoubleSpent,
         ErrorCode::ChannelExpired,
         ErrorCode::AmountNotIncreasing,
         ErrorCode::AmountAboveCapacity,
@@ -466,6 +471,7 @@ impl ErrorCode {
             ErrorCode::FundingInputNotSegwit => "funding_input_not_segwit",
             ErrorCode::FundingUnconfirmed => "funding_unconfirmed",
             ErrorCode::FundingNotFound => "funding_not_found",
+            ErrorCode::FundingDoubleSpent => "funding_double_spent",
             ErrorCode::ChannelExpired => "channel_expired",
             ErrorCode::AmountNotIncreasing => "amount_not_increasing",
             ErrorCode::AmountAboveCapacity => "amount_above_capacity",

@@ -189,6 +189,11 @@ pub struct RunArgs {
     /// Largest channel accepted before its funding confirms, in satoshis (0 = never).
     #[arg(long, value_name = "SAT", default_value_t = 50_000)]
     pub zero_conf_cap_sat: u64,
+    /// Most the gateway credits across ALL channels whose funding has not confirmed
+    /// yet, in satoshis (each such channel reserves its first payment plus one chunk);
+    /// further unconfirmed funding waits for confirmations.
+    #[arg(long, value_name = "SAT", default_value_t = 20_000)]
+    pub zero_conf_exposure_sat: u64,
     /// Close a channel whose client sent no traffic for this long, in seconds.
     #[arg(long, value_name = "SECS", default_value_t = 3600)]
     pub idle_timeout_secs: u64,
@@ -290,6 +295,9 @@ impl RunArgs {
         if self.chunk_bytes == 0 {
             return Err(bad("chunk-bytes", "must be at least 1"));
         }
+        if self.close_fee_rate_sat_vb < 1 {
+            return Err(bad("close-fee-rate-sat-vb", "must be at least 1 sat/vB (the relay minimum), or closes never confirm"));
+        }
         if self.close_fee_rate_sat_vb > self.max_fee_rate_sat_vb {
             return Err(bad("close-fee-rate-sat-vb", "must not exceed --max-fee-rate-sat-vb"));
         }
@@ -306,6 +314,8 @@ impl RunArgs {
             close_margin_blocks: self.close_margin_blocks,
             confirmations: self.confirmations,
             zero_conf_cap: Amount::from_sat(self.zero_conf_cap_sat),
+            zero_conf_exposure: Amount::from_sat(self.zero_conf_exposure_sat),
+            chain_stale_after: chain_stale_after(self.chain_poll_secs),
             idle_timeout: std::time::Duration::from_secs(self.idle_timeout_secs),
             close_fee_rate: fee("close-fee-rate-sat-vb", self.close_fee_rate_sat_vb)?,
             max_fee_rate: fee("max-fee-rate-sat-vb", self.max_fee_rate_sat_vb)?,
@@ -363,10 +373,23 @@ pub struct Policy {
     pub close_margin_blocks: u32,
     pub confirmations: u32,
     pub zero_conf_cap: Amount,
+    /// Cap on what all unconfirmed channels together may be credited.
+    pub zero_conf_exposure: Amount,
+    /// A chain tip older than this stops payments and opens (`chain_unavailable`).
+    pub chain_stale_after: std::time::Duration,
     pub idle_timeout: std::time::Duration,
     pub close_fee_rate: FeeRate,
     pub max_fee_rate: FeeRate,
     pub bump_after_blocks: u32,
+}
+
+/// How old the last successful tip read may be before payments and opens stop:
+/// 12 polls, at least 60 s. Short against a block (600 s) and against the close
+/// margin (hours), so a dead backend never lets the gateway credit past a
+/// channel's deadline or skip the double-spend check; long enough that one slow
+/// RPC answer does not stop payments.
+pub fn chain_stale_after(chain_poll_secs: u64) -> std::time::Duration {
+    std::time::Duration::from_secs(chain_poll_secs.max(1).saturating_mul(12).max(60))
 }
 
 /// Default listen address for tests and docs.
@@ -458,5 +481,7 @@ mod tests {
         assert!(args.policy().unwrap_err().to_string().contains("--min-channel-sat"));
         let (args, _) = parse(&["x"]);
         assert!(matches!(args.iface(), Err(ConfigError::NoIface)));
+        let (args, _) = parse(&["x", "--close-fee-rate-sat-vb", "0"]);
+        assert!(args.policy().unwrap_err().to_string().contains("--close-fee-rate-sat-vb"));
     }
 }

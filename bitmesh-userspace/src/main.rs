@@ -270,6 +270,9 @@ async fn run(args: RunArgs) -> Result<()> {
             ChainChoice::Esplora => &args.esplora_url,
         }))?;
 
+    let probe = chain.clone();
+    tokio::task::spawn_blocking(move || probe.check_ready()).await?.map_err(|e| anyhow!("{e}"))?;
+
     // The gateway's share of every close goes to --payout-address, else to a key
     // derived from the same seed (index 2^31-1, never used for a channel).
     let payout_script = match payout_flag {

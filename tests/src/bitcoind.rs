@@ -255,6 +255,8 @@ pub struct CoinbaseWallet {
     /// P2PKH address (legacy coinbase outputs, for the non-segwit funding case).
     pub legacy: Address,
     utxos: Vec<(OutPoint, TxOut)>,
+    /// Outputs already spent by a transaction this wallet built (for double spends).
+    spent: Vec<(OutPoint, TxOut)>,
 }
 
 impl CoinbaseWallet {
@@ -296,6 +298,7 @@ impl CoinbaseWallet {
             segwit,
             legacy,
             utxos,
+            spent: Vec::new(),
         }
     }
 
@@ -310,7 +313,20 @@ impl CoinbaseWallet {
             .iter()
             .position(|(_, o)| o.script_pubkey == spk)
             .expect("wallet has no coinbase of that kind left");
-        self.utxos.remove(i)
+        let taken = self.utxos.remove(i);
+        self.spent.push(taken.clone());
+        taken
+    }
+
+    /// A transaction conflicting with `tx` (which this wallet built from a P2WPKH
+    /// coinbase): it spends the same input back to the wallet, paying `fee`. With a
+    /// fee above `tx`'s (and its descendants'), the node replaces `tx` with it (full
+    /// RBF): a double spend of everything `tx` paid.
+    pub fn conflicting(&self, tx: &Transaction, fee: Amount) -> Transaction {
+        let outpoint = tx.input[0].previous_output;
+        let (_, prev) = self.spent.iter().find(|(o, _)| *o == outpoint).expect("tx spends an output of this wallet").clone();
+        let output = vec![TxOut { value: prev.value - fee, script_pubkey: self.segwit.script_pubkey() }];
+        self.sign_p2wpkh_input(unsigned_spend(outpoint, output), &prev)
     }
 
     /// A signed transaction paying `value` to `script_pubkey` (output 0), change back

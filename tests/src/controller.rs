@@ -698,7 +698,7 @@ fn percentile(sorted: &[Duration], p: usize) -> Duration {
 /// printed). For the benchmark binary: `bitmesh_tests::controller::measure_controller(500, 20)`.
 pub fn measure_controller(payments: usize, stalls: usize) -> Result<Option<ControllerLatency>> {
     use bitcoin::Amount;
-    let Some(lab) = Lab::start(&["--price-msat-per-mib", "8000000", "--rate-limit-per-min", "1000000"])? else {
+    let Some(lab) = Lab::start(&["--price-msat-per-mib", "8000000", "--rate-limit-per-min", "1000000", "--zero-conf-exposure-sat", "1000000"])? else {
         return Ok(None);
     };
     let mut wallet = crate::bitcoind::CoinbaseWallet::fund(&lab.node, 2, 0);

@@ -239,3 +239,22 @@ fn esplora_backend_finds_outputs_paying_a_script_mempool_included() {
         "confirmed at 95 with the tip at 100: 6 confirmations; the mempool one: 0"
     );
 }
+
+#[test]
+fn a_node_without_txindex_is_refused_with_one_sentence_and_one_with_it_is_ready() {
+    let Some(indexed) = Bitcoind::start() else {
+        return;
+    };
+    indexed.rpc().check_ready().expect("a node with -txindex=1 is ready");
+    // A pruned node cannot have a txindex; any node without one is refused up front
+    // instead of failing later on a confirmed transaction lookup.
+    let Some(plain) = Bitcoind::start_with(|cmd| {
+        cmd.arg("-txindex=0");
+    }) else {
+        return;
+    };
+    let err = plain.rpc().check_ready().expect_err("a node without -txindex is refused");
+    let text = err.to_string();
+    assert!(text.contains("-txindex=1"), "{text}");
+    assert_eq!(text.lines().count(), 1, "one sentence: {text}");
+}

@@ -23,7 +23,7 @@ fn n(row: &Value, field: &str) -> u64 {
 
 #[test]
 fn clients_lists_unfunded_unpaid_and_settled_clients_with_their_state() {
-    let Some(lab) = Lab::start(&["--price-msat-per-mib", &PRICE.to_string()]).unwrap() else { return };
+    let Some(lab) = Lab::start(&["--price-msat-per-mib", &PRICE.to_string(), "--zero-conf-exposure-sat", "1000000"]).unwrap() else { return };
     let mut wallet = CoinbaseWallet::fund(&lab.node, 2, 0);
     lab.wait_synced().unwrap();
     assert!(lab.controller.clients().unwrap().is_empty(), "nobody has asked for a channel yet");

@@ -46,7 +46,7 @@ fn high_s(sig: &[u8]) -> Vec<u8> {
 
 #[test]
 fn hostile_requests_get_their_error_code_and_change_nothing() {
-    let Some(lab) = Lab::start(&["--price-msat-per-mib", "8000000"]).unwrap() else { return };
+    let Some(lab) = Lab::start(&["--price-msat-per-mib", "8000000", "--zero-conf-exposure-sat", "1000000"]).unwrap() else { return };
     let mut wallet = CoinbaseWallet::fund(&lab.node, 3, 0);
     lab.wait_synced().unwrap();
     let mut client = ScriptedClient::new(&lab.topo.client, lab.api());

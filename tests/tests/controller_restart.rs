@@ -35,7 +35,7 @@ fn journal(lab: &Lab, client: &ScriptedClient) -> Vec<Amount> {
 #[test]
 fn kill_9_and_restart_keep_every_acknowledged_payment_and_the_kernel_enforces_meanwhile() {
     let price_flag = PRICE.to_string();
-    let Some(mut lab) = Lab::start(&["--price-msat-per-mib", &price_flag]).unwrap() else { return };
+    let Some(mut lab) = Lab::start(&["--price-msat-per-mib", &price_flag, "--zero-conf-exposure-sat", "1000000"]).unwrap() else { return };
     let mut wallet = CoinbaseWallet::fund(&lab.node, 2, 0);
     lab.wait_synced().unwrap();
     let udp = lab.client_udp().unwrap();

@@ -31,6 +31,8 @@ fn idle_channel_closes_and_a_stuck_close_is_fee_bumped_until_it_confirms() {
     let mut client = ScriptedClient::new(&lab.topo.client, lab.api());
     let offer = client.open(200).unwrap();
     client.fund(&mut wallet, CAPACITY).unwrap();
+    // Confirmed: an unconfirmed channel may pay at most its first payment + one chunk.
+    lab.node.mine(1);
     let paid = offer.min_first_payment + Amount::from_sat(2_000);
     client.pay(paid).unwrap();
 

@@ -22,7 +22,9 @@ fn twenty_clients_pay_and_download_concurrently_each_billed_within_what_it_paid(
     let Some(bin) = preflight() else { return };
     let world = World::new(bin, CLIENTS).unwrap();
     let funding = world.fund(CLIENTS, Amount::from_sat(100_000)).unwrap();
-    let opts = ControllerOpts::default();
+    // Twenty zero-conf channels of 4,000 sat unconfirmed credit each (first payment +
+    // one chunk) exceed the default 20,000 sat exposure: raise it for this test.
+    let opts = ControllerOpts { extra: vec!["--zero-conf-exposure-sat".into(), "100000".into()], ..ControllerOpts::default() };
     let price = PriceMsatPerMib::new(opts.price_msat_per_mib).unwrap();
     let ctl = world.start_controller(&opts).unwrap();
 
@@ -32,6 +34,8 @@ fn twenty_clients_pay_and_download_concurrently_each_billed_within_what_it_paid(
     for a in &mut agents {
         a.wait_for("channel funded", Duration::from_secs(90)).unwrap();
     }
+    // Unconfirmed channels get at most the first payment + one chunk: confirm them.
+    world.mine(1);
 
     // Every client downloads 5 MiB at 1 MiB/s at once: 20 MiB/s through the meter,
     // two or three top-ups each, all payments landing on the controller together.

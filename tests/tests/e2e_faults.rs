@@ -44,6 +44,8 @@ fn controller_killed_during_payments_keeps_every_acknowledged_payment_and_credit
     for a in &mut agents {
         a.wait_for("channel funded", Duration::from_secs(60)).unwrap();
     }
+    // Unconfirmed channels get at most the first payment + one chunk: confirm them.
+    world.mine(1);
 
     // Every client downloads 10 MiB at 1 MiB/s, paying as it goes; 3 s in, the
     // controller is killed with SIGKILL and comes back 2 s later.
@@ -110,6 +112,8 @@ fn gateway_reboot_restores_budgets_and_usage_from_the_store_losing_at_most_one_s
     for a in &mut agents {
         a.wait_for("channel funded", Duration::from_secs(60)).unwrap();
     }
+    // Unconfirmed channels get at most the first payment + one chunk: confirm them.
+    world.mine(1);
     let (quiet, busy) = (world.clients[0].mac.clone(), world.clients[1].mac.clone());
 
     // Client 0 downloads, then stays quiet for longer than a snapshot interval.
@@ -199,6 +203,8 @@ fn agent_killed_mid_session_resumes_its_channel_and_resends_an_unacknowledged_up
     let agent_opts = AgentOpts::new(funding[0].file.clone(), 30_000);
     let mut agent = world.start_agent(0, &agent_opts).unwrap();
     agent.wait_for("channel funded", Duration::from_secs(60)).unwrap();
+    // Unconfirmed channels get at most the first payment + one chunk: confirm them.
+    world.mine(1);
     assert!(world.fetch(0, 3 * MIB, Duration::from_secs(10)).complete);
     wait_until("the agent's payments to be acknowledged", Duration::from_secs(10), || {
         let (total, acked) = signed(&agent);

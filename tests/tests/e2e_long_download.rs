@@ -24,6 +24,8 @@ fn a_long_download_runs_at_link_speed_without_the_client_holding_back_payment() 
     let ctl = world.start_controller(&opts).unwrap();
     let mut a = world.start_agent(0, &AgentOpts::new(funding[0].file.clone(), 30_000)).unwrap();
     a.wait_for("channel funded", Duration::from_secs(30)).unwrap();
+    // Unconfirmed channels get at most the first payment + one chunk: confirm them.
+    world.mine(1);
     // 80 MiB at 8 MiB/s: ten seconds when payments keep up.
     let f = world.fetch_paced(0, 80 * MIB, 8 * MIB, Duration::from_secs(10));
     let row = ctl.client(&world.clients[0].mac).unwrap();

@@ -47,6 +47,8 @@ fn the_whole_story_walled_garden_top_up_cut_off_idle_close_and_confirmed_settlem
     // use, so the download never pauses for a payment.
     let mut a = world.start_agent(0, &AgentOpts::new(funding[0].file.clone(), 30_000)).unwrap();
     a.wait_for("channel funded", Duration::from_secs(30)).unwrap();
+    // Unconfirmed channels get at most the first payment + one chunk: confirm them.
+    world.mine(1);
     let f = world.fetch_paced(0, 12 * MIB, RATE, Duration::from_secs(5));
     assert!(f.complete, "A's paid download did not complete: {f:?}\nagent:\n{}", a.output());
     assert!(f.longest_stall < Duration::from_secs(1), "a top-up stalled A's download: {f:?}");

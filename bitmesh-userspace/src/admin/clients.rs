@@ -50,6 +50,7 @@ fn state_name(s: ChannelState) -> Option<&'static str> {
         ChannelState::Open => Some("open"),
         ChannelState::Closing => Some("closing"),
         ChannelState::Closed => Some("closed"),
+        ChannelState::DoubleSpent => Some("double_spent"),
         ChannelState::Abandoned => None,
     }
 }
@@ -62,6 +63,8 @@ fn rank(c: &ChannelRecord, close: Option<&CloseInfo>, now: Now) -> Option<u8> {
         ChannelState::Offered => Some(3),
         ChannelState::Closing => Some(2),
         ChannelState::Closed => close.filter(|i| now.unix.saturating_sub(i.broadcast_at) <= RECENTLY_CLOSED_SECS).map(|_| 1),
+        // Shown until the device opens another channel: the operator should see it.
+        ChannelState::DoubleSpent => Some(1),
         ChannelState::Abandoned => None,
     }
 }

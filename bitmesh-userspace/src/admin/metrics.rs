@@ -28,6 +28,7 @@ pub fn render(gw: &Gateway) -> String {
         ChannelState::Closing,
         ChannelState::Closed,
         ChannelState::Abandoned,
+        ChannelState::DoubleSpent,
     ];
     gauge(
         "bitmesh_channels",

@@ -43,6 +43,13 @@ pub enum ApiError {
     FundingNotFound(String),
     #[error("the gateway cannot reach its chain backend: retry later")]
     ChainUnavailable,
+    /// The channel's funding output vanished before it confirmed.
+    #[error("the funding output of channel {0} was double-spent (or dropped) before it confirmed: the channel takes no more payments; open a new channel with confirmed funds")]
+    FundingDoubleSpent(ChannelId),
+    /// Unconfirmed funding: this payment would credit more than the gateway gives
+    /// before confirmation (per channel, or across all unconfirmed channels).
+    #[error("{0}")]
+    ZeroConfLimit(String),
     #[error("request took longer than {secs} s: retry")]
     Timeout { secs: u64 },
     /// Anything else; the detail is logged, not sent.
@@ -63,6 +70,8 @@ impl ApiError {
             ApiError::RateLimited { .. } => ErrorCode::RateLimited,
             ApiError::FundingNotFound(_) => ErrorCode::FundingNotFound,
             ApiError::ChainUnavailable => ErrorCode::ChainUnavailable,
+            ApiError::FundingDoubleSpent(_) => ErrorCode::FundingDoubleSpent,
+            ApiError::ZeroConfLimit(_) => ErrorCode::FundingUnconfirmed,
             ApiError::Timeout { .. } | ApiError::Internal(_) => ErrorCode::Internal,
         }
     }
@@ -84,6 +93,7 @@ impl ApiError {
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::FundingNotFound(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::ChainUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::FundingDoubleSpent(_) | ApiError::ZeroConfLimit(_) => StatusCode::CONFLICT,
             ApiError::Timeout { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }

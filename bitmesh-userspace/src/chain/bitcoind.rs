@@ -22,7 +22,8 @@ pub enum BitcoindAuth {
 }
 
 /// Bitcoin Core over JSON-RPC. Transaction lookup of confirmed transactions needs
-/// the node to run with `-txindex=1`.
+/// the node to run with `-txindex=1` (checked by [`Chain::check_ready`] at start);
+/// funding outputs are watched with `gettxout`, which needs no index.
 pub struct BitcoindRpc {
     client: Client,
 }
@@ -110,6 +111,18 @@ impl BitcoindRpc {
 impl Chain for BitcoindRpc {
     fn backend(&self) -> &'static str {
         BACKEND
+    }
+
+    fn check_ready(&self) -> Result<(), ChainError> {
+        const CALL: &str = "getindexinfo";
+        let v: Value = self.call(CALL, &[]).map_err(call_err(CALL))?;
+        if v.get("txindex").is_none() {
+            return Err(ChainError::Setup {
+                backend: BACKEND,
+                message: "the node runs without -txindex=1 (a pruned node cannot have it), so the gateway cannot look up confirmed funding and settlement transactions: restart bitcoind with -txindex=1 on an unpruned node, or use --chain esplora".into(),
+            });
+        }
+        Ok(())
     }
 
     fn tip_height(&self) -> Result<absolute::Height, ChainError> {

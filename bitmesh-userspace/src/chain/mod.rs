@@ -131,6 +131,13 @@ pub trait Chain: Send + Sync {
         &self,
         txs: &[Transaction],
     ) -> Result<Vec<MempoolAcceptance>, ChainError>;
+    /// Can this backend serve the controller? Bitcoin Core must have `-txindex=1`:
+    /// confirmed funding and settlement transactions are looked up by txid
+    /// (`getrawtransaction`), which a node without the index (every pruned node)
+    /// cannot answer. Backends with nothing to check say yes.
+    fn check_ready(&self) -> Result<(), ChainError> {
+        Ok(())
+    }
     /// Unspent outputs paying `script` (how the client agent notices a wallet paid
     /// its channel address). Bitcoin Core: `scantxoutset`, confirmed outputs only (it
     /// scans the UTXO set, not the mempool); Esplora: `/scripthash/:hash/utxo`,

@@ -531,7 +531,7 @@ enum Failure {
 /// Classify a request failure; `rate_limited` answers start a quiet period.
 fn on_failure(e: &HttpError, quiet_until: &mut Option<Instant>, poll: Duration) -> Failure {
     match e.code() {
-        Some(ErrorCode::ChannelExpired | ErrorCode::ChannelNotOpen) => Failure::Over,
+        Some(ErrorCode::ChannelExpired | ErrorCode::ChannelNotOpen | ErrorCode::FundingDoubleSpent) => Failure::Over,
         Some(ErrorCode::RateLimited) => {
             // Honour Retry-After (capped in http.rs); without one, wait a poll at least.
             let wait = e.retry_after().unwrap_or(poll).max(poll);

@@ -32,6 +32,7 @@ fn wire_state(s: ChannelState) -> WireState {
         ChannelState::Closing => WireState::Closing,
         ChannelState::Closed => WireState::Closed,
         ChannelState::Abandoned => WireState::Expired,
+        ChannelState::DoubleSpent => WireState::Closed,
     }
 }
 
@@ -41,6 +42,7 @@ fn not_open(s: ChannelState) -> ApiError {
         ChannelState::Open => "it is open",
         ChannelState::Closing | ChannelState::Closed => "it is closing or closed: open a new channel",
         ChannelState::Abandoned => "it expired unfunded or unpaid: open a new channel",
+        ChannelState::DoubleSpent => "its funding output was double-spent before it confirmed",
     };
     ApiError::ChannelNotOpen { state: s.as_str(), hint }
 }
@@ -151,6 +153,7 @@ impl Gateway {
         let _serial = self.write_lock.lock().await;
         let rec = self.channel_record(update.channel_id)?;
         tracing::Span::current().record("mac", tracing::field::display(rec.mac));
+        self.admit_payment(&rec, update.total_paid).await?; // chain_guard.rs: fresh tip, funding still there, zero-conf cap
         if let Some(stored) = self.store.payment_with_total(rec.id, update.total_paid).map_err(GatewayError::from)? {
             if stored.signature == update.signature.0 {
                 // Idempotent re-submission (e.g. the ack was lost): same answer.
@@ -291,6 +294,7 @@ impl ClientGateway for Gateway {
 
     #[instrument(skip_all, fields(%peer, mac, channel))]
     async fn open(&self, peer: IpAddr, req: OpenRequest) -> Result<OpenResponse, ApiError> {
+        self.ensure_chain_fresh()?;
         let mac = self.mac_of(peer)?;
         tracing::Span::current().record("mac", tracing::field::display(mac));
         let cpolicy = self.channel_policy();
@@ -379,6 +383,7 @@ impl ClientGateway for Gateway {
         let confirmations = self.relay_if_unknown(&req.funding_tx).await?;
         let check = FundingCheck { confirmations, ..precheck };
         let funded = verify_funding(&script, check, &cpolicy)?;
+        self.admit_funding(&rec, &funded)?; // exposure.rs: fresh tip, zero-conf exposure cap
         let height = if confirmations > 0 {
             let t = self.tip().to_consensus_u32() + 1 - confirmations.min(self.tip().to_consensus_u32() + 1);
             bitcoin::absolute::Height::from_consensus(t).ok()

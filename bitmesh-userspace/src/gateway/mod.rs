@@ -9,7 +9,10 @@
 //! * `ports.rs`: the narrow kernel/link interfaces (real and in-memory).
 
 mod binding;
+mod batch;
+mod chain_guard;
 mod client;
+mod exposure;
 mod ports;
 mod reconcile;
 mod settle;
@@ -111,6 +114,10 @@ pub struct Gateway {
     neighbours: Box<dyn Neighbours>,
     portal_url: String,
     tip: AtomicU32,
+    /// When `tip` was last read from the backend (a stale tip stops payments).
+    tip_read_at: Mutex<std::time::Instant>,
+    /// Zero-conf credit reserved per channel at funding (see `exposure.rs`).
+    zero_conf_book: exposure::ZeroConfBook,
     /// Serializes payments and opens: each is a read-check-write over one channel,
     /// and the rate is bounded by the synced commit anyway.
     write_lock: tokio::sync::Mutex<()>,
@@ -142,6 +149,8 @@ impl Gateway {
             neighbours: parts.neighbours,
             portal_url: parts.portal_url,
             tip: AtomicU32::new(tip.to_consensus_u32()),
+            tip_read_at: Mutex::new(std::time::Instant::now()),
+            zero_conf_book: exposure::ZeroConfBook::default(),
             write_lock: tokio::sync::Mutex::new(()),
             subscribers: Mutex::new(HashMap::new()),
             low_water_sent: Mutex::new(HashMap::new()),
@@ -161,6 +170,9 @@ impl Gateway {
 
     fn set_tip(&self, h: Height) {
         self.tip.store(h.to_consensus_u32(), Ordering::Relaxed);
+        if let Ok(mut at) = self.tip_read_at.lock() {
+            *at = std::time::Instant::now();
+        }
     }
 
     /// The policy now in force (price may have been changed at runtime).

@@ -1,13 +1,16 @@
 //! The settlement engine, driven by block height: close what is due (expiry minus
-//! margin, idle, client request, fully paid) in one batch transaction, record it
-//! before broadcasting, watch it confirm, and bump its fee (RBF) when it does not.
+//! margin, idle, client request, fully paid) in batch transactions checked before
+//! they are recorded (`batch.rs`), record each before broadcasting, watch it
+//! confirm, bump its fee (RBF) when it does not, and split it when the node keeps
+//! rejecting it.
 
 use bitcoin::absolute::Height;
-use bitcoin::{Amount, FeeRate, Txid};
+use bitcoin::{FeeRate, Txid};
 use bitmesh_common::wire::ChannelId;
 use tracing::{info, instrument, warn};
 
 use super::{crediting_ends_at, fee_for_weight, Gateway, GatewayError};
+use crate::chain::ChainError;
 use crate::channel::{build_close, ChannelKey, CloseInput, CloseTx, VerifiedUpdate};
 use crate::store::{
     ByteCount, ChannelRecord, ChannelState, FinalUsage, NewSettlement, SettlementRecord, SettlementState, UsageSnapshot,
@@ -23,6 +26,8 @@ pub struct SettleReport {
     pub broadcast: Vec<Txid>,
     pub confirmed: Vec<Txid>,
     pub bumped: Vec<Txid>,
+    /// Channels whose funding output vanished before confirming (never settled).
+    pub double_spent: Vec<ChannelId>,
 }
 
 /// Confirmation target (blocks) asked of the fee estimator for closes.
@@ -46,24 +51,10 @@ impl Gateway {
     pub async fn tick(&self) -> Result<SettleReport, GatewayError> {
         let tip = self.chain_call(|c| c.tip_height()).await?;
         self.set_tip(tip);
-        self.watch_funding().await?;
+        self.watch_unconfirmed().await?;
         let mut report = self.settle_due().await?;
         self.watch_settlements(&mut report).await?;
         Ok(report)
-    }
-
-    async fn watch_funding(&self) -> Result<(), GatewayError> {
-        for rec in self.store.channels_in(&[ChannelState::Open])? {
-            let Some(f) = rec.funding.filter(|f| f.height.is_none()) else { continue };
-            let txid = f.outpoint.txid;
-            if let Some(st) = self.chain_call(move |c| c.transaction(&txid)).await? {
-                if let Some(h) = st.block_height {
-                    self.store.set_funding_height(rec.id, h)?;
-                    info!(channel = %rec.id, %txid, height = %h, "funding confirmed");
-                }
-            }
-        }
-        Ok(())
     }
 
     /// Why `rec` must close now, if it must.
@@ -116,30 +107,41 @@ impl Gateway {
         if due.is_empty() {
             return Ok(report);
         }
+        let (rate, floor) = self.close_rates().await;
+        let plan = self.plan_batches(due, rate, floor).await?;
+        for rec in &plan.funding_gone {
+            self.withdraw_double_spent(rec)?;
+            report.double_spent.push(rec.id);
+        }
+        for (rec, reason) in &plan.failed {
+            warn!(channel = %rec.id, %reason, "close left out; the channel stays due and is tried again next pass");
+        }
+        for (close, recs) in plan.batches {
+            let txid = self.record_and_broadcast(close, recs.iter().map(|r| r.id).collect(), None, tip).await?;
+            for rec in &recs {
+                self.stop_metering(rec)?;
+                report.closed.push(rec.id);
+            }
+            report.broadcast.push(txid);
+        }
+        Ok(report)
+    }
+
+    /// The fee rate to close at now, and the planning rate to fall back to. The
+    /// planning rate is at least 1 sat/vB (`--close-fee-rate-sat-vb` is checked).
+    async fn close_rates(&self) -> (FeeRate, FeeRate) {
         let p = self.policy();
-        let floor = p.close_fee_rate;
+        let floor = p.close_fee_rate.max(FeeRate::from_sat_per_vb_u32(1));
         let rate = self
             .chain_call(move |c| c.fee_rate(CLOSE_TARGET_BLOCKS, floor))
             .await
             .unwrap_or(floor)
-            .min(p.max_fee_rate);
-        let close = match self.build_batch(&due, rate) {
-            Ok(c) => c,
-            // A high estimate can push a small batch's payout under dust: fall back to
-            // the planning rate, which every first payment covers.
-            Err(_) if rate > floor => self.build_batch(&due, floor)?,
-            Err(e) => return Err(e),
-        };
-        let txid = self.record_and_broadcast(close, due.iter().map(|r| r.id).collect(), None, tip).await?;
-        for rec in &due {
-            self.stop_metering(rec)?;
-            report.closed.push(rec.id);
-        }
-        report.broadcast.push(txid);
-        Ok(report)
+            .min(p.max_fee_rate)
+            .max(floor);
+        (rate, floor)
     }
 
-    fn build_batch(&self, recs: &[ChannelRecord], rate: FeeRate) -> Result<CloseTx, GatewayError> {
+    pub(super) fn build_batch(&self, recs: &[ChannelRecord], rate: FeeRate) -> Result<CloseTx, GatewayError> {
         let mut parts: Vec<(crate::channel::Channel, ChannelKey, VerifiedUpdate)> = Vec::new();
         for rec in recs {
             let channel = Self::channel_of(rec).ok_or(GatewayError::Task(format!("channel {} has no funding", rec.id)))?;
@@ -184,7 +186,7 @@ impl Gateway {
         Ok(rec.txid)
     }
 
-    fn stop_metering(&self, rec: &ChannelRecord) -> Result<(), GatewayError> {
+    pub(super) fn stop_metering(&self, rec: &ChannelRecord) -> Result<(), GatewayError> {
         if let Some(u) = self.with_meter(|m| m.remove_client(rec.mac))? {
             // Kept for the operator (`bitmesh clients`): the maps forget it now.
             self.store.set_final_usage(rec.id, FinalUsage { up: ByteCount(u.up_bytes), down: ByteCount(u.down_bytes) })?;
@@ -203,20 +205,71 @@ impl Gateway {
             }
             let txid = s.txid;
             let in_mempool = self.chain_call(move |c| c.transaction(&txid)).await?.is_some();
+            if !in_mempool {
+                let tx = s.tx.clone();
+                match self.chain_call(move |c| c.broadcast(&tx)).await {
+                    Ok(_) => {}
+                    Err(GatewayError::Chain(ChainError::Rejected { reason, .. })) => {
+                        warn!(txid = %s.txid, %reason, "settlement rejected by the node: splitting it");
+                        self.split_rejected(&s, report).await?;
+                        continue;
+                    }
+                    Err(e) => warn!(txid = %s.txid, error = %e, "rebroadcast failed"),
+                }
+            }
             let waited = tip.to_consensus_u32().saturating_sub(s.broadcast_height.to_consensus_u32());
             if waited >= self.policy().bump_after_blocks {
                 if let Some(new) = self.bump(&s, tip).await? {
                     report.bumped.push(new);
-                    continue;
-                }
-            }
-            if !in_mempool {
-                let tx = s.tx.clone();
-                if let Err(e) = self.chain_call(move |c| c.broadcast(&tx)).await {
-                    warn!(txid = %s.txid, error = %e, "rebroadcast failed");
                 }
             }
         }
+        Ok(())
+    }
+
+    /// A recorded settlement the node rejects (a funding output it spends is gone,
+    /// or it no longer passes policy): re-plan its channels through the checks of
+    /// `batch.rs` and record what passes as replacements. Channels whose funding is
+    /// gone become `double_spent`; channels that fail alone go back to `open` (still
+    /// due) and are tried on their own next pass.
+    async fn split_rejected(&self, s: &SettlementRecord, report: &mut SettleReport) -> Result<(), GatewayError> {
+        let _serial = self.write_lock.lock().await;
+        let mut recs = Vec::new();
+        for id in &s.channels {
+            if let Some(r) = self.store.channel(*id)? {
+                if r.state == ChannelState::Closing && r.settlement_id == Some(s.id) {
+                    recs.push(r);
+                }
+            }
+        }
+        let (rate, floor) = self.close_rates().await;
+        let plan = self.plan_batches(recs, rate, floor).await?;
+        let unchanged = plan.funding_gone.is_empty()
+            && plan.failed.is_empty()
+            && plan.batches.len() == 1
+            && plan.batches.iter().all(|(c, _)| c.tx.compute_txid() == s.txid);
+        if unchanged {
+            return Ok(()); // the same transaction again: a passing rejection, retried next pass
+        }
+        for rec in &plan.funding_gone {
+            // Metering stopped when it started closing; its MAC may have a new channel.
+            if self.store.mark_double_spent(rec.id)? {
+                warn!(channel = %rec.id, settlement = %s.txid, "funding output vanished before confirming: channel taken out of its settlement, never settled");
+                report.double_spent.push(rec.id);
+            }
+        }
+        for (rec, reason) in &plan.failed {
+            self.store.release_from_settlement(rec.id, s.id)?;
+            warn!(channel = %rec.id, %reason, "channel taken out of a rejected settlement; tried alone next pass");
+        }
+        let tip = self.tip();
+        for (close, recs) in plan.batches {
+            let sizes = recs.len();
+            let txid = self.record_and_broadcast(close, recs.iter().map(|r| r.id).collect(), Some(s.id), tip).await?;
+            info!(old = %s.txid, new = %txid, channels = sizes, "rejected settlement split");
+            report.broadcast.push(txid);
+        }
+        self.store.retire_settlement(s.id)?;
         Ok(())
     }
 
@@ -268,7 +321,12 @@ impl Gateway {
         if close.fee < s.fee + fee_for_weight(FeeRate::from_sat_per_vb_u32(1), close.tx.weight()) {
             return Ok(None);
         }
-        let _ = Amount::ZERO;
+        // Checked like every batch before it is recorded (testmempoolaccept also
+        // applies the replacement rules against the one in the mempool).
+        if let Some(reason) = self.check_batch(&close).await? {
+            warn!(txid = %s.txid, %reason, "fee bump fails verification: not recorded");
+            return Ok(None);
+        }
         let txid = self.record_and_broadcast(close, s.channels.clone(), Some(s.id), tip).await?;
         info!(old = %s.txid, new = %txid, "settlement fee bumped");
         Ok(Some(txid))

@@ -34,8 +34,11 @@ impl Chain for StandIn {
     fn transaction(&self, txid: &Txid) -> Result<Option<TxStatus>, ChainError> {
         Ok(self.txs.lock().unwrap().get(txid).map(|tx| TxStatus { tx: tx.clone(), confirmations: 0, block_height: None }))
     }
-    fn unspent_output(&self, _: &OutPoint) -> Result<Option<OutputStatus>, ChainError> {
-        Ok(None)
+    fn unspent_output(&self, op: &OutPoint) -> Result<Option<OutputStatus>, ChainError> {
+        // Every output of a known transaction counts as unspent (nothing here spends).
+        let txs = self.txs.lock().unwrap();
+        let out = txs.get(&op.txid).and_then(|tx| tx.output.get(op.vout as usize).cloned());
+        Ok(out.map(|txout| OutputStatus { txout, confirmations: 0 }))
     }
     fn broadcast(&self, tx: &Transaction) -> Result<Txid, ChainError> {
         self.txs.lock().unwrap().insert(tx.compute_txid(), tx.clone());
@@ -114,6 +117,8 @@ async fn payment_is_journaled_then_credited_and_resubmission_returns_the_same_ac
         .unwrap();
     assert_eq!(st.capacity, Some(Amount::from_sat(40_000)));
     assert_eq!(credit_of(&gw), Some(0), "funded client is metered with zero credit");
+    // Confirmed at the tip: the zero-conf credit cap (exposure.rs) no longer applies.
+    store.set_funding_height(open.channel_id, Height::from_consensus(200).unwrap()).unwrap();
 
     let rec = store.channel(open.channel_id).unwrap().unwrap();
     let channel = Gateway::channel_of(&rec).unwrap();
@@ -153,6 +158,8 @@ async fn payment_is_journaled_then_credited_and_resubmission_returns_the_same_ac
     let last = store.channel(open.channel_id).unwrap().unwrap();
     drop(gw);
     let gw = gateway(store.clone());
+    // The node still has the funding output after the gateway's reboot.
+    gw.chain.broadcast(&funding).unwrap();
     assert_eq!(credit_of(&gw), None);
     let r = gw.reconcile(false).unwrap();
     assert_eq!(r.clients, 1);
@@ -165,4 +172,78 @@ async fn payment_is_journaled_then_credited_and_resubmission_returns_the_same_ac
     assert_eq!(credit_of(&gw), None);
     let e = store.earnings().unwrap();
     assert!(e.pending > Amount::ZERO && e.held_open == Amount::ZERO, "{e:?}");
+}
+
+#[tokio::test]
+async fn unconfirmed_channel_is_capped_and_loses_its_credit_when_its_funding_vanishes_and_a_stale_tip_stops_payments() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(&Store::path_in(dir.path())).unwrap());
+    let gw = gateway(store.clone());
+    let peer: IpAddr = PEER.parse().unwrap();
+    let secp = Secp256k1::new();
+    let client_sk = SecretKey::from_slice(&[4; 32]).unwrap();
+    let client_pk = bitcoin::PublicKey::new(bitcoin::secp256k1::PublicKey::from_secret_key(&secp, &client_sk));
+    let change = ScriptBuf::new_p2wpkh(&client_pk.wpubkey_hash().unwrap());
+    let open = ClientGateway::open(
+        &*gw,
+        peer,
+        OpenRequest { client_pubkey: client_pk, expiry: absolute::Height::from_consensus(700).unwrap(), client_change_script: change },
+    )
+    .await
+    .unwrap();
+    let funding = Transaction {
+        version: bitcoin::transaction::Version::TWO,
+        lock_time: absolute::LockTime::ZERO,
+        input: vec![TxIn { witness: Witness::from_slice(&[[1u8; 72].as_slice(), [2u8; 33].as_slice()]), ..Default::default() }],
+        output: vec![TxOut { value: Amount::from_sat(40_000), script_pubkey: open.funding_script_pubkey.clone() }],
+    };
+    ClientGateway::fund(&*gw, peer, FundRequest { channel_id: open.channel_id, funding_tx: funding.clone(), funding_vout: 0 })
+        .await
+        .unwrap();
+    let rec = store.channel(open.channel_id).unwrap().unwrap();
+    let channel = Gateway::channel_of(&rec).unwrap();
+    let update = |total: Amount| PaymentUpdate { channel_id: open.channel_id, total_paid: total, signature: sign_update(&channel, total, &client_sk).unwrap() };
+    let cap = super::exposure::unconfirmed_total_cap(&rec);
+    gw.pay(update(open.min_first_payment)).await.unwrap();
+    gw.pay(update(cap)).await.unwrap();
+    let over = gw.pay(update(cap + Amount::from_sat(1))).await.unwrap_err();
+    assert_eq!(over.code(), ErrorCode::FundingUnconfirmed);
+    assert_eq!(credit_of(&gw), Some(bytes_for_payment(cap, rec.price).0));
+
+    // The funding leaves the node (a restart on a chain that does not know it; the
+    // real double spend is tests/tests/controller_double_spend.rs): the next payment
+    // withdraws the credit.
+    drop(gw);
+    let chain = Arc::new(StandIn::default());
+    let m = Cli::command().try_get_matches_from(["x", "--network", "regtest"]).unwrap();
+    let policy = RunArgs::from_arg_matches(&m).unwrap().policy().unwrap();
+    let seed = GatewaySeed::from_seed(&[7; 32], bitcoin::Network::Regtest).unwrap();
+    let payout = seed.channel_key(0x7fff_ffff).unwrap();
+    let gw = Gateway::new(
+        GatewayParts {
+            store: store.clone(),
+            meter: Box::new(MemoryMeter::default()),
+            chain,
+            seed,
+            policy,
+            payout_script: ScriptBuf::new_p2wpkh(&payout.public.wpubkey_hash().unwrap()),
+            neighbours: Box::new(StaticNeighbours(HashMap::from([(peer, MAC)]))),
+            portal_url: String::new(),
+        },
+        Height::from_consensus(200).unwrap(),
+    )
+    .unwrap();
+    gw.reconcile(false).unwrap();
+    assert!(credit_of(&gw).is_some());
+    let err = gw.pay(update(cap)).await.unwrap_err();
+    assert_eq!(err.code(), ErrorCode::FundingDoubleSpent);
+    assert_eq!(credit_of(&gw), None, "credit withdrawn");
+    assert_eq!(store.channel(open.channel_id).unwrap().unwrap().state, crate::store::ChannelState::DoubleSpent);
+    let rep = gw.settle_now(None).await.unwrap();
+    assert!(rep.closed.is_empty() && rep.broadcast.is_empty(), "never settled: {rep:?}");
+
+    // A tip not refreshed for longer than the bound stops opens and payments.
+    *gw.tip_read_at.lock().unwrap() = Instant::now() - gw.policy().chain_stale_after - std::time::Duration::from_secs(1);
+    let req = OpenRequest { client_pubkey: client_pk, expiry: absolute::Height::from_consensus(700).unwrap(), client_change_script: ScriptBuf::new_p2wpkh(&client_pk.wpubkey_hash().unwrap()) };
+    assert_eq!(ClientGateway::open(&*gw, peer, req).await.unwrap_err().code(), ErrorCode::ChainUnavailable);
 }

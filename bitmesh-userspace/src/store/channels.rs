@@ -23,6 +23,10 @@ pub enum ChannelState {
     Closed,
     /// Offer never funded before its expiry window passed; nothing to settle.
     Abandoned,
+    /// The funding output vanished before it confirmed (a conflicting spend replaced
+    /// the funding transaction, or it left the mempool): credit withdrawn, never
+    /// settled, later updates refused.
+    DoubleSpent,
 }
 
 impl ChannelState {
@@ -33,6 +37,7 @@ impl ChannelState {
             ChannelState::Closing => "closing",
             ChannelState::Closed => "closed",
             ChannelState::Abandoned => "abandoned",
+            ChannelState::DoubleSpent => "double_spent",
         }
     }
     fn parse(s: &str) -> Option<Self> {
@@ -42,6 +47,7 @@ impl ChannelState {
             "closing" => ChannelState::Closing,
             "closed" => ChannelState::Closed,
             "abandoned" => ChannelState::Abandoned,
+            "double_spent" => ChannelState::DoubleSpent,
             _ => return None,
         })
     }

@@ -216,6 +216,41 @@ impl Store {
     }
 }
 
+/// Channel transitions the settlement engine makes when a funding output is gone or
+/// a channel cannot join a verified batch.
+impl Store {
+    /// The channel's funding output vanished before it confirmed: it becomes
+    /// `double_spent` (from `open`, or from `closing` when the settlement that spent it
+    /// was evicted with it) and leaves its settlement. Never settled afterwards.
+    /// Returns whether the row changed.
+    pub fn mark_double_spent(&self, id: ChannelId) -> Result<bool, StoreError> {
+        let n = self.conn()?.execute(
+            "UPDATE channels SET state = 'double_spent', settlement_id = NULL
+             WHERE id = ?1 AND state IN ('open', 'closing')",
+            [id.to_string()],
+        )?;
+        Ok(n > 0)
+    }
+
+    /// A rejected settlement was split (or emptied): stop watching it.
+    pub fn retire_settlement(&self, id: i64) -> Result<(), StoreError> {
+        self.conn()?.execute("UPDATE settlements SET state = 'replaced' WHERE id = ?1 AND state = 'broadcast'", [id])?;
+        Ok(())
+    }
+
+    /// Take a channel out of a settlement that will not confirm (it failed
+    /// verification on its own): back to `open` with its close reason kept, so the
+    /// next settlement pass tries it again on its own instead of holding others back.
+    pub fn release_from_settlement(&self, id: ChannelId, settlement: i64) -> Result<(), StoreError> {
+        self.conn()?.execute(
+            "UPDATE channels SET state = 'open', settlement_id = NULL
+             WHERE id = ?1 AND state = 'closing' AND settlement_id = ?2",
+            params![id.to_string(), settlement],
+        )?;
+        Ok(())
+    }
+}
+
 fn settlement_channels(conn: &rusqlite::Connection, id: i64) -> Result<Vec<ChannelId>, StoreError> {
     let mut stmt =
         conn.prepare("SELECT channel_id FROM settlement_channels WHERE settlement_id = ?1 ORDER BY channel_id")?;

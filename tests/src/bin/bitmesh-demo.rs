@@ -237,6 +237,9 @@ fn run() -> Result<()> {
         gateway_url()
     ));
     funded(&mut a)?;
+    // Until its funding confirms, a channel is credited at most one chunk past its
+    // first payment: a 12 MiB download needs the block.
+    world.mine(1);
     let mut a_seen = agent_notes(&a, "A", 0);
     let want = 12 * MIB;
     let f = std::thread::scope(|s| -> Result<Fetch> {

@@ -1,0 +1,119 @@
+//! What the gateway risks on funding that has not confirmed yet.
+//!
+//! An unconfirmed funding transaction can be replaced by a conflicting spend (full
+//! RBF is the default in Bitcoin Core), after which every update signed on the
+//! channel is worthless. So, while a channel's funding is unconfirmed:
+//! * its credit is capped: the total may reach the first payment (at least the
+//!   channel's `min_first_payment`, at least one chunk) plus ONE chunk, whatever the
+//!   capacity ([`unconfirmed_total_cap`]);
+//! * all unconfirmed channels together may hold at most `--zero-conf-exposure-sat`:
+//!   each reserves its cap when its funding is accepted ([`ZeroConfBook`]), and
+//!   funding beyond that waits for confirmations (`funding_unconfirmed`).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use bitcoin::absolute::Height;
+use bitcoin::Amount;
+use bitmesh_common::pricing::payment_for_bytes;
+use bitmesh_common::wire::ChannelId;
+
+use super::{Gateway, GatewayError};
+use crate::api::ApiError;
+use crate::channel::VerifiedFunding;
+use crate::store::{ChannelRecord, ChannelState};
+
+/// A reservation made at funding is kept this long even before the store shows the
+/// channel open (the funding call is still finishing).
+const RESERVATION_GRACE: Duration = Duration::from_secs(60);
+
+/// Highest total a channel may reach while its funding is unconfirmed.
+pub(super) fn unconfirmed_total_cap(rec: &ChannelRecord) -> Amount {
+    let chunk = payment_for_bytes(rec.chunk, rec.price);
+    let cap = rec.min_first_payment.max(chunk) + chunk;
+    rec.funding.map_or(cap, |f| cap.min(f.capacity))
+}
+
+/// Whether the channel's funding still lacks the confirmations that make it final
+/// for the gateway (`--confirmations`, at least one).
+pub(super) fn is_unconfirmed(rec: &ChannelRecord, tip: Height, required: u32) -> bool {
+    match rec.funding {
+        None => false,
+        Some(f) => match f.height {
+            None => true,
+            Some(h) => {
+                let confs = tip.to_consensus_u32().saturating_add(1).saturating_sub(h.to_consensus_u32());
+                confs < required.max(1)
+            }
+        },
+    }
+}
+
+/// Zero-conf credit reserved per channel, so that two fundings accepted at the same
+/// moment cannot both fit under the cap.
+#[derive(Default)]
+pub(super) struct ZeroConfBook {
+    reserved: Mutex<HashMap<ChannelId, (Amount, Instant)>>,
+}
+
+impl Gateway {
+    /// Called when a funding passed every check: a zero-conf funding is accepted only
+    /// while the unconfirmed exposure of all channels stays under the cap.
+    pub(super) fn admit_funding(&self, rec: &ChannelRecord, funded: &VerifiedFunding) -> Result<(), ApiError> {
+        self.ensure_chain_fresh()?;
+        if !funded.zero_conf {
+            return Ok(());
+        }
+        let p = self.policy();
+        let tip = self.tip();
+        let mine = unconfirmed_total_cap(rec).min(funded.capacity);
+        // Channels the store already shows open and unconfirmed, with their caps.
+        let open: HashMap<ChannelId, Amount> = self
+            .store
+            .channels_in(&[ChannelState::Open])
+            .map_err(GatewayError::from)?
+            .into_iter()
+            .filter(|c| c.id != rec.id && is_unconfirmed(c, tip, p.confirmations))
+            .map(|c| (c.id, unconfirmed_total_cap(&c)))
+            .collect();
+        let mut book = self.zero_conf_book.reserved.lock().map_err(|_| ApiError::Internal("zero-conf book poisoned".into()))?;
+        book.retain(|id, (_, at)| open.contains_key(id) || at.elapsed() < RESERVATION_GRACE);
+        let pending: Amount = book.iter().filter(|(id, _)| **id != rec.id && !open.contains_key(id)).map(|(_, (a, _))| *a).sum();
+        let used = open.values().copied().sum::<Amount>() + pending;
+        if used + mine > p.zero_conf_exposure {
+            return Err(ApiError::ZeroConfLimit(format!(
+                "the gateway already credits {} sat on unconfirmed funding (cap {} sat): wait for {} confirmation(s) and send the funding again",
+                used.to_sat(),
+                p.zero_conf_exposure.to_sat(),
+                p.confirmations.max(1)
+            )));
+        }
+        book.insert(rec.id, (mine, Instant::now()));
+        Ok(())
+    }
+
+    /// The per-channel cap on a payment of an open channel whose funding has not
+    /// confirmed: refuse totals above [`unconfirmed_total_cap`].
+    pub(super) fn check_unconfirmed_total(&self, rec: &ChannelRecord, total: Amount) -> Result<(), ApiError> {
+        let cap = unconfirmed_total_cap(rec);
+        // Above the capacity: verification refuses it with its own code.
+        let capacity = rec.funding.map_or(Amount::MAX, |f| f.capacity);
+        if total > cap && total <= capacity {
+            return Err(ApiError::ZeroConfLimit(format!(
+                "total {} sat is above the {} sat this channel may pay before its funding confirms: re-send it after {} confirmation(s)",
+                total.to_sat(),
+                cap.to_sat(),
+                self.policy().confirmations.max(1)
+            )));
+        }
+        Ok(())
+    }
+
+    /// Forget a channel's reservation (confirmed, double-spent or closed).
+    pub(super) fn release_zero_conf(&self, id: ChannelId) {
+        if let Ok(mut book) = self.zero_conf_book.reserved.lock() {
+            book.remove(&id);
+        }
+    }
+}
