@@ -119,7 +119,7 @@ fn start_download_server(lab: &Lab, stop: Arc<AtomicBool>) -> std::thread::JoinH
             };
             s.set_nonblocking(false).unwrap();
             s.set_write_timeout(Some(Duration::from_millis(200))).unwrap();
-            let stop = stop.clone();
+            let (stop, chunk) = (stop.clone(), chunk.clone());
             std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
                     match s.write(&chunk) {
@@ -383,6 +383,9 @@ fn a_second_run_on_the_same_directories_is_refused_before_it_touches_anything() 
         Ok(std::process::Command::new(&bin)
             .args(&args)
             .env("NO_COLOR", "1")
+            // An operator's shell may ask for backtraces; the refusal must be one line anyway.
+            .env_remove("RUST_BACKTRACE")
+            .env_remove("RUST_LIB_BACKTRACE")
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
