@@ -89,7 +89,19 @@ enum Command {
     },
 }
 
-fn main() -> Result<()> {
+/// Expected failures print one line (the error and its causes), never a backtrace,
+/// whatever RUST_BACKTRACE says.
+fn main() -> std::process::ExitCode {
+    match real_main() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main() -> Result<()> {
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches)?;
     let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
