@@ -334,7 +334,9 @@ fn a_second_run_on_the_same_directories_is_refused_before_it_touches_anything() 
     let streams: Vec<(u16, TcpStream)> = (0..4).map(|_| open_event_stream(&client, &client.auth_header("events"))).collect();
     let codes: Vec<u16> = streams.iter().map(|(c, _)| *c).collect();
     assert_eq!(codes, [200, 200, 200, 429], "event streams per channel");
-    let mut unfunded = ScriptedClient::new(&lab.topo.client, lab.api());
+    // (Another device: one MAC holds one live channel.)
+    let other = lab.add_client_identities(1, false).unwrap().remove(0);
+    let mut unfunded = ScriptedClient::with_identity(&lab.topo.client, lab.api(), other);
     unfunded.open(200).unwrap();
     let (code, _) = open_event_stream(&unfunded, &unfunded.auth_header("events"));
     assert_eq!(code, 409, "an event stream on an unfunded offer");
