@@ -146,6 +146,8 @@ fn idle_and_slow_loris_flood_does_not_stop_a_paying_client() {
     let mut wallet = CoinbaseWallet::fund(&lab.node, 3, 0);
     lab.wait_synced().unwrap();
     let payer_id = lab.add_client_identities(1, false).unwrap().remove(0);
+    // The payer's sockets are bound to its interface: give it a route upstream.
+    lab.topo.client.ip(&["route", "add", &format!("{UPSTREAM_IPV4}/32"), "via", &GATEWAY_IPV4.to_string(), "dev", &payer_id.iface, "onlink"]).unwrap();
     let mut payer = ScriptedClient::with_identity(&lab.topo.client, lab.api(), payer_id.clone());
     let offer = payer.open(200).unwrap();
     payer.fund(&mut wallet, CAPACITY).unwrap();
