@@ -332,18 +332,6 @@ fn a_second_run_on_the_same_directories_is_refused_before_it_touches_anything() 
     let mut paid = offer.min_first_payment;
     client.pay(paid).unwrap();
 
-    // Event streams: only on open channels, at most 3 per channel.
-    let streams: Vec<(u16, TcpStream)> = (0..4).map(|_| open_event_stream(&client, &client.auth_header("events"))).collect();
-    let codes: Vec<u16> = streams.iter().map(|(c, _)| *c).collect();
-    assert_eq!(codes, [200, 200, 200, 429], "event streams per channel");
-    // (Another device: one MAC holds one live channel.)
-    let other = lab.add_client_identities(1, false).unwrap().remove(0);
-    let mut unfunded = ScriptedClient::with_identity(&lab.topo.client, lab.api(), other);
-    unfunded.open(200).unwrap();
-    let (code, _) = open_event_stream(&unfunded, &unfunded.auth_header("events"));
-    assert_eq!(code, 409, "an event stream on an unfunded offer");
-    drop(streams);
-
     // Data dir private, database files too.
     use std::os::unix::fs::PermissionsExt;
     let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
@@ -422,4 +410,16 @@ fn a_second_run_on_the_same_directories_is_refused_before_it_touches_anything() 
     let ack = client.pay(paid).unwrap();
     assert_eq!(ack.total_paid, paid);
     assert!(lab.controller.running(), "first controller died");
+
+    // Event streams: only on open channels, at most 3 per channel.
+    let streams: Vec<(u16, TcpStream)> = (0..4).map(|_| open_event_stream(&client, &client.auth_header("events"))).collect();
+    let codes: Vec<u16> = streams.iter().map(|(c, _)| *c).collect();
+    assert_eq!(codes, [200, 200, 200, 429], "event streams per channel");
+    // (Another device: one MAC holds one live channel.)
+    let other = lab.add_client_identities(1, false).unwrap().remove(0);
+    let mut unfunded = ScriptedClient::with_identity(&lab.topo.client, lab.api(), other);
+    unfunded.open(200).unwrap();
+    let (code, _) = open_event_stream(&unfunded, &unfunded.auth_header("events"));
+    assert_eq!(code, 409, "an event stream on an unfunded offer");
+    drop(streams);
 }
