@@ -20,6 +20,8 @@ use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, FromArgMatches, ValueEnum};
 use serde::{Deserialize, Serialize};
 
+use crate::api::ConnLimits;
+
 /// Errors in the configuration. Each names the flag to fix.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -121,9 +123,12 @@ pub struct RunArgs {
     pub enforce_bound_ip: bool,
 
     // --- client API ---
-    /// Address the client API listens on (0.0.0.0 = every address of the gateway).
-    #[arg(long, value_name = "IP", default_value = "0.0.0.0")]
-    pub api_addr: IpAddr,
+    /// Address the client API listens on. By default it listens only on the --iface
+    /// address, bound to that interface (SO_BINDTODEVICE), so the upstream side
+    /// never reaches it, plus 127.0.0.1 for the operator. Given explicitly (e.g.
+    /// 0.0.0.0), it listens there and nowhere else. [default: the --iface address]
+    #[arg(long, value_name = "IP")]
+    pub api_addr: Option<IpAddr>,
     /// TCP port of the client API; the kernel lets unpaid clients reach it.
     #[arg(long, value_name = "PORT", default_value_t = 3141)]
     pub api_port: u16,
@@ -133,7 +138,23 @@ pub struct RunArgs {
     /// Time limit for one API request, in seconds.
     #[arg(long, value_name = "SECS", default_value_t = 10)]
     pub request_timeout_secs: u64,
-    /// Requests per minute one client IP may make (burst: the same number).
+    /// Open API connections, all clients together; more are answered 503 and closed.
+    /// Needs this many file descriptors plus about 128 (see LimitNOFILE).
+    #[arg(long, value_name = "N", default_value_t = 256)]
+    pub api_max_connections: usize,
+    /// Open API connections of one client (by MAC, else IP); more are answered 429
+    /// and closed.
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    pub api_max_connections_per_client: usize,
+    /// Time a connection has to send its request headers, and the longest it may
+    /// sit idle between requests, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 5)]
+    pub api_header_timeout_secs: u64,
+    /// Close an API connection after this long without a byte read or written, in
+    /// seconds (event streams send every second, so they stay open).
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    pub api_idle_timeout_secs: u64,
+    /// Requests per minute one client (by MAC, else IP) may make (burst: the same number).
     #[arg(long, value_name = "N", default_value_t = 600)]
     pub rate_limit_per_min: u32,
     /// Funding transactions per hour one client may ask the gateway to relay.
@@ -336,9 +357,33 @@ impl RunArgs {
         Ok(Some(addr.script_pubkey()))
     }
 
-    /// The client API's socket address.
-    pub fn api_socket(&self) -> SocketAddr {
-        SocketAddr::new(self.api_addr, self.api_port)
+    /// The client API's explicit socket address (`--api-addr`), or `None` for the
+    /// default (the --iface address, bound to the interface, plus loopback).
+    pub fn api_socket(&self) -> Option<SocketAddr> {
+        self.api_addr.map(|a| SocketAddr::new(a, self.api_port))
+    }
+
+    /// The API's connection limits, checked.
+    pub fn conn_limits(&self) -> Result<ConnLimits, ConfigError> {
+        let bad = |flag, message: &str| ConfigError::Value { flag, message: message.to_owned() };
+        if self.api_max_connections == 0 {
+            return Err(bad("api-max-connections", "must be at least 1"));
+        }
+        if self.api_max_connections_per_client == 0 {
+            return Err(bad("api-max-connections-per-client", "must be at least 1"));
+        }
+        if self.api_header_timeout_secs == 0 {
+            return Err(bad("api-header-timeout-secs", "must be at least 1"));
+        }
+        if self.api_idle_timeout_secs == 0 {
+            return Err(bad("api-idle-timeout-secs", "must be at least 1"));
+        }
+        Ok(ConnLimits {
+            max_connections: self.api_max_connections,
+            max_per_client: self.api_max_connections_per_client,
+            header_timeout: std::time::Duration::from_secs(self.api_header_timeout_secs),
+            idle_timeout: std::time::Duration::from_secs(self.api_idle_timeout_secs),
+        })
     }
 
     /// The metrics address, or `None` when disabled.
@@ -483,5 +528,17 @@ mod tests {
         assert!(matches!(args.iface(), Err(ConfigError::NoIface)));
         let (args, _) = parse(&["x", "--close-fee-rate-sat-vb", "0"]);
         assert!(args.policy().unwrap_err().to_string().contains("--close-fee-rate-sat-vb"));
+        let (args, _) = parse(&["x", "--api-max-connections-per-client", "0"]);
+        assert!(args.conn_limits().unwrap_err().to_string().contains("--api-max-connections-per-client"));
+    }
+
+    #[test]
+    fn api_listens_on_the_client_interface_unless_told_otherwise() {
+        let (args, _) = parse(&["x", "--iface", "wlan0"]);
+        assert_eq!(args.api_socket(), None);
+        let limits = args.conn_limits().unwrap();
+        assert_eq!((limits.max_connections, limits.max_per_client), (256, 8));
+        let (args, _) = parse(&["x", "--api-addr", "0.0.0.0"]);
+        assert_eq!(args.api_socket(), Some(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), DEFAULT_API_PORT)));
     }
 }

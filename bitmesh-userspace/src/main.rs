@@ -3,6 +3,7 @@
 //! leaves as one line (see `main`).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -258,6 +259,16 @@ async fn run(args: RunArgs) -> Result<()> {
         .ok_or_else(|| anyhow!("interface {iface} has no IPv4 address: give it the gateway address clients use"))?;
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("cannot create --data-dir {}", args.data_dir.display()))?;
+    // The seed and the payment journal live here: root only.
+    std::fs::set_permissions(&args.data_dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("cannot make --data-dir {} private (mode 0700)", args.data_dir.display()))?;
+    // One controller per data and pin directory, decided before anything is touched:
+    // a second one would otherwise reconcile the maps and re-attach the meter of
+    // the first. The locks are held until the process exits.
+    let _data_lock = run_lock::data_dir(&args.data_dir)?;
+    let mut _pin_lock = run_lock::pin_dir_if_present(&args.pin_dir)?;
+    let conn_limits = args.conn_limits()?;
+    run_lock::ensure_fd_budget(conn_limits.max_connections)?;
     let store = Arc::new(Store::open(&Store::path_in(&args.data_dir))?);
     let seed = GatewaySeed::load_or_create(&args.data_dir.join("seed"), policy.network)?;
 
@@ -295,6 +306,10 @@ async fn run(args: RunArgs) -> Result<()> {
         enforce_bound_ip: args.enforce_bound_ip,
     };
     let mut meter = Meter::load(&meter_config)?;
+    if _pin_lock.is_none() {
+        // The pin directory did not exist before Meter::load created it.
+        _pin_lock = run_lock::pin_dir_if_present(&args.pin_dir)?;
+    }
     let hook = match args.hook {
         HookChoice::Auto => UploadHook::Auto,
         HookChoice::Xdp => UploadHook::XdpNative,
@@ -335,14 +350,22 @@ async fn run(args: RunArgs) -> Result<()> {
         relay_max_tx_bytes: args.relay_max_tx_bytes,
     };
     let app = api::router(gw.clone(), limits);
-    let addr = args.api_socket();
-    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} (--api-addr/--api-port)"))?;
-    info!(%addr, "client API listening");
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).await {
-            warn!(error = %e, "client API stopped");
-        }
-    });
+    let listeners = match args.api_socket() {
+        Some(addr) => vec![listen(addr, None)?],
+        // The client interface only (bound to the device, so a packet for this
+        // address arriving from upstream is not answered), and loopback.
+        None => vec![
+            listen(SocketAddr::new(IpAddr::V4(gateway_ip), args.api_port), Some(&iface))?,
+            listen(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), args.api_port), None)?,
+        ],
+    };
+    let slots = api::ConnSlots::new(conn_limits.clone());
+    let keys = api::client_keys(gw.clone());
+    for listener in listeners {
+        let addr = listener.local_addr()?;
+        info!(%addr, max_connections = conn_limits.max_connections, per_client = conn_limits.max_per_client, "client API listening");
+        tokio::spawn(api::serve(listener, app.clone(), slots.clone(), keys.clone()));
+    }
     let admin_path = args.admin_socket.clone();
     let admin_gw = gw.clone();
     tokio::spawn(async move {
@@ -410,8 +433,96 @@ async fn run(args: RunArgs) -> Result<()> {
         warn!(error = %e, "final usage snapshot failed");
     }
     info!("controller stopped; the kernel keeps enforcing paid budgets");
-    let _ = IpAddr::V4(gateway_ip);
     Ok(())
+}
+
+/// A listening socket for the client API on `addr`, bound to `device` if given.
+fn listen(addr: SocketAddr, device: Option<&str>) -> Result<tokio::net::TcpListener> {
+    let what = || format!("cannot listen on {addr} (--api-addr/--api-port)");
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+    }
+    .with_context(what)?;
+    socket.set_reuseaddr(true).with_context(what)?;
+    if let Some(dev) = device {
+        socket.bind_device(Some(dev.as_bytes())).with_context(|| format!("cannot bind the client API to interface {dev}"))?;
+    }
+    socket.bind(addr).with_context(what)?;
+    socket.listen(1024).with_context(what)
+}
+
+/// One controller per data and pin directory: exclusive `flock`s, taken first.
+mod run_lock {
+    use std::fs::File;
+    use std::path::Path;
+
+    use anyhow::{bail, Context, Result};
+    use nix::fcntl::{Flock, FlockArg};
+
+    /// Descriptors kept free beyond the API's connections: store, node RPC,
+    /// BPF maps and links, admin and metrics sockets.
+    const FD_RESERVE: u64 = 128;
+
+    fn lock(file: File, what: &str, path: &Path) -> Result<Flock<File>> {
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(l) => Ok(l),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => bail!(
+                "another bitmesh run is already using {what} {}: stop it first (one controller per directory)",
+                path.display()
+            ),
+            Err((_, e)) => bail!("cannot lock {what} {}: {e}", path.display()),
+        }
+    }
+
+    /// Lock `<data_dir>/bitmesh.lock` (created with mode 0600).
+    pub fn data_dir(dir: &Path) -> Result<Flock<File>> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = dir.join("bitmesh.lock");
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("cannot create the lock file {}", path.display()))?;
+        lock(file, "--data-dir", dir)
+    }
+
+    /// Lock the pin directory itself (bpffs holds no regular files), if it exists.
+    pub fn pin_dir_if_present(dir: &Path) -> Result<Option<Flock<File>>> {
+        match File::open(dir) {
+            Ok(f) => Ok(Some(lock(f, "--pin-dir", dir)?)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => bail!("cannot open --pin-dir {}: {e}", dir.display()),
+        }
+    }
+
+    /// Raise the soft descriptor limit to the hard one, and refuse to start when
+    /// it cannot hold the API's connection cap plus the controller's own files:
+    /// past it, accepting clients would starve the store and the node RPC.
+    pub fn ensure_fd_budget(max_connections: usize) -> Result<()> {
+        let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        // SAFETY: getrlimit writes one rlimit into the struct we own.
+        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+            bail!("cannot read the file-descriptor limit: {}", std::io::Error::last_os_error());
+        }
+        let mut soft = lim.rlim_cur;
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+            // SAFETY: setrlimit reads one rlimit from a struct we own.
+            if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+                soft = lim.rlim_max;
+            }
+        }
+        let need = max_connections as u64 + FD_RESERVE;
+        if soft < need {
+            bail!(
+                "--api-max-connections {max_connections} needs {need} file descriptors but the limit is {soft}: raise LimitNOFILE or lower --api-max-connections"
+            );
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -38,6 +38,9 @@ pub enum ApiError {
     ChannelNotOpen { state: &'static str, hint: &'static str },
     #[error("too many requests: retry in {retry_after_secs} s")]
     RateLimited { retry_after_secs: u64 },
+    /// The channel already has `max` open event streams.
+    #[error("this channel already has {max} open event streams: close one and retry")]
+    TooManyStreams { max: usize },
     /// The funding transaction is unknown to the chain and relaying it failed.
     #[error("funding transaction was not found and could not be relayed: {0}")]
     FundingNotFound(String),
@@ -67,7 +70,7 @@ impl ApiError {
             ApiError::Unauthorized(_) | ApiError::NotOnLink => ErrorCode::Unauthorized,
             ApiError::AuthReplayed(_) => ErrorCode::AuthReplayed,
             ApiError::ChannelNotOpen { .. } => ErrorCode::ChannelNotOpen,
-            ApiError::RateLimited { .. } => ErrorCode::RateLimited,
+            ApiError::RateLimited { .. } | ApiError::TooManyStreams { .. } => ErrorCode::RateLimited,
             ApiError::FundingNotFound(_) => ErrorCode::FundingNotFound,
             ApiError::ChainUnavailable => ErrorCode::ChainUnavailable,
             ApiError::FundingDoubleSpent(_) => ErrorCode::FundingDoubleSpent,
@@ -90,7 +93,7 @@ impl ApiError {
             ApiError::Unauthorized(_) | ApiError::NotOnLink => StatusCode::FORBIDDEN,
             ApiError::AuthReplayed(_) => StatusCode::UNAUTHORIZED,
             ApiError::ChannelNotOpen { .. } => StatusCode::CONFLICT,
-            ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::RateLimited { .. } | ApiError::TooManyStreams { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::FundingNotFound(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::ChainUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::FundingDoubleSpent(_) | ApiError::ZeroConfLimit(_) => StatusCode::CONFLICT,
@@ -112,6 +115,7 @@ impl IntoResponse for ApiError {
         }
         let retry = match &self {
             ApiError::RateLimited { retry_after_secs } => Some(*retry_after_secs),
+            ApiError::TooManyStreams { .. } => Some(5),
             _ => None,
         };
         let mut resp = (self.status(), Json(self.body())).into_response();

@@ -1,4 +1,10 @@
-//! Per-client rate limits (token buckets keyed by the peer IP) and the request timeout.
+//! Per-client rate limits (token buckets keyed by the client's MAC, else its IP) and
+//! the request timeout.
+//!
+//! Why the MAC: on the open WiFi a station can take as many IPv4 addresses as it
+//! likes, but the kernel meters (and the gateway bills) by MAC; keying limits by MAC
+//! makes extra addresses buy nothing. A peer the neighbour table does not know
+//! (loopback, a routed peer when `--api-addr` is set) is keyed by its IP.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -10,27 +16,46 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::ApiError;
+use crate::store::MacAddr;
 
-/// A token bucket per client IP: `capacity` tokens, refilled at `capacity` per `period`.
+/// Who a limit counts against: the device's MAC on the client interface, or the
+/// peer IP when no MAC is known.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ClientKey {
+    Mac(MacAddr),
+    Ip(IpAddr),
+}
+
+/// Resolves a TCP peer to its [`ClientKey`] (the gateway's neighbour table).
+pub type ClientKeys = Arc<dyn Fn(IpAddr) -> ClientKey + Send + Sync>;
+
+/// A token bucket per client: `capacity` tokens, refilled at `capacity` per `period`.
 #[derive(Clone)]
 pub struct RateLimiter {
-    inner: Arc<Mutex<HashMap<IpAddr, (f64, Instant)>>>,
+    inner: Arc<Mutex<HashMap<ClientKey, (f64, Instant)>>>,
     capacity: f64,
     per_sec: f64,
+    keys: ClientKeys,
 }
 
 impl RateLimiter {
-    pub fn new(capacity: u32, period: Duration) -> Self {
+    pub fn new(capacity: u32, period: Duration, keys: ClientKeys) -> Self {
         let capacity = f64::from(capacity.max(1));
         RateLimiter {
             inner: Arc::new(Mutex::new(HashMap::new())),
             capacity,
             per_sec: capacity / period.as_secs_f64().max(0.001),
+            keys,
         }
     }
 
-    /// Take one token for `ip`, or say how long to wait.
-    pub fn check(&self, ip: IpAddr) -> Result<(), ApiError> {
+    /// Take one token for the client behind `peer`, or say how long to wait.
+    pub fn check_peer(&self, peer: IpAddr) -> Result<(), ApiError> {
+        self.check((self.keys)(peer))
+    }
+
+    /// Take one token for `key`, or say how long to wait.
+    pub fn check(&self, key: ClientKey) -> Result<(), ApiError> {
         let now = Instant::now();
         let mut map = self.inner.lock().map_err(|_| ApiError::Internal("rate limiter poisoned".into()))?;
         // Bound memory: forget clients whose bucket is full again.
@@ -38,7 +63,7 @@ impl RateLimiter {
             let (cap, rate) = (self.capacity, self.per_sec);
             map.retain(|_, (t, at)| *t + now.duration_since(*at).as_secs_f64() * rate < cap);
         }
-        let (tokens, at) = map.entry(ip).or_insert((self.capacity, now));
+        let (tokens, at) = map.entry(key).or_insert((self.capacity, now));
         *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * self.per_sec).min(self.capacity);
         *at = now;
         if *tokens >= 1.0 {
@@ -58,7 +83,7 @@ pub async fn rate_limit(
     req: Request,
     next: Next,
 ) -> Response {
-    match limiter.check(peer.ip()) {
+    match limiter.check_peer(peer.ip()) {
         Ok(()) => next.run(req).await,
         Err(e) => e.into_response(),
     }

@@ -21,6 +21,7 @@ mod captive;
 mod error;
 mod extract;
 mod limits;
+mod serve;
 #[cfg(test)]
 mod tests;
 
@@ -48,7 +49,8 @@ use tokio::sync::mpsc;
 pub use captive::CaptiveStatus;
 pub use error::ApiError;
 pub use extract::ApiJson;
-pub use limits::RateLimiter;
+pub use limits::{ClientKey, ClientKeys, RateLimiter};
+pub use serve::{serve, ConnLimits, ConnPermit, ConnSlots, Refusal};
 
 /// Header carrying the client-key signature on channel-scoped GET requests:
 /// `<counter>.<hex DER ECDSA signature>`, the signature over
@@ -121,6 +123,17 @@ pub trait ClientGateway: Send + Sync + 'static {
         auth: ClientAuth,
     ) -> impl Future<Output = Result<mpsc::Receiver<ClientEvent>, ApiError>> + Send;
     fn captive(&self, peer: IpAddr) -> impl Future<Output = Result<CaptiveStatus, ApiError>> + Send;
+    /// Who limits count `peer` against (rate limits, connection caps): its MAC on
+    /// the client interface when known. Called per connection and per request, so
+    /// it must be cheap and must not block for long.
+    fn client_key(&self, peer: IpAddr) -> ClientKey {
+        ClientKey::Ip(peer)
+    }
+}
+
+/// The [`ClientKeys`] resolver of a gateway (for [`serve`] and the rate limits).
+pub fn client_keys<G: ClientGateway>(gw: Arc<G>) -> ClientKeys {
+    Arc::new(move |peer| gw.client_key(peer))
 }
 
 /// Request limits of the API.
@@ -128,9 +141,9 @@ pub trait ClientGateway: Send + Sync + 'static {
 pub struct ApiLimits {
     pub max_body_bytes: usize,
     pub request_timeout: Duration,
-    /// Requests per minute per client IP.
+    /// Requests per minute per client (MAC, else IP).
     pub requests_per_min: u32,
-    /// Funding relays per hour per client IP.
+    /// Funding relays per hour per client (MAC, else IP).
     pub relays_per_hour: u32,
     /// Largest funding transaction relayed (serialized bytes).
     pub relay_max_tx_bytes: usize,
@@ -155,11 +168,12 @@ struct AppState<G> {
 
 type St<G> = State<Arc<AppState<G>>>;
 
-/// The API router. Serve it with `into_make_service_with_connect_info::<SocketAddr>()`
-/// (handlers need the peer address).
+/// The API router. Serve it with [`serve`] (or anything that inserts
+/// `ConnectInfo<SocketAddr>`: handlers need the peer address).
 pub fn router<G: ClientGateway>(gw: Arc<G>, limits: ApiLimits) -> Router {
-    let relay_limiter = RateLimiter::new(limits.relays_per_hour, Duration::from_secs(3600));
-    let limiter = RateLimiter::new(limits.requests_per_min, Duration::from_secs(60));
+    let keys = client_keys(gw.clone());
+    let relay_limiter = RateLimiter::new(limits.relays_per_hour, Duration::from_secs(3600), keys.clone());
+    let limiter = RateLimiter::new(limits.requests_per_min, Duration::from_secs(60), keys);
     let timeout = limits.request_timeout;
     let body_limit = limits.max_body_bytes;
     let state = Arc::new(AppState { gw, limits });

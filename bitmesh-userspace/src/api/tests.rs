@@ -90,6 +90,14 @@ impl ClientGateway for Fake {
         tx.send(ClientEvent::LowWater(r)).await.unwrap();
         Ok(rx)
     }
+    /// 10.0.0.2 and 10.0.0.3 are one device (one MAC, two addresses).
+    fn client_key(&self, peer: IpAddr) -> ClientKey {
+        if peer == IpAddr::from([10, 0, 0, 2]) || peer == IpAddr::from([10, 0, 0, 3]) {
+            ClientKey::Mac(crate::store::MacAddr([2, 0, 0, 0, 0, 2]))
+        } else {
+            ClientKey::Ip(peer)
+        }
+    }
     async fn captive(&self, _: IpAddr) -> Result<CaptiveStatus, ApiError> {
         Ok(CaptiveStatus {
             captive: false,
@@ -210,6 +218,29 @@ async fn client_over_its_rate_gets_rate_limited_with_retry_after() {
     assert_eq!(st, StatusCode::TOO_MANY_REQUESTS);
     assert!(headers.contains_key("retry-after"));
     assert_eq!(serde_json::from_slice::<ErrorBody>(&bytes).unwrap().code, ErrorCode::RateLimited);
+}
+
+#[tokio::test]
+async fn rate_limits_count_per_mac_so_more_addresses_buy_nothing() {
+    let (_, r) = app(ApiLimits { requests_per_min: 2, ..ApiLimits::default() });
+    let from = |ip: [u8; 4]| {
+        let mut req = Request::builder().uri("/v1/terms").body(Body::empty()).unwrap();
+        req.extensions_mut().insert(ConnectInfo(SocketAddr::from((ip, 4000))));
+        req
+    };
+    assert_eq!(r.clone().oneshot(from([10, 0, 0, 2])).await.unwrap().status(), StatusCode::OK);
+    assert_eq!(r.clone().oneshot(from([10, 0, 0, 3])).await.unwrap().status(), StatusCode::OK);
+    // Third request of the same MAC, from yet another of its addresses: refused.
+    assert_eq!(r.clone().oneshot(from([10, 0, 0, 3])).await.unwrap().status(), StatusCode::TOO_MANY_REQUESTS);
+    // Another device is not affected.
+    assert_eq!(r.clone().oneshot(from([10, 0, 0, 9])).await.unwrap().status(), StatusCode::OK);
+}
+
+#[test]
+fn too_many_event_streams_is_rate_limited_with_retry_after() {
+    let e = ApiError::TooManyStreams { max: 3 };
+    assert_eq!((e.status(), e.code()), (StatusCode::TOO_MANY_REQUESTS, ErrorCode::RateLimited));
+    assert!(e.into_response().headers().contains_key("retry-after"));
 }
 
 #[tokio::test]

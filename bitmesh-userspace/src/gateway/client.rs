@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use tracing::{info, instrument, warn};
 
 use super::{crediting_ends_at, script_of, Gateway, GatewayError};
-use crate::api::{ApiError, CaptiveStatus, ClientAuth, ClientEvent, ClientGateway, UsageReport};
+use crate::api::{ApiError, CaptiveStatus, ClientAuth, ClientEvent, ClientGateway, ClientKey, UsageReport};
 use crate::channel::{check_open, verify_funding, verify_update, FundingCheck};
 use crate::store::{AppendOutcome, ChannelRecord, ChannelState, Funding, NewChannel, NewPayment};
 
@@ -24,6 +24,10 @@ const FULL_FRAME_BYTES: u64 = 1514;
 
 /// Seconds per block, for the RFC 8908 `seconds-remaining` estimate.
 const SECS_PER_BLOCK: u64 = 600;
+
+/// Open event streams one channel may hold (the agent needs one; a few allow a
+/// reconnect before the old stream is noticed dead).
+pub const MAX_EVENT_STREAMS_PER_CHANNEL: usize = 3;
 
 fn wire_state(s: ChannelState) -> WireState {
     match s {
@@ -442,17 +446,30 @@ impl ClientGateway for Gateway {
     ) -> Result<mpsc::Receiver<ClientEvent>, ApiError> {
         let rec = self.channel_record(id)?;
         self.check_client_request(&rec, "events", &auth)?;
-        let (tx, rx) = mpsc::channel(16);
-        if rec.state == ChannelState::Open {
-            let _ = tx.try_send(ClientEvent::Usage(self.report(&rec)));
+        // Streams are long-lived connections: only a paying (open) channel gets
+        // them, and only a few, or an unfunded offer could hold sockets for free.
+        if rec.state != ChannelState::Open {
+            return Err(not_open(rec.state));
         }
-        self.subscribers
-            .lock()
-            .map_err(|_| ApiError::Internal("subscriber lock poisoned".into()))?
-            .entry(id)
-            .or_default()
-            .push(tx);
+        let first = ClientEvent::Usage(self.report(&rec));
+        let mut subs = self.subscribers.lock().map_err(|_| ApiError::Internal("subscriber lock poisoned".into()))?;
+        let list = subs.entry(id).or_default();
+        list.retain(|tx| !tx.is_closed());
+        if list.len() >= MAX_EVENT_STREAMS_PER_CHANNEL {
+            return Err(ApiError::TooManyStreams { max: MAX_EVENT_STREAMS_PER_CHANNEL });
+        }
+        let (tx, rx) = mpsc::channel(16);
+        let _ = tx.try_send(first);
+        list.push(tx);
         Ok(rx)
+    }
+
+    fn client_key(&self, peer: IpAddr) -> ClientKey {
+        // IPv4 only: the IPv6 lookup runs `ip -6 neigh`, too costly per connection.
+        match peer {
+            IpAddr::V4(_) => self.neighbours.mac_of(peer).map_or(ClientKey::Ip(peer), ClientKey::Mac),
+            IpAddr::V6(_) => ClientKey::Ip(peer),
+        }
     }
 
     async fn captive(&self, peer: IpAddr) -> Result<CaptiveStatus, ApiError> {

@@ -40,6 +40,12 @@ pub enum StoreError {
         #[source]
         source: rusqlite::Error,
     },
+    #[error("cannot create or restrict {path} to mode 0600: {source}; check that --data-dir is writable by root")]
+    Permissions {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("the database schema is version {found} but this bitmesh supports up to {supported}; run a newer bitmesh")]
     SchemaTooNew { found: u32, supported: u32 },
     #[error("database error: {0}; the data directory may be full or damaged")]
@@ -74,6 +80,9 @@ impl Store {
     /// and migrate it to the current schema.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let open_err = |source| StoreError::Open { path: path.to_owned(), source };
+        // Created 0600 before SQLite opens it: SQLite gives the -wal and -shm files
+        // the database file's mode, so the journal is never readable by others.
+        create_private(path)?;
         let mut conn = Connection::open(path).map_err(open_err)?;
         // WAL: readers (CLI queries) never block the payment path's writer.
         // synchronous=FULL: the WAL is fsynced at every commit, so an acknowledged
@@ -87,6 +96,12 @@ impl Store {
         conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 5000;")
             .map_err(open_err)?;
         schema::migrate(&mut conn)?;
+        // Tighten files a bitmesh before this rule created (mode from the umask).
+        for file in [path.to_owned(), sibling(path, "-wal"), sibling(path, "-shm")] {
+            if file.exists() {
+                make_private(&file)?;
+            }
+        }
         Ok(Store { conn: Mutex::new(conn), path: path.to_owned() })
     }
 
@@ -116,6 +131,30 @@ impl Store {
         let conn = self.conn()?;
         usage::delete_setting(&conn, key)
     }
+}
+
+/// `path` with `suffix` appended to its file name (SQLite's `-wal`, `-shm`).
+fn sibling(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+/// Create `path` with mode 0600 if it does not exist.
+fn create_private(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(StoreError::Permissions { path: path.to_owned(), source: e }),
+    }
+}
+
+/// Set mode 0600 on an existing file.
+fn make_private(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|source| StoreError::Permissions { path: path.to_owned(), source })
 }
 
 /// Seconds since the Unix epoch (wall clock: only for display and idle timers;

@@ -261,3 +261,24 @@ fn final_usage_is_kept_with_the_channel_and_survives_a_reopen() {
     assert_eq!(store.channel(ch.id).unwrap().unwrap().final_usage, Some(used));
     assert!(matches!(store.set_final_usage(random_id(), used), Err(StoreError::UnknownChannel(_))));
 }
+
+#[test]
+fn database_files_are_private_even_under_a_permissive_umask_or_from_an_older_run() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let dir = tempfile::tempdir().unwrap();
+    let path = Store::path_in(dir.path());
+    // SAFETY: umask only changes this process's file-creation mask; restored below.
+    let old = unsafe { libc::umask(0o000) };
+    let store = Store::open(&path).unwrap();
+    new_channel(&store, 9);
+    unsafe { libc::umask(old) };
+    for f in [path.clone(), sibling(&path, "-wal"), sibling(&path, "-shm")] {
+        assert_eq!(mode(&f), 0o600, "{}", f.display());
+    }
+    drop(store);
+    // An older bitmesh left the database world-readable: the next open tightens it.
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let _store = Store::open(&path).unwrap();
+    assert_eq!(mode(&path), 0o600);
+}
