@@ -188,6 +188,10 @@ pub struct RunArgs {
     /// Close a channel whose client sent no traffic for this long, in seconds.
     #[arg(long, value_name = "SECS", default_value_t = 3600)]
     pub idle_timeout_secs: u64,
+    /// An offered channel not funded within this long expires (becomes abandoned),
+    /// so unfunded offers do not pile up as live rows, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 7200)]
+    pub offer_ttl_secs: u64,
     /// Fee rate closes are planned at (and the first payment must cover), in sat/vB.
     #[arg(long, value_name = "SAT/VB", default_value_t = 2)]
     pub close_fee_rate_sat_vb: u64,
@@ -303,6 +307,7 @@ impl RunArgs {
             confirmations: self.confirmations,
             zero_conf_cap: Amount::from_sat(self.zero_conf_cap_sat),
             idle_timeout: std::time::Duration::from_secs(self.idle_timeout_secs),
+            offer_ttl: std::time::Duration::from_secs(self.offer_ttl_secs),
             close_fee_rate: fee("close-fee-rate-sat-vb", self.close_fee_rate_sat_vb)?,
             max_fee_rate: fee("max-fee-rate-sat-vb", self.max_fee_rate_sat_vb)?,
             bump_after_blocks: self.bump_after_blocks,
@@ -360,6 +365,8 @@ pub struct Policy {
     pub confirmations: u32,
     pub zero_conf_cap: Amount,
     pub idle_timeout: std::time::Duration,
+    /// How long an unfunded offer stays valid (`--offer-ttl-secs`).
+    pub offer_ttl: std::time::Duration,
     pub close_fee_rate: FeeRate,
     pub max_fee_rate: FeeRate,
     pub bump_after_blocks: u32,

@@ -45,6 +45,7 @@ fn mac(n: u32) -> Mac {
 pub fn kernel_cost_per_frame(repeat: u32, clients: u32) -> Result<Vec<CostRow>> {
     let mut t = TestMeter::load()?;
     for n in 0..clients.max(1) {
+        t.meter.maps_mut().add_client(mac(n)).context("metering a client")?;
         t.meter.maps_mut().raise_credit(mac(n), ByteCount(u64::MAX / 2)).context("populating clients")?;
     }
     let paid = mac(clients.max(1) / 2);

@@ -144,12 +144,16 @@ impl MeterMaps {
         Ok(())
     }
 
-    /// Set the total bytes credited to `mac` to `total` (creating the client if
-    /// needed). Credit only ever increases: a lower total is an error, an equal one a
-    /// no-op, so replaying a payment after a crash never credits twice.
+    /// Set the total bytes credited to `mac` to `total`. Credit only ever increases:
+    /// a lower total is an error, an equal one a no-op, so replaying a payment after
+    /// a crash never credits twice. The client must already be metered
+    /// ([`Self::add_client`] / [`Self::restore_client`]): raising credit never creates
+    /// entries, so credit cannot reappear for a device whose channel has ended.
     pub fn raise_credit(&mut self, mac: Mac, total: ByteCount) -> Result<ByteCount, MeterError> {
-        self.add_client(mac)?;
-        let current = self.credit(mac)?.unwrap_or(ByteCount::ZERO);
+        let current = self.credit(mac)?.ok_or(MeterError::NotMetered { mac })?;
+        if self.usage(mac)?.is_none() {
+            return Err(MeterError::NotMetered { mac });
+        }
         if total.0 < current.0 {
             return Err(MeterError::CreditDecrease { mac, current: current.0, requested: total.0 });
         }

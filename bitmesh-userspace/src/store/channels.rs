@@ -259,10 +259,27 @@ impl Store {
         list(&conn, "", [])
     }
 
-    /// Channels in any of `states`, oldest first.
+    /// Channels in any of `states`, oldest first. Selected in SQL through the state
+    /// index: periodic work reads the few live channels, never every row ever offered.
     pub fn channels_in(&self, states: &[ChannelState]) -> Result<Vec<ChannelRecord>, StoreError> {
-        let all = self.channels()?;
-        Ok(all.into_iter().filter(|c| states.contains(&c.state)).collect())
+        if states.is_empty() {
+            return Ok(Vec::new());
+        }
+        let conn = self.conn()?;
+        let marks = vec!["?"; states.len()].join(", ");
+        let names: Vec<&str> = states.iter().map(|s| s.as_str()).collect();
+        list(&conn, &format!("WHERE c.state IN ({marks})"), rusqlite::params_from_iter(names))
+    }
+
+    /// Abandon every offer (never funded) made before `opened_before` (Unix seconds):
+    /// an offer is not a live row forever. Returns the channels expired.
+    pub fn expire_offers(&self, opened_before: i64) -> Result<Vec<ChannelId>, StoreError> {
+        let conn = self.conn()?;
+        let mut stmt = conn.prepare(
+            "UPDATE channels SET state = 'abandoned' WHERE state = 'offered' AND opened_at < ?1 RETURNING id",
+        )?;
+        let ids = stmt.query_map([opened_before], |r| r.get::<_, String>(0))?;
+        ids.map(|id| id?.parse::<ChannelId>().map_err(|e| corrupt("id", e))).collect()
     }
 
     /// The channel (offered or open) currently bound to a MAC, if any.
@@ -288,12 +305,14 @@ impl Store {
     }
 
     /// Accept the funding output of an offered channel: it becomes `open`.
-    /// Fails with [`StoreError::OutpointInUse`] if another channel already has it.
+    /// Fails with [`StoreError::OutpointInUse`] if another channel already has it, and
+    /// with [`StoreError::NotOffered`] unless the channel is `offered`: a funded
+    /// channel's outpoint never changes (its journaled signatures spend it).
     pub fn set_funding(&self, id: ChannelId, funding: Funding) -> Result<ChannelRecord, StoreError> {
         let conn = self.conn()?;
         let r = conn.execute(
             "UPDATE channels SET funding_txid = ?2, funding_vout = ?3, capacity_sat = ?4,
-                funding_height = ?5, state = 'open' WHERE id = ?1 AND state IN ('offered', 'open')",
+                funding_height = ?5, state = 'open' WHERE id = ?1 AND state = 'offered'",
             params![
                 id.to_string(),
                 funding.outpoint.txid.to_string(),
@@ -307,7 +326,12 @@ impl Store {
                 return Err(StoreError::OutpointInUse(funding.outpoint))
             }
             Err(e) => return Err(e.into()),
-            Ok(0) => return Err(StoreError::UnknownChannel(id)),
+            Ok(0) => {
+                return Err(match get(&conn, id)? {
+                    Some(c) => StoreError::NotOffered { channel: id, state: c.state },
+                    None => StoreError::UnknownChannel(id),
+                })
+            }
             Ok(_) => {}
         }
         get(&conn, id)?.ok_or(StoreError::UnknownChannel(id))
