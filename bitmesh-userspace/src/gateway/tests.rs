@@ -230,3 +230,40 @@ async fn replayed_updates_credit_only_the_current_open_channel_and_stale_entries
     assert_eq!((r.clients, r.stale_removed), (0, 1));
     assert_eq!(credit_of(&gw), None);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_funding_calls_record_one_outpoint_and_refuse_the_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(&Store::path_in(dir.path())).unwrap());
+    let gw = gateway(store.clone());
+    let peer: IpAddr = PEER.parse().unwrap();
+    let secp = Secp256k1::new();
+    let client_sk = SecretKey::from_slice(&[5; 32]).unwrap();
+    let client_pk = bitcoin::PublicKey::new(bitcoin::secp256k1::PublicKey::from_secret_key(&secp, &client_sk));
+    let change = ScriptBuf::new_p2wpkh(&client_pk.wpubkey_hash().unwrap());
+    let req = OpenRequest { client_pubkey: client_pk, expiry: absolute::Height::from_consensus(700).unwrap(), client_change_script: change };
+    let open = ClientGateway::open(&*gw, peer, req).await.unwrap();
+    let funding = |n: u8| Transaction {
+        version: bitcoin::transaction::Version::TWO,
+        lock_time: absolute::LockTime::ZERO,
+        input: vec![TxIn {
+            previous_output: OutPoint { txid: format!("{n:02x}").repeat(32).parse().unwrap(), vout: 0 },
+            witness: Witness::from_slice(&[[n; 72].as_slice(), [2u8; 33].as_slice()]),
+            ..Default::default()
+        }],
+        output: vec![TxOut { value: Amount::from_sat(40_000), script_pubkey: open.funding_script_pubkey.clone() }],
+    };
+    let (a, b) = (funding(1), funding(2));
+    let call = |tx: Transaction| {
+        let gw = gw.clone();
+        let id = open.channel_id;
+        tokio::spawn(async move { ClientGateway::fund(&*gw, peer, FundRequest { channel_id: id, funding_tx: tx, funding_vout: 0 }).await })
+    };
+    let (ra, rb) = (call(a.clone()), call(b.clone()));
+    let (ra, rb) = (ra.await.unwrap(), rb.await.unwrap());
+    assert!(ra.is_ok() != rb.is_ok(), "exactly one funding call wins: {ra:?} {rb:?}");
+    let (won, lost) = if ra.is_ok() { (&a, rb) } else { (&b, ra) };
+    assert_eq!(lost.unwrap_err().code(), ErrorCode::ChannelNotOpen);
+    let rec = store.channel(open.channel_id).unwrap().unwrap();
+    assert_eq!(rec.funding.unwrap().outpoint, OutPoint { txid: won.compute_txid(), vout: 0 });
+}
