@@ -271,6 +271,22 @@ impl Store {
         list(&conn, &format!("WHERE c.state IN ({marks})"), rusqlite::params_from_iter(names))
     }
 
+    /// How many channels are in each state, and how many payments the journal holds
+    /// (metrics): counted in SQL, without reading every row.
+    pub fn channel_counts(&self) -> Result<(Vec<(ChannelState, u64)>, u64), StoreError> {
+        let conn = self.conn()?;
+        let mut stmt = conn.prepare("SELECT state, COUNT(*) FROM channels GROUP BY state")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+        let mut by_state = Vec::new();
+        for row in rows {
+            let (state, n) = row?;
+            let state = ChannelState::parse(&state).ok_or_else(|| corrupt("state", &state))?;
+            by_state.push((state, n as u64));
+        }
+        let payments: i64 = conn.query_row("SELECT COUNT(*) FROM payments", [], |r| r.get(0))?;
+        Ok((by_state, payments as u64))
+    }
+
     /// Abandon every offer (never funded) made before `opened_before` (Unix seconds):
     /// an offer is not a live row forever. Returns the channels expired.
     pub fn expire_offers(&self, opened_before: i64) -> Result<Vec<ChannelId>, StoreError> {
