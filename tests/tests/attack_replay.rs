@@ -225,7 +225,7 @@ fn concurrent_funding_calls_record_exactly_one_outpoint() {
 /// transaction per offer.
 #[test]
 fn offers_expire_and_are_relayed_for_once() {
-    let Some(lab) = Lab::start(&["--price-msat-per-mib", &PRICE.to_string(), "--offer-ttl-secs", "4"]).unwrap() else { return };
+    let Some(lab) = Lab::start(&["--price-msat-per-mib", &PRICE.to_string(), "--offer-ttl-secs", "10"]).unwrap() else { return };
     let mut wallet = CoinbaseWallet::fund(&lab.node, 3, 0);
     lab.wait_synced().unwrap();
 
@@ -250,7 +250,7 @@ fn offers_expire_and_are_relayed_for_once() {
 
     // Left unfunded past the TTL: expired, and funding it is refused.
     let db = store(&lab);
-    wait_for_true("offer expired", Duration::from_secs(20), || {
+    wait_for_true("offer expired", Duration::from_secs(40), || {
         db.channel(offer.channel_id).unwrap().unwrap().state == ChannelState::Abandoned
     });
     let tx = client.funding_tx(&mut wallet, CAPACITY);
