@@ -49,15 +49,15 @@ fn replayed_updates_of_a_closed_channel_credit_nothing_even_with_a_newer_channel
     lab.wait_synced().unwrap();
     let udp = lab.client_udp().unwrap();
 
-    // Channel A: paid generously, then closed by its client.
+    // Channel A: paid generously, then settled by the operator.
     let mut old = ScriptedClient::new(&lab.topo.client, lab.api());
     let offer = old.open(200).unwrap();
     old.fund(&mut wallet, CAPACITY).unwrap();
     old.pay(offer.min_first_payment).unwrap();
     let sniffed = old.update(offer.min_first_payment + Amount::from_sat(3_000));
     assert_eq!(old.send(&sniffed).unwrap().status, 200, "the honest top-up is accepted");
-    let closed = old.close().unwrap();
-    assert!(closed.close_txid.is_some(), "close broadcast at once");
+    let out = lab.controller.cli(&["settle", "--all"]).unwrap();
+    assert!(out.status.success(), "settle: {}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(kernel_entry(&lab), (None, false), "a closed channel's device is not metered");
 
     // (a) Replay while closing, then once the close confirmed: refused, nothing credited.
@@ -100,30 +100,15 @@ fn replayed_updates_of_a_closed_channel_credit_nothing_even_with_a_newer_channel
 
 /// (b) An older update of an open channel, sent again, gets 409 `amount_not_increasing`
 /// and changes nothing (journal, CREDIT); the latest one is still answered
-/// idempotently. A captured close request cannot be replayed, and a repeated open
-/// request gets the same offer back instead of a new row.
+/// idempotently. A captured close request cannot be replayed.
 #[test]
 fn older_updates_and_captured_closes_are_refused_and_change_nothing() {
     let Some(lab) = Lab::start(&["--price-msat-per-mib", &PRICE.to_string()]).unwrap() else { return };
     let mut wallet = CoinbaseWallet::fund(&lab.node, 1, 0);
     lab.wait_synced().unwrap();
 
-    // A repeated open request: the same offer, one row.
     let mut client = ScriptedClient::new(&lab.topo.client, lab.api());
     let offer = client.open(200).unwrap();
-    let tip = client.terms().unwrap().tip_height;
-    let again = bitmesh_common::wire::OpenRequest {
-        client_pubkey: client.pubkey,
-        expiry: offer.expiry,
-        client_change_script: client.change_script.clone(),
-    };
-    let r = client.post("/v1/channels", &serde_json::to_value(&again).unwrap()).unwrap();
-    assert_eq!(r.status, 200, "{}", r.text());
-    let repeated: bitmesh_common::wire::OpenResponse = serde_json::from_slice(&r.body).unwrap();
-    assert_eq!(repeated, offer, "the same open request gets the same offer");
-    assert_eq!(lab.controller.channels().unwrap().len(), 1, "no new row for a repeated open");
-    assert!(offer.expiry > tip);
-
     client.fund(&mut wallet, CAPACITY).unwrap();
     let id = client.channel_id();
     let first = client.update(offer.min_first_payment);
@@ -221,8 +206,9 @@ fn concurrent_funding_calls_record_exactly_one_outpoint() {
     }
 }
 
-/// Unfunded offers expire after `--offer-ttl-secs`; the gateway relays one funding
-/// transaction per offer.
+/// A repeated open request gets the same offer back instead of a new row; unfunded
+/// offers expire after `--offer-ttl-secs`; the gateway relays one funding transaction
+/// per offer.
 #[test]
 fn offers_expire_and_are_relayed_for_once() {
     let Some(lab) = Lab::start(&["--price-msat-per-mib", &PRICE.to_string(), "--offer-ttl-secs", "10"]).unwrap() else { return };
@@ -231,8 +217,20 @@ fn offers_expire_and_are_relayed_for_once() {
 
     // One relay per offer: a transaction above the zero-conf cap is relayed, then
     // refused as unconfirmed; a different one for the same offer is not relayed.
+    // A repeated open request: the same offer, one row.
     let mut client = ScriptedClient::new(&lab.topo.client, lab.api());
     let offer = client.open(200).unwrap();
+    let again = bitmesh_common::wire::OpenRequest {
+        client_pubkey: client.pubkey,
+        expiry: offer.expiry,
+        client_change_script: client.change_script.clone(),
+    };
+    let r = client.post("/v1/channels", &serde_json::to_value(&again).unwrap()).unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let repeated: bitmesh_common::wire::OpenResponse = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(repeated, offer, "the same open request gets the same offer");
+    assert_eq!(lab.controller.channels().unwrap().len(), 1, "no new row for a repeated open");
+
     let big = client.funding_tx(&mut wallet, Amount::from_sat(60_000));
     let r = client.post(
         &format!("/v1/channels/{}/funding", offer.channel_id),

@@ -437,4 +437,5 @@ fn credit_only_ever_increases() {
     let last = maps.remove_client(mac).expect("remove").expect("was there");
     assert_eq!(last.credited, ByteCount(5000));
     assert_eq!(maps.usage(mac).expect("usage"), None);
+    assert_eq!(maps.remove_client(mac).expect("removing an absent client is a no-op"), None);
 }

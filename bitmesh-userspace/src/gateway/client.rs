@@ -476,7 +476,10 @@ impl ClientGateway for Gateway {
         // MAC is open, so anything still there is stale, and CREDIT must only ever be
         // this channel's own credited total.
         self.with_meter(|m| {
-            m.remove_client(rec.mac)?;
+            if m.usage(rec.mac)?.is_some() {
+                warn!(mac = %rec.mac, "removing stale kernel entries before metering the new channel");
+                m.remove_client(rec.mac)?;
+            }
             m.restore_client(rec.mac, Default::default())
         })?;
         info!(capacity_sat = funded.capacity.to_sat(), zero_conf = funded.zero_conf, "channel funded");

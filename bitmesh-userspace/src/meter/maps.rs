@@ -203,12 +203,14 @@ impl MeterMaps {
     pub fn remove_client(&mut self, mac: Mac) -> Result<Option<ClientUsage>, MeterError> {
         let credited = self.credit(mac)?.unwrap_or(ByteCount::ZERO);
         match self.credit.remove(&mac.key()) {
-            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Ok(()) => {}
+            Err(e) if is_absent(&e) => {}
             Err(e) => return Err(map_err("remove credit", MAP_CREDIT)(e)),
         }
         let last = self.usage(mac)?.map(|u| ClientUsage { credited, ..u });
         match self.usage.remove(&mac.key()) {
-            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Ok(()) => {}
+            Err(e) if is_absent(&e) => {}
             Err(e) => return Err(map_err("remove usage", MAP_USAGE)(e)),
         }
         Ok(last)
@@ -227,6 +229,16 @@ impl MeterMaps {
             slots.push(total);
         }
         Ok(MeterStats { slots })
+    }
+}
+
+/// The key was not in the map: aya reports a delete of a missing key as the
+/// syscall's ENOENT, not as `KeyNotFound` (which only lookups return).
+fn is_absent(e: &MapError) -> bool {
+    match e {
+        MapError::KeyNotFound => true,
+        MapError::SyscallError(s) => s.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
     }
 }
 
