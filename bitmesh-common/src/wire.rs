@@ -71,7 +71,7 @@ impl<'de> Deserialize<'de> for ChannelId {
 /// Kept as bytes, not a parsed signature, so the gateway can reject a non-strict-DER,
 /// high-S or wrong-flag signature with its own error code instead of a parse failure.
 /// For a [`PaymentUpdate`]: DER signature followed by the one-byte sighash flag.
-/// For a [`CloseRequest`]: DER signature only.
+/// For a [`CloseRequest`] and a signed GET: DER signature only.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct SignatureBytes(pub Vec<u8>);
 
@@ -272,8 +272,12 @@ pub struct PaymentAck {
 pub struct CloseRequest {
     /// The channel.
     pub channel_id: ChannelId,
+    /// Request counter, as for a signed GET (milliseconds since the Unix epoch,
+    /// strictly increasing per channel): a captured close request cannot be replayed.
+    pub counter: u64,
     /// DER ECDSA signature by the channel's client key over
-    /// [`client_auth_digest`]`("close", channel_id)`: only the client may close early.
+    /// [`client_request_digest`]`("close", channel_id, counter)`: only the client may
+    /// close early.
     pub signature: SignatureBytes,
 }
 

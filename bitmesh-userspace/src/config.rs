@@ -218,6 +218,10 @@ pub struct RunArgs {
     /// Close a channel whose client sent no traffic for this long, in seconds.
     #[arg(long, value_name = "SECS", default_value_t = 3600)]
     pub idle_timeout_secs: u64,
+    /// An offered channel not funded within this long expires (becomes abandoned),
+    /// so unfunded offers do not pile up as live rows, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 7200)]
+    pub offer_ttl_secs: u64,
     /// Fee rate closes are planned at (and the first payment must cover), in sat/vB.
     #[arg(long, value_name = "SAT/VB", default_value_t = 2)]
     pub close_fee_rate_sat_vb: u64,
@@ -338,6 +342,7 @@ impl RunArgs {
             zero_conf_exposure: Amount::from_sat(self.zero_conf_exposure_sat),
             chain_stale_after: chain_stale_after(self.chain_poll_secs),
             idle_timeout: std::time::Duration::from_secs(self.idle_timeout_secs),
+            offer_ttl: std::time::Duration::from_secs(self.offer_ttl_secs),
             close_fee_rate: fee("close-fee-rate-sat-vb", self.close_fee_rate_sat_vb)?,
             max_fee_rate: fee("max-fee-rate-sat-vb", self.max_fee_rate_sat_vb)?,
             bump_after_blocks: self.bump_after_blocks,
@@ -423,6 +428,8 @@ pub struct Policy {
     /// A chain tip older than this stops payments and opens (`chain_unavailable`).
     pub chain_stale_after: std::time::Duration,
     pub idle_timeout: std::time::Duration,
+    /// How long an unfunded offer stays valid (`--offer-ttl-secs`).
+    pub offer_ttl: std::time::Duration,
     pub close_fee_rate: FeeRate,
     pub max_fee_rate: FeeRate,
     pub bump_after_blocks: u32,

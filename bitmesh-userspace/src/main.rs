@@ -402,6 +402,9 @@ async fn run(args: RunArgs) -> Result<()> {
             if let Err(e) = sgw.snapshot_usage() {
                 warn!(error = %e, "usage snapshot failed");
             }
+            if let Err(e) = sgw.housekeeping().await {
+                warn!(error = %e, "housekeeping (offer expiry, stale kernel entries) failed");
+            }
         }
     });
     let egw = gw.clone();

@@ -627,7 +627,8 @@ impl ScriptedClient {
         Ok(serde_json::from_slice(&r.body)?)
     }
 
-    /// Hex DER signature over `client_auth_digest(action, channel)` (the close body).
+    /// Hex DER signature over `client_auth_digest(action, channel)` (the old,
+    /// counterless form, which the gateway refuses).
     pub fn auth(&self, action: &str) -> String {
         use bitcoin::hex::DisplayHex;
         let digest = bitmesh_common::wire::client_auth_digest(action, &self.channel_id());
@@ -660,9 +661,16 @@ impl ScriptedClient {
         Ok(serde_json::from_slice(&r.body)?)
     }
 
+    /// A signed `CloseRequest` body with a fresh counter (single-use at the gateway).
+    pub fn close_body(&self) -> serde_json::Value {
+        let header = self.auth_header("close");
+        let (counter, sig) = header.split_once('.').expect("counter.signature");
+        serde_json::json!({ "channel_id": self.channel_id(), "counter": counter.parse::<u64>().expect("counter"), "signature": sig })
+    }
+
     /// `POST /v1/channels/{id}/close` (signed).
     pub fn close(&self) -> Result<bitmesh_common::wire::CloseResponse> {
-        let body = serde_json::json!({ "channel_id": self.channel_id(), "signature": self.auth("close") });
+        let body = self.close_body();
         let r = self.post(&format!("/v1/channels/{}/close", self.channel_id()), &body)?;
         anyhow::ensure!(r.status == 200, "close: {} {}", r.status, String::from_utf8_lossy(&r.body));
         Ok(serde_json::from_slice(&r.body)?)

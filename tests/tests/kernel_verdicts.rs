@@ -209,6 +209,7 @@ fn unpaid_client_passes_every_walled_garden_frame_unbilled() {
 fn paid_client_is_not_billed_for_walled_garden_frames() {
     let Some(mut t) = load() else { return };
     let mac = client(200);
+    t.meter.maps_mut().add_client(mac).expect("meter the client");
     t.meter.maps_mut().raise_credit(mac, ByteCount(1_000_000)).expect("credit");
     let mut failures = Vec::new();
     for (name, direction, frame) in walled_garden(mac) {
@@ -260,6 +261,7 @@ fn paid_client_passes_until_its_credit_is_used_then_drops() {
         };
         assert_eq!(frame.len(), 1000);
         // Credit for exactly three frames.
+        t.meter.maps_mut().add_client(mac).expect("meter the client");
         t.meter.maps_mut().raise_credit(mac, ByteCount(3000)).expect("credit");
         for i in 0..3 {
             failures.extend(check(&t, &format!("frame {i} within credit"), program, direction, mac, &frame, Verdict::PassPaid));
@@ -290,6 +292,7 @@ fn upload_and_download_share_one_budget() {
     let mac = client(150);
     let up_frame = up(mac).ipv4_udp(CL4, NET4, 5000, 5000, 458); // 500 bytes
     let down_frame = down(mac).ipv4_udp(NET4, CL4, 5000, 5000, 458);
+    t.meter.maps_mut().add_client(mac).expect("meter the client");
     t.meter.maps_mut().raise_credit(mac, ByteCount(1000)).expect("credit");
     let mut failures = Vec::new();
     failures.extend(check(&t, "upload", MeterProgram::XdpUpload, Direction::Upload, mac, &up_frame, Verdict::PassPaid));
@@ -303,6 +306,7 @@ fn upload_and_download_share_one_budget() {
 fn truncated_frames_never_pass_as_paid() {
     let Some(mut t) = load() else { return };
     let mac = client(160);
+    t.meter.maps_mut().add_client(mac).expect("meter the client");
     t.meter.maps_mut().raise_credit(mac, ByteCount(u64::MAX / 2)).expect("credit");
     let mut failures = Vec::new();
     let mut frames = walled_garden(mac);
@@ -402,6 +406,7 @@ fn counters_and_credit_survive_a_reload_from_pinned_maps() {
     let Some(mut t) = load() else { return };
     let mac = client(170);
     let frame = up(mac).ipv4_udp(CL4, NET4, 5000, 5000, 58); // 100 bytes
+    t.meter.maps_mut().add_client(mac).expect("meter the client");
     t.meter.maps_mut().raise_credit(mac, ByteCount(250)).expect("credit");
     for _ in 0..2 {
         assert!(t.meter.test_run(MeterProgram::XdpUpload, &frame, 1).expect("run").passed);
@@ -424,6 +429,13 @@ fn credit_only_ever_increases() {
     let Some(mut t) = load() else { return };
     let mac = client(180);
     let maps = t.meter.maps_mut();
+    // Raising credit never creates a client (a replayed update of a closed channel
+    // must not bring its MAC back).
+    let err = maps.raise_credit(mac, ByteCount(5000)).expect_err("credit for an unmetered client refused");
+    assert!(matches!(err, bitmesh::meter::MeterError::NotMetered { .. }), "{err}");
+    assert_eq!(maps.credit(mac).expect("credit"), None);
+    assert_eq!(maps.usage(mac).expect("usage"), None);
+    maps.add_client(mac).expect("meter the client");
     assert_eq!(maps.raise_credit(mac, ByteCount(5000)).expect("raise"), ByteCount(5000));
     assert_eq!(maps.raise_credit(mac, ByteCount(5000)).expect("replay is a no-op"), ByteCount(5000));
     let err = maps.raise_credit(mac, ByteCount(4000)).expect_err("decrease refused");
@@ -433,6 +445,7 @@ fn credit_only_ever_increases() {
     let last = maps.remove_client(mac).expect("remove").expect("was there");
     assert_eq!(last.credited, ByteCount(5000));
     assert_eq!(maps.usage(mac).expect("usage"), None);
+    assert_eq!(maps.remove_client(mac).expect("removing an absent client is a no-op"), None);
 }
 
 /// 1 byte per second (no refill worth a frame during a test), 1000-byte burst.

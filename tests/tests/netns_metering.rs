@@ -92,6 +92,7 @@ fn udp_upload_is_billed_exactly_n_times_payload_plus_42_on_every_hook() {
     const S: usize = 300;
     for hook in [UploadHook::XdpNative, UploadHook::XdpGeneric, UploadHook::Tc] {
         let mut m = Metered::new(hook).expect("topology");
+        m.meter.meter.maps_mut().add_client(client_mac()).expect("meter the client");
         m.meter.meter.maps_mut().raise_credit(client_mac(), ByteCount(1 << 30)).expect("credit");
         // Resolve ARP first (walled garden, never billed).
         assert!(m.ping_gateway(), "{hook}: ping to the gateway");
@@ -119,6 +120,7 @@ fn client_is_cut_off_at_its_credit_and_resumes_after_a_top_up() {
     let mut m = Metered::new(UploadHook::XdpNative).expect("topology");
     // Credit for 10 frames and a bit: the 11th does not fit.
     let credit = 10 * FRAME + FRAME / 2;
+    m.meter.meter.maps_mut().add_client(client_mac()).expect("meter the client");
     m.meter.meter.maps_mut().raise_credit(client_mac(), ByteCount(credit)).expect("credit");
     assert!(m.ping_gateway(), "ping to the gateway");
     let rx = m.udp(true, SocketAddrV4::new(GW, UPSTREAM_PORT)).expect("rx");
@@ -159,6 +161,7 @@ fn download_is_billed_on_egress_and_blocked_when_unpaid() {
     // Unpaid: the gateway's ARP (broadcast, walled garden) resolves, data does not pass.
     assert_eq!(m.blast(&tx, to, &rx, 10, S).expect("blast"), 0, "unpaid download dropped");
     assert_eq!(m.usage(), Default::default(), "unknown client: nothing billed");
+    m.meter.meter.maps_mut().add_client(client_mac()).expect("meter the client");
     m.meter.meter.maps_mut().raise_credit(client_mac(), ByteCount(1 << 30)).expect("credit");
     let before = m.usage();
     assert_eq!(m.blast(&tx, to, &rx, N, S).expect("blast"), N);
@@ -296,6 +299,7 @@ fn enforcement_and_counters_survive_a_controller_restart() {
     }
     const S: usize = 200;
     let mut m = Metered::new(UploadHook::XdpNative).expect("topology");
+    m.meter.meter.maps_mut().add_client(client_mac()).expect("meter the client");
     m.meter.meter.maps_mut().raise_credit(client_mac(), ByteCount(1 << 20)).expect("credit");
     assert!(m.ping_gateway());
     let rx = m.udp(true, SocketAddrV4::new(GW, UPSTREAM_PORT)).expect("rx");
@@ -360,6 +364,7 @@ fn tcp_download_through_gso_is_billed_as_the_frames_on_the_wire() {
     }
     const PAYLOAD: usize = 4 << 20;
     let mut m = Metered::new(UploadHook::Tc).expect("topology");
+    m.meter.meter.maps_mut().add_client(client_mac()).expect("meter the client");
     m.meter.meter.maps_mut().raise_credit(client_mac(), ByteCount(1 << 30)).expect("credit");
     let listener = in_netns(&m.net.gateway, || Ok(TcpListener::bind((GW, 8080))?)).expect("listen");
     let server = std::thread::spawn(move || -> Result<u64> {

@@ -21,7 +21,7 @@ pub fn render(gw: &Gateway) -> String {
             let _ = writeln!(out, "{name}{labels} {v}");
         }
     };
-    let channels = gw.store().channels().unwrap_or_default();
+    let (counts, payments) = gw.store().channel_counts().unwrap_or_default();
     let states = [
         ChannelState::Offered,
         ChannelState::Open,
@@ -35,7 +35,7 @@ pub fn render(gw: &Gateway) -> String {
         "Channels by state.",
         states
             .iter()
-            .map(|s| (format!("{{state=\"{s}\"}}"), channels.iter().filter(|c| c.state == *s).count() as u64))
+            .map(|s| (format!("{{state=\"{s}\"}}"), counts.iter().find(|(c, _)| c == s).map_or(0, |(_, n)| *n)))
             .collect(),
     );
     if let Ok(e) = gw.store().earnings() {
@@ -49,7 +49,6 @@ pub fn render(gw: &Gateway) -> String {
             ],
         );
     }
-    let payments: u64 = channels.iter().map(|c| c.payments).sum();
     gauge("bitmesh_payments", "Payment updates journaled (all channels).", vec![(String::new(), payments)]);
     let metered = gw.metered_clients().unwrap_or_default();
     gauge("bitmesh_metered_clients", "Clients in the kernel maps.", vec![(String::new(), metered.len() as u64)]);

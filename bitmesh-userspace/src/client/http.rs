@@ -11,7 +11,7 @@ use bitcoin::hex::DisplayHex;
 use bitcoin::secp256k1::{Message, SecretKey};
 use bitmesh_common::pricing::ByteCount;
 use bitmesh_common::wire::{
-    client_auth_digest, client_request_digest, ChannelId, ChannelStatus, CloseRequest, CloseResponse, ErrorBody, ErrorCode,
+    client_request_digest, ChannelId, ChannelStatus, CloseRequest, CloseResponse, ErrorBody, ErrorCode,
     FundRequest, OpenRequest, OpenResponse, PaymentAck, PaymentUpdate, SignatureBytes, Terms,
 };
 use serde::de::DeserializeOwned;
@@ -201,7 +201,8 @@ impl GatewayApi {
 
     /// `POST /v1/channels/{id}/close`, signed with the channel's client key.
     pub fn close(&self, id: &ChannelId, key: &SecretKey) -> Result<CloseResponse, HttpError> {
-        let req = CloseRequest { channel_id: *id, signature: auth_signature("close", id, key) };
+        let (counter, signature) = signed_request("close", id, key);
+        let req = CloseRequest { channel_id: *id, counter, signature };
         self.post(&routes::close(id), &req)
     }
 
@@ -251,13 +252,6 @@ impl GatewayApi {
     }
 }
 
-/// The signature that authenticates a close request: DER ECDSA over
-/// `client_auth_digest(action, id)` with the channel's client key.
-pub fn auth_signature(action: &str, id: &ChannelId, key: &SecretKey) -> SignatureBytes {
-    let msg = Message::from_digest(client_auth_digest(action, id));
-    let sig = crate::channel::secp().sign_ecdsa(&msg, key);
-    SignatureBytes(sig.serialize_der().to_vec())
-}
 
 /// Last request counter this process signed (any channel).
 static LAST_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -309,10 +303,18 @@ pub fn next_counter() -> u64 {
 /// the signature over `client_request_digest(action, id, counter)` with a fresh
 /// [`next_counter`] (the gateway takes each counter once, within 120 s of its clock).
 pub fn auth_header(action: &str, id: &ChannelId, key: &SecretKey) -> String {
+    let (counter, sig) = signed_request(action, id, key);
+    format!("{counter}.{}", sig.0.to_lower_hex_string())
+}
+
+/// A fresh [`next_counter`] and the DER signature over
+/// `client_request_digest(action, id, counter)` with the channel's client key (a
+/// signed GET's header, a close request's body): each is single-use at the gateway.
+pub fn signed_request(action: &str, id: &ChannelId, key: &SecretKey) -> (u64, SignatureBytes) {
     let counter = next_counter();
     let msg = Message::from_digest(client_request_digest(action, id, counter));
     let sig = crate::channel::secp().sign_ecdsa(&msg, key);
-    format!("{counter}.{}", sig.serialize_der().to_lower_hex_string())
+    (counter, SignatureBytes(sig.serialize_der().to_vec()))
 }
 
 fn decode<T: DeserializeOwned>(path: &str, resp: &bitreq::Response) -> Result<T, HttpError> {

@@ -7,8 +7,8 @@ use bitcoin::secp256k1::{ecdsa, Message, Secp256k1};
 use bitcoin::{Amount, OutPoint, Transaction};
 use bitmesh_common::pricing::{bytes_for_payment, ByteCount};
 use bitmesh_common::wire::{
-    client_auth_digest, client_request_digest, ChannelId, ChannelState as WireState, ChannelStatus, CloseRequest, CloseResponse,
-    FundRequest, OpenRequest, OpenResponse, PaymentAck, PaymentUpdate, SignatureBytes, Terms, CLIENT_AUTH_WINDOW_MS,
+    client_request_digest, ChannelId, ChannelState as WireState, ChannelStatus, CloseRequest, CloseResponse,
+    FundRequest, OpenRequest, OpenResponse, PaymentAck, PaymentUpdate, Terms, CLIENT_AUTH_WINDOW_MS,
     PROTOCOL_VERSION,
 };
 use tokio::sync::mpsc;
@@ -40,7 +40,7 @@ fn wire_state(s: ChannelState) -> WireState {
     }
 }
 
-fn not_open(s: ChannelState) -> ApiError {
+pub(super) fn not_open(s: ChannelState) -> ApiError {
     let hint = match s {
         ChannelState::Offered => "fund it first (POST /v1/channels/{id}/funding)",
         ChannelState::Open => "it is open",
@@ -56,15 +56,7 @@ impl Gateway {
         self.store.channel(id).map_err(GatewayError::from)?.ok_or(ApiError::UnknownChannel(id))
     }
 
-    /// Check a client-key signature over `client_auth_digest(action, id)` (close body).
-    fn check_client_sig(rec: &ChannelRecord, action: &str, sig: &SignatureBytes) -> Result<(), ApiError> {
-        let refuse = || ApiError::Unauthorized(format!("signature does not verify: sign client_auth_digest(\"{action}\", channel_id) with the channel's client key (DER)"));
-        let sig = ecdsa::Signature::from_der(&sig.0).map_err(|_| refuse())?;
-        let msg = Message::from_digest(client_auth_digest(action, &rec.id));
-        Secp256k1::verification_only().verify_ecdsa(&msg, &sig, &rec.client_pubkey.inner).map_err(|_| refuse())
-    }
-
-    /// Check a signed GET (`status`, `events`): the signature over
+    /// Check a signed request (`status`, `events` GETs, the `close` body): the signature over
     /// `client_request_digest(action, id, counter)`, then the counter: within
     /// ±120 s of our clock and above the last one accepted for (channel, action).
     /// Only a verified, fresh counter is recorded, so a forger cannot push it up.
@@ -152,21 +144,27 @@ impl Gateway {
     /// 4. acknowledge.
     /// A crash between 2 and 3 is repaired at restart (CREDIT is rebuilt from the
     /// journal); a re-sent update is answered from the journal and credits nothing new.
+    ///
+    /// Anything that raises CREDIT first proves the channel is the MAC's current
+    /// open channel ([`Self::current_channel`]): an update of a closed channel, or of
+    /// an older channel of the same device, is refused before it is looked up, so a
+    /// replay sniffed off the air can never bring credit back.
     #[instrument(skip_all, fields(channel = %update.channel_id, total_sat = update.total_paid.to_sat(), mac))]
     pub async fn pay(&self, update: PaymentUpdate) -> Result<PaymentAck, ApiError> {
         let _serial = self.write_lock.lock().await;
         let rec = self.channel_record(update.channel_id)?;
         tracing::Span::current().record("mac", tracing::field::display(rec.mac));
         self.admit_payment(&rec, update.total_paid).await?; // chain_guard.rs: fresh tip, funding still there, zero-conf cap
-        if let Some(stored) = self.store.payment_with_total(rec.id, update.total_paid).map_err(GatewayError::from)? {
-            if stored.signature == update.signature.0 {
-                // Idempotent re-submission (e.g. the ack was lost): same answer.
-                self.with_meter(|m| m.raise_credit(rec.mac, stored.credited))?;
-                return Ok(self.ack(&rec, stored.paid_total, stored.credited));
+        self.current_channel(&rec)?;
+        if update.total_paid == rec.paid_total && rec.payments > 0 {
+            // Only the latest total is answered idempotently (e.g. the ack was lost);
+            // an older one falls through to verification: `amount_not_increasing`.
+            if let Some(stored) = self.store.payment_with_total(rec.id, update.total_paid).map_err(GatewayError::from)? {
+                if stored.signature == update.signature.0 {
+                    self.with_meter(|m| m.raise_credit(rec.mac, stored.credited))?;
+                    return Ok(self.ack(&rec, stored.paid_total, stored.credited));
+                }
             }
-        }
-        if rec.state != ChannelState::Open {
-            return Err(not_open(rec.state));
         }
         let channel = Self::channel_of(&rec).ok_or_else(|| not_open(rec.state))?;
         let key = self.seed.channel_key(rec.gateway_key_index).map_err(GatewayError::from)?;
@@ -205,13 +203,37 @@ impl Gateway {
 
         if verified.client_change == Amount::ZERO {
             // Nothing left to pay: settle now rather than at expiry.
-            self.store.request_close(rec.id, "fully_paid").map_err(GatewayError::from)?;
+            let id = rec.id;
+            self.store_call(move |s| s.request_close(id, "fully_paid")).await?;
         }
         self.low_water_reset(rec.id);
         info!(credited = record.credited.0, sequence = record.sequence, "payment credited");
 
         // 4. acknowledge
         Ok(self.ack(&rec, record.paid_total, record.credited))
+    }
+
+    /// Refuse unless `rec` is open AND is the open channel of its MAC, whose CREDIT
+    /// it owns, AND the kernel meters that MAC (its entries were created when the
+    /// channel was funded). Checked before anything is journaled or credited.
+    fn current_channel(&self, rec: &ChannelRecord) -> Result<(), ApiError> {
+        if rec.state != ChannelState::Open {
+            return Err(not_open(rec.state));
+        }
+        let current = self.store.live_channel_for_mac(rec.mac).map_err(GatewayError::from)?;
+        if current.as_ref().map(|c| c.id) != Some(rec.id) {
+            // Cannot happen while one open channel per MAC holds (open() refuses a
+            // second); if it ever did, CREDIT belongs to the other channel.
+            warn!(channel = %rec.id, mac = %rec.mac, "update for a channel that is not its device's current channel");
+            return Err(not_open(ChannelState::Abandoned));
+        }
+        if self.with_meter(|m| m.usage(rec.mac))?.is_none() {
+            return Err(ApiError::Internal(format!(
+                "open channel {} has no kernel entries for {}: restart the controller to reconcile",
+                rec.id, rec.mac
+            )));
+        }
+        Ok(())
     }
 
     fn low_water_reset(&self, id: ChannelId) {
@@ -260,18 +282,57 @@ impl Gateway {
         }
     }
 
-    async fn relay_if_unknown(&self, tx: &Transaction) -> Result<u32, GatewayError> {
+    /// Confirmations of a funding transaction, broadcasting it first if the node does
+    /// not know it. The gateway relays at most one transaction per offer: a client
+    /// cannot make it push an endless series of transactions for one free offer.
+    async fn relay_once(&self, offer: ChannelId, tx: &Transaction) -> Result<u32, ApiError> {
         let txid = tx.compute_txid();
-        let known = self.chain_call(move |c| c.transaction(&txid)).await?;
-        match known {
-            Some(status) => Ok(status.confirmations),
-            None => {
-                let t = tx.clone();
-                let txid = self.chain_call(move |c| c.broadcast(&t)).await?;
-                info!(%txid, "relayed funding transaction");
-                Ok(0)
-            }
+        if let Some(status) = self.chain_call(move |c| c.transaction(&txid)).await? {
+            return Ok(status.confirmations);
         }
+        let first = self.relayed.lock().map_err(|_| ApiError::Internal("relay lock poisoned".into()))?.insert(offer);
+        if !first {
+            return Err(ApiError::FundingNotFound(
+                "the gateway relays one funding transaction per offer and has relayed one for this offer already: broadcast this transaction yourself, or open a new channel".into(),
+            ));
+        }
+        let t = tx.clone();
+        let txid = self.chain_call(move |c| c.broadcast(&t)).await?;
+        info!(%txid, "relayed funding transaction");
+        Ok(0)
+    }
+
+    /// The open response for a stored offer (a repeated open request gets the same).
+    fn offer_response(&self, rec: &ChannelRecord) -> OpenResponse {
+        let p = self.policy();
+        let script = script_of(rec);
+        OpenResponse {
+            channel_id: rec.id,
+            gateway_pubkey: rec.gateway_pubkey,
+            client_pubkey: rec.client_pubkey,
+            expiry: rec.expiry,
+            witness_script: script.witness_script(),
+            funding_script_pubkey: script.script_pubkey(),
+            funding_address: script.address(p.network).as_unchecked().clone(),
+            min_capacity: p.min_capacity,
+            max_capacity: p.max_capacity,
+            min_first_payment: rec.min_first_payment,
+        }
+    }
+
+    /// Whether `offer` (a live, unfunded offer) answers `req` as it stands: same key,
+    /// expiry and change script, today's price and first-payment minimum, and not
+    /// expired. Then a repeated open gets it back instead of a new durable row.
+    fn offer_matches(&self, offer: &ChannelRecord, req: &OpenRequest) -> bool {
+        let p = self.policy();
+        let age = crate::store::unix_now().saturating_sub(offer.opened_at);
+        offer.state == ChannelState::Offered
+            && offer.client_pubkey == req.client_pubkey
+            && offer.expiry == req.expiry
+            && offer.client_change_script == req.client_change_script
+            && offer.price == p.price
+            && offer.min_first_payment == self.channel_policy().min_first_payment()
+            && u64::try_from(age).is_ok_and(|a| a < p.offer_ttl.as_secs())
     }
 }
 
@@ -312,7 +373,17 @@ impl ClientGateway for Gateway {
                         live.id
                     )))
                 }
-                _ => self.store.abandon(live.id).map_err(GatewayError::from)?,
+                // The same request again (e.g. the answer was lost): the same offer,
+                // not one more durable row.
+                _ if self.offer_matches(&live, &req) => {
+                    tracing::Span::current().record("channel", tracing::field::display(live.id));
+                    info!("channel offer repeated");
+                    return Ok(self.offer_response(&live));
+                }
+                _ => {
+                    let id = live.id;
+                    self.store_call(move |s| s.abandon(id)).await?;
+                }
             }
         }
         let index = self.store.next_key_index().map_err(GatewayError::from)?;
@@ -336,8 +407,12 @@ impl ClientGateway for Gateway {
         let rec = NewChannel { id: script.channel_id(), ..rec };
         tracing::Span::current().record("channel", tracing::field::display(rec.id));
         // Durable before the client sees the key: the key index is never reused.
-        self.store.insert_channel(&rec).map_err(GatewayError::from)?;
-        self.store.bind_client(mac, peer).map_err(GatewayError::from)?;
+        let row = rec.clone();
+        self.store_call(move |s| {
+            s.insert_channel(&row)?;
+            s.bind_client(mac, peer)
+        })
+        .await?;
         info!("channel offered");
         Ok(OpenResponse {
             channel_id: rec.id,
@@ -360,6 +435,10 @@ impl ClientGateway for Gateway {
         if self.mac_of(peer)? != rec.mac {
             return Err(ApiError::Unauthorized("this channel was offered to another device".into()));
         }
+        // One funding call at a time, and the record read again under the lock: of two
+        // transactions sent at once, the second finds the channel open and is refused.
+        let _funding = self.funding_lock.lock().await;
+        let rec = self.channel_record(req.channel_id)?;
         let outpoint = OutPoint { txid: req.funding_tx.compute_txid(), vout: req.funding_vout };
         if rec.state == ChannelState::Open && rec.funding.map(|f| f.outpoint) == Some(outpoint) {
             return Ok(self.status_of(&rec)); // already accepted: idempotent
@@ -384,7 +463,7 @@ impl ClientGateway for Gateway {
             tip: self.tip(),
         };
         verify_funding(&script, precheck, &cpolicy)?;
-        let confirmations = self.relay_if_unknown(&req.funding_tx).await?;
+        let confirmations = self.relay_once(rec.id, &req.funding_tx).await?;
         let check = FundingCheck { confirmations, ..precheck };
         let funded = verify_funding(&script, check, &cpolicy)?;
         self.admit_funding(&rec, &funded)?; // exposure.rs: fresh tip, zero-conf exposure cap
@@ -394,12 +473,25 @@ impl ClientGateway for Gateway {
         } else {
             None
         };
-        let rec = self
-            .store
-            .set_funding(rec.id, Funding { outpoint: funded.outpoint, capacity: funded.capacity, height })
-            .map_err(GatewayError::from)?;
-        self.with_meter(|m| m.restore_client(rec.mac, Default::default()))?;
-        self.with_meter(|m| m.bind_source(rec.mac, rec.ip))?;
+        let funding = Funding { outpoint: funded.outpoint, capacity: funded.capacity, height };
+        let _serial = self.write_lock.lock().await;
+        let id = rec.id;
+        // The store itself refuses a channel that is no longer offered (`NotOffered`).
+        let rec = self.store_call(move |s| s.set_funding(id, funding)).await?;
+        if let Ok(mut r) = self.relayed.lock() {
+            r.remove(&rec.id);
+        }
+        // The device's entries start fresh for this channel: no other channel of this
+        // MAC is open, so anything still there is stale, and CREDIT must only ever be
+        // this channel's own credited total.
+        self.with_meter(|m| {
+            if m.usage(rec.mac)?.is_some() {
+                warn!(mac = %rec.mac, "removing stale kernel entries before metering the new channel");
+                m.remove_client(rec.mac)?;
+            }
+            m.restore_client(rec.mac, Default::default())?;
+            m.bind_source(rec.mac, rec.ip)
+        })?;
         info!(capacity_sat = funded.capacity.to_sat(), zero_conf = funded.zero_conf, "channel funded");
         Ok(self.status_of(&rec))
     }
@@ -419,9 +511,10 @@ impl ClientGateway for Gateway {
     #[instrument(skip_all, fields(channel = %req.channel_id))]
     async fn close(&self, _peer: IpAddr, req: CloseRequest) -> Result<CloseResponse, ApiError> {
         let rec = self.channel_record(req.channel_id)?;
-        Self::check_client_sig(&rec, "close", &req.signature)?;
+        self.check_client_request(&rec, "close", &ClientAuth { counter: req.counter, signature: req.signature.clone() })?;
         if rec.state == ChannelState::Open {
-            self.store.request_close(rec.id, "client").map_err(GatewayError::from)?;
+            let id = rec.id;
+            self.store_call(move |s| s.request_close(id, "client")).await?;
             if let Err(e) = self.settle_due().await {
                 warn!(error = %e, "settlement after a client close failed; it is retried each block");
             }

@@ -69,6 +69,7 @@ impl From<GatewayError> for ApiError {
         match e {
             GatewayError::Channel(e) => ApiError::Channel(e),
             GatewayError::Store(StoreError::UnknownChannel(id)) => ApiError::UnknownChannel(id),
+            GatewayError::Store(StoreError::NotOffered { state, .. }) => client::not_open(state),
             GatewayError::Store(StoreError::OutpointInUse(op)) => ApiError::Channel(ChannelError::DuplicateOutpoint(op)),
             GatewayError::Store(StoreError::NotIncreasing { offered_sat, last_sat, .. }) => {
                 ApiError::Channel(ChannelError::AmountNotIncreasing {
@@ -127,6 +128,12 @@ pub struct Gateway {
     /// Last signed request counter accepted per (channel, action): a signed GET is
     /// single-use. In memory only: after a restart the 120 s window alone protects.
     auth_counters: Mutex<HashMap<(ChannelId, &'static str), u64>>,
+    /// Serializes funding calls: check offered, relay, record, meter, as one step,
+    /// so two funding transactions sent at once cannot both be accepted.
+    funding_lock: tokio::sync::Mutex<()>,
+    /// Offers whose funding transaction the gateway has already broadcast: one
+    /// relay per offer (in memory: after a restart one more may be relayed).
+    relayed: Mutex<std::collections::HashSet<ChannelId>>,
 }
 
 impl Gateway {
@@ -155,6 +162,8 @@ impl Gateway {
             subscribers: Mutex::new(HashMap::new()),
             low_water_sent: Mutex::new(HashMap::new()),
             auth_counters: Mutex::new(HashMap::new()),
+            funding_lock: tokio::sync::Mutex::new(()),
+            relayed: Mutex::new(std::collections::HashSet::new()),
         }))
     }
 
@@ -247,6 +256,18 @@ impl Gateway {
     ) -> Result<T, GatewayError> {
         let c = self.chain.clone();
         tokio::task::spawn_blocking(move || f(&*c))
+            .await
+            .map_err(|e| GatewayError::Task(e.to_string()))?
+            .map_err(GatewayError::from)
+    }
+
+    /// Run a store write (a synced commit) off the async threads.
+    async fn store_call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, GatewayError> {
+        let s = self.store.clone();
+        tokio::task::spawn_blocking(move || f(&s))
             .await
             .map_err(|e| GatewayError::Task(e.to_string()))?
             .map_err(GatewayError::from)

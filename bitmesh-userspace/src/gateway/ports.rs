@@ -15,7 +15,8 @@ use crate::store::MacAddr;
 pub trait MeterPort: Send {
     /// Start metering (zero credit, zeroed or restored usage); existing entries are kept.
     fn restore_client(&mut self, mac: MacAddr, usage: Usage) -> Result<(), MeterError>;
-    /// Raise CREDIT to `total` (never lowers it).
+    /// Raise CREDIT to `total`: never lowers it (`CreditDecrease`) and never creates
+    /// a client (`NotMetered`: only [`Self::restore_client`] does, when a channel opens).
     fn raise_credit(&mut self, mac: MacAddr, total: ByteCount) -> Result<(), MeterError>;
     /// (credited, usage) of a client, if metered.
     fn usage(&self, mac: MacAddr) -> Result<Option<(ByteCount, Usage)>, MeterError>;
@@ -78,8 +79,12 @@ impl MeterPort for MemoryMeter {
         Ok(())
     }
     fn raise_credit(&mut self, mac: MacAddr, total: ByteCount) -> Result<(), MeterError> {
-        let e = self.clients.entry(mac).or_insert((ByteCount::ZERO, Usage::default()));
-        e.0 = e.0.max(total);
+        // Like the kernel maps: never creates a client, never lowers credit.
+        let e = self.clients.get_mut(&mac).ok_or(MeterError::NotMetered { mac: Mac(mac.0) })?;
+        if total < e.0 {
+            return Err(MeterError::CreditDecrease { mac: Mac(mac.0), current: e.0 .0, requested: total.0 });
+        }
+        e.0 = total;
         Ok(())
     }
     fn usage(&self, mac: MacAddr) -> Result<Option<(ByteCount, Usage)>, MeterError> {
@@ -180,6 +185,19 @@ impl MeterPort for crate::meter::Meter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn memory_meter_never_creates_a_client_nor_lowers_credit() {
+        let mac = MacAddr([2, 0, 0, 0, 0, 9]);
+        let mut m = MemoryMeter::default();
+        assert!(matches!(m.raise_credit(mac, ByteCount(10)), Err(MeterError::NotMetered { .. })));
+        assert_eq!(m.usage(mac).unwrap(), None, "a refused credit created nothing");
+        m.restore_client(mac, Usage::default()).unwrap();
+        m.raise_credit(mac, ByteCount(10)).unwrap();
+        m.raise_credit(mac, ByteCount(10)).unwrap();
+        assert!(matches!(m.raise_credit(mac, ByteCount(9)), Err(MeterError::CreditDecrease { .. })));
+        assert_eq!(m.usage(mac).unwrap().map(|(c, _)| c), Some(ByteCount(10)));
+    }
 
     #[test]
     fn neighbour_tables_resolve_only_complete_entries_on_our_interface() {

@@ -6,11 +6,14 @@
 //! * Maps are new (reboot): recreate every open channel's client with USAGE from
 //!   its last snapshot and CREDIT from the journal. Traffic after the last snapshot
 //!   is lost to billing (at most one snapshot interval), never paid twice.
+//! * Either way, and periodically ([`Gateway::housekeeping`]): a MAC with kernel
+//!   entries but no open channel loses them; offers past `--offer-ttl-secs` expire.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use bitmesh_common::kernel::Usage;
 use bitmesh_common::pricing::ByteCount;
+use bitmesh_common::wire::ChannelId;
 use tracing::{info, warn};
 
 use super::{Gateway, GatewayError};
@@ -24,6 +27,8 @@ pub struct ReconcileReport {
     pub clients: usize,
     /// Clients whose USAGE was restored from a snapshot (reboot only).
     pub usage_restored: usize,
+    /// Devices with kernel entries but no open channel, whose entries were removed.
+    pub stale_removed: usize,
 }
 
 impl Gateway {
@@ -54,8 +59,52 @@ impl Gateway {
             }
             report.clients += 1;
         }
-        info!(pinned = maps_were_pinned, clients = report.clients, restored = report.usage_restored, "kernel maps reconciled with the store");
+        report.stale_removed = self.remove_stale_entries()?;
+        info!(pinned = maps_were_pinned, clients = report.clients, restored = report.usage_restored, stale = report.stale_removed, "kernel maps reconciled with the store");
         Ok(report)
+    }
+
+    /// Periodic upkeep (run with the usage snapshots): expire offers older than
+    /// `--offer-ttl-secs`, and remove kernel entries of devices that have no open
+    /// channel (a channel closed or abandoned while its entries stayed, e.g. after a
+    /// crash between the store update and the map removal).
+    pub async fn housekeeping(&self) -> Result<(), GatewayError> {
+        let cutoff = crate::store::unix_now().saturating_sub(i64::try_from(self.policy().offer_ttl.as_secs()).unwrap_or(i64::MAX));
+        let expired = self.store_call(move |s| s.expire_offers(cutoff)).await?;
+        if !expired.is_empty() {
+            info!(offers = expired.len(), "unfunded offers expired");
+        }
+        let offered: std::collections::HashSet<ChannelId> =
+            self.store.channels_in(&[ChannelState::Offered])?.into_iter().map(|c| c.id).collect();
+        if let Ok(mut r) = self.relayed.lock() {
+            r.retain(|id| offered.contains(id));
+        }
+        // Under the write lock: a channel funded concurrently creates its entries
+        // under the same lock, so it is never mistaken for stale.
+        let _serial = self.write_lock.lock().await;
+        self.remove_stale_entries()?;
+        Ok(())
+    }
+
+    /// Remove the kernel entries of every MAC without an open channel: raising
+    /// credit never creates entries, so a device whose channel has ended cannot get
+    /// credit back, and leftover entries (closed or abandoned channels) must go.
+    /// Callers hold the write lock (or run before the API starts).
+    fn remove_stale_entries(&self) -> Result<usize, GatewayError> {
+        // Kernel first, then the store: a channel funded in between is in the store
+        // read, so its fresh entries are never taken for stale.
+        let metered = self.with_meter(|m| m.all_usage())?;
+        let open: HashSet<MacAddr> = self.store.channels_in(&[ChannelState::Open])?.into_iter().map(|c| c.mac).collect();
+        let mut removed = 0;
+        for (mac, credited, _) in metered {
+            if open.contains(&mac) {
+                continue;
+            }
+            self.with_meter(|m| m.remove_client(mac))?;
+            warn!(%mac, credited = credited.0, "removed kernel entries of a device with no open channel");
+            removed += 1;
+        }
+        Ok(removed)
     }
 
     /// Save the kernel counters of every open channel's client (one synced write).

@@ -174,6 +174,107 @@ async fn payment_is_journaled_then_credited_and_resubmission_returns_the_same_ac
     assert!(e.pending > Amount::ZERO && e.held_open == Amount::ZERO, "{e:?}");
 }
 
+/// Open and fund a channel for the test device; its channel and client key.
+async fn funded(gw: &Gateway, store: &Store, seed: u8) -> (crate::channel::Channel, SecretKey, ChannelId) {
+    let peer: IpAddr = PEER.parse().unwrap();
+    let secp = Secp256k1::new();
+    let client_sk = SecretKey::from_slice(&[seed; 32]).unwrap();
+    let client_pk = bitcoin::PublicKey::new(bitcoin::secp256k1::PublicKey::from_secret_key(&secp, &client_sk));
+    let change = ScriptBuf::new_p2wpkh(&client_pk.wpubkey_hash().unwrap());
+    let req = OpenRequest { client_pubkey: client_pk, expiry: absolute::Height::from_consensus(700).unwrap(), client_change_script: change };
+    let open = ClientGateway::open(gw, peer, req.clone()).await.unwrap();
+    assert_eq!(ClientGateway::open(gw, peer, req).await.unwrap(), open, "a repeated open gets the same offer");
+    let funding = Transaction {
+        version: bitcoin::transaction::Version::TWO,
+        lock_time: absolute::LockTime::ZERO,
+        input: vec![TxIn { witness: Witness::from_slice(&[[seed; 72].as_slice(), [2u8; 33].as_slice()]), ..Default::default() }],
+        output: vec![TxOut { value: Amount::from_sat(40_000), script_pubkey: open.funding_script_pubkey.clone() }],
+    };
+    ClientGateway::fund(gw, peer, FundRequest { channel_id: open.channel_id, funding_tx: funding, funding_vout: 0 }).await.unwrap();
+    let rec = store.channel(open.channel_id).unwrap().unwrap();
+    (Gateway::channel_of(&rec).unwrap(), client_sk, open.channel_id)
+}
+
+#[tokio::test]
+async fn replayed_updates_credit_only_the_current_open_channel_and_stale_entries_go() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(&Store::path_in(dir.path())).unwrap());
+    let gw = gateway(store.clone());
+    let (channel, sk, id) = funded(&gw, &store, 3).await;
+    let update = |total: Amount| PaymentUpdate { channel_id: id, total_paid: total, signature: sign_update(&channel, total, &sk).unwrap() };
+    let first = channel.min_first_payment;
+    let u1 = update(first);
+    let u2 = update(first + Amount::from_sat(3_000));
+    gw.pay(u1.clone()).await.unwrap();
+    let ack2 = gw.pay(u2.clone()).await.unwrap();
+    let credit = credit_of(&gw);
+
+    // An older update, re-sent: refused as not increasing, nothing changes.
+    let err = gw.pay(u1).await.unwrap_err();
+    assert_eq!(err.code(), ErrorCode::AmountNotIncreasing, "{err}");
+    assert_eq!((store.payments(id).unwrap().len(), credit_of(&gw)), (2, credit));
+    assert_eq!(gw.pay(u2.clone()).await.unwrap(), ack2, "the latest one is answered from the journal");
+
+    // Closed: a replay is refused and creates no kernel entry.
+    gw.settle_now(None).await.unwrap();
+    assert_eq!(credit_of(&gw), None);
+    let err = gw.pay(u2.clone()).await.unwrap_err();
+    assert_eq!(err.code(), ErrorCode::ChannelNotOpen, "{err}");
+    assert_eq!(credit_of(&gw), None, "a replay after close re-created CREDIT");
+
+    // A newer channel on the same device: the old update still credits nothing.
+    let (channel_b, sk_b, id_b) = funded(&gw, &store, 4).await;
+    let b1 = PaymentUpdate { channel_id: id_b, total_paid: channel_b.min_first_payment, signature: sign_update(&channel_b, channel_b.min_first_payment, &sk_b).unwrap() };
+    let ack_b = gw.pay(b1).await.unwrap();
+    assert_eq!(gw.pay(u2).await.unwrap_err().code(), ErrorCode::ChannelNotOpen);
+    assert_eq!(credit_of(&gw), Some(ack_b.credited_bytes.0), "CREDIT is channel B's own total");
+
+    // Leftover entries of a device with no open channel are removed by reconcile.
+    gw.settle_now(None).await.unwrap();
+    gw.with_meter(|m| m.restore_client(MAC, Default::default())).unwrap();
+    gw.with_meter(|m| m.raise_credit(MAC, bitmesh_common::pricing::ByteCount(1 << 30))).unwrap();
+    let r = gw.reconcile(true).unwrap();
+    assert_eq!((r.clients, r.stale_removed), (0, 1));
+    assert_eq!(credit_of(&gw), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_funding_calls_record_one_outpoint_and_refuse_the_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(&Store::path_in(dir.path())).unwrap());
+    let gw = gateway(store.clone());
+    let peer: IpAddr = PEER.parse().unwrap();
+    let secp = Secp256k1::new();
+    let client_sk = SecretKey::from_slice(&[5; 32]).unwrap();
+    let client_pk = bitcoin::PublicKey::new(bitcoin::secp256k1::PublicKey::from_secret_key(&secp, &client_sk));
+    let change = ScriptBuf::new_p2wpkh(&client_pk.wpubkey_hash().unwrap());
+    let req = OpenRequest { client_pubkey: client_pk, expiry: absolute::Height::from_consensus(700).unwrap(), client_change_script: change };
+    let open = ClientGateway::open(&*gw, peer, req).await.unwrap();
+    let funding = |n: u8| Transaction {
+        version: bitcoin::transaction::Version::TWO,
+        lock_time: absolute::LockTime::ZERO,
+        input: vec![TxIn {
+            previous_output: OutPoint { txid: format!("{n:02x}").repeat(32).parse().unwrap(), vout: 0 },
+            witness: Witness::from_slice(&[[n; 72].as_slice(), [2u8; 33].as_slice()]),
+            ..Default::default()
+        }],
+        output: vec![TxOut { value: Amount::from_sat(40_000), script_pubkey: open.funding_script_pubkey.clone() }],
+    };
+    let (a, b) = (funding(1), funding(2));
+    let call = |tx: Transaction| {
+        let gw = gw.clone();
+        let id = open.channel_id;
+        tokio::spawn(async move { ClientGateway::fund(&*gw, peer, FundRequest { channel_id: id, funding_tx: tx, funding_vout: 0 }).await })
+    };
+    let (ra, rb) = (call(a.clone()), call(b.clone()));
+    let (ra, rb) = (ra.await.unwrap(), rb.await.unwrap());
+    assert!(ra.is_ok() != rb.is_ok(), "exactly one funding call wins: {ra:?} {rb:?}");
+    let (won, lost) = if ra.is_ok() { (&a, rb) } else { (&b, ra) };
+    assert_eq!(lost.unwrap_err().code(), ErrorCode::ChannelNotOpen);
+    let rec = store.channel(open.channel_id).unwrap().unwrap();
+    assert_eq!(rec.funding.unwrap().outpoint, OutPoint { txid: won.compute_txid(), vout: 0 });
+}
+
 #[tokio::test]
 async fn unconfirmed_channel_is_capped_and_loses_its_credit_when_its_funding_vanishes_and_a_stale_tip_stops_payments() {
     let dir = tempfile::tempdir().unwrap();

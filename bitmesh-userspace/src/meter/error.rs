@@ -146,6 +146,15 @@ pub enum MeterError {
         requested: u64,
     },
 
+    /// Credit was raised for a MAC the kernel does not meter. Raising credit never
+    /// creates a client (a replayed update of a closed channel must not bring one
+    /// back): entries are created only when a channel opens.
+    #[error("{mac} is not metered: credit is raised only for a client whose channel is open (its entries are created when the channel is funded)")]
+    NotMetered {
+        /// The client.
+        mac: Mac,
+    },
+
     /// The MAC is broadcast/multicast and can never be a client.
     #[error("{mac} is a group (broadcast/multicast) address, not a client")]
     GroupMac {

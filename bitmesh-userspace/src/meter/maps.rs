@@ -188,12 +188,16 @@ impl MeterMaps {
         Ok(())
     }
 
-    /// Set the total bytes credited to `mac` to `total` (creating the client if
-    /// needed). Credit only ever increases: a lower total is an error, an equal one a
-    /// no-op, so replaying a payment after a crash never credits twice.
+    /// Set the total bytes credited to `mac` to `total`. Credit only ever increases:
+    /// a lower total is an error, an equal one a no-op, so replaying a payment after
+    /// a crash never credits twice. The client must already be metered
+    /// ([`Self::add_client`] / [`Self::restore_client`]): raising credit never creates
+    /// entries, so credit cannot reappear for a device whose channel has ended.
     pub fn raise_credit(&mut self, mac: Mac, total: ByteCount) -> Result<ByteCount, MeterError> {
-        self.add_client(mac)?;
-        let current = self.credit(mac)?.unwrap_or(ByteCount::ZERO);
+        let current = self.credit(mac)?.ok_or(MeterError::NotMetered { mac })?;
+        if self.usage(mac)?.is_none() {
+            return Err(MeterError::NotMetered { mac });
+        }
         if total.0 < current.0 {
             return Err(MeterError::CreditDecrease { mac, current: current.0, requested: total.0 });
         }
@@ -301,12 +305,14 @@ impl MeterMaps {
     pub fn remove_client(&mut self, mac: Mac) -> Result<Option<ClientUsage>, MeterError> {
         let credited = self.credit(mac)?.unwrap_or(ByteCount::ZERO);
         match self.credit.remove(&mac.key()) {
-            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Ok(()) => {}
+            Err(e) if is_absent(&e) => {}
             Err(e) => return Err(map_err("remove credit", MAP_CREDIT)(e)),
         }
         let last = self.usage(mac)?.map(|u| ClientUsage { credited, ..u });
         match self.usage.remove(&mac.key()) {
-            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Ok(()) => {}
+            Err(e) if is_absent(&e) => {}
             Err(e) => return Err(map_err("remove usage", MAP_USAGE)(e)),
         }
         // Unbound after: its frames are unpaid now whatever their source.
@@ -332,6 +338,16 @@ impl MeterMaps {
             slots.push(total);
         }
         Ok(MeterStats { slots })
+    }
+}
+
+/// The key was not in the map: aya reports a delete of a missing key as the
+/// syscall's ENOENT, not as `KeyNotFound` (which only lookups return).
+fn is_absent(e: &MapError) -> bool {
+    match e {
+        MapError::KeyNotFound => true,
+        MapError::SyscallError(s) => s.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
     }
 }
 

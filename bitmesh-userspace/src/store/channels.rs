@@ -265,10 +265,43 @@ impl Store {
         list(&conn, "", [])
     }
 
-    /// Channels in any of `states`, oldest first.
+    /// Channels in any of `states`, oldest first. Selected in SQL through the state
+    /// index: periodic work reads the few live channels, never every row ever offered.
     pub fn channels_in(&self, states: &[ChannelState]) -> Result<Vec<ChannelRecord>, StoreError> {
-        let all = self.channels()?;
-        Ok(all.into_iter().filter(|c| states.contains(&c.state)).collect())
+        if states.is_empty() {
+            return Ok(Vec::new());
+        }
+        let conn = self.conn()?;
+        let marks = vec!["?"; states.len()].join(", ");
+        let names: Vec<&str> = states.iter().map(|s| s.as_str()).collect();
+        list(&conn, &format!("WHERE c.state IN ({marks})"), rusqlite::params_from_iter(names))
+    }
+
+    /// How many channels are in each state, and how many payments the journal holds
+    /// (metrics): counted in SQL, without reading every row.
+    pub fn channel_counts(&self) -> Result<(Vec<(ChannelState, u64)>, u64), StoreError> {
+        let conn = self.conn()?;
+        let mut stmt = conn.prepare("SELECT state, COUNT(*) FROM channels GROUP BY state")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+        let mut by_state = Vec::new();
+        for row in rows {
+            let (state, n) = row?;
+            let state = ChannelState::parse(&state).ok_or_else(|| corrupt("state", &state))?;
+            by_state.push((state, n as u64));
+        }
+        let payments: i64 = conn.query_row("SELECT COUNT(*) FROM payments", [], |r| r.get(0))?;
+        Ok((by_state, payments as u64))
+    }
+
+    /// Abandon every offer (never funded) made before `opened_before` (Unix seconds):
+    /// an offer is not a live row forever. Returns the channels expired.
+    pub fn expire_offers(&self, opened_before: i64) -> Result<Vec<ChannelId>, StoreError> {
+        let conn = self.conn()?;
+        let mut stmt = conn.prepare(
+            "UPDATE channels SET state = 'abandoned' WHERE state = 'offered' AND opened_at < ?1 RETURNING id",
+        )?;
+        let ids = stmt.query_map([opened_before], |r| r.get::<_, String>(0))?;
+        ids.map(|id| id?.parse::<ChannelId>().map_err(|e| corrupt("id", e))).collect()
     }
 
     /// The channel (offered or open) currently bound to a MAC, if any.
@@ -294,12 +327,14 @@ impl Store {
     }
 
     /// Accept the funding output of an offered channel: it becomes `open`.
-    /// Fails with [`StoreError::OutpointInUse`] if another channel already has it.
+    /// Fails with [`StoreError::OutpointInUse`] if another channel already has it, and
+    /// with [`StoreError::NotOffered`] unless the channel is `offered`: a funded
+    /// channel's outpoint never changes (its journaled signatures spend it).
     pub fn set_funding(&self, id: ChannelId, funding: Funding) -> Result<ChannelRecord, StoreError> {
         let conn = self.conn()?;
         let r = conn.execute(
             "UPDATE channels SET funding_txid = ?2, funding_vout = ?3, capacity_sat = ?4,
-                funding_height = ?5, state = 'open' WHERE id = ?1 AND state IN ('offered', 'open')",
+                funding_height = ?5, state = 'open' WHERE id = ?1 AND state = 'offered'",
             params![
                 id.to_string(),
                 funding.outpoint.txid.to_string(),
@@ -313,7 +348,12 @@ impl Store {
                 return Err(StoreError::OutpointInUse(funding.outpoint))
             }
             Err(e) => return Err(e.into()),
-            Ok(0) => return Err(StoreError::UnknownChannel(id)),
+            Ok(0) => {
+                return Err(match get(&conn, id)? {
+                    Some(c) => StoreError::NotOffered { channel: id, state: c.state },
+                    None => StoreError::UnknownChannel(id),
+                })
+            }
             Ok(_) => {}
         }
         get(&conn, id)?.ok_or(StoreError::UnknownChannel(id))

@@ -56,6 +56,8 @@ pub enum StoreError {
     UnknownChannel(ChannelId),
     #[error("channel {channel}: paid total {offered_sat} sat is not above the last stored total {last_sat} sat")]
     NotIncreasing { channel: ChannelId, offered_sat: u64, last_sat: u64 },
+    #[error("channel {channel} is {state}: only an offered channel can be funded")]
+    NotOffered { channel: ChannelId, state: ChannelState },
     #[error("funding outpoint {0} already belongs to another channel")]
     OutpointInUse(bitcoin::OutPoint),
     #[error("settlement {0} is not in the store")]

@@ -263,6 +263,43 @@ fn final_usage_is_kept_with_the_channel_and_survives_a_reopen() {
 }
 
 #[test]
+fn only_an_offered_channel_can_be_funded_and_its_outpoint_never_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&Store::path_in(dir.path())).unwrap();
+    let ch = new_channel(&store, 7);
+    let first = Funding { outpoint: outpoint(1), capacity: Amount::from_sat(100_000), height: None };
+    store.set_funding(ch.id, first).unwrap();
+    let second = Funding { outpoint: outpoint(2), ..first };
+    let err = store.set_funding(ch.id, second).unwrap_err();
+    assert!(matches!(err, StoreError::NotOffered { state: ChannelState::Open, .. }), "{err}");
+    assert_eq!(store.channel(ch.id).unwrap().unwrap().funding, Some(first), "the recorded outpoint is unchanged");
+    let gone = new_channel(&store, 8);
+    store.abandon(gone.id).unwrap();
+    assert!(matches!(store.set_funding(gone.id, second), Err(StoreError::NotOffered { state: ChannelState::Abandoned, .. })));
+    assert!(matches!(store.set_funding(random_id(), second), Err(StoreError::UnknownChannel(_))));
+}
+
+#[test]
+fn channels_are_selected_by_state_and_old_offers_expire() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&Store::path_in(dir.path())).unwrap();
+    let open = new_channel(&store, 1);
+    store.set_funding(open.id, Funding { outpoint: outpoint(1), capacity: Amount::from_sat(100_000), height: None }).unwrap();
+    let offered = new_channel(&store, 2);
+    let ids = |states: &[ChannelState]| store.channels_in(states).unwrap().into_iter().map(|c| c.id).collect::<Vec<_>>();
+    assert_eq!(ids(&[ChannelState::Open]), vec![open.id]);
+    assert_eq!(ids(&[ChannelState::Offered]), vec![offered.id]);
+    assert_eq!(ids(&[ChannelState::Open, ChannelState::Offered]).len(), 2);
+    assert!(ids(&[]).is_empty());
+    // Offers made before the cutoff expire; funded channels are untouched.
+    assert!(store.expire_offers(offered.opened_at).unwrap().is_empty(), "not older than the cutoff");
+    assert_eq!(store.expire_offers(offered.opened_at + 1).unwrap(), vec![offered.id]);
+    assert_eq!(store.channel(offered.id).unwrap().unwrap().state, ChannelState::Abandoned);
+    assert_eq!(store.channel(open.id).unwrap().unwrap().state, ChannelState::Open);
+    assert!(store.expire_offers(i64::MAX).unwrap().is_empty());
+}
+
+#[test]
 fn database_files_are_private_even_under_a_permissive_umask_or_from_an_older_run() {
     use std::os::unix::fs::PermissionsExt;
     let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;

@@ -166,6 +166,7 @@ pub fn run(report: &mut Report, quick: bool) -> Result<()> {
         for hook in [UploadHook::XdpNative, UploadHook::Tc] {
             let mut test_meter = TestMeter::load()?;
             for i in rule_order(clients) {
+                test_meter.meter.maps_mut().add_client(client_mac(i))?;
                 test_meter.meter.maps_mut().raise_credit(client_mac(i), ByteCount(u64::MAX / 4))?;
             }
             let meter = &mut test_meter.meter;
