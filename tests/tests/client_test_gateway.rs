@@ -17,6 +17,7 @@ use bitmesh::client::policy::Hold;
 use bitmesh::client::session::{self, SessionError};
 use bitmesh::client::state::{Phase, StateDir};
 use bitmesh::client::terms::TermsError;
+use bitmesh::client::tip::{SeenTip, TipError, TipLog};
 use bitmesh_common::pricing::{payment_for_bytes, ByteCount, PriceMsatPerMib, MIB};
 use client_support::*;
 
@@ -265,4 +266,132 @@ fn bip21_funding_is_found_on_the_chain_without_pasting_anything() {
     assert_eq!(summary.record.funding.unwrap().outpoint, outpoint);
     assert!(*chain.lookups.lock().unwrap() >= 3, "watched until the payment appeared");
     assert!(ui.notes.iter().any(|n| n.starts_with("payment seen")), "{:?}", ui.notes);
+}
+
+// --- A hostile gateway: terms that change or hide a cost (issue 13) ---
+
+/// Run a session that is expected to be refused before anything is funded; returns
+/// the error.
+fn refused(gw: &TestGateway, cfg: bitmesh::client::session::PayConfig) -> SessionError {
+    let agent = std::thread::spawn(move || session::run(cfg, &mut TestMeter::default(), &mut RecordingUi::default()));
+    // A session that is (wrongly) not refused pays and keeps running: stop it after
+    // its first payment so the test fails with the assertion below, not a hang.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !agent.is_finished() && Instant::now() < deadline && gw.totals().is_empty() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let book = gw.book.lock().unwrap();
+    assert_eq!((book.funded, book.totals.clone()), (None, vec![]), "nothing may be funded or paid");
+    drop(book);
+    agent.join().unwrap().expect_err("the session must be refused")
+}
+
+#[test]
+fn agent_refuses_an_open_answer_that_raises_the_first_payment() {
+    // The terms say 3 sat; the open answer says 20,000 (within --max-spend): the
+    // agent used to take the larger of the two and pay it as its first payment.
+    let gw = TestGateway::start(false);
+    gw.book.lock().unwrap().open_first_payment = Some(Amount::from_sat(20_000));
+    let dir = tempfile::tempdir().unwrap();
+    let (cfg, _stop) = config(&gw.url, dir.path(), fake_funding(), 1000);
+    let err = refused(&gw, cfg);
+    assert!(matches!(err, SessionError::TermsChanged { term: "first payment", .. }), "{err}");
+    assert!(err.to_string().contains("nothing was funded"), "{err}");
+}
+
+#[test]
+fn agent_refuses_a_first_payment_above_its_prepaid_cap() {
+    // Consistent terms, but a 20,000 sat first payment: above the default
+    // --max-prepaid (2,000 sat) although below --max-spend (50,000).
+    let gw = TestGateway::start(false);
+    gw.book.lock().unwrap().terms.min_first_payment = Amount::from_sat(20_000);
+    let dir = tempfile::tempdir().unwrap();
+    let (cfg, _stop) = config(&gw.url, dir.path(), fake_funding(), 1000);
+    let err = refused(&gw, cfg);
+    assert!(matches!(err, SessionError::Terms(TermsError::FirstPaymentAbovePrepaidCap { .. })), "{err}");
+    assert!(err.to_string().contains("--max-prepaid"), "{err}");
+    assert_eq!(gw.book.lock().unwrap().opens, 0);
+}
+
+#[test]
+fn agent_pays_at_most_its_chunk_cap_ahead_whatever_chunk_the_gateway_asks() {
+    // A 10 GiB chunk at 1 sat/MiB: the agent used to pay 10,240 sat ahead of use.
+    let gw = TestGateway::start(false);
+    gw.book.lock().unwrap().terms.chunk_bytes = ByteCount::from_mib(10 * 1024);
+    let dir = tempfile::tempdir().unwrap();
+    let (cfg, stop) = config(&gw.url, dir.path(), fake_funding(), 1000);
+    let cap = payment_for_bytes(bitmesh::client::terms::DEFAULT_MAX_CHUNK, PriceMsatPerMib::from_sat_per_mib(1).unwrap());
+    let mut m = TestMeter::default();
+    let agent = std::thread::spawn(move || session::run(cfg, &mut m, &mut RecordingUi::default()));
+    wait_until("the first payment", || !gw.totals().is_empty());
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::SeqCst);
+    let summary = agent.join().unwrap().unwrap();
+    assert_eq!(gw.totals(), vec![cap], "one chunk of at most --max-chunk-mib ahead, nothing received");
+    assert_eq!(summary.record.chunk, bitmesh::client::terms::DEFAULT_MAX_CHUNK);
+}
+
+#[test]
+fn agent_refuses_a_gateway_tip_far_from_its_own_chain() {
+    // The gateway claims tip 5,000 while the agent's own node says 500: the refund
+    // lock would be 4,500 blocks (a month) longer than the user agreed to.
+    let gw = TestGateway::start(false);
+    gw.book.lock().unwrap().terms.tip_height = bitcoin::absolute::Height::from_consensus(5_000).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (mut cfg, _stop) = config(&gw.url, dir.path(), fake_funding(), 1000);
+    cfg.tip_chain = Some(Box::new(FixedTip(500)));
+    let err = refused(&gw, cfg);
+    assert!(matches!(err, SessionError::Tip(TipError::DisagreesWithOwnChain { gateway: 5_000, own: 500, .. })), "{err}");
+    assert_eq!(gw.book.lock().unwrap().opens, 0);
+}
+
+#[test]
+fn agent_refuses_a_gateway_tip_that_moves_backwards_between_sessions() {
+    // First session at tip 500 (no chain backend): honest, remembered.
+    let gw = TestGateway::start(false);
+    let dir = tempfile::tempdir().unwrap();
+    let (cfg, stop) = config(&gw.url, dir.path(), fake_funding(), 1000);
+    let agent = std::thread::spawn(move || session::run(cfg, &mut TestMeter::default(), &mut RecordingUi::default()));
+    wait_until("the first payment", || !gw.totals().is_empty());
+    stop.store(true, Ordering::SeqCst);
+    agent.join().unwrap().unwrap();
+    // A later gateway (here: the same one) says 400: more than a reorg below.
+    let gw2 = TestGateway::start(false);
+    gw2.book.lock().unwrap().terms.tip_height = bitcoin::absolute::Height::from_consensus(400).unwrap();
+    let (cfg, _stop) = config(&gw2.url, dir.path(), fake_funding(), 1000);
+    let err = refused(&gw2, cfg);
+    assert!(matches!(err, SessionError::Tip(TipError::Backwards { gateway: 400, seen: 500 })), "{err}");
+}
+
+#[test]
+fn agent_refuses_a_gateway_tip_that_jumps_ahead_on_a_real_network() {
+    // On signet, tip 500 was seen a minute ago; a gateway now claims 5,000.
+    let gw = TestGateway::start(false);
+    {
+        let mut book = gw.book.lock().unwrap();
+        book.terms.network = bitcoin::Network::Signet;
+        book.terms.tip_height = bitcoin::absolute::Height::from_consensus(5_000).unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    TipLog::new(dir.path()).record(bitcoin::Network::Signet, SeenTip { height: 500, at_unix: now - 60 }).unwrap();
+    let (mut cfg, _stop) = config(&gw.url, dir.path(), fake_funding(), 1000);
+    cfg.limits.network = bitcoin::Network::Signet;
+    let err = refused(&gw, cfg);
+    assert!(matches!(err, SessionError::Tip(TipError::Jump { gateway: 5_000, seen: 500, .. })), "{err}");
+}
+
+#[test]
+fn agent_refuses_a_mainnet_tip_the_chain_cannot_have_reached() {
+    let gw = TestGateway::start(false);
+    {
+        let mut book = gw.book.lock().unwrap();
+        book.terms.network = bitcoin::Network::Bitcoin;
+        book.terms.tip_height = bitcoin::absolute::Height::from_consensus(5_000_000).unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (mut cfg, _stop) = config(&gw.url, dir.path(), fake_funding(), 1000);
+    cfg.limits.network = bitcoin::Network::Bitcoin;
+    let err = refused(&gw, cfg);
+    assert!(matches!(err, SessionError::Tip(TipError::Implausible { gateway: 5_000_000, .. })), "{err}");
 }

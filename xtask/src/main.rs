@@ -7,6 +7,7 @@
 mod bitcoind;
 mod cache;
 mod ebpf;
+mod fuzz;
 mod provision;
 mod run;
 
@@ -34,6 +35,16 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Fuzz the decoders and checks (cargo-fuzz, libFuzzer, nightly): API requests,
+    /// payment updates, the kernel's frame classifier, the agent's reading of gateway
+    /// answers. Installs cargo-fuzz once into the cache.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        secs: u64,
+        /// Only these targets (default: all).
+        targets: Vec<String>,
+    },
     /// Run the whole story on one machine: namespaces, regtest chain, controller, clients.
     Demo,
     /// Benchmarks: kernel cost per frame, forwarding rate, payment updates per second.
@@ -58,6 +69,7 @@ fn main() -> Result<()> {
             println!("bitcoin-cli: {}", bins.bitcoin_cli.display());
         }
         Command::Test { args } => run::test(&args)?,
+        Command::Fuzz { secs, targets } => fuzz::fuzz(secs, &targets)?,
         Command::Demo => run::demo()?,
         Command::Bench { args } => run::bench(&args)?,
     }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use bitcoin::address::NetworkUnchecked;
 use bitcoin::{Address, Amount, FeeRate, Network};
-use bitmesh_common::pricing::{PriceMsatPerMib, MIB};
+use bitmesh_common::pricing::{ByteCount, PriceMsatPerMib, MIB};
 use bitmesh_common::wire::ChannelId;
 use clap::Args;
 
@@ -79,6 +79,14 @@ pub struct PayArgs {
     /// Channel capacity in sat (default: --max-spend, within the gateway's range).
     #[arg(long, value_name = "SAT")]
     pub capacity: Option<u64>,
+    /// Most bytes paid ahead of use, in MiB: a gateway asking for a bigger chunk is
+    /// paid this far ahead (more top-ups, never more money at risk).
+    #[arg(long, value_name = "MIB", default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_chunk_mib: u64,
+    /// Most paid ahead of the bytes received, in sat: bounds the chunk in money, and a
+    /// gateway whose first payment (close fee + dust) is above it is refused.
+    #[arg(long, value_name = "SAT", default_value_t = 2_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_prepaid: u64,
     /// Shortest lock of your money accepted, in blocks.
     #[arg(long, value_name = "BLOCKS", default_value_t = 6)]
     pub min_expiry_blocks: u32,
@@ -118,8 +126,9 @@ pub struct PayArgs {
     /// of asking the gateway to close.
     #[arg(long)]
     pub keep_open: bool,
-    /// Chain backend to find the wallet's payment by itself (BIP21 funding); else
-    /// the funding transaction is pasted.
+    /// Chain backend to check the gateway's chain tip (it sets your refund lock)
+    /// and, with BIP21 funding, to find the wallet's payment by itself (else the
+    /// funding transaction is pasted).
     #[command(flatten)]
     pub chain: ChainArgs,
 }
@@ -188,9 +197,10 @@ pub fn pay(args: PayArgs) -> anyhow::Result<()> {
     let mut meter = IfaceMeter::new(&iface)?;
     eprintln!("counting own traffic on {iface} (rx + tx, as the wire frames the gateway bills)");
 
-    let funding = match &args.fund_from {
-        Some(path) => FundingMode::FromFile(FundingSource::read(path)?),
-        None => FundingMode::Bip21 { chain: args.chain.backend()? },
+    // One backend: it checks the gateway's tip, and finds a BIP21 payment.
+    let (funding, tip_chain) = match &args.fund_from {
+        Some(path) => (FundingMode::FromFile(FundingSource::read(path)?), args.chain.backend()?),
+        None => (FundingMode::Bip21 { chain: args.chain.backend()? }, None),
     };
     let refund_script = match &args.refund_address {
         Some(a) => Some(
@@ -213,6 +223,8 @@ pub fn pay(args: PayArgs) -> anyhow::Result<()> {
             max_expiry_blocks: args.max_expiry_blocks,
             max_spend: Amount::from_sat(args.max_spend),
             capacity: args.capacity.map(Amount::from_sat),
+            max_chunk: ByteCount::from_mib(args.max_chunk_mib),
+            max_prepaid: Amount::from_sat(args.max_prepaid),
         },
         funding,
         refund_script,
@@ -222,6 +234,7 @@ pub fn pay(args: PayArgs) -> anyhow::Result<()> {
         stop,
         exit_when_spent: args.exit_when_spent,
         close_on_exit: !args.keep_open,
+        tip_chain,
     };
     let summary = session::run(cfg, &mut meter, &mut TerminalUi::default())?;
     eprintln!();

@@ -1,7 +1,9 @@
 //! Finding the gateway, in order:
 //!
 //! 1. `--gateway URL` (or `$BITMESH_GATEWAY`);
-//! 2. the RFC 8910 captive-portal API URI (DHCP option 114) the system learned, read
+//! 2. the RFC 8910 captive-portal API URI (DHCP option 114) the system learned on the
+//!    interface that routes to it (a lease of another interface, or one whose URI
+//!    points elsewhere, is ignored; the default route's interface first), read
 //!    from the lease files of systemd-networkd (`/run/systemd/netif/leases/*`,
 //!    `CAPTIVE_PORTAL=`), NetworkManager (`/run/NetworkManager/devices/*`,
 //!    `option_114=`/`captive_portal=`; its dhclient leases are covered by 3.) and
@@ -152,18 +154,136 @@ pub fn url_for(ip: Ipv4Addr) -> String {
     format!("http://{ip}:{DEFAULT_PORT}")
 }
 
-fn read_dir_texts(dir: &Path) -> Vec<String> {
+/// One lease file as read from disk: its file name (which often names the
+/// interface or its index) and its text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseFile {
+    /// File name (no directory).
+    pub name: String,
+    /// Contents.
+    pub text: String,
+}
+
+/// What discovery reads from the system, so the choice itself is pure and tested.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SystemView {
+    /// `/proc/net/route`, parsed.
+    pub routes: Vec<Route>,
+    /// Interface index -> name (`/sys/class/net/*/ifindex`).
+    pub ifaces: Vec<(u32, String)>,
+    /// Every lease file of the known lease directories.
+    pub leases: Vec<LeaseFile>,
+}
+
+/// The interface a dhclient-style lease file name stands for:
+/// `dhclient.wlan0.leases`, NetworkManager's `dhclient-<uuid>-wlan0.lease` and
+/// `internal-<uuid>-wlan0.lease`. `None` for a file shared by every interface.
+fn iface_from_lease_name(name: &str) -> Option<&str> {
+    let stem = name.strip_suffix(".leases").or_else(|| name.strip_suffix(".lease"))?;
+    if let Some(rest) = stem.strip_prefix("dhclient.") {
+        return (!rest.is_empty()).then_some(rest);
+    }
+    let (_, iface) = stem.rsplit_once('-')?;
+    (!iface.is_empty()).then_some(iface)
+}
+
+/// The `(interface, captive URI)` pairs one lease file states; an entry whose
+/// interface cannot be told is left out (it might be any network's).
+pub fn captive_uris_in_file(file: &LeaseFile, ifaces: &[(u32, String)]) -> Vec<(String, String)> {
+    // systemd-networkd and NetworkManager's run-time files are named by ifindex.
+    if let Ok(index) = file.name.parse::<u32>() {
+        let iface = ifaces.iter().find(|(i, _)| *i == index).map(|(_, n)| n.clone());
+        return match (iface, captive_uri_in_lease(&file.text)) {
+            (Some(iface), Some(uri)) => vec![(iface, uri)],
+            _ => Vec::new(),
+        };
+    }
+    // dhclient: `lease { interface "wlan0"; ... }` blocks, oldest first.
+    let by_name = iface_from_lease_name(&file.name);
+    let mut found = Vec::new();
+    for block in file.text.split("lease {").skip(1) {
+        let block = block.split('}').next().unwrap_or(block);
+        let named = block.lines().find_map(|l| {
+            let rest = l.trim().strip_prefix("interface ")?;
+            Some(rest.trim().trim_end_matches(';').trim().trim_matches('"').to_owned())
+        });
+        let Some(iface) = named.or_else(|| by_name.map(str::to_owned)) else { continue };
+        if let Some(uri) = captive_uri_in_lease(block) {
+            found.push((iface, uri));
+        }
+    }
+    found
+}
+
+/// The captive-portal URI to use: only from a lease of an interface that routes to
+/// the URI's host (a lease of another network, or a stale one, must not send the
+/// agent to pay someone else), the default route's interface first, newest lease of
+/// an interface last in its file.
+pub fn captive_uri_for_routes(view: &SystemView) -> Option<String> {
+    let default_iface = default_route(&view.routes).map(|r| r.iface.as_str());
+    let mut candidates: Vec<(String, String)> = Vec::new();
+    for file in &view.leases {
+        for (iface, uri) in captive_uris_in_file(file, &view.ifaces) {
+            // A later entry of the same interface is the newer lease.
+            candidates.retain(|(i, _)| *i != iface);
+            candidates.push((iface, uri));
+        }
+    }
+    let routes_via = |iface: &str, uri: &str| -> bool {
+        let Some(host) = host_of(uri) else { return false };
+        match host.parse::<Ipv4Addr>() {
+            Ok(ip) => route_to(&view.routes, ip).is_some_and(|r| r.iface == iface),
+            // A host name cannot be placed without DNS: only on the default route.
+            Err(_) => default_iface == Some(iface),
+        }
+    };
+    let usable: Vec<&(String, String)> = candidates.iter().filter(|(i, u)| routes_via(i, u)).collect();
+    usable
+        .iter()
+        .find(|(i, _)| Some(i.as_str()) == default_iface)
+        .or_else(|| usable.first())
+        .map(|(_, u)| u.clone())
+}
+
+/// The host of a URI (no port, no brackets).
+fn host_of(uri: &str) -> Option<String> {
+    let origin = origin(uri)?;
+    let authority = origin.split_once("://")?.1;
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = match authority.rsplit_once(':') {
+        Some((h, port)) if port.chars().all(|c| c.is_ascii_digit()) => h,
+        _ => authority,
+    };
+    (!host.is_empty()).then(|| host.to_owned())
+}
+
+fn read_lease_files(dir: &Path) -> Vec<LeaseFile> {
     let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
     let mut paths: Vec<_> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
     paths.sort();
-    paths.iter().filter_map(|p| std::fs::read_to_string(p).ok()).collect()
+    paths
+        .iter()
+        .filter_map(|p| {
+            let name = p.file_name()?.to_string_lossy().into_owned();
+            let text = std::fs::read_to_string(p).ok()?;
+            Some(LeaseFile { name, text })
+        })
+        .collect()
 }
 
-/// Find the gateway (see the module docs). `flag` is `--gateway`.
-pub fn discover(flag: Option<&str>) -> Result<(String, Source), DiscoveryError> {
-    if let Some(url) = flag {
-        return Ok((url.trim_end_matches('/').to_owned(), Source::Flag));
-    }
+fn read_ifaces() -> Vec<(u32, String)> {
+    let Ok(entries) = std::fs::read_dir("/sys/class/net") else { return Vec::new() };
+    entries
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let index = std::fs::read_to_string(e.path().join("ifindex")).ok()?.trim().parse().ok()?;
+            Some((index, e.file_name().to_string_lossy().into_owned()))
+        })
+        .collect()
+}
+
+/// Read what discovery needs from the system.
+pub fn system_view() -> SystemView {
     let lease_dirs = [
         "/run/systemd/netif/leases",
         "/run/NetworkManager/devices",
@@ -172,17 +292,29 @@ pub fn discover(flag: Option<&str>) -> Result<(String, Source), DiscoveryError> 
         "/var/lib/dhclient",
         "/var/lib/dhcp3",
     ];
-    for dir in lease_dirs {
-        for text in read_dir_texts(Path::new(dir)) {
-            if let Some(uri) = captive_uri_in_lease(&text) {
-                if let Some(base) = origin(&uri) {
-                    return Ok((base, Source::CaptivePortal(uri)));
-                }
-            }
+    SystemView {
+        routes: parse_routes(&std::fs::read_to_string("/proc/net/route").unwrap_or_default()),
+        ifaces: read_ifaces(),
+        leases: lease_dirs.iter().flat_map(|d| read_lease_files(Path::new(d))).collect(),
+    }
+}
+
+/// Find the gateway (see the module docs). `flag` is `--gateway`.
+pub fn discover(flag: Option<&str>) -> Result<(String, Source), DiscoveryError> {
+    if let Some(url) = flag {
+        return Ok((url.trim_end_matches('/').to_owned(), Source::Flag));
+    }
+    discover_in(&system_view())
+}
+
+/// [`discover`] without a flag, on a given view of the system.
+pub fn discover_in(view: &SystemView) -> Result<(String, Source), DiscoveryError> {
+    if let Some(uri) = captive_uri_for_routes(view) {
+        if let Some(base) = origin(&uri) {
+            return Ok((base, Source::CaptivePortal(uri)));
         }
     }
-    let routes = parse_routes(&std::fs::read_to_string("/proc/net/route").unwrap_or_default());
-    let r = default_route(&routes).ok_or(DiscoveryError::NotFound)?;
+    let r = default_route(&view.routes).ok_or(DiscoveryError::NotFound)?;
     Ok((url_for(r.gateway), Source::DefaultRoute { iface: r.iface.clone() }))
 }
 
@@ -251,6 +383,51 @@ mod tests {
         assert_eq!(origin("http://10.0.0.1:3141/captive-portal/api").as_deref(), Some("http://10.0.0.1:3141"));
         assert_eq!(origin("https://gw.example/x?y").as_deref(), Some("https://gw.example"));
         assert_eq!(origin("nonsense"), None);
+    }
+
+    fn lease(name: &str, text: &str) -> LeaseFile {
+        LeaseFile { name: name.to_owned(), text: text.to_owned() }
+    }
+
+    /// Default route via wlan0 (10.0.0.1); eth1 on 192.168.50.0/24 with no default.
+    fn view(leases: Vec<LeaseFile>) -> SystemView {
+        let routes = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+            wlan0\t00000000\t0100000A\t0003\t0\t0\t600\t00000000\t0\t0\t0\n\
+            wlan0\t0000000A\t00000000\t0001\t0\t0\t600\t00FFFFFF\t0\t0\t0\n\
+            eth1\t0032A8C0\t00000000\t0001\t0\t0\t100\t00FFFFFF\t0\t0\t0\n";
+        SystemView { routes: parse_routes(routes), ifaces: vec![(2, "eth1".into()), (3, "wlan0".into())], leases }
+    }
+
+    #[test]
+    fn only_the_lease_of_the_interface_that_routes_to_the_gateway_is_read() {
+        let ours = "CAPTIVE_PORTAL=http://10.0.0.1:3141/captive-portal/api\n";
+        let other = "CAPTIVE_PORTAL=http://192.168.50.1:3141/captive-portal/api\n";
+        // The other interface's lease sorts first (ifindex 2): it used to win.
+        let got = discover_in(&view(vec![lease("2", other), lease("3", ours)])).unwrap();
+        assert_eq!(got.0, "http://10.0.0.1:3141");
+        // A lease on wlan0 naming a host that is not reached through wlan0 is ignored.
+        let elsewhere = "CAPTIVE_PORTAL=http://192.168.50.7:3141/captive-portal/api\n";
+        let got = discover_in(&view(vec![lease("3", elsewhere)])).unwrap();
+        assert_eq!(got, ("http://10.0.0.1:3141".to_owned(), Source::DefaultRoute { iface: "wlan0".into() }));
+        // A lease of an interface the system does not have (stale) is ignored.
+        let got = discover_in(&view(vec![lease("9", other)])).unwrap();
+        assert!(matches!(got.1, Source::DefaultRoute { .. }), "{got:?}");
+    }
+
+    #[test]
+    fn dhclient_leases_are_taken_per_interface_block() {
+        let shared = "lease {\n  interface \"eth1\";\n  option captive-portal \"http://192.168.50.1:3141/captive-portal/api\";\n}\n\
+                      lease {\n  interface \"wlan0\";\n  option captive-portal \"http://10.0.0.1:3141/captive-portal/api\";\n}\n\
+                      lease {\n  interface \"eth1\";\n  option captive-portal \"http://192.168.50.2:3141/captive-portal/api\";\n}\n";
+        let file = lease("dhclient.leases", shared);
+        let found = captive_uris_in_file(&file, &[]);
+        assert_eq!(found.len(), 3);
+        assert_eq!(captive_uri_for_routes(&view(vec![file])).as_deref(), Some("http://10.0.0.1:3141/captive-portal/api"));
+        // Named by the file: NetworkManager's dhclient-<uuid>-<iface>.lease.
+        let nm = lease("dhclient-4f1c-aa-wlan0.lease", "lease {\n  option captive-portal \"http://10.0.0.1:3141/x\";\n}\n");
+        assert_eq!(captive_uris_in_file(&nm, &[]), vec![("wlan0".to_owned(), "http://10.0.0.1:3141/x".to_owned())]);
+        // A shared file without interface lines says nothing usable.
+        assert!(captive_uris_in_file(&lease("dhclient.leases", "lease {\n  option captive-portal \"http://10.0.0.1:3141/x\";\n}\n"), &[]).is_empty());
     }
 
     #[test]

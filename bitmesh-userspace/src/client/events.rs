@@ -3,7 +3,10 @@
 //! Comments (`:` keep-alives) and other fields are ignored.
 
 /// Longest line kept; longer lines are dropped (events are a few hundred bytes).
-const MAX_LINE: usize = 16 * 1024;
+pub const MAX_LINE: usize = 16 * 1024;
+/// Most data kept for one event: a gateway that sends `data:` lines without ever
+/// ending the event must not grow the agent's memory without bound.
+pub const MAX_EVENT: usize = 64 * 1024;
 
 /// Parser state.
 #[derive(Debug, Default)]
@@ -11,6 +14,8 @@ pub struct SseParser {
     line: Vec<u8>,
     data: Option<String>,
     overflow: bool,
+    /// The event in progress grew past [`MAX_EVENT`]: dropped at its blank line.
+    event_overflow: bool,
 }
 
 impl SseParser {
@@ -32,11 +37,17 @@ impl SseParser {
             return None;
         }
         if line.is_empty() {
-            return self.data.take();
+            let data = self.data.take();
+            return if std::mem::take(&mut self.event_overflow) { None } else { data };
         }
         let text = String::from_utf8_lossy(&line);
         if let Some(value) = text.strip_prefix("data:") {
             let value = value.strip_prefix(' ').unwrap_or(value);
+            if self.event_overflow || self.pending_len().saturating_add(value.len() + 1) > MAX_EVENT {
+                self.data = Some(String::new());
+                self.event_overflow = true;
+                return None;
+            }
             match &mut self.data {
                 Some(d) => {
                     d.push('\n');
@@ -46,6 +57,11 @@ impl SseParser {
             }
         }
         None
+    }
+
+    /// Bytes held for the event in progress (at most [`MAX_EVENT`] plus one line).
+    pub fn pending_len(&self) -> usize {
+        self.line.len() + self.data.as_ref().map_or(0, String::len)
     }
 }
 
@@ -62,6 +78,21 @@ mod tests {
     fn events_end_at_the_blank_line_and_keep_alives_are_ignored() {
         let got = feed(":\n\nevent: usage\ndata: {\"a\":1}\n\n: keep-alive\n\nevent: low_water\r\ndata: x\r\ndata: y\r\n\r\n");
         assert_eq!(got, vec!["{\"a\":1}".to_owned(), "x\ny".to_owned()]);
+    }
+
+    #[test]
+    fn an_endless_event_is_bounded_and_dropped() {
+        let mut p = SseParser::default();
+        let line = format!("data: {}\n", "x".repeat(1000));
+        for _ in 0..10_000 {
+            for b in line.bytes() {
+                assert_eq!(p.push(b), None);
+            }
+            assert!(p.pending_len() <= MAX_EVENT + MAX_LINE, "{}", p.pending_len());
+        }
+        assert_eq!(p.push(b'\n'), None, "the oversized event is dropped");
+        let next: Vec<String> = "data: ok\n\n".bytes().filter_map(|b| p.push(b)).collect();
+        assert_eq!(next, vec!["ok".to_owned()], "and the stream goes on");
     }
 
     #[test]

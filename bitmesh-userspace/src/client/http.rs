@@ -267,7 +267,7 @@ const CLOCK_OFFSET_MIN_MS: i64 = 5_000;
 /// The gateway's clock minus `now`, from an HTTP `Date` header value; `None` when the
 /// header does not parse, `Some(0)` when the clocks agree to within the header's
 /// resolution.
-fn clock_offset_ms(date: &str, now: SystemTime) -> Option<i64> {
+pub fn clock_offset_ms(date: &str, now: SystemTime) -> Option<i64> {
     let gateway = httpdate::parse_http_date(date).ok()?;
     let offset = match gateway.duration_since(now) {
         Ok(ahead) => i64::try_from(ahead.as_millis()).ok()?,
@@ -319,7 +319,17 @@ pub fn signed_request(action: &str, id: &ChannelId, key: &SecretKey) -> (u64, Si
 
 fn decode<T: DeserializeOwned>(path: &str, resp: &bitreq::Response) -> Result<T, HttpError> {
     learn_gateway_clock(&resp.headers);
-    let (status, body) = (resp.status_code, resp.as_bytes());
+    decode_parts(path, resp.status_code, &resp.headers, resp.as_bytes())
+}
+
+/// How the agent reads one gateway answer (status, lowercased headers, body) as
+/// `T` or a typed error. Public so the fuzz targets reach it without a socket.
+pub fn decode_parts<T: DeserializeOwned>(
+    path: &str,
+    status: i32,
+    headers: &std::collections::BTreeMap<String, String>,
+    body: &[u8],
+) -> Result<T, HttpError> {
     if (200..300).contains(&status) {
         return serde_json::from_slice(body).map_err(|e| HttpError::Malformed {
             path: path.to_owned(),
@@ -327,7 +337,7 @@ fn decode<T: DeserializeOwned>(path: &str, resp: &bitreq::Response) -> Result<T,
             message: e.to_string(),
         });
     }
-    Err(error_from(path, status, retry_after(&resp.headers), body))
+    Err(error_from(path, status, retry_after(headers), body))
 }
 
 /// Longest `Retry-After` honoured: a gateway asking for more is treated as asking
@@ -352,6 +362,11 @@ fn error_from(path: &str, status: i32, retry_after: Option<Duration>, body: &[u8
     }
 }
 
+/// The event a `data` payload of the stream carries, if the agent understands it.
+pub fn parse_event(data: &str) -> Option<GatewayEvent> {
+    serde_json::from_str::<GatewayEvent>(data).ok()
+}
+
 /// An open event stream.
 pub struct EventStream {
     inner: bitreq::ResponseLazy,
@@ -364,10 +379,8 @@ impl EventStream {
     pub fn next_event(&mut self) -> Option<GatewayEvent> {
         loop {
             let (byte, _) = self.inner.next()?.ok()?;
-            if let Some(data) = self.parser.push(byte) {
-                if let Ok(ev) = serde_json::from_str::<GatewayEvent>(&data) {
-                    return Some(ev);
-                }
+            if let Some(ev) = self.parser.push(byte).as_deref().and_then(parse_event) {
+                return Some(ev);
             }
         }
     }

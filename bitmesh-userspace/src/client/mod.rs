@@ -3,6 +3,7 @@
 //! * [`discovery`]: find the gateway (flag, DHCP captive-portal URI, default route);
 //! * [`http`]: the gateway's JSON API (all route paths in one place);
 //! * [`terms`]: the user's limits against the gateway's terms (pure);
+//! * [`tip`]: the gateway's chain tip (it sets the refund lock) against the agent's own;
 //! * [`policy`]: how much to sign next (pure): never above received + one chunk;
 //! * [`funding`]: build and sign the funding from given keys, or a BIP21 URI + QR;
 //! * [`meter`]: the agent's own byte count (interface counters);
@@ -22,3 +23,4 @@ pub mod refund;
 pub mod session;
 pub mod state;
 pub mod terms;
+pub mod tip;

@@ -21,6 +21,7 @@ use super::meter::{ByteMeter, MeterError};
 use super::policy::{next_payment, Hold, Next, PolicyLimits, PolicyState};
 use super::state::{ChannelRecord, FundingRecord, Phase, SignedState, StateDir, StateError, STATE_VERSION};
 use super::terms::{check_terms, describe, TermsError, UserLimits};
+use super::tip::{check_tip, SeenTip, TipError, TipEvidence, TipLog};
 use crate::chain::{Chain, ChainError};
 use crate::channel::{build_refund, sign_update, ChannelError, ChannelScript};
 
@@ -62,6 +63,20 @@ pub struct PayConfig {
     pub exit_when_spent: bool,
     /// Ask the gateway to close on exit (else the channel stays open, to resume).
     pub close_on_exit: bool,
+    /// The agent's own chain backend, to check the gateway's tip against (with
+    /// BIP21 funding, the funding mode's backend is used when this is `None`).
+    pub tip_chain: Option<Box<dyn Chain>>,
+}
+
+impl PayConfig {
+    /// The agent's own chain backend, if it has one.
+    fn own_chain(&self) -> Option<&dyn Chain> {
+        match (&self.tip_chain, &self.funding) {
+            (Some(c), _) => Some(c.as_ref()),
+            (None, FundingMode::Bip21 { chain: Some(c) }) => Some(c.as_ref()),
+            _ => None,
+        }
+    }
 }
 
 /// One line of live status.
@@ -132,6 +147,19 @@ pub enum SessionError {
     /// Chain lookup failed.
     #[error(transparent)]
     Chain(#[from] ChainError),
+    /// The gateway's chain tip is not believable (it sets the refund lock).
+    #[error(transparent)]
+    Tip(#[from] TipError),
+    /// The open answer states terms other than the ones the user confirmed.
+    #[error("the gateway's open answer changes the confirmed terms ({term}: confirmed {confirmed}, now {offered}): nothing was funded; this gateway is broken or hostile")]
+    TermsChanged {
+        /// Which term.
+        term: &'static str,
+        /// What the user confirmed.
+        confirmed: String,
+        /// What the open answer says.
+        offered: String,
+    },
     /// The gateway's open answer does not match what the agent rebuilt.
     #[error("the gateway's channel script does not match the one rebuilt from its key, our key and the expiry ({0}): do not fund it; this gateway is broken or hostile")]
     ScriptMismatch(&'static str),
@@ -183,6 +211,17 @@ pub fn run(cfg: PayConfig, meter: &mut dyn ByteMeter, ui: &mut dyn Ui) -> Result
 fn open_channel(cfg: &PayConfig, api: &GatewayApi, ui: &mut dyn Ui) -> Result<ChannelRecord, SessionError> {
     let terms = api.terms()?;
     let accepted = check_terms(&terms, &cfg.limits)?;
+    let tips = TipLog::new(cfg.state.path());
+    let evidence = TipEvidence {
+        network: terms.network,
+        own: match cfg.own_chain() {
+            Some(chain) => Some((chain.tip_height()?, chain.backend())),
+            None => None,
+        },
+        last: tips.last(terms.network),
+        now_unix: unix_now(),
+    };
+    check_tip(terms.tip_height, &evidence)?;
     if !ui.confirm_terms(&describe(&terms, &accepted), !cfg.yes) {
         return Err(SessionError::Declined);
     }
@@ -196,6 +235,12 @@ fn open_channel(cfg: &PayConfig, api: &GatewayApi, ui: &mut dyn Ui) -> Result<Ch
     let req = OpenRequest { client_pubkey, expiry: accepted.expiry, client_change_script: refund_script.clone() };
     let resp = api.open(&req)?;
     check_open_response(&req, &resp)?;
+    check_open_terms(&terms, &resp)?;
+    // Remembered only once the open went through: rule 2 of `tip` compares the next
+    // gateway with it.
+    if let Err(e) = tips.record(terms.network, SeenTip { height: terms.tip_height.to_consensus_u32(), at_unix: evidence.now_unix }) {
+        ui.note(&format!("could not remember the chain tip in {}: {e}", cfg.state.path().display()));
+    }
     let record = ChannelRecord {
         version: STATE_VERSION,
         gateway: api.base().to_owned(),
@@ -208,8 +253,8 @@ fn open_channel(cfg: &PayConfig, api: &GatewayApi, ui: &mut dyn Ui) -> Result<Ch
         client_change_script: refund_script.clone(),
         refund_script,
         price: terms.price_msat_per_mib,
-        chunk: terms.chunk_bytes,
-        min_first_payment: resp.min_first_payment.max(terms.min_first_payment),
+        chunk: accepted.chunk,
+        min_first_payment: terms.min_first_payment,
         close_margin_blocks: terms.close_margin_blocks,
         max_spend: accepted.max_spend,
         planned_capacity: accepted.capacity,
@@ -253,6 +298,29 @@ pub fn check_open_response(req: &OpenRequest, resp: &OpenResponse) -> Result<(),
         return Err(SessionError::ScriptMismatch("channel id"));
     }
     Ok(())
+}
+
+/// The terms an open answer repeats must be the ones the user confirmed: a
+/// gateway that raises its first payment (or moves the capacity range) between the
+/// terms and the open would otherwise be paid what the user never saw.
+pub fn check_open_terms(terms: &bitmesh_common::wire::Terms, resp: &OpenResponse) -> Result<(), SessionError> {
+    let rows = [
+        ("first payment", terms.min_first_payment, resp.min_first_payment),
+        ("minimum capacity", terms.min_capacity, resp.min_capacity),
+        ("maximum capacity", terms.max_capacity, resp.max_capacity),
+    ];
+    for (term, confirmed, offered) in rows {
+        if confirmed != offered {
+            return Err(SessionError::TermsChanged { term, confirmed: confirmed.to_string(), offered: offered.to_string() });
+        }
+    }
+    Ok(())
+}
+
+/// Now, in Unix seconds (0 for a clock before 1970, which only makes the tip check
+/// stricter).
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 fn fund_channel(
@@ -779,6 +847,28 @@ mod tests {
     fn an_honest_open_response_passes() {
         let (req, resp) = pair();
         check_open_response(&req, &resp).unwrap();
+    }
+
+    #[test]
+    fn open_responses_that_change_a_confirmed_term_are_refused() {
+        let (_, good) = pair();
+        let terms = bitmesh_common::wire::Terms {
+            min_first_payment: good.min_first_payment,
+            min_capacity: good.min_capacity,
+            max_capacity: good.max_capacity,
+            ..crate::client::terms::tests::terms()
+        };
+        check_open_terms(&terms, &good).unwrap();
+        let more = Amount::from_sat(50_000);
+        #[rustfmt::skip]
+        let rows: Vec<(&str, OpenResponse)> = vec![
+            ("first payment", OpenResponse { min_first_payment: more, ..good.clone() }),
+            ("minimum capacity", OpenResponse { min_capacity: more, ..good.clone() }),
+            ("maximum capacity", OpenResponse { max_capacity: more, ..good.clone() }),
+        ];
+        for (name, resp) in rows {
+            assert!(matches!(check_open_terms(&terms, &resp), Err(SessionError::TermsChanged { term, .. }) if term == name), "{name}");
+        }
     }
 
     #[test]

@@ -5,11 +5,20 @@
 //! gateway's window and the user's.
 
 use bitcoin::{absolute, Amount, Network};
-use bitmesh_common::pricing::{bytes_for_payment, PriceMsatPerMib, MIB, MSAT_PER_SAT};
+use bitmesh_common::pricing::{bytes_for_payment, ByteCount, PriceMsatPerMib, MIB, MSAT_PER_SAT};
 use bitmesh_common::wire::{Terms, PROTOCOL_VERSION};
 
 /// Blocks added above the common minimum expiry (see [`check_terms`]).
 pub const EXPIRY_SLACK_BLOCKS: u32 = 3;
+
+/// Default `--max-chunk-mib`: the most the agent pays ahead of use, in bytes,
+/// whatever chunk the gateway asks for (the controller's default chunk is 4 MiB).
+pub const DEFAULT_MAX_CHUNK: ByteCount = ByteCount::from_mib(16);
+
+/// Default `--max-prepaid`: the most the agent pays ahead of what it received, in
+/// sat (the first payment, the gateway's close fee + dust, is all prepaid; a few
+/// hundred sat at ordinary fee rates).
+pub const DEFAULT_MAX_PREPAID: Amount = Amount::from_sat(2_000);
 
 /// What the user accepts (from `bitmesh pay` flags).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,6 +36,12 @@ pub struct UserLimits {
     pub max_spend: Amount,
     /// Channel capacity asked for (`--capacity`); `None` = enough for `max_spend`.
     pub capacity: Option<Amount>,
+    /// Largest chunk paid ahead of use (`--max-chunk-mib`); a gateway asking for
+    /// more gets this much ahead.
+    pub max_chunk: ByteCount,
+    /// Most paid ahead of the bytes received (`--max-prepaid`): bounds the chunk in
+    /// money, and a first payment above it is refused.
+    pub max_prepaid: Amount,
 }
 
 /// What the agent will open, once the terms are accepted.
@@ -38,6 +53,9 @@ pub struct AcceptedTerms {
     pub capacity: Amount,
     /// Effective spending cap (never above the capacity).
     pub max_spend: Amount,
+    /// Bytes paid ahead of use: the gateway's chunk, capped by `max_chunk` and by
+    /// what `max_prepaid` buys at the price.
+    pub chunk: ByteCount,
 }
 
 /// Why the agent refuses a gateway's terms.
@@ -95,6 +113,22 @@ pub enum TermsError {
         /// The user's cap.
         max_spend: Amount,
     },
+    /// The first payment alone is more than the user pays ahead.
+    #[error("the gateway's first payment {min_first} (its close fee + dust, all paid ahead of use) is above your --max-prepaid {max_prepaid}: raise --max-prepaid if you accept that")]
+    FirstPaymentAbovePrepaidCap {
+        /// Gateway minimum first payment.
+        min_first: Amount,
+        /// The user's cap.
+        max_prepaid: Amount,
+    },
+    /// The gateway's chunk is zero or the caps leave nothing to pay ahead.
+    #[error("no chunk to pay ahead (gateway chunk {gateway}, --max-chunk-mib and --max-prepaid allow {allowed}): raise --max-prepaid")]
+    NoChunk {
+        /// The gateway's chunk.
+        gateway: ByteCount,
+        /// What the user's caps allow.
+        allowed: ByteCount,
+    },
 }
 
 /// Check `terms` against `user` and choose expiry and capacity.
@@ -141,7 +175,17 @@ pub fn check_terms(terms: &Terms, user: &UserLimits) -> Result<AcceptedTerms, Te
     if terms.min_first_payment > max_spend {
         return Err(TermsError::FirstPaymentAboveCap { min_first: terms.min_first_payment, max_spend });
     }
-    Ok(AcceptedTerms { expiry, capacity, max_spend })
+    if terms.min_first_payment > user.max_prepaid {
+        return Err(TermsError::FirstPaymentAbovePrepaidCap { min_first: terms.min_first_payment, max_prepaid: user.max_prepaid });
+    }
+    // A gateway asking for a huge chunk would be paid that far ahead of use: the
+    // agent pays at most its own caps ahead, and tops up more often instead.
+    let allowed = user.max_chunk.min(bytes_for_payment(user.max_prepaid, terms.price_msat_per_mib));
+    let chunk = terms.chunk_bytes.min(allowed);
+    if chunk == ByteCount::ZERO {
+        return Err(TermsError::NoChunk { gateway: terms.chunk_bytes, allowed });
+    }
+    Ok(AcceptedTerms { expiry, capacity, max_spend, chunk })
 }
 
 /// A price in satoshis per MiB as the user reads and types it ("2", "0.25").
@@ -177,7 +221,15 @@ pub fn describe(terms: &Terms, accepted: &AcceptedTerms) -> Vec<String> {
     let blocks = accepted.expiry.to_consensus_u32().saturating_sub(terms.tip_height.to_consensus_u32());
     vec![
         format!("price:          {} sat per MiB ({per_1000:.1} MiB per 1,000 sat)", format_sat_per_mib(price)),
-        format!("chunk:          {:.2} MiB pre-paid ahead of use", terms.chunk_bytes.to_u64() as f64 / MIB as f64),
+        if accepted.chunk < terms.chunk_bytes {
+            format!(
+                "chunk:          {:.2} MiB pre-paid ahead of use (the gateway asks {:.2} MiB; capped by --max-chunk-mib/--max-prepaid)",
+                accepted.chunk.to_u64() as f64 / MIB as f64,
+                terms.chunk_bytes.to_u64() as f64 / MIB as f64
+            )
+        } else {
+            format!("chunk:          {:.2} MiB pre-paid ahead of use", accepted.chunk.to_u64() as f64 / MIB as f64)
+        },
         format!(
             "first payment:  at least {} sat (the gateway's close fee + dust; buys {first_buys:.1} MiB)",
             terms.min_first_payment.to_sat()
@@ -237,6 +289,8 @@ pub(crate) mod tests {
             max_expiry_blocks: 144,
             max_spend: Amount::from_sat(50_000),
             capacity: None,
+            max_chunk: DEFAULT_MAX_CHUNK,
+            max_prepaid: DEFAULT_MAX_PREPAID,
         }
     }
 
@@ -264,11 +318,27 @@ pub(crate) mod tests {
             ("user wants a longer lock than the gateway allows", t.clone(), UserLimits { min_expiry_blocks: 3000, max_expiry_blocks: 4000, ..u }, |e| matches!(e, TermsError::ExpiryWindow { .. })),
             ("capacity above the gateway maximum", t.clone(), UserLimits { capacity: Some(Amount::from_sat(2_000_000)), ..u }, |e| matches!(e, TermsError::Capacity { .. })),
             ("first payment above the spending cap", t.clone(), UserLimits { max_spend: Amount::from_sat(500), ..u }, |e| matches!(e, TermsError::FirstPaymentAboveCap { .. })),
+            ("first payment above the prepaid cap", Terms { min_first_payment: Amount::from_sat(20_000), ..t.clone() }, u, |e| matches!(e, TermsError::FirstPaymentAbovePrepaidCap { .. })),
+            ("zero chunk", Terms { chunk_bytes: ByteCount::ZERO, ..t.clone() }, u, |e| matches!(e, TermsError::NoChunk { .. })),
         ];
         for (name, terms, user, expected) in rows {
             let got = check_terms(&terms, &user);
             assert!(matches!(&got, Err(e) if expected(e)), "{name}: {got:?}");
         }
+    }
+
+    #[test]
+    fn a_huge_chunk_is_capped_by_max_chunk_and_by_what_max_prepaid_buys() {
+        let t = Terms { chunk_bytes: ByteCount::from_mib(10_240), ..terms() };
+        assert_eq!(check_terms(&t, &user()).unwrap().chunk, DEFAULT_MAX_CHUNK);
+        // 2 sat/MiB: 20 sat buy 10 MiB, below the 16 MiB cap.
+        let u = UserLimits { max_prepaid: Amount::from_sat(20), ..user() };
+        let t = Terms { min_first_payment: Amount::from_sat(10), ..t };
+        assert_eq!(check_terms(&t, &u).unwrap().chunk, ByteCount::from_mib(10));
+        // A gateway chunk below the caps is kept.
+        assert_eq!(check_terms(&terms(), &user()).unwrap().chunk, ByteCount::from_mib(1));
+        let text = describe(&t, &check_terms(&t, &user()).unwrap()).join("\n");
+        assert!(text.contains("capped by --max-chunk-mib"), "{text}");
     }
 
     #[test]

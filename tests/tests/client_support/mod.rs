@@ -21,7 +21,7 @@ use bitmesh::client::funding::{FundingSource, Utxo};
 use bitmesh::client::meter::{ByteMeter, MeterError};
 use bitmesh::client::session::{FundingMode, PayConfig, Status, Ui};
 use bitmesh::client::state::StateDir;
-use bitmesh::client::terms::UserLimits;
+use bitmesh::client::terms::{UserLimits, DEFAULT_MAX_CHUNK, DEFAULT_MAX_PREPAID};
 use bitmesh_common::pricing::{bytes_for_payment, ByteCount, PriceMsatPerMib};
 use bitmesh_common::wire::*;
 use tokio::sync::mpsc;
@@ -38,6 +38,8 @@ pub struct Book {
     pub totals: Vec<Amount>,
     pub closes: u32,
     pub funded: Option<OutPoint>,
+    /// Hostile: the open answer states this first payment instead of the terms'.
+    pub open_first_payment: Option<Amount>,
 }
 
 impl Book {
@@ -118,7 +120,7 @@ impl ClientGateway for Scripted {
             funding_address: script.address(Network::Regtest).as_unchecked().clone(),
             min_capacity: book.terms.min_capacity,
             max_capacity: book.terms.max_capacity,
-            min_first_payment: book.terms.min_first_payment,
+            min_first_payment: book.open_first_payment.unwrap_or(book.terms.min_first_payment),
         })
     }
     async fn fund(&self, _: IpAddr, req: FundRequest) -> Result<ChannelStatus, ApiError> {
@@ -200,6 +202,7 @@ impl TestGateway {
             totals: Vec::new(),
             closes: 0,
             funded: None,
+            open_first_payment: None,
         }));
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
         let limits = ApiLimits { requests_per_min, ..ApiLimits::default() };
@@ -296,6 +299,8 @@ pub fn config(url: &str, state: &std::path::Path, funding: FundingSource, max_pr
             max_expiry_blocks: 1000,
             max_spend: Amount::from_sat(50_000),
             capacity: Some(Amount::from_sat(100_000)),
+            max_chunk: DEFAULT_MAX_CHUNK,
+            max_prepaid: DEFAULT_MAX_PREPAID,
         },
         funding: FundingMode::FromFile(funding),
         refund_script: None,
@@ -305,6 +310,34 @@ pub fn config(url: &str, state: &std::path::Path, funding: FundingSource, max_pr
         stop: stop.clone(),
         exit_when_spent: false,
         close_on_exit: true,
+        tip_chain: None,
     };
     (cfg, stop)
+}
+
+/// A chain backend that only knows its tip (the agent's own node, for the tip check).
+pub struct FixedTip(pub u32);
+
+impl bitmesh::chain::Chain for FixedTip {
+    fn backend(&self) -> &'static str {
+        "test-chain"
+    }
+    fn tip_height(&self) -> Result<absolute::Height, bitmesh::chain::ChainError> {
+        Ok(absolute::Height::from_consensus(self.0).unwrap())
+    }
+    fn transaction(&self, _: &Txid) -> Result<Option<bitmesh::chain::TxStatus>, bitmesh::chain::ChainError> {
+        Ok(None)
+    }
+    fn unspent_output(&self, _: &OutPoint) -> Result<Option<bitmesh::chain::OutputStatus>, bitmesh::chain::ChainError> {
+        Ok(None)
+    }
+    fn broadcast(&self, tx: &bitcoin::Transaction) -> Result<Txid, bitmesh::chain::ChainError> {
+        Ok(tx.compute_txid())
+    }
+    fn fee_rate(&self, _: u16, floor: FeeRate) -> Result<FeeRate, bitmesh::chain::ChainError> {
+        Ok(floor)
+    }
+    fn test_mempool_accept(&self, _: &[bitcoin::Transaction]) -> Result<Vec<bitmesh::chain::MempoolAcceptance>, bitmesh::chain::ChainError> {
+        Ok(Vec::new())
+    }
 }

@@ -223,3 +223,24 @@ fn segment_headers_are_l2_to_end_of_l4_header() {
     cut.truncate(14 + 20 + 12);
     assert_eq!(segment_header_len(cut.as_slice()), None);
 }
+
+#[test]
+fn a_cut_l4_header_is_no_segment_header() {
+    // Found by the frame_classifier fuzz target: an IPv6 frame ending 7 bytes into its
+    // UDP header was given a 62-byte segment header in a 61-byte frame.
+    let mut udp6 = up().ipv6_udp(CLIENT6, NET6, 1, 2, 0);
+    udp6.truncate(14 + 40 + 7);
+    assert_eq!(segment_header_len(udp6.as_slice()), None);
+    let mut udp4 = up().ipv4_udp(CLIENT4, NET4, 1, 2, 0);
+    udp4.truncate(14 + 20 + 7);
+    assert_eq!(segment_header_len(udp4.as_slice()), None);
+    // TCP options announced but not all present.
+    let mut tcp = up().ipv4_tcp(CLIENT4, NET4, 1, 2);
+    tcp[14 + 20 + 12] = 0x80;
+    tcp.extend_from_slice(&[0; 11]);
+    assert_eq!(segment_header_len(tcp.as_slice()), None);
+    // Exactly the header, nothing more: still a header.
+    let mut exact = up().ipv4_udp(CLIENT4, NET4, 1, 2, 0);
+    exact.truncate(14 + 20 + 8);
+    assert_eq!(segment_header_len(exact.as_slice()), Some(42));
+}
