@@ -3,6 +3,7 @@
 
 pub mod bitcoind;
 pub mod controller;
+pub mod controller_load;
 pub mod controller_memory;
 pub mod env;
 pub mod garden_attack;

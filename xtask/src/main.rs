@@ -54,6 +54,16 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Load run: 200 clients paying and transferring for 60 s through the real
+    /// controller; checks the books and prints payment latency (p50/p99).
+    Load {
+        /// Clients (macvlan identities, each its own MAC and IP).
+        #[arg(long, default_value_t = 200)]
+        clients: u32,
+        /// Seconds of paying and transferring.
+        #[arg(long, default_value_t = 60)]
+        secs: u32,
+    },
 }
 
 fn main() -> Result<()> {
@@ -72,6 +82,7 @@ fn main() -> Result<()> {
         Command::Fuzz { secs, targets } => fuzz::fuzz(secs, &targets)?,
         Command::Demo => run::demo()?,
         Command::Bench { args } => run::bench(&args)?,
+        Command::Load { clients, secs } => run::load(clients, secs)?,
     }
     Ok(())
 }

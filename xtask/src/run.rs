@@ -100,3 +100,16 @@ pub fn bench(args: &[String]) -> Result<()> {
     prepared.apply(&mut cmd);
     run(&mut cmd)
 }
+
+/// The load run (release build, like an operator's): one ignored test, its figures printed.
+pub fn load(clients: u32, secs: u32) -> Result<()> {
+    let prepared = prepare(Profile::Release)?;
+    step(&format!("load: {clients} clients paying and transferring for {secs} s (release build)"));
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(repo_root())
+        .args(["test", "--release", "--package", "bitmesh-tests", "--test", "controller_load", "--", "--ignored", "--nocapture"])
+        .env("BITMESH_LOAD_CLIENTS", clients.to_string())
+        .env("BITMESH_LOAD_SECS", secs.to_string());
+    prepared.apply(&mut cmd);
+    run(&mut cmd)
+}
