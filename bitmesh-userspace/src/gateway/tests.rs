@@ -191,6 +191,8 @@ async fn funded(gw: &Gateway, store: &Store, seed: u8) -> (crate::channel::Chann
         output: vec![TxOut { value: Amount::from_sat(40_000), script_pubkey: open.funding_script_pubkey.clone() }],
     };
     ClientGateway::fund(gw, peer, FundRequest { channel_id: open.channel_id, funding_tx: funding, funding_vout: 0 }).await.unwrap();
+    // Confirmed at the tip: the zero-conf credit cap (exposure.rs) does not apply here.
+    store.set_funding_height(open.channel_id, Height::from_consensus(200).unwrap()).unwrap();
     let rec = store.channel(open.channel_id).unwrap().unwrap();
     (Gateway::channel_of(&rec).unwrap(), client_sk, open.channel_id)
 }
