@@ -75,10 +75,9 @@ enum Command {
         #[command(flatten)]
         socket: SocketArg,
     },
-    /// Client: find the gateway, check its terms, open and fund a channel, pay as you go.
-    Pay(bitmesh::client::cli::PayArgs),
-    /// Client: broadcast the refund of a channel the gateway never closed (after expiry).
-    Refund(bitmesh::client::cli::RefundArgs),
+    /// `pay` and `refund`: the client agent, defined in bitmesh-client.
+    #[command(flatten)]
+    Client(bitmesh_client::ClientCommand),
     /// Show, or set, the price for NEW channels in msat per MiB (open channels keep theirs).
     Price {
         /// New price in millisatoshis per MiB. [default: show the current price]
@@ -93,8 +92,7 @@ fn main() -> Result<()> {
     let cli = Cli::from_arg_matches(&matches)?;
     let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     match cli.command {
-        Command::Pay(args) => bitmesh::client::cli::pay(args),
-        Command::Refund(args) => bitmesh::client::cli::refund(args),
+        Command::Client(command) => command.run(),
         Command::Run(_) => {
             let sub = matches.subcommand_matches("run").ok_or_else(|| anyhow!("run: no arguments"))?;
             let args = RunArgs::from_matches(sub)?;
