@@ -1,12 +1,16 @@
 //! BitMesh userspace: each module has one job; `gateway` is the only place that
-//! wires meter + channel + chain + store together.
+//! wires meter + channel + chain + store together. The channel library is the
+//! `bitmesh-channel` crate; the client agent (`bitmesh pay`, `bitmesh refund`) is
+//! `bitmesh-client`.
 
 /// Load, attach, pin, read and credit the kernel maps (the only code that touches aya).
 pub mod meter;
-/// Channel script, funding check, update verification, close and refund (pure, no I/O).
-pub mod channel;
-/// The chain trait and its backends (Bitcoin Core RPC, Esplora).
-pub mod chain;
+/// Channel script, funding check, update verification, close and refund (pure, no I/O):
+/// the `bitmesh-channel` crate, shared with the client. Re-exported under the paths it had
+/// inside this crate (`crate::channel`, `crate::chain`) so the move needs no edits here.
+pub use bitmesh_channel as channel;
+/// The chain trait and its backends (Bitcoin Core RPC, Esplora), in `bitmesh-channel`.
+pub use bitmesh_channel::chain;
 /// SQLite schema, migrations, the durable payment journal.
 pub mod store;
 /// `bitmesh run` flags and the policy they configure.
@@ -17,5 +21,3 @@ pub mod api;
 pub mod admin;
 /// The controller: verify, persist, credit, ack.
 pub mod gateway;
-/// The client agent (`bitmesh pay`, `bitmesh refund`).
-pub mod client;

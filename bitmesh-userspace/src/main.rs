@@ -78,10 +78,9 @@ enum Command {
         #[command(flatten)]
         socket: SocketArg,
     },
-    /// Client: find the gateway, check its terms, open and fund a channel, pay as you go.
-    Pay(bitmesh::client::cli::PayArgs),
-    /// Client: broadcast the refund of a channel the gateway never closed (after expiry).
-    Refund(bitmesh::client::cli::RefundArgs),
+    /// `pay` and `refund`: the client agent, defined in bitmesh-client.
+    #[command(flatten)]
+    Client(bitmesh_client::ClientCommand),
     /// Show, or set, the price for NEW channels in msat per MiB (open channels keep theirs).
     /// A price set here is kept in the store and overrides --price-msat-per-mib (flag or
     /// config file) at every start, until `bitmesh price --reset`.
@@ -136,8 +135,7 @@ fn run_command() -> Result<()> {
     let cli = Cli::from_arg_matches(&matches)?;
     let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     match cli.command {
-        Command::Pay(args) => bitmesh::client::cli::pay(args),
-        Command::Refund(args) => bitmesh::client::cli::refund(args),
+        Command::Client(command) => command.run(),
         Command::Run(_) => {
             let sub = matches.subcommand_matches("run").ok_or_else(|| anyhow!("run: no arguments"))?;
             let args = RunArgs::from_matches(sub)?;

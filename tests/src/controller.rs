@@ -650,7 +650,7 @@ impl ScriptedClient {
     /// `X-BitMesh-Signature` value of a signed GET with a fresh counter (the agent's
     /// `max(now_ms, last + 1)`).
     pub fn auth_header(&self, action: &str) -> String {
-        self.auth_at(action, bitmesh::client::http::next_counter())
+        self.auth_at(action, bitmesh_client::http::next_counter())
     }
 
     /// `GET /v1/channels/{id}` (signed).

@@ -13,11 +13,11 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bitcoin::Amount;
-use bitmesh::client::policy::Hold;
-use bitmesh::client::session::{self, SessionError};
-use bitmesh::client::state::{Phase, StateDir};
-use bitmesh::client::terms::TermsError;
-use bitmesh::client::tip::{SeenTip, TipError, TipLog};
+use bitmesh_client::policy::Hold;
+use bitmesh_client::session::{self, SessionError};
+use bitmesh_client::state::{Phase, StateDir};
+use bitmesh_client::terms::TermsError;
+use bitmesh_client::tip::{SeenTip, TipError, TipLog};
 use bitmesh_common::pricing::{payment_for_bytes, ByteCount, PriceMsatPerMib, MIB};
 use client_support::*;
 
@@ -245,7 +245,7 @@ fn bip21_funding_is_found_on_the_chain_without_pasting_anything() {
     let dir = tempfile::tempdir().unwrap();
     let (mut cfg, stop) = config(&gw.url, dir.path(), fake_funding(), 1000);
     let chain = WalletPaysLater::default();
-    cfg.funding = bitmesh::client::session::FundingMode::Bip21 { chain: Some(Box::new(chain.clone())) };
+    cfg.funding = bitmesh_client::session::FundingMode::Bip21 { chain: Some(Box::new(chain.clone())) };
     let refund = bitcoin::ScriptBuf::new_p2wpkh(&bitcoin::WPubkeyHash::from_raw_hash(bitcoin::hashes::Hash::all_zeros()));
     cfg.refund_script = Some(refund);
     let meter = TestMeter::default();

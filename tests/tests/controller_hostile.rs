@@ -77,7 +77,7 @@ fn hostile_requests_get_their_error_code_and_change_nothing() {
     let sniffed = client.auth_header("status");
     let first = client.request("GET", &format!("/v1/channels/{id}"), &[(bitmesh::api::AUTH_HEADER, &sniffed)], None).unwrap();
     assert_eq!(first.status, 200, "a fresh status auth is accepted: {}", String::from_utf8_lossy(&first.body));
-    let now_ms = bitmesh::client::http::next_counter();
+    let now_ms = bitmesh_client::http::next_counter();
     let stale = client.auth_at("status", now_ms - 10 * 60 * 1000);
     let future = client.auth_at("events", now_ms + 10 * 60 * 1000);
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bitcoin::Amount;
 use bitmesh::channel::sign_update;
-use bitmesh::client::state::{SignedState, StateDir};
+use bitmesh_client::state::{SignedState, StateDir};
 use bitmesh_common::pricing::{bytes_for_payment, payment_for_bytes, ByteCount, PriceMsatPerMib};
 use bitmesh_tests::world::{preflight, wait_until, Agent, AgentOpts, ControllerOpts, World};
 use serde_json::Value;
@@ -170,7 +170,7 @@ fn gateway_reboot_restores_budgets_and_usage_from_the_store_losing_at_most_one_s
 
 /// The agent's state file as the library reads it (the test edits it while the agent
 /// is dead, to stand in for the two crash windows around a payment).
-fn agent_record(agent: &Agent) -> (StateDir, bitmesh::client::state::ChannelRecord) {
+fn agent_record(agent: &Agent) -> (StateDir, bitmesh_client::state::ChannelRecord) {
     let dir = StateDir::open(&agent.state_dir).unwrap();
     let mut all = dir.all().unwrap();
     assert_eq!(all.len(), 1, "one channel in the agent's state directory");

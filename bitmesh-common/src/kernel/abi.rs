@@ -235,7 +235,7 @@ pub const fn stat_index(direction: Direction, verdict: crate::kernel::Verdict) -
     direction as u32 * STATS_PER_DIRECTION + verdict as u32
 }
 
-#[cfg(feature = "user")]
+#[cfg(feature = "aya-pod")]
 mod pod {
     // SAFETY: all of them are #[repr(C)], contain only integers/byte arrays, have explicit
     // padding fields (sizes asserted above), so every bit pattern is valid and there

@@ -5,7 +5,7 @@ use bitcoin::hashes::Hash;
 use bitcoin::secp256k1::SecretKey;
 use bitcoin::{absolute, Amount, FeeRate, Network, OutPoint, PublicKey, ScriptBuf, Txid};
 
-use crate::channel::*;
+use crate::*;
 
 struct Fixture {
     channel: Channel,

@@ -100,8 +100,8 @@ pub fn refund(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::client::state::tests::record;
-    use crate::client::state::FundingRecord;
+    use crate::state::tests::record;
+    use crate::state::FundingRecord;
     use bitcoin::{Amount, OutPoint};
 
     fn h(n: u32) -> absolute::Height {

@@ -10,9 +10,16 @@
 //! * [`state`]: durable channel state (0600, atomic, saved before each update);
 //! * [`session`]: one pay session, wiring the above;
 //! * [`refund`]: the refund after expiry;
-//! * [`cli`]: the `pay` and `refund` flags and everything printed.
+//! * [`cli`]: the `pay` and `refund` flags and everything printed;
+//! * [`command`]: the `pay`/`refund` subcommands both binaries (`bitmesh-client`, `bitmesh`) run.
+
+// The channel library under the paths this code used inside bitmesh-userspace
+// (`crate::channel::…`, `crate::chain::…`), so the move needed no edits in these files.
+use bitmesh_channel as channel;
+use bitmesh_channel::chain;
 
 pub mod cli;
+pub mod command;
 pub mod discovery;
 pub mod events;
 pub mod funding;
@@ -24,3 +31,5 @@ pub mod session;
 pub mod state;
 pub mod terms;
 pub mod tip;
+
+pub use command::ClientCommand;

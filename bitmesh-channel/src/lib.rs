@@ -18,6 +18,8 @@ use bitcoin::{absolute, transaction, Amount, FeeRate, OutPoint, ScriptBuf, Seque
 use bitmesh_common::wire::ErrorCode;
 
 pub mod bench;
+/// The chain trait and its backends (Bitcoin Core RPC, Esplora).
+pub mod chain;
 mod close;
 mod funding;
 pub mod keys;
@@ -318,7 +320,7 @@ impl ChannelError {
 
 /// One verification/signing context for the process (building one costs far more
 /// than a signature check).
-pub(crate) fn secp() -> &'static Secp256k1<All> {
+pub fn secp() -> &'static Secp256k1<All> {
     static SECP: OnceLock<Secp256k1<All>> = OnceLock::new();
     SECP.get_or_init(Secp256k1::new)
 }
