@@ -173,7 +173,7 @@ fn close_witness(client_sig: &[u8], gateway_sig: &[u8], witness_script: &Script)
 
 /// Run a close through Bitcoin Core's script interpreter (libbitcoinconsensus, all
 /// consensus flags including segwit and CHECKLOCKTIMEVERIFY).
-pub(crate) fn verify_with_core(close: &CloseTx) -> Result<(), ChannelError> {
+pub fn verify_with_core(close: &CloseTx) -> Result<(), ChannelError> {
     let prevouts: std::collections::HashMap<_, _> = close
         .tx
         .input

@@ -27,7 +27,7 @@ mod script;
 mod update;
 
 pub use close::{build_close, build_refund, CloseInput, CloseTx};
-pub(crate) use close::verify_with_core;
+pub use close::verify_with_core;
 pub use funding::{check_offer, check_open, verify_funding, FundingCheck, VerifiedFunding};
 pub use keys::{ChannelKey, GatewaySeed, KeysError};
 pub use script::ChannelScript;

@@ -856,7 +856,7 @@ mod tests {
             min_first_payment: good.min_first_payment,
             min_capacity: good.min_capacity,
             max_capacity: good.max_capacity,
-            ..crate::client::terms::tests::terms()
+            ..crate::terms::tests::terms()
         };
         check_open_terms(&terms, &good).unwrap();
         let more = Amount::from_sat(50_000);

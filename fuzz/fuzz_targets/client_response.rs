@@ -15,11 +15,11 @@ use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bitcoin::{Amount, Network};
-use bitmesh::client::events::{SseParser, MAX_EVENT, MAX_LINE};
-use bitmesh::client::http::{clock_offset_ms, decode_parts, parse_event, CaptiveStatus, HttpError, MAX_RETRY_AFTER};
-use bitmesh::client::session::{check_open_response, check_open_terms};
-use bitmesh::client::terms::{check_terms, describe, UserLimits, DEFAULT_MAX_CHUNK, DEFAULT_MAX_PREPAID};
-use bitmesh::client::tip::{check_tip, TipEvidence};
+use bitmesh_client::events::{SseParser, MAX_EVENT, MAX_LINE};
+use bitmesh_client::http::{clock_offset_ms, decode_parts, parse_event, CaptiveStatus, HttpError, MAX_RETRY_AFTER};
+use bitmesh_client::session::{check_open_response, check_open_terms};
+use bitmesh_client::terms::{check_terms, describe, UserLimits, DEFAULT_MAX_CHUNK, DEFAULT_MAX_PREPAID};
+use bitmesh_client::tip::{check_tip, TipEvidence};
 use bitmesh_common::pricing::{payment_for_bytes, PriceMsatPerMib};
 use bitmesh_common::wire::{ChannelStatus, CloseResponse, OpenRequest, OpenResponse, PaymentAck, Terms};
 use libfuzzer_sys::fuzz_target;

@@ -44,7 +44,7 @@ fn store(lab: &Lab) -> Store {
 /// honest client keeps paying.
 #[test]
 fn replayed_updates_of_a_closed_channel_credit_nothing_even_with_a_newer_channel_open() {
-    let Some(lab) = Lab::start(&["--price-msat-per-mib", &PRICE.to_string()]).unwrap() else { return };
+    let Some(lab) = Lab::start(&["--price-msat-per-mib", &PRICE.to_string(), "--zero-conf-exposure-sat", "10000000"]).unwrap() else { return };
     let mut wallet = CoinbaseWallet::fund(&lab.node, 2, 0);
     lab.wait_synced().unwrap();
     let udp = lab.client_udp().unwrap();
@@ -103,7 +103,7 @@ fn replayed_updates_of_a_closed_channel_credit_nothing_even_with_a_newer_channel
 /// idempotently. A captured close request cannot be replayed.
 #[test]
 fn older_updates_and_captured_closes_are_refused_and_change_nothing() {
-    let Some(lab) = Lab::start(&["--price-msat-per-mib", &PRICE.to_string()]).unwrap() else { return };
+    let Some(lab) = Lab::start(&["--price-msat-per-mib", &PRICE.to_string(), "--zero-conf-exposure-sat", "10000000"]).unwrap() else { return };
     let mut wallet = CoinbaseWallet::fund(&lab.node, 1, 0);
     lab.wait_synced().unwrap();
 
@@ -146,7 +146,7 @@ fn older_updates_and_captured_closes_are_refused_and_change_nothing() {
 /// its transaction is not relayed; payments are journaled against the recorded one.
 #[test]
 fn concurrent_funding_calls_record_exactly_one_outpoint() {
-    let Some(lab) = Lab::start(&["--price-msat-per-mib", &PRICE.to_string()]).unwrap() else { return };
+    let Some(lab) = Lab::start(&["--price-msat-per-mib", &PRICE.to_string(), "--zero-conf-exposure-sat", "10000000"]).unwrap() else { return };
     const ROUNDS: usize = 3;
     let mut wallet = CoinbaseWallet::fund(&lab.node, 2 * ROUNDS as u32, 0);
     lab.wait_synced().unwrap();
@@ -211,7 +211,7 @@ fn concurrent_funding_calls_record_exactly_one_outpoint() {
 /// per offer.
 #[test]
 fn offers_expire_and_are_relayed_for_once() {
-    let Some(lab) = Lab::start(&["--price-msat-per-mib", &PRICE.to_string(), "--offer-ttl-secs", "10"]).unwrap() else { return };
+    let Some(lab) = Lab::start(&["--price-msat-per-mib", &PRICE.to_string(), "--zero-conf-exposure-sat", "10000000", "--offer-ttl-secs", "10"]).unwrap() else { return };
     let mut wallet = CoinbaseWallet::fund(&lab.node, 3, 0);
     lab.wait_synced().unwrap();
 

@@ -272,7 +272,7 @@ fn bip21_funding_is_found_on_the_chain_without_pasting_anything() {
 
 /// Run a session that is expected to be refused before anything is funded; returns
 /// the error.
-fn refused(gw: &TestGateway, cfg: bitmesh::client::session::PayConfig) -> SessionError {
+fn refused(gw: &TestGateway, cfg: bitmesh_client::session::PayConfig) -> SessionError {
     let agent = std::thread::spawn(move || session::run(cfg, &mut TestMeter::default(), &mut RecordingUi::default()));
     // A session that is (wrongly) not refused pays and keeps running: stop it after
     // its first payment so the test fails with the assertion below, not a hang.
@@ -320,7 +320,7 @@ fn agent_pays_at_most_its_chunk_cap_ahead_whatever_chunk_the_gateway_asks() {
     gw.book.lock().unwrap().terms.chunk_bytes = ByteCount::from_mib(10 * 1024);
     let dir = tempfile::tempdir().unwrap();
     let (cfg, stop) = config(&gw.url, dir.path(), fake_funding(), 1000);
-    let cap = payment_for_bytes(bitmesh::client::terms::DEFAULT_MAX_CHUNK, PriceMsatPerMib::from_sat_per_mib(1).unwrap());
+    let cap = payment_for_bytes(bitmesh_client::terms::DEFAULT_MAX_CHUNK, PriceMsatPerMib::from_sat_per_mib(1).unwrap());
     let mut m = TestMeter::default();
     let agent = std::thread::spawn(move || session::run(cfg, &mut m, &mut RecordingUi::default()));
     wait_until("the first payment", || !gw.totals().is_empty());
@@ -328,7 +328,7 @@ fn agent_pays_at_most_its_chunk_cap_ahead_whatever_chunk_the_gateway_asks() {
     stop.store(true, Ordering::SeqCst);
     let summary = agent.join().unwrap().unwrap();
     assert_eq!(gw.totals(), vec![cap], "one chunk of at most --max-chunk-mib ahead, nothing received");
-    assert_eq!(summary.record.chunk, bitmesh::client::terms::DEFAULT_MAX_CHUNK);
+    assert_eq!(summary.record.chunk, bitmesh_client::terms::DEFAULT_MAX_CHUNK);
 }
 
 #[test]
