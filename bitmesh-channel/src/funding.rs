@@ -84,7 +84,7 @@ pub(crate) fn check_expiry(
     Ok(())
 }
 
-/// Every funding check of DESIGN section 4, in order: the output exists, its script is
+/// Every funding check of docs/design.md section 4, in order: the output exists, its script is
 /// P2WSH of the script rebuilt from (gateway key, client key, expiry), its value is in
 /// range, the outpoint is new, every input is segwit, the expiry is still in the
 /// window, and the funding is confirmed or under the zero-conf cap.

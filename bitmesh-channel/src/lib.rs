@@ -1,4 +1,4 @@
-//! Payment channels (DESIGN.md section 4): script, funding check, update signing and
+//! Payment channels (docs/design.md section 4): script, funding check, update signing and
 //! verification, close and refund transactions.
 //!
 //! Pure: functions take transactions, keys and heights and return transactions or a

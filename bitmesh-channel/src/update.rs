@@ -112,7 +112,7 @@ pub fn sign_update(
     Ok(SignatureBytes(sig.to_vec()))
 }
 
-/// Gateway side: every check of DESIGN section 4 on one update, before anything is
+/// Gateway side: every check of docs/design.md section 4 on one update, before anything is
 /// credited. Pure: the caller's channel record is not touched; on `Ok` the caller
 /// journals the result, then credits, then acknowledges.
 ///

@@ -1,4 +1,4 @@
-//! The client agent (`bitmesh pay`, `bitmesh refund`, DESIGN.md section 6).
+//! The client agent (`bitmesh pay`, `bitmesh refund`, docs/design.md section 6).
 //!
 //! * [`discovery`]: find the gateway (flag, DHCP captive-portal URI, default route);
 //! * [`http`]: the gateway's JSON API (all route paths in one place);

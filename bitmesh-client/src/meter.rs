@@ -2,7 +2,7 @@
 //!
 //! [`IfaceMeter`] reads `/sys/class/net/IFACE/statistics/{rx,tx}_{bytes,packets}` of
 //! the interface that reaches the gateway. Both directions count, because the gateway
-//! bills both (upload + download, DESIGN.md section 3). The interface also counts
+//! bills both (upload + download, docs/design.md section 3). The interface also counts
 //! traffic the gateway does not bill (the payment API, DNS, DHCP, ARP) and, on a
 //! shared interface, traffic of other programs to other hosts; both only make the
 //! agent's count larger than the gateway's, i.e. they loosen the cap by what the

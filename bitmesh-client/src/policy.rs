@@ -1,6 +1,6 @@
 //! The payment policy: how much to sign next. Pure, so every rule is a table row.
 //!
-//! The rule of DESIGN.md section 4 is "never sign a total above (bytes received,
+//! The rule of docs/design.md section 4 is "never sign a total above (bytes received,
 //! priced) + one prepaid chunk". Here that is
 //!
 //! ```text

@@ -271,7 +271,7 @@ fn open_channel(cfg: &PayConfig, api: &GatewayApi, ui: &mut dyn Ui) -> Result<Ch
     Ok(record)
 }
 
-/// DESIGN section 4, client rules: check the script, gateway key and expiry before
+/// docs/design.md section 4, client rules: check the script, gateway key and expiry before
 /// funding. Everything is rebuilt from the three values; nothing the gateway sends
 /// is trusted.
 pub fn check_open_response(req: &OpenRequest, resp: &OpenResponse) -> Result<(), SessionError> {

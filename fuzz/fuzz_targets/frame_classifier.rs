@@ -7,7 +7,7 @@
 #![no_main]
 
 use bitmesh_common::kernel::parse::ETH_HLEN;
-use bitmesh_common::kernel::{classify, segment_header_len, verdict, wire_cost, Budget, Direction, FrameClass, GatewayConfig, Verdict};
+use bitmesh_common::kernel::{classify, segment_header_len, verdict, wire_cost, Budget, Direction, FrameClass, Gate, GatewayConfig, Verdict};
 use libfuzzer_sys::fuzz_target;
 
 /// Gateway 10.0.0.1 / fd00::1 (or fe80::1), payment port 3141: the fuzzer finds the
@@ -52,12 +52,25 @@ fuzz_target!(|data: &[u8]| {
         );
     }
 
-    // The billing rule.
-    let v = verdict(class, len, client);
+    // The billing rule, under each outcome of the per-MAC checks (garden budget,
+    // bound source address).
+    let gate = match (control >> 4) % 3 {
+        0 => Gate::Open,
+        1 => Gate::GardenBudgetSpent,
+        _ => Gate::WrongSource,
+    };
+    let v = verdict(class, len, client, gate);
+    if class == FrameClass::Billable && gate == Gate::WrongSource {
+        assert_eq!(v, Verdict::DropWrongSource, "a frame from another address passed as the bound client");
+    }
     match v {
         Verdict::PassPaid => {
             let b = client.expect("PassPaid without a budget");
-            assert_eq!(class, FrameClass::Billable);
+            // Garden frames beyond the garden budget are billed like any other.
+            assert!(
+                class == FrameClass::Billable || (matches!(class, FrameClass::WalledGarden(_)) && gate == Gate::GardenBudgetSpent),
+                "{class:?} under {gate:?} billed as paid"
+            );
             assert!(b.used.checked_add(len).is_some_and(|t| t <= b.credited), "paid past the credit: {b:?} + {len}");
         }
         Verdict::DropMalformed => assert_eq!(class, FrameClass::Malformed),

@@ -1,4 +1,4 @@
-//! Controller memory with many clients (DESIGN section 10): a real `bitmesh run` in a
+//! Controller memory with many clients (docs/design.md section 10): a real `bitmesh run` in a
 //! [`Lab`], its resident set read from `/proc/PID/status` idle and again after
 //! `clients` devices (one [`ClientIdentity`] each) have opened, funded and paid one
 //! channel over HTTP: real store rows, real journal entries, real kernel map entries.

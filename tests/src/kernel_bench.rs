@@ -1,5 +1,5 @@
 //! Kernel cost per frame through BPF_PROG_TEST_RUN, each meter path measured next
-//! to an empty program of the same type in the same run (DESIGN.md section 10).
+//! to an empty program of the same type in the same run (docs/design.md section 10).
 //!
 //! `cargo xtask bench` calls [`kernel_cost_per_frame`]; the `#[ignore]`d test
 //! `kernel_bench` prints the same table.

@@ -1,4 +1,4 @@
-//! The namespace world of DESIGN.md section 8, for the end-to-end tests and the demo.
+//! The namespace world of docs/design.md section 8, for the end-to-end tests and the demo.
 //!
 //! ```text
 //!  client 0 (10.88.0.10) --veth--+

@@ -1,4 +1,4 @@
-//! Payment channels against a real regtest Bitcoin Core node (DESIGN.md section 4,
+//! Payment channels against a real regtest Bitcoin Core node (docs/design.md section 4,
 //! test layer 4). Every transaction the library builds goes through the node's
 //! `testmempoolaccept` before it is broadcast.
 

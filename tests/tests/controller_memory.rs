@@ -1,4 +1,4 @@
-//! Controller memory with 1,000 clients (DESIGN section 10), printed; a benchmark
+//! Controller memory with 1,000 clients (docs/design.md section 10), printed; a benchmark
 //! run by hand or by `cargo xtask bench`, not a timed test:
 //! `cargo test -p bitmesh-tests --test controller_memory -- --ignored --nocapture`.
 

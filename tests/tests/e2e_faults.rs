@@ -1,4 +1,4 @@
-//! End-to-end faults (DESIGN.md section 9, layer 5): the controller killed with
+//! End-to-end faults (docs/design.md section 9, layer 5): the controller killed with
 //! SIGKILL in the middle of payments, a gateway reboot that loses the pinned maps,
 //! and the client agent killed with SIGKILL in the middle of its session.
 

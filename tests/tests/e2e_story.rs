@@ -1,5 +1,5 @@
 //! End-to-end: the demo's story with every step asserted, on the real binary, the real
-//! kernel meter on a bridge, real client agents and a regtest node (DESIGN.md 3-6, 8).
+//! kernel meter on a bridge, real client agents and a regtest node (docs/design.md 3-6, 8).
 
 // Test code: unwrap is how a failed step fails the test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]

@@ -1,5 +1,5 @@
 //! End-to-end: the namespace world works, and an unpaid client is held in the walled
-//! garden by the real controller (DESIGN.md sections 3 and 8).
+//! garden by the real controller (docs/design.md sections 3 and 8).
 
 use std::time::Duration;
 

@@ -14,7 +14,7 @@ use crate::provision;
 /// cache key, so a new version is built beside the old one.
 pub const LIBBITCOINKERNEL_SYS_VERSION: &str = "0.4.1";
 
-/// Debian packages the C++ build needs (DESIGN.md section 7).
+/// Debian packages the C++ build needs (docs/design.md section 7).
 const BUILD_PACKAGES: &[&str] = &["build-essential", "cmake", "pkg-config", "libboost-dev", "libevent-dev"];
 
 pub struct Binaries {

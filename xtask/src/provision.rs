@@ -1,6 +1,6 @@
 //! Installing what the build and tests need on a fresh Debian machine of this kind:
 //! Debian packages, the nightly's `rust-src`, and bpf-linker built against the
-//! nightly's own libLLVM (DESIGN.md section 11).
+//! nightly's own libLLVM (docs/design.md section 11).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -137,7 +137,7 @@ impl Gateway {
         }
     }
 
-    /// A payment arrives. The rule of DESIGN section 4, in order:
+    /// A payment arrives. The rule of docs/design.md section 4, in order:
     /// 1. verify (every check of the channel library, against the stored channel);
     /// 2. persist: journal it and sync to disk;
     /// 3. credit: raise CREDIT in the kernel to the budget the new total buys;

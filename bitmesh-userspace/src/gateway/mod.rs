@@ -1,6 +1,6 @@
 //! The controller: the one place that calls meter + channel + chain + store.
 //!
-//! * [`Gateway::pay`] (in `client.rs`) is the payment rule of DESIGN section 4:
+//! * [`Gateway::pay`] (in `client.rs`) is the payment rule of docs/design.md section 4:
 //!   verify, persist (synced), credit, acknowledge.
 //! * `client.rs`: the rest of the client API (terms, open, funding relay, status,
 //!   close, events, captive portal), implementing [`crate::api::ClientGateway`].

@@ -1,7 +1,7 @@
 //! `cargo xtask demo`: the whole BitMesh story on one machine, narrated, with the
 //! operator's view (`bitmesh clients`, `channels`, `earnings`) printed as it goes.
 //!
-//! The network is the harness's namespace world (DESIGN.md section 8): a gateway with
+//! The network is the harness's namespace world (docs/design.md section 8): a gateway with
 //! one client-facing bridge standing in for wlan0, three clients, an upstream HTTP
 //! server standing in for the internet, a regtest node. Everything it creates is a
 //! guard: it is removed on success, on failure and on Ctrl-C (the handler only sets a

@@ -1,5 +1,5 @@
 //! `cargo xtask bench`: BitMesh's benchmarks, reported as ratios measured side by side
-//! in one run (DESIGN.md section 10). Never a timed assertion: this prints numbers.
+//! in one run (docs/design.md section 10). Never a timed assertion: this prints numbers.
 //!
 //! Sections: kernel cost per frame (BPF_PROG_TEST_RUN) against an empty program, at
 //! 10 and 10,000 clients; forwarding rate over veth with the meter against no program
