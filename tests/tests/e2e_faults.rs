@@ -55,9 +55,18 @@ fn controller_killed_during_payments_keeps_every_acknowledged_payment_and_credit
             .map(|i| s.spawn(move || world.fetch_paced(i, 10 * MIB, MIB, Duration::from_secs(30))))
             .collect();
         std::thread::sleep(Duration::from_secs(3));
+        // What every client holds as acknowledged, read just before the kill (so it was
+        // acknowledged before it). A send takes milliseconds: wait for a moment when no
+        // agent has one in flight, then kill at once; payments keep flowing meanwhile.
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        let acked: Vec<Option<u64>> = loop {
+            let states: Vec<(u64, bool)> = agents.iter().map(signed).collect();
+            if states.iter().all(|s| s.1) || std::time::Instant::now() > deadline {
+                break states.iter().map(|s| Some(s.0).filter(|_| s.1)).collect();
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        };
         ctl.kill9();
-        // Whatever a client holds as acknowledged now was acknowledged before the kill.
-        let acked: Vec<Option<u64>> = agents.iter().map(|a| Some(signed(a)).filter(|s| s.1).map(|s| s.0)).collect();
         std::thread::sleep(Duration::from_secs(2));
         let ctl = world.start_controller(&opts).unwrap();
         let fetches: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
