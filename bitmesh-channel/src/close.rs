@@ -11,7 +11,7 @@ use bitcoin::sighash::{EcdsaSighashType, SighashCache};
 use bitcoin::{absolute, ecdsa, Amount, FeeRate, Script, ScriptBuf, Transaction};
 use bitcoin::{TxIn, TxOut, Witness};
 
-use super::update::VerifiedUpdate;
+use super::verified::VerifiedUpdate;
 use super::{
     fee_for_weight, secp, Channel, ChannelError, CHANNEL_INPUT_SEQUENCE, CLOSE_LOCK_TIME,
     TX_VERSION,

@@ -25,13 +25,15 @@ mod funding;
 pub mod keys;
 mod script;
 mod update;
+mod verified;
 
 pub use close::{build_close, build_refund, CloseInput, CloseTx};
 pub use close::verify_with_core;
 pub use funding::{check_offer, check_open, verify_funding, FundingCheck, VerifiedFunding};
 pub use keys::{ChannelKey, GatewaySeed, KeysError};
 pub use script::ChannelScript;
-pub use update::{required_sighash, sign_update, verify_update, VerifiedUpdate};
+pub use update::{required_sighash, sign_update, verify_update};
+pub use verified::VerifiedUpdate;
 
 /// Version of every close and refund transaction (fixed: the client signs it).
 pub const TX_VERSION: transaction::Version = transaction::Version::TWO;

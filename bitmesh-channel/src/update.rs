@@ -7,28 +7,11 @@ use bitcoin::{absolute, Amount, Transaction, TxIn, TxOut, Witness};
 use bitmesh_common::wire::SignatureBytes;
 
 use super::close::{build_close, verify_with_core, CloseInput};
+use super::verified::VerifiedUpdate;
 use super::{
     secp, Channel, ChannelError, ChannelKey, ChannelPolicy, CHANNEL_INPUT_SEQUENCE,
     CLOSE_LOCK_TIME, TX_VERSION,
 };
-
-/// An update that passed every check; what the store journals.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct VerifiedUpdate {
-    /// New cumulative total paid to the gateway.
-    pub total_paid: Amount,
-    /// `capacity - total_paid`, output 0 of the client's part of the close.
-    pub client_change: Amount,
-    /// The client's signature with its sighash flag.
-    pub signature: ecdsa::Signature,
-}
-
-impl VerifiedUpdate {
-    /// The signature as sent on the wire (DER + flag), for the journal.
-    pub fn signature_bytes(&self) -> SignatureBytes {
-        SignatureBytes(self.signature.to_vec())
-    }
-}
 
 /// The sighash flag the client must use: SINGLE|ANYONECANPAY commits to the client's
 /// input and its change output only, leaving the gateway free to add its payout,

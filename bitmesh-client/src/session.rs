@@ -680,28 +680,17 @@ fn pay_loop(
         // answer carries the usage too, and under a rate limit the payment is the
         // request that matters.
         if let Some(latest) = record.latest.clone().filter(|l| !l.acked) {
-            let update = PaymentUpdate { channel_id: record.channel_id, total_paid: latest.total_paid, signature: latest.signature };
-            match api.pay(&update) {
-                Ok(ack) => {
-                    view.used = ack.used_bytes;
-                    view_at = Instant::now();
-                    fresh = true;
-                    mark_acked(record);
-                    cfg.state.save(record)?;
-                    notes.clear();
-                }
+            match deliver(cfg, api, record, &latest, &mut view, &mut view_at, &mut notes)? {
+                Delivery::Acked => fresh = true,
                 // The gateway already holds this total (or more): nothing to re-send.
-                Err(e) if e.code() == Some(ErrorCode::AmountNotIncreasing) => {
+                Delivery::Refused(e) if e.code() == Some(ErrorCode::AmountNotIncreasing) => {
                     mark_acked(record);
                     cfg.state.save(record)?;
                 }
-                Err(e) => {
-                    notes.say(ui, format!("payment of {} sat not yet accepted, will re-send: {e}", latest.total_paid.to_sat()));
-                    match on_failure(&e, &mut quiet_until, cfg.poll) {
-                        Failure::Over => {
-                            ui.note(&format!("the gateway takes no more payments: {e}"));
-                            break;
-                        }
+                Delivery::Refused(e) => {
+                    let message = format!("payment of {} sat not yet accepted, will re-send: {e}", latest.total_paid.to_sat());
+                    match refused(ui, &mut notes, message, &e, &mut quiet_until, cfg.poll) {
+                        Failure::Over => break,
                         Failure::Later => continue,
                     }
                 }
@@ -736,26 +725,16 @@ fn pay_loop(
             Next::Sign { total, limited } => {
                 hold = limited;
                 let signature = sign_update(&channel, total, &record.client_secret)?;
-                record.latest = Some(SignedState { total_paid: total, signature: signature.clone(), acked: false });
+                let latest = SignedState { total_paid: total, signature, acked: false };
+                record.latest = Some(latest.clone());
                 // Durable BEFORE it leaves the machine.
                 cfg.state.save(record)?;
                 last_save = Instant::now();
-                let update = PaymentUpdate { channel_id: record.channel_id, total_paid: total, signature };
-                match api.pay(&update) {
-                    Ok(ack) => {
-                        view.used = ack.used_bytes;
-                        view_at = Instant::now();
-                        mark_acked(record);
-                        cfg.state.save(record)?;
-                        notes.clear();
-                    }
-                    Err(e) => {
-                        // Left unacknowledged: the next pass re-sends it.
-                        notes.say(ui, format!("payment of {} sat not accepted: {e}", total.to_sat()));
-                        if let Failure::Over = on_failure(&e, &mut quiet_until, cfg.poll) {
-                            ui.note(&format!("the gateway takes no more payments: {e}"));
-                            break;
-                        }
+                if let Delivery::Refused(e) = deliver(cfg, api, record, &latest, &mut view, &mut view_at, &mut notes)? {
+                    // Left unacknowledged: the next pass re-sends it.
+                    let message = format!("payment of {} sat not accepted: {e}", total.to_sat());
+                    if let Failure::Over = refused(ui, &mut notes, message, &e, &mut quiet_until, cfg.poll) {
+                        break;
                     }
                 }
             }
@@ -788,6 +767,60 @@ fn pay_loop(
     }
     cfg.state.save(record)?;
     Ok(())
+}
+
+/// What became of an update [`deliver`] sent.
+enum Delivery {
+    /// The gateway acknowledged it.
+    Acked,
+    /// Refused or not delivered: it stays saved and unacknowledged, and goes out
+    /// again on a later pass.
+    Refused(HttpError),
+}
+
+/// The one send-and-acknowledge path of [`pay_loop`]: send `latest` (already saved
+/// in `record`) and, on the gateway's acknowledgement, take the usage it counted,
+/// mark the update acknowledged and save that. A new update and the re-send of an
+/// unacknowledged one both go through here.
+fn deliver(
+    cfg: &PayConfig,
+    api: &GatewayApi,
+    record: &mut ChannelRecord,
+    latest: &SignedState,
+    view: &mut GatewayView,
+    view_at: &mut Instant,
+    notes: &mut Notes,
+) -> Result<Delivery, SessionError> {
+    let update = PaymentUpdate { channel_id: record.channel_id, total_paid: latest.total_paid, signature: latest.signature.clone() };
+    match api.pay(&update) {
+        Ok(ack) => {
+            view.used = ack.used_bytes;
+            *view_at = Instant::now();
+            mark_acked(record);
+            cfg.state.save(record)?;
+            notes.clear();
+            Ok(Delivery::Acked)
+        }
+        Err(e) => Ok(Delivery::Refused(e)),
+    }
+}
+
+/// Report a refused update (once per distinct `message`) and classify the refusal;
+/// a channel that takes no more payments is reported too.
+fn refused(
+    ui: &mut dyn Ui,
+    notes: &mut Notes,
+    message: String,
+    e: &HttpError,
+    quiet_until: &mut Option<Instant>,
+    poll: Duration,
+) -> Failure {
+    notes.say(ui, message);
+    let failure = on_failure(e, quiet_until, poll);
+    if let Failure::Over = failure {
+        ui.note(&format!("the gateway takes no more payments: {e}"));
+    }
+    failure
 }
 
 fn mark_acked(record: &mut ChannelRecord) {

@@ -5,10 +5,10 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use aya::programs::links::{FdLink, PinnedLink};
-use aya::programs::tc::{self, SchedClassifierLink, TcAttachType};
-use aya::programs::xdp::XdpLink;
-use aya::programs::{ProgramError, SchedClassifier, Xdp, XdpMode};
+use aya::programs::links::{FdLink, LinkError, PinnedLink};
+use aya::programs::tc::{self, SchedClassifierLink, SchedClassifierLinkId, TcAttachType};
+use aya::programs::xdp::{XdpLink, XdpLinkId};
+use aya::programs::{Program, ProgramError, SchedClassifier, Xdp, XdpMode};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use bitmesh_common::kernel::{
     GLOBAL_DNS_ALLOWED, GLOBAL_GARDEN_LIMITS, GLOBAL_GATEWAY_IPV4, GLOBAL_GATEWAY_IPV6,
@@ -189,48 +189,16 @@ impl Meter {
     }
 
     fn attach_xdp(&mut self, interface: &str, mode: XdpMode, hook: UploadHook) -> Result<(), MeterError> {
-        let name = PROG_XDP_UPLOAD;
-        let pin = self.link_pin(interface, "upload_xdp");
-        let prog: &mut Xdp = program_mut(&mut self.ebpf, name)?;
-        // Take over the pinned attachment of a previous run, if it is still usable.
         // XDP mode flags are fixed at link creation, so the pin name does not carry
         // the mode: switching native <-> generic needs a detach first.
-        let id = match reuse_link(&pin).and_then(|l| XdpLink::try_from(l).ok()) {
-            Some(link) => match prog.attach_to_link(link) {
-                Ok(id) => Some(id),
-                Err(e) => {
-                    tracing::warn!(error = %e, "pinned XDP link unusable, re-attaching");
-                    None
-                }
-            },
-            None => None,
-        };
-        let id = match id {
-            Some(id) => id,
-            None => {
-                remove_pin(&pin)?;
-                prog.attach(interface, mode).map_err(|source| attach_error(source, hook, interface))?
-            }
-        };
-        let link = prog.take_link(id).map_err(|source| MeterError::Program { operation: "take link", program: name, source: Box::new(source) })?;
-        match FdLink::try_from(link) {
-            Ok(link) => self.keep_pinned(pin, link, name),
-            Err(e) => {
-                // Kernels without XDP bpf_link fall back to netlink: not pinnable, the
-                // program stays attached until detached or the interface goes away.
-                tracing::warn!(error = %e, "XDP attached through netlink; it will not be taken over after a restart");
-                Ok(())
-            }
-        }
+        self.attach_pinned::<Xdp>(interface, MeterProgram::XdpUpload, "upload_xdp", mode, hook)
     }
 
     fn attach_tc(&mut self, interface: &str, program: MeterProgram, at: TcAttachType) -> Result<(), MeterError> {
-        let name = program.name();
         let kind = match at {
             TcAttachType::Egress => "download_tc",
             _ => "upload_tc",
         };
-        let pin = self.link_pin(interface, kind);
         let tcx = aya::util::KernelVersion::current().map(|v| v >= aya::util::KernelVersion::new(6, 6, 0)).unwrap_or(false);
         if !tcx {
             // Legacy TC needs the clsact qdisc; it may exist already.
@@ -238,12 +206,32 @@ impl Meter {
                 tracing::debug!(interface, error = %e, "clsact qdisc not added (usually: exists already)");
             }
         }
-        let prog: &mut SchedClassifier = program_mut(&mut self.ebpf, name)?;
-        let id = match reuse_link(&pin).and_then(|l| SchedClassifierLink::try_from(l).ok()) {
-            Some(link) => match prog.attach_to_link(link) {
+        self.attach_pinned::<SchedClassifier>(interface, program, kind, at, UploadHook::Tc)
+    }
+
+    /// Attach `program` to `interface` at `target`, pinned as `link_<interface>_<kind>`:
+    /// the one takeover path for every hook. A link pinned by a previous run is
+    /// taken over atomically (the new program replaces the old one in place, no
+    /// window without enforcement); a missing or unusable pin means a fresh attach.
+    fn attach_pinned<P: PinnableProgram>(
+        &mut self,
+        interface: &str,
+        program: MeterProgram,
+        kind: &str,
+        target: P::Target,
+        hook: UploadHook,
+    ) -> Result<(), MeterError>
+    where
+        for<'a> &'a mut P: TryFrom<&'a mut Program, Error = ProgramError>,
+    {
+        let name = program.name();
+        let pin = self.link_pin(interface, kind);
+        let prog: &mut P = program_mut(&mut self.ebpf, name)?;
+        let id = match reuse_link(&pin).and_then(|l| P::Link::try_from(l).ok()) {
+            Some(link) => match prog.take_over(link) {
                 Ok(id) => Some(id),
                 Err(e) => {
-                    tracing::warn!(error = %e, "pinned TC link unusable, re-attaching");
+                    tracing::warn!(error = %e, "pinned {} link unusable, re-attaching", P::HOOK);
                     None
                 }
             },
@@ -253,14 +241,17 @@ impl Meter {
             Some(id) => id,
             None => {
                 remove_pin(&pin)?;
-                prog.attach(interface, at).map_err(|source| attach_error(source, UploadHook::Tc, interface))?
+                prog.attach_new(interface, target).map_err(|source| attach_error(source, hook, interface))?
             }
         };
-        let link = prog.take_link(id).map_err(|source| MeterError::Program { operation: "take link", program: name, source: Box::new(source) })?;
-        match FdLink::try_from(link) {
+        let link = prog.take_link_of(id).map_err(|source| MeterError::Program { operation: "take link", program: name, source: Box::new(source) })?;
+        match link.try_into() {
             Ok(link) => self.keep_pinned(pin, link, name),
             Err(e) => {
-                tracing::warn!(error = %e, "TC attached through netlink; it will not be taken over after a restart");
+                // Kernels without a bpf_link for this hook (XDP before 5.9, TC before
+                // 6.6) attach through netlink: not pinnable, the program stays
+                // attached until detached or the interface goes away.
+                tracing::warn!(error = %e, "{} attached through netlink; it will not be taken over after a restart", P::HOOK);
                 Ok(())
             }
         }
@@ -306,6 +297,54 @@ impl Meter {
         Ok(())
     }
 }
+
+/// A program whose attachment is a bpf_link that can be pinned and taken over.
+/// aya 0.14 generates the same link methods for every program type (one macro,
+/// `define_link_wrapper!`, gives each its `attach_to_link`, `take_link` and the
+/// `FdLink` conversions both ways); this trait names them once, so the takeover in
+/// [`Meter::attach_pinned`] is written once for every hook.
+trait PinnableProgram {
+    /// Where it attaches on an interface: the XDP mode, the TC direction.
+    type Target;
+    /// Its link type, convertible from and to the pinnable [`FdLink`].
+    type Link: TryFrom<FdLink> + TryInto<FdLink, Error = LinkError>;
+    /// The id aya hands out for an attachment.
+    type LinkId;
+    /// The hook's name in log lines.
+    const HOOK: &'static str;
+
+    /// Attach to `interface` afresh.
+    fn attach_new(&mut self, interface: &str, target: Self::Target) -> Result<Self::LinkId, ProgramError>;
+    /// Replace the program of an existing link with this one, atomically.
+    fn take_over(&mut self, link: Self::Link) -> Result<Self::LinkId, ProgramError>;
+    /// Take ownership of an attachment (dropping the link detaches it).
+    fn take_link_of(&mut self, id: Self::LinkId) -> Result<Self::Link, ProgramError>;
+}
+
+/// Implements [`PinnableProgram`] by forwarding to aya's methods of the same job.
+macro_rules! pinnable_program {
+    ($program:ty, $target:ty, $link:ty, $link_id:ty, $hook:literal) => {
+        impl PinnableProgram for $program {
+            type Target = $target;
+            type Link = $link;
+            type LinkId = $link_id;
+            const HOOK: &'static str = $hook;
+
+            fn attach_new(&mut self, interface: &str, target: $target) -> Result<$link_id, ProgramError> {
+                self.attach(interface, target)
+            }
+            fn take_over(&mut self, link: $link) -> Result<$link_id, ProgramError> {
+                self.attach_to_link(link)
+            }
+            fn take_link_of(&mut self, id: $link_id) -> Result<$link, ProgramError> {
+                self.take_link(id)
+            }
+        }
+    };
+}
+
+pinnable_program!(Xdp, XdpMode, XdpLink, XdpLinkId, "XDP");
+pinnable_program!(SchedClassifier, TcAttachType, SchedClassifierLink, SchedClassifierLinkId, "TC");
 
 /// Group the upload hooks by program family: one pinned upload link per family.
 fn stale_kind(hook: UploadHook) -> &'static str {
@@ -377,7 +416,7 @@ fn prepare_pin_dir(dir: &Path) -> Result<(), MeterError> {
 
 fn program_mut<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, MeterError>
 where
-    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+    &'a mut T: TryFrom<&'a mut Program, Error = ProgramError>,
 {
     let prog = ebpf.program_mut(name).ok_or(MeterError::MissingInObject { what: "program", name })?;
     prog.try_into().map_err(|source| MeterError::Program { operation: "look up", program: name, source: Box::new(source) })
