@@ -11,7 +11,7 @@ use std::time::Duration;
 use bitcoin::Amount;
 use bitmesh::chain::Chain;
 use bitmesh::meter::{Mac, MeterMaps};
-use bitmesh::store::{ChannelState, MacAddr, Store};
+use bitmesh::store::{ChannelState, Store};
 use bitmesh_common::pricing::{bytes_for_payment, ByteCount, PriceMsatPerMib};
 use bitmesh_tests::bitcoind::CoinbaseWallet;
 use bitmesh_tests::controller::{udp_round_trips, Lab, ScriptedClient};
@@ -30,7 +30,7 @@ fn price() -> PriceMsatPerMib {
 /// The client device's kernel entries: (CREDIT, whether USAGE exists).
 fn kernel_entry(lab: &Lab) -> (Option<ByteCount>, bool) {
     let maps = MeterMaps::open_pinned(lab.controller.pin_dir()).expect("pinned maps");
-    let mac = Mac(CLIENT_MAC.parse::<MacAddr>().unwrap().0);
+    let mac: Mac = CLIENT_MAC.parse().unwrap();
     (maps.credit(mac).unwrap(), maps.usage(mac).unwrap().is_some())
 }
 

@@ -5,8 +5,9 @@ use core::str::FromStr;
 
 use super::abi::MacKey;
 
-/// A 48-bit MAC address, displayed and parsed as `aa:bb:cc:dd:ee:ff`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// A 48-bit MAC address, displayed and parsed as `aa:bb:cc:dd:ee:ff`: the same value
+/// from the kernel map key to the store row, the JSON and the CLI.
+#[derive(Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Mac(pub [u8; 6]);
 
 impl Mac {
@@ -34,6 +35,14 @@ impl fmt::Display for Mac {
     }
 }
 
+// Debug shows the address as text too, so logs and records that derive Debug read
+// `02:c0:00:00:00:01` rather than a byte array.
+impl fmt::Debug for Mac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
 /// Why a string is not a MAC address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ParseMacError;
@@ -52,7 +61,8 @@ impl FromStr for Mac {
         let mut parts = s.split([':', '-']);
         for byte in out.iter_mut() {
             let part = parts.next().ok_or(ParseMacError)?;
-            if part.len() != 2 {
+            // Exactly two hex digits: `from_str_radix` alone would also take a sign ("+f").
+            if part.len() != 2 || !part.bytes().all(|b| b.is_ascii_hexdigit()) {
                 return Err(ParseMacError);
             }
             *byte = u8::from_str_radix(part, 16).map_err(|_| ParseMacError)?;
@@ -67,6 +77,22 @@ impl FromStr for Mac {
 #[cfg(feature = "user")]
 impl std::error::Error for ParseMacError {}
 
+/// JSON (API, `bitmesh clients --json`) carries the address as its text form.
+#[cfg(feature = "user")]
+impl serde::Serialize for Mac {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+#[cfg(feature = "user")]
+impl<'de> serde::Deserialize<'de> for Mac {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = std::string::String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -78,11 +104,22 @@ mod tests {
         assert_eq!(mac, Mac([2, 0, 0x0a, 0xff, 0, 0x0c]));
         assert_eq!(mac.to_string(), "02:00:0a:ff:00:0c");
         assert_eq!("02-00-0a-ff-00-0c".parse::<Mac>(), Ok(mac));
+        assert_eq!(std::format!("{mac:?}"), "02:00:0a:ff:00:0c");
+    }
+
+    #[cfg(feature = "user")]
+    #[test]
+    fn json_carries_the_text_form() {
+        let mac = Mac([0x02, 0xc0, 0, 0, 0, 0x01]);
+        let json = serde_json::to_string(&mac).unwrap_or_default();
+        assert_eq!(json, "\"02:c0:00:00:00:01\"");
+        assert_eq!(serde_json::from_str::<Mac>(&json).ok(), Some(mac));
+        assert!(serde_json::from_str::<Mac>("\"02:c0:00:00:00\"").is_err());
     }
 
     #[test]
     fn malformed_macs_are_rejected() {
-        for bad in ["", "02:00:0a:ff:00", "02:00:0a:ff:00:0c:01", "2:00:0a:ff:00:0c", "zz:00:0a:ff:00:0c"] {
+        for bad in ["", "02:00:0a:ff:00", "02:00:0a:ff:00:0c:01", "2:00:0a:ff:00:0c", "zz:00:0a:ff:00:0c", "+2:00:0a:ff:00:0c"] {
             assert_eq!(bad.parse::<Mac>(), Err(ParseMacError), "{bad}");
         }
     }

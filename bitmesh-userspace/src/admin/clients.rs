@@ -16,11 +16,11 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use bitmesh_common::kernel::Usage;
+use bitmesh_common::kernel::{Mac, Usage};
 use bitmesh_common::pricing::ByteCount;
 
 use super::ClientRow;
-use crate::store::{ChannelRecord, ChannelState, MacAddr};
+use crate::store::{ChannelRecord, ChannelState};
 
 /// How long a closed client stays in `bitmesh clients` after its settlement was
 /// broadcast (a day).
@@ -82,22 +82,22 @@ fn close_info<'a>(c: &ChannelRecord, closes: &'a HashMap<i64, CloseInfo>) -> Opt
 /// * `closes`: settlement facts of closing and closed channels, by settlement id.
 pub fn client_rows(
     channels: &[ChannelRecord],
-    metered: &[(MacAddr, ByteCount, Usage)],
-    ips: &HashMap<MacAddr, String>,
+    metered: &[(Mac, ByteCount, Usage)],
+    ips: &HashMap<Mac, String>,
     closes: &HashMap<i64, CloseInfo>,
     now: Now,
 ) -> Vec<ClientRow> {
     let close_of = |c: &ChannelRecord| close_info(c, closes);
     // The channel each MAC's row follows; later (newer) channels win ties.
-    let mut chosen: BTreeMap<MacAddr, (u8, &ChannelRecord)> = BTreeMap::new();
+    let mut chosen: BTreeMap<Mac, (u8, &ChannelRecord)> = BTreeMap::new();
     for c in channels {
         let Some(r) = rank(c, close_of(c), now) else { continue };
         if chosen.get(&c.mac).is_none_or(|(best, _)| r >= *best) {
             chosen.insert(c.mac, (r, c));
         }
     }
-    let kernel: HashMap<MacAddr, (ByteCount, Usage)> = metered.iter().map(|(m, c, u)| (*m, (*c, *u))).collect();
-    let mut macs: Vec<MacAddr> = chosen.keys().copied().chain(kernel.keys().copied()).collect();
+    let kernel: HashMap<Mac, (ByteCount, Usage)> = metered.iter().map(|(m, c, u)| (*m, (*c, *u))).collect();
+    let mut macs: Vec<Mac> = chosen.keys().copied().chain(kernel.keys().copied()).collect();
     macs.sort();
     macs.dedup();
     macs.into_iter()
@@ -147,8 +147,8 @@ mod tests {
 
     const NOW: Now = Now { unix: 1_000_000, boot_ns: 50_000_000_000 };
 
-    fn mac(n: u8) -> MacAddr {
-        MacAddr([2, 0, 0, 0, 0, n])
+    fn mac(n: u8) -> Mac {
+        Mac([2, 0, 0, 0, 0, n])
     }
 
     fn key() -> PublicKey {
@@ -157,7 +157,7 @@ mod tests {
     }
 
     /// A channel of `mac` in `state`, number `n` (its id and age), paid `paid` sat.
-    fn channel(n: u8, m: MacAddr, state: ChannelState, paid: u64) -> ChannelRecord {
+    fn channel(n: u8, m: Mac, state: ChannelState, paid: u64) -> ChannelRecord {
         let funded = !matches!(state, ChannelState::Offered);
         ChannelRecord {
             id: ChannelId([n; 32]),
@@ -192,7 +192,7 @@ mod tests {
         Usage { up_bytes: up, down_bytes: down, up_pkts: 1, down_pkts: 1, last_seen_ns: NOW.boot_ns - seen_secs_ago * 1_000_000_000 }
     }
 
-    fn row(rows: &[ClientRow], m: MacAddr) -> &ClientRow {
+    fn row(rows: &[ClientRow], m: Mac) -> &ClientRow {
         rows.iter().find(|r| r.mac == m.to_string()).unwrap_or_else(|| panic!("{m} not listed: {rows:?}"))
     }
 

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use bitmesh_common::kernel::Mac;
 use bitmesh_common::pricing::PriceMsatPerMib;
 use bitmesh_common::wire::ChannelId;
 use serde::{Deserialize, Serialize};
@@ -19,7 +20,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
 use crate::gateway::{Gateway, GatewayError};
-use crate::store::{unix_now, ChannelRecord, ChannelState, Earnings, MacAddr};
+use crate::store::{unix_now, ChannelRecord, ChannelState, Earnings};
 
 /// Errors of the admin socket and its client.
 #[derive(Debug, thiserror::Error)]
@@ -148,12 +149,12 @@ pub enum AdminResponse {
 /// Per-MAC rate sampling for the `rate` column.
 #[derive(Default)]
 pub struct RateSampler {
-    last: Mutex<HashMap<MacAddr, (Instant, u64, f64)>>,
+    last: Mutex<HashMap<Mac, (Instant, u64, f64)>>,
 }
 
 impl RateSampler {
     /// Record `used` bytes for `mac` now; returns the rate since the previous sample.
-    pub fn sample(&self, mac: MacAddr, used: u64) -> f64 {
+    pub fn sample(&self, mac: Mac, used: u64) -> f64 {
         let now = Instant::now();
         let Ok(mut m) = self.last.lock() else { return 0.0 };
         let rate = match m.get(&mac) {
@@ -201,7 +202,7 @@ fn client_list(gw: &Gateway, rates: &RateSampler) -> Result<Vec<ClientRow>, Gate
     let metered = gw.metered_clients()?;
     let store = gw.store();
     let channels = store.channels()?;
-    let ips: HashMap<MacAddr, String> =
+    let ips: HashMap<Mac, String> =
         store.client_bindings().unwrap_or_default().into_iter().map(|b| (b.mac, b.ip.to_string())).collect();
     let mut closes = HashMap::new();
     let settled = channels.iter().filter(|c| matches!(c.state, ChannelState::Closing | ChannelState::Closed));
@@ -216,7 +217,7 @@ fn client_list(gw: &Gateway, rates: &RateSampler) -> Result<Vec<ClientRow>, Gate
     let now = clients::Now { unix: unix_now(), boot_ns: boottime_ns() };
     let mut rows = clients::client_rows(&channels, &metered, &ips, &closes, now);
     for r in rows.iter_mut().filter(|r| r.metered) {
-        if let Ok(mac) = r.mac.parse::<MacAddr>() {
+        if let Ok(mac) = r.mac.parse::<Mac>() {
             r.rate_bps = rates.sample(mac, r.up_bytes.saturating_add(r.down_bytes));
         }
     }

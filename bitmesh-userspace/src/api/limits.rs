@@ -16,13 +16,13 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::ApiError;
-use crate::store::MacAddr;
+use bitmesh_common::kernel::Mac;
 
 /// Who a limit counts against: the device's MAC on the client interface, or the
 /// peer IP when no MAC is known.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ClientKey {
-    Mac(MacAddr),
+    Mac(Mac),
     Ip(IpAddr),
 }
 

@@ -93,7 +93,7 @@ impl ClientGateway for Fake {
     /// 10.0.0.2 and 10.0.0.3 are one device (one MAC, two addresses).
     fn client_key(&self, peer: IpAddr) -> ClientKey {
         if peer == IpAddr::from([10, 0, 0, 2]) || peer == IpAddr::from([10, 0, 0, 3]) {
-            ClientKey::Mac(crate::store::MacAddr([2, 0, 0, 0, 0, 2]))
+            ClientKey::Mac(bitmesh_common::kernel::Mac([2, 0, 0, 0, 0, 2]))
         } else {
             ClientKey::Ip(peer)
         }

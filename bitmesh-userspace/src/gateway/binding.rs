@@ -10,15 +10,15 @@ use std::net::IpAddr;
 use tracing::warn;
 
 use super::{Gateway, GatewayError};
-use crate::store::MacAddr;
+use bitmesh_common::kernel::Mac;
 
 /// One bound MAC's count of frames from another source, and the last such source.
-pub type SourceViolation = (MacAddr, u64, Option<IpAddr>);
+pub type SourceViolation = (Mac, u64, Option<IpAddr>);
 
 /// What the watcher has already reported, per MAC (frames counted so far).
 #[derive(Debug, Default)]
 pub struct SourceWatch {
-    reported: HashMap<MacAddr, u64>,
+    reported: HashMap<Mac, u64>,
 }
 
 impl SourceWatch {
@@ -43,7 +43,7 @@ impl SourceWatch {
 impl Gateway {
     /// Warn once for every bound MAC whose count of frames from another source grew
     /// since the last call. Returns the MACs warned about.
-    pub fn warn_on_second_sources(&self, watch: &mut SourceWatch) -> Result<Vec<MacAddr>, GatewayError> {
+    pub fn warn_on_second_sources(&self, watch: &mut SourceWatch) -> Result<Vec<Mac>, GatewayError> {
         let now = self.with_meter(|m| m.source_violations())?;
         let grown = watch.update(now);
         for (mac, frames, last) in &grown {
@@ -66,7 +66,7 @@ mod tests {
 
     #[test]
     fn each_burst_of_second_source_frames_is_reported_once() {
-        let (a, b) = (MacAddr([2, 0, 0, 0, 0, 1]), MacAddr([2, 0, 0, 0, 0, 2]));
+        let (a, b) = (Mac([2, 0, 0, 0, 0, 1]), Mac([2, 0, 0, 0, 0, 2]));
         let ip: IpAddr = "10.0.0.99".parse().unwrap_or(IpAddr::from([0, 0, 0, 0]));
         let mut w = SourceWatch::default();
         assert_eq!(w.update(vec![(a, 0, None)]), vec![]);

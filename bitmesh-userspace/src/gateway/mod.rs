@@ -286,7 +286,7 @@ impl Gateway {
     }
 
     /// Resolve a request's peer to the MAC the kernel sees, or refuse.
-    fn mac_of(&self, peer: IpAddr) -> Result<crate::store::MacAddr, ApiError> {
+    fn mac_of(&self, peer: IpAddr) -> Result<bitmesh_common::kernel::Mac, ApiError> {
         self.neighbours.mac_of(peer).ok_or(ApiError::NotOnLink)
     }
 }
@@ -312,7 +312,7 @@ use channel::fee_for_weight;
 /// Operator-facing queries and actions (used by the admin socket and metrics).
 impl Gateway {
     /// (MAC, credited, usage) of every client the kernel meters.
-    pub fn metered_clients(&self) -> Result<Vec<(crate::store::MacAddr, bitmesh_common::pricing::ByteCount, bitmesh_common::kernel::Usage)>, GatewayError> {
+    pub fn metered_clients(&self) -> Result<Vec<(bitmesh_common::kernel::Mac, bitmesh_common::pricing::ByteCount, bitmesh_common::kernel::Usage)>, GatewayError> {
         self.with_meter(|m| m.all_usage())
     }
 

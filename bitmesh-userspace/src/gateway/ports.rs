@@ -9,60 +9,55 @@ use bitmesh_common::kernel::{Mac, Usage};
 use bitmesh_common::pricing::ByteCount;
 
 use crate::meter::{MeterError, MeterMaps};
-use crate::store::MacAddr;
 
 /// What the controller does to the kernel maps.
 pub trait MeterPort: Send {
     /// Start metering (zero credit, zeroed or restored usage); existing entries are kept.
-    fn restore_client(&mut self, mac: MacAddr, usage: Usage) -> Result<(), MeterError>;
+    fn restore_client(&mut self, mac: Mac, usage: Usage) -> Result<(), MeterError>;
     /// Raise CREDIT to `total`: never lowers it (`CreditDecrease`) and never creates
     /// a client (`NotMetered`: only [`Self::restore_client`] does, when a channel opens).
-    fn raise_credit(&mut self, mac: MacAddr, total: ByteCount) -> Result<(), MeterError>;
+    fn raise_credit(&mut self, mac: Mac, total: ByteCount) -> Result<(), MeterError>;
     /// (credited, usage) of a client, if metered.
-    fn usage(&self, mac: MacAddr) -> Result<Option<(ByteCount, Usage)>, MeterError>;
+    fn usage(&self, mac: Mac) -> Result<Option<(ByteCount, Usage)>, MeterError>;
     /// Every metered client.
-    fn all_usage(&self) -> Result<Vec<(MacAddr, ByteCount, Usage)>, MeterError>;
+    fn all_usage(&self) -> Result<Vec<(Mac, ByteCount, Usage)>, MeterError>;
     /// Stop metering (the client becomes unpaid); its final usage, if it was metered.
-    fn remove_client(&mut self, mac: MacAddr) -> Result<Option<Usage>, MeterError>;
+    fn remove_client(&mut self, mac: Mac) -> Result<Option<Usage>, MeterError>;
     /// Bind a metered client to the source address it paid from (MAC-cloning defence).
-    fn bind_source(&mut self, _mac: MacAddr, _ip: IpAddr) -> Result<(), MeterError> {
+    fn bind_source(&mut self, _mac: Mac, _ip: IpAddr) -> Result<(), MeterError> {
         Ok(())
     }
     /// Bound clients the kernel saw billable frames from with another source:
     /// (MAC, such frames so far, the last such source).
-    fn source_violations(&self) -> Result<Vec<(MacAddr, u64, Option<IpAddr>)>, MeterError> {
+    fn source_violations(&self) -> Result<Vec<(Mac, u64, Option<IpAddr>)>, MeterError> {
         Ok(Vec::new())
     }
 }
 
-fn mac(m: MacAddr) -> Mac {
-    Mac(m.0)
-}
-
 impl MeterPort for MeterMaps {
-    fn restore_client(&mut self, m: MacAddr, usage: Usage) -> Result<(), MeterError> {
-        MeterMaps::restore_client(self, mac(m), usage)
+    fn restore_client(&mut self, m: Mac, usage: Usage) -> Result<(), MeterError> {
+        MeterMaps::restore_client(self, m, usage)
     }
-    fn raise_credit(&mut self, m: MacAddr, total: ByteCount) -> Result<(), MeterError> {
-        MeterMaps::raise_credit(self, mac(m), total).map(|_| ())
+    fn raise_credit(&mut self, m: Mac, total: ByteCount) -> Result<(), MeterError> {
+        MeterMaps::raise_credit(self, m, total).map(|_| ())
     }
-    fn usage(&self, m: MacAddr) -> Result<Option<(ByteCount, Usage)>, MeterError> {
-        Ok(MeterMaps::usage(self, mac(m))?.map(|u| (u.credited, u.usage)))
+    fn usage(&self, m: Mac) -> Result<Option<(ByteCount, Usage)>, MeterError> {
+        Ok(MeterMaps::usage(self, m)?.map(|u| (u.credited, u.usage)))
     }
-    fn all_usage(&self) -> Result<Vec<(MacAddr, ByteCount, Usage)>, MeterError> {
-        Ok(MeterMaps::all_usage(self)?.into_iter().map(|u| (MacAddr(u.mac.0), u.credited, u.usage)).collect())
+    fn all_usage(&self) -> Result<Vec<(Mac, ByteCount, Usage)>, MeterError> {
+        Ok(MeterMaps::all_usage(self)?.into_iter().map(|u| (u.mac, u.credited, u.usage)).collect())
     }
-    fn remove_client(&mut self, m: MacAddr) -> Result<Option<Usage>, MeterError> {
-        Ok(MeterMaps::remove_client(self, mac(m))?.map(|u| u.usage))
+    fn remove_client(&mut self, m: Mac) -> Result<Option<Usage>, MeterError> {
+        Ok(MeterMaps::remove_client(self, m)?.map(|u| u.usage))
     }
-    fn bind_source(&mut self, m: MacAddr, ip: IpAddr) -> Result<(), MeterError> {
-        MeterMaps::bind_source(self, mac(m), ip)
+    fn bind_source(&mut self, m: Mac, ip: IpAddr) -> Result<(), MeterError> {
+        MeterMaps::bind_source(self, m, ip)
     }
-    fn source_violations(&self) -> Result<Vec<(MacAddr, u64, Option<IpAddr>)>, MeterError> {
+    fn source_violations(&self) -> Result<Vec<(Mac, u64, Option<IpAddr>)>, MeterError> {
         Ok(MeterMaps::bindings(self)?
             .into_iter()
             .filter(|b| b.wrong_source_frames > 0)
-            .map(|b| (MacAddr(b.mac.0), b.wrong_source_frames, b.last_wrong_source))
+            .map(|b| (b.mac, b.wrong_source_frames, b.last_wrong_source))
             .collect())
     }
 }
@@ -70,37 +65,37 @@ impl MeterPort for MeterMaps {
 /// An in-memory meter (unit tests, and `--dry-run`-style diagnostics).
 #[derive(Default)]
 pub struct MemoryMeter {
-    pub clients: HashMap<MacAddr, (ByteCount, Usage)>,
+    pub clients: HashMap<Mac, (ByteCount, Usage)>,
 }
 
 impl MeterPort for MemoryMeter {
-    fn restore_client(&mut self, mac: MacAddr, usage: Usage) -> Result<(), MeterError> {
+    fn restore_client(&mut self, mac: Mac, usage: Usage) -> Result<(), MeterError> {
         self.clients.entry(mac).or_insert((ByteCount::ZERO, usage));
         Ok(())
     }
-    fn raise_credit(&mut self, mac: MacAddr, total: ByteCount) -> Result<(), MeterError> {
+    fn raise_credit(&mut self, mac: Mac, total: ByteCount) -> Result<(), MeterError> {
         // Like the kernel maps: never creates a client, never lowers credit.
-        let e = self.clients.get_mut(&mac).ok_or(MeterError::NotMetered { mac: Mac(mac.0) })?;
+        let e = self.clients.get_mut(&mac).ok_or(MeterError::NotMetered { mac })?;
         if total < e.0 {
-            return Err(MeterError::CreditDecrease { mac: Mac(mac.0), current: e.0 .0, requested: total.0 });
+            return Err(MeterError::CreditDecrease { mac, current: e.0 .0, requested: total.0 });
         }
         e.0 = total;
         Ok(())
     }
-    fn usage(&self, mac: MacAddr) -> Result<Option<(ByteCount, Usage)>, MeterError> {
+    fn usage(&self, mac: Mac) -> Result<Option<(ByteCount, Usage)>, MeterError> {
         Ok(self.clients.get(&mac).copied())
     }
-    fn all_usage(&self) -> Result<Vec<(MacAddr, ByteCount, Usage)>, MeterError> {
+    fn all_usage(&self) -> Result<Vec<(Mac, ByteCount, Usage)>, MeterError> {
         Ok(self.clients.iter().map(|(m, (c, u))| (*m, *c, *u)).collect())
     }
-    fn remove_client(&mut self, mac: MacAddr) -> Result<Option<Usage>, MeterError> {
+    fn remove_client(&mut self, mac: Mac) -> Result<Option<Usage>, MeterError> {
         Ok(self.clients.remove(&mac).map(|(_, u)| u))
     }
 }
 
 /// Resolves the TCP peer of a request to the MAC the kernel meters it by.
 pub trait Neighbours: Send + Sync {
-    fn mac_of(&self, ip: IpAddr) -> Option<MacAddr>;
+    fn mac_of(&self, ip: IpAddr) -> Option<Mac>;
 }
 
 /// The kernel neighbour table of one interface: `/proc/net/arp` for IPv4,
@@ -111,7 +106,7 @@ pub struct KernelNeighbours {
 }
 
 impl Neighbours for KernelNeighbours {
-    fn mac_of(&self, ip: IpAddr) -> Option<MacAddr> {
+    fn mac_of(&self, ip: IpAddr) -> Option<Mac> {
         match ip {
             IpAddr::V4(v4) => {
                 let text = std::fs::read_to_string(Path::new("/proc/net/arp")).ok()?;
@@ -129,7 +124,7 @@ impl Neighbours for KernelNeighbours {
 }
 
 /// `/proc/net/arp`: `IP HWtype Flags HWaddress Mask Device`; flags 0x0 = incomplete.
-fn parse_proc_arp(text: &str, iface: &str, ip: IpAddr) -> Option<MacAddr> {
+fn parse_proc_arp(text: &str, iface: &str, ip: IpAddr) -> Option<Mac> {
     text.lines().skip(1).find_map(|line| {
         let f: Vec<&str> = line.split_whitespace().collect();
         if f.len() < 6 || f[5] != iface || f[2] == "0x0" {
@@ -140,7 +135,7 @@ fn parse_proc_arp(text: &str, iface: &str, ip: IpAddr) -> Option<MacAddr> {
 }
 
 /// `ip neigh show dev X`: `ADDR lladdr MAC STATE`.
-fn parse_ip_neigh(text: &str, ip: IpAddr) -> Option<MacAddr> {
+fn parse_ip_neigh(text: &str, ip: IpAddr) -> Option<Mac> {
     text.lines().find_map(|line| {
         let f: Vec<&str> = line.split_whitespace().collect();
         let pos = f.iter().position(|w| *w == "lladdr")?;
@@ -149,35 +144,35 @@ fn parse_ip_neigh(text: &str, ip: IpAddr) -> Option<MacAddr> {
 }
 
 /// A fixed table (unit tests).
-pub struct StaticNeighbours(pub HashMap<IpAddr, MacAddr>);
+pub struct StaticNeighbours(pub HashMap<IpAddr, Mac>);
 
 impl Neighbours for StaticNeighbours {
-    fn mac_of(&self, ip: IpAddr) -> Option<MacAddr> {
+    fn mac_of(&self, ip: IpAddr) -> Option<Mac> {
         self.0.get(&ip).copied()
     }
 }
 
 /// The loaded meter (programs attached, maps pinned) as the controller's port.
 impl MeterPort for crate::meter::Meter {
-    fn restore_client(&mut self, m: MacAddr, usage: Usage) -> Result<(), MeterError> {
+    fn restore_client(&mut self, m: Mac, usage: Usage) -> Result<(), MeterError> {
         MeterPort::restore_client(self.maps_mut(), m, usage)
     }
-    fn raise_credit(&mut self, m: MacAddr, total: ByteCount) -> Result<(), MeterError> {
+    fn raise_credit(&mut self, m: Mac, total: ByteCount) -> Result<(), MeterError> {
         MeterPort::raise_credit(self.maps_mut(), m, total)
     }
-    fn usage(&self, m: MacAddr) -> Result<Option<(ByteCount, Usage)>, MeterError> {
+    fn usage(&self, m: Mac) -> Result<Option<(ByteCount, Usage)>, MeterError> {
         MeterPort::usage(self.maps(), m)
     }
-    fn all_usage(&self) -> Result<Vec<(MacAddr, ByteCount, Usage)>, MeterError> {
+    fn all_usage(&self) -> Result<Vec<(Mac, ByteCount, Usage)>, MeterError> {
         MeterPort::all_usage(self.maps())
     }
-    fn remove_client(&mut self, m: MacAddr) -> Result<Option<Usage>, MeterError> {
+    fn remove_client(&mut self, m: Mac) -> Result<Option<Usage>, MeterError> {
         MeterPort::remove_client(self.maps_mut(), m)
     }
-    fn bind_source(&mut self, m: MacAddr, ip: IpAddr) -> Result<(), MeterError> {
+    fn bind_source(&mut self, m: Mac, ip: IpAddr) -> Result<(), MeterError> {
         MeterPort::bind_source(self.maps_mut(), m, ip)
     }
-    fn source_violations(&self) -> Result<Vec<(MacAddr, u64, Option<IpAddr>)>, MeterError> {
+    fn source_violations(&self) -> Result<Vec<(Mac, u64, Option<IpAddr>)>, MeterError> {
         MeterPort::source_violations(self.maps())
     }
 }
@@ -188,7 +183,7 @@ mod tests {
 
     #[test]
     fn memory_meter_never_creates_a_client_nor_lowers_credit() {
-        let mac = MacAddr([2, 0, 0, 0, 0, 9]);
+        let mac = Mac([2, 0, 0, 0, 0, 9]);
         let mut m = MemoryMeter::default();
         assert!(matches!(m.raise_credit(mac, ByteCount(10)), Err(MeterError::NotMetered { .. })));
         assert_eq!(m.usage(mac).unwrap(), None, "a refused credit created nothing");
@@ -206,11 +201,11 @@ mod tests {
                    10.0.0.3         0x1         0x0         00:00:00:00:00:00     *        br0\n\
                    10.0.0.4         0x1         0x2         02:00:00:00:00:04     *        eth0\n";
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
-        assert_eq!(parse_proc_arp(arp, "br0", ip("10.0.0.2")), Some(MacAddr([2, 0, 0, 0, 0, 2])));
+        assert_eq!(parse_proc_arp(arp, "br0", ip("10.0.0.2")), Some(Mac([2, 0, 0, 0, 0, 2])));
         assert_eq!(parse_proc_arp(arp, "br0", ip("10.0.0.3")), None);
         assert_eq!(parse_proc_arp(arp, "br0", ip("10.0.0.4")), None);
         let neigh = "fe80::2 lladdr 02:00:00:00:00:05 REACHABLE\nfe80::3 FAILED\n";
-        assert_eq!(parse_ip_neigh(neigh, ip("fe80::2")), Some(MacAddr([2, 0, 0, 0, 0, 5])));
+        assert_eq!(parse_ip_neigh(neigh, ip("fe80::2")), Some(Mac([2, 0, 0, 0, 0, 5])));
         assert_eq!(parse_ip_neigh(neigh, ip("fe80::3")), None);
     }
 }

@@ -11,13 +11,13 @@
 
 use std::collections::{HashMap, HashSet};
 
-use bitmesh_common::kernel::Usage;
+use bitmesh_common::kernel::{Mac, Usage};
 use bitmesh_common::pricing::ByteCount;
 use bitmesh_common::wire::ChannelId;
 use tracing::{info, warn};
 
 use super::{Gateway, GatewayError};
-use crate::store::{unix_now, ChannelState, MacAddr, UsageSnapshot};
+use crate::store::{unix_now, ChannelState, UsageSnapshot};
 
 /// What reconciliation did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -34,7 +34,7 @@ pub struct ReconcileReport {
 impl Gateway {
     /// Bring the kernel maps in line with the store at start.
     pub fn reconcile(&self, maps_were_pinned: bool) -> Result<ReconcileReport, GatewayError> {
-        let snaps: HashMap<MacAddr, UsageSnapshot> =
+        let snaps: HashMap<Mac, UsageSnapshot> =
             self.store.usage_snapshots()?.into_iter().map(|s| (s.mac, s)).collect();
         let mut report = ReconcileReport { maps_were_pinned, ..Default::default() };
         for rec in self.store.channels_in(&[ChannelState::Open])? {
@@ -94,7 +94,7 @@ impl Gateway {
         // Kernel first, then the store: a channel funded in between is in the store
         // read, so its fresh entries are never taken for stale.
         let metered = self.with_meter(|m| m.all_usage())?;
-        let open: HashSet<MacAddr> = self.store.channels_in(&[ChannelState::Open])?.into_iter().map(|c| c.mac).collect();
+        let open: HashSet<Mac> = self.store.channels_in(&[ChannelState::Open])?.into_iter().map(|c| c.mac).collect();
         let mut removed = 0;
         for (mac, credited, _) in metered {
             if open.contains(&mac) {
@@ -109,7 +109,7 @@ impl Gateway {
 
     /// Save the kernel counters of every open channel's client (one synced write).
     pub fn snapshot_usage(&self) -> Result<usize, GatewayError> {
-        let live: HashMap<MacAddr, ()> =
+        let live: HashMap<Mac, ()> =
             self.store.channels_in(&[ChannelState::Open])?.into_iter().map(|c| (c.mac, ())).collect();
         let now = unix_now();
         let snaps: Vec<UsageSnapshot> = self

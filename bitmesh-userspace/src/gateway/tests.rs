@@ -17,7 +17,7 @@ use crate::api::ClientGateway;
 use crate::chain::{MempoolAcceptance, OutputStatus, TxStatus};
 use crate::channel::sign_update;
 use crate::config::RunArgs;
-use crate::store::MacAddr;
+use bitmesh_common::kernel::Mac;
 
 #[derive(Default)]
 struct StandIn {
@@ -59,7 +59,7 @@ struct Cli {
 }
 
 const PEER: &str = "10.0.0.2";
-const MAC: MacAddr = MacAddr([2, 0, 0, 0, 0, 2]);
+const MAC: Mac = Mac([2, 0, 0, 0, 0, 2]);
 
 fn gateway(store: Arc<Store>) -> Arc<Gateway> {
     let m = Cli::command().try_get_matches_from(["x", "--network", "regtest"]).unwrap();

@@ -7,7 +7,9 @@ use bitcoin::{Amount, OutPoint, PublicKey, ScriptBuf, Txid};
 use rusqlite::{params, Connection, OptionalExtension, Row};
 use serde::Serialize;
 
-use super::{col_err, corrupt, unix_now, ByteCount, ChannelId, MacAddr, PriceMsatPerMib, Store, StoreError};
+use bitmesh_common::kernel::Mac;
+
+use super::{col_err, corrupt, unix_now, ByteCount, ChannelId, PriceMsatPerMib, Store, StoreError};
 
 /// Where a channel is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -81,7 +83,7 @@ pub struct FinalUsage {
 #[derive(Clone, Debug)]
 pub struct NewChannel {
     pub id: ChannelId,
-    pub mac: MacAddr,
+    pub mac: Mac,
     pub ip: IpAddr,
     pub client_pubkey: PublicKey,
     pub gateway_key_index: u32,
@@ -100,7 +102,7 @@ pub struct NewChannel {
 #[derive(Clone, Debug, Serialize)]
 pub struct ChannelRecord {
     pub id: ChannelId,
-    pub mac: MacAddr,
+    pub mac: Mac,
     pub ip: IpAddr,
     pub client_pubkey: PublicKey,
     pub gateway_key_index: u32,
@@ -305,7 +307,7 @@ impl Store {
     }
 
     /// The channel (offered or open) currently bound to a MAC, if any.
-    pub fn live_channel_for_mac(&self, mac: MacAddr) -> Result<Option<ChannelRecord>, StoreError> {
+    pub fn live_channel_for_mac(&self, mac: Mac) -> Result<Option<ChannelRecord>, StoreError> {
         let conn = self.conn()?;
         let rows = list(
             &conn,

@@ -13,7 +13,6 @@ mod channels;
 mod payments;
 mod schema;
 mod settlements;
-mod types;
 mod usage;
 
 use std::path::{Path, PathBuf};
@@ -28,7 +27,6 @@ pub use schema::SCHEMA_VERSION;
 pub use settlements::{Earnings, NewSettlement, SettlementRecord, SettlementState};
 pub use bitmesh_common::pricing::{ByteCount, PriceMsatPerMib};
 pub use bitmesh_common::wire::ChannelId;
-pub use types::{MacAddr, ParseIdError};
 pub use usage::{ClientBinding, UsageSnapshot};
 
 /// Errors from the store. Each says what the operator can do about it.

@@ -6,6 +6,7 @@ use bitcoin::absolute::Height;
 use bitcoin::secp256k1::{Secp256k1, SecretKey};
 use bitcoin::PublicKey;
 use bitcoin::{Amount, OutPoint, Txid};
+use bitmesh_common::kernel::Mac;
 
 use super::*;
 
@@ -26,7 +27,7 @@ fn new_channel(store: &Store, mac_last: u8) -> ChannelRecord {
     store
         .insert_channel(&NewChannel {
             id: random_id(),
-            mac: MacAddr([2, 0, 0, 0, 0, mac_last]),
+            mac: Mac([2, 0, 0, 0, 0, mac_last]),
             ip: IpAddr::V4(Ipv4Addr::new(10, 0, 0, mac_last)),
             client_pubkey: key(1),
             gateway_key_index: idx,
@@ -220,7 +221,7 @@ fn settlement_lifecycle_moves_money_from_held_to_pending_to_settled() {
 fn usage_snapshot_keeps_the_latest_per_mac() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&Store::path_in(dir.path())).unwrap();
-    let mac = MacAddr([2, 0, 0, 0, 0, 9]);
+    let mac = Mac([2, 0, 0, 0, 0, 9]);
     let snap = |up| UsageSnapshot { mac, up: ByteCount(up), down: ByteCount(7), up_pkts: 1, down_pkts: 1, last_seen_ns: 5, taken_at: 1 };
     store.save_usage(&[snap(10)]).unwrap();
     store.save_usage(&[snap(20)]).unwrap();
@@ -234,7 +235,7 @@ fn bindings_and_settings_round_trip() {
     let dir = tempfile::tempdir().unwrap();
     let path = Store::path_in(dir.path());
     let store = Store::open(&path).unwrap();
-    let mac = MacAddr([2, 0, 0, 0, 0, 3]);
+    let mac = Mac([2, 0, 0, 0, 0, 3]);
     store.bind_client(mac, "10.0.0.3".parse().unwrap()).unwrap();
     store.bind_client(mac, "10.0.0.4".parse().unwrap()).unwrap();
     store.set_setting("price_msat_per_mib", "2500").unwrap();

@@ -5,12 +5,14 @@ use std::net::IpAddr;
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 
-use super::{col_err, unix_now, ByteCount, MacAddr, Store, StoreError};
+use bitmesh_common::kernel::Mac;
+
+use super::{col_err, unix_now, ByteCount, Store, StoreError};
 
 /// The kernel's USAGE entry for a MAC at some moment.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct UsageSnapshot {
-    pub mac: MacAddr,
+    pub mac: Mac,
     pub up: ByteCount,
     pub down: ByteCount,
     pub up_pkts: u64,
@@ -30,7 +32,7 @@ impl UsageSnapshot {
 /// The IP a MAC was last seen with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct ClientBinding {
-    pub mac: MacAddr,
+    pub mac: Mac,
     pub ip: IpAddr,
     pub last_seen_at: i64,
 }
@@ -84,7 +86,7 @@ impl Store {
     }
 
     /// Remember that `mac` was seen with `ip`.
-    pub fn bind_client(&self, mac: MacAddr, ip: IpAddr) -> Result<(), StoreError> {
+    pub fn bind_client(&self, mac: Mac, ip: IpAddr) -> Result<(), StoreError> {
         self.conn()?.execute(
             "INSERT INTO client_bindings (mac, ip, last_seen_at) VALUES (?1, ?2, ?3)
              ON CONFLICT(mac) DO UPDATE SET ip = excluded.ip, last_seen_at = excluded.last_seen_at",
