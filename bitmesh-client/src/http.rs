@@ -1,57 +1,21 @@
 //! The gateway's JSON API, from the client side (blocking HTTP over `bitreq`, which
 //! the tree already carries for the bitcoind RPC client).
 //!
-//! Every route path lives in [`routes`] and mirrors `api/mod.rs` (docs/api.md):
-//! one place to change if the controller moves a path.
+//! Every route path and wire type comes from `bitmesh_common::wire` (docs/api.md),
+//! the same definitions the controller's router serves.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bitcoin::hex::DisplayHex;
 use bitcoin::secp256k1::{Message, SecretKey};
-use bitmesh_common::pricing::ByteCount;
 use bitmesh_common::wire::{
-    client_request_digest, ChannelId, ChannelStatus, CloseRequest, CloseResponse, ErrorBody, ErrorCode,
-    FundRequest, OpenRequest, OpenResponse, PaymentAck, PaymentUpdate, SignatureBytes, Terms,
+    client_request_digest, routes, CaptiveStatus, ChannelId, ChannelStatus, ClientEvent, CloseRequest,
+    CloseResponse, ErrorBody, ErrorCode, FundRequest, OpenRequest, OpenResponse, PaymentAck, PaymentUpdate,
+    SignatureBytes, Terms, AUTH_HEADER,
 };
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
-
-/// Route paths of the gateway API (must match the controller's router).
-pub mod routes {
-    use bitmesh_common::wire::ChannelId;
-
-    /// GET: the terms.
-    pub const TERMS: &str = "/v1/terms";
-    /// POST: open a channel.
-    pub const CHANNELS: &str = "/v1/channels";
-    /// GET: RFC 8908 captive-portal API.
-    pub const CAPTIVE: &str = "/captive-portal/api";
-    /// GET: channel status (signed header, action `status`).
-    pub fn channel(id: &ChannelId) -> String {
-        format!("/v1/channels/{id}")
-    }
-    /// POST: funding (the gateway relays the transaction).
-    pub fn funding(id: &ChannelId) -> String {
-        format!("/v1/channels/{id}/funding")
-    }
-    /// POST: payment update.
-    pub fn payments(id: &ChannelId) -> String {
-        format!("/v1/channels/{id}/payments")
-    }
-    /// POST: close request.
-    pub fn close(id: &ChannelId) -> String {
-        format!("/v1/channels/{id}/close")
-    }
-    /// GET: server-sent events (signed header, action `events`).
-    pub fn events(id: &ChannelId) -> String {
-        format!("/v1/channels/{id}/events")
-    }
-}
-
-/// Header carrying the client-key signature on channel-scoped GETs (`api::AUTH_HEADER`):
-/// `<counter>.<hex DER signature>` (see [`auth_header`]).
-pub const AUTH_HEADER: &str = "x-bitmesh-signature";
+use serde::Serialize;
 
 /// How long one request may take (the gateway is one hop away).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
@@ -113,45 +77,6 @@ impl HttpError {
     }
 }
 
-/// A push on a channel's event stream (mirror of `api::ClientEvent`, which is
-/// serialize-only on the gateway side).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "event", rename_all = "snake_case")]
-pub enum GatewayEvent {
-    /// Periodic usage report.
-    Usage(UsageReport),
-    /// Remaining budget below the gateway's low-water mark: pay now.
-    LowWater(UsageReport),
-    /// The channel stopped taking payments.
-    Closed {
-        /// The channel.
-        channel_id: ChannelId,
-    },
-}
-
-/// Budget figures of one channel, as the gateway counts them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct UsageReport {
-    /// The channel.
-    pub channel_id: ChannelId,
-    /// Bytes credited for the paid total.
-    pub credited_bytes: ByteCount,
-    /// Bytes the gateway metered.
-    pub used_bytes: ByteCount,
-    /// `credited - used`.
-    pub remaining_bytes: ByteCount,
-}
-
-/// The RFC 8908 answer (only what the agent reads).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct CaptiveStatus {
-    /// True while the device has no paid budget.
-    pub captive: bool,
-    /// Bytes left before the device must pay again.
-    #[serde(rename = "bytes-remaining", default)]
-    pub bytes_remaining: Option<u64>,
-}
-
 /// A client of one gateway.
 #[derive(Debug, Clone)]
 pub struct GatewayApi {
@@ -206,7 +131,7 @@ impl GatewayApi {
         self.post(&routes::close(id), &req)
     }
 
-    /// Open the event stream: a reader of [`GatewayEvent`]s, one per `next()`.
+    /// Open the event stream: a reader of [`ClientEvent`]s, one per `next()`.
     pub fn events(&self, id: &ChannelId, key: &SecretKey) -> Result<EventStream, HttpError> {
         let path = routes::events(id);
         let url = format!("{}{path}", self.base);
@@ -363,8 +288,8 @@ fn error_from(path: &str, status: i32, retry_after: Option<Duration>, body: &[u8
 }
 
 /// The event a `data` payload of the stream carries, if the agent understands it.
-pub fn parse_event(data: &str) -> Option<GatewayEvent> {
-    serde_json::from_str::<GatewayEvent>(data).ok()
+pub fn parse_event(data: &str) -> Option<ClientEvent> {
+    serde_json::from_str::<ClientEvent>(data).ok()
 }
 
 /// An open event stream.
@@ -376,7 +301,7 @@ pub struct EventStream {
 impl EventStream {
     /// The next event, blocking; `None` when the stream ended or broke. Events the
     /// agent does not understand are skipped (a newer gateway may add some).
-    pub fn next_event(&mut self) -> Option<GatewayEvent> {
+    pub fn next_event(&mut self) -> Option<ClientEvent> {
         loop {
             let (byte, _) = self.inner.next()?.ok()?;
             if let Some(ev) = self.parser.push(byte).as_deref().and_then(parse_event) {

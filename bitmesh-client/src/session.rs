@@ -11,19 +11,19 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use bitcoin::secp256k1::{rand, SecretKey};
-use bitcoin::{Amount, FeeRate, PublicKey, ScriptBuf, Transaction, Txid};
+use bitcoin::{Amount, FeeRate, Network, PublicKey, ScriptBuf, Transaction, Txid};
 use bitmesh_common::pricing::{bytes_for_payment, ByteCount};
-use bitmesh_common::wire::{ErrorCode, FundRequest, OpenRequest, OpenResponse, PaymentUpdate};
+use bitmesh_common::wire::{ClientEvent, ErrorCode, FundRequest, OpenRequest, OpenResponse, PaymentUpdate};
 
 use super::funding::{bip21_uri, qr_text, FundingError, FundingSource};
-use super::http::{GatewayApi, GatewayEvent, HttpError};
+use super::http::{GatewayApi, HttpError};
 use super::meter::{ByteMeter, MeterError};
 use super::policy::{next_payment, Hold, Next, PolicyLimits, PolicyState};
 use super::state::{ChannelRecord, FundingRecord, Phase, SignedState, StateDir, StateError, STATE_VERSION};
 use super::terms::{check_terms, describe, TermsError, UserLimits};
 use super::tip::{check_tip, SeenTip, TipError, TipEvidence, TipLog};
 use crate::chain::{Chain, ChainError};
-use crate::channel::{build_refund, sign_update, ChannelError, ChannelScript};
+use crate::channel::{build_refund, sign_update, ChannelError};
 
 /// How the channel gets funded.
 pub enum FundingMode {
@@ -234,7 +234,7 @@ fn open_channel(cfg: &PayConfig, api: &GatewayApi, ui: &mut dyn Ui) -> Result<Ch
     let client_pubkey = PublicKey::new(client_secret.public_key(crate::channel::secp()));
     let req = OpenRequest { client_pubkey, expiry: accepted.expiry, client_change_script: refund_script.clone() };
     let resp = api.open(&req)?;
-    check_open_response(&req, &resp)?;
+    check_open_response(&req, &resp, terms.network)?;
     check_open_terms(&terms, &resp)?;
     // Remembered only once the open went through: rule 2 of `tip` compares the next
     // gateway with it.
@@ -273,31 +273,14 @@ fn open_channel(cfg: &PayConfig, api: &GatewayApi, ui: &mut dyn Ui) -> Result<Ch
 
 /// docs/design.md section 4, client rules: check the script, gateway key and expiry before
 /// funding. Everything is rebuilt from the three values; nothing the gateway sends
-/// is trusted.
-pub fn check_open_response(req: &OpenRequest, resp: &OpenResponse) -> Result<(), SessionError> {
-    if resp.client_pubkey != req.client_pubkey {
-        return Err(SessionError::ScriptMismatch("client key"));
+/// is trusted. The check is the channel library's [`crate::channel::check_offer`], against the
+/// request's own key and expiry and the confirmed terms' network.
+pub fn check_open_response(req: &OpenRequest, resp: &OpenResponse, network: Network) -> Result<(), SessionError> {
+    match crate::channel::check_offer(resp, &req.client_pubkey, req.expiry, network) {
+        Ok(_) => Ok(()),
+        Err(ChannelError::OfferMismatch { what }) => Err(SessionError::ScriptMismatch(what)),
+        Err(e) => Err(e.into()),
     }
-    if resp.expiry != req.expiry {
-        return Err(SessionError::ScriptMismatch("expiry"));
-    }
-    if !resp.gateway_pubkey.compressed {
-        return Err(SessionError::ScriptMismatch("gateway key not compressed"));
-    }
-    let script = ChannelScript { gateway: resp.gateway_pubkey, client: req.client_pubkey, expiry: req.expiry };
-    if resp.witness_script != script.witness_script() {
-        return Err(SessionError::ScriptMismatch("witness script"));
-    }
-    if resp.funding_script_pubkey != script.script_pubkey() {
-        return Err(SessionError::ScriptMismatch("funding output script"));
-    }
-    if resp.funding_address.assume_checked_ref().script_pubkey() != script.script_pubkey() {
-        return Err(SessionError::ScriptMismatch("funding address"));
-    }
-    if resp.channel_id != script.channel_id() {
-        return Err(SessionError::ScriptMismatch("channel id"));
-    }
-    Ok(())
 }
 
 /// The terms an open answer repeats must be the ones the user confirmed: a
@@ -499,7 +482,7 @@ struct EventFeed {
     api: GatewayApi,
     id: bitmesh_common::wire::ChannelId,
     key: SecretKey,
-    rx: Option<mpsc::Receiver<GatewayEvent>>,
+    rx: Option<mpsc::Receiver<ClientEvent>>,
     opened_at: Instant,
     reopen_at: Instant,
     backoff: Duration,
@@ -522,7 +505,7 @@ impl EventFeed {
     }
 
     /// The next push, or `None` after about one poll interval without one.
-    fn wait(&mut self, stop: &AtomicBool) -> Option<GatewayEvent> {
+    fn wait(&mut self, stop: &AtomicBool) -> Option<ClientEvent> {
         if self.rx.is_none() && Instant::now() >= self.reopen_at {
             self.rx = Some(spawn_events(self.api.clone(), self.id, self.key));
             self.opened_at = Instant::now();
@@ -654,8 +637,8 @@ fn pay_loop(
             quiet_until = None;
         }
         match event {
-            Some(GatewayEvent::Usage(u)) | Some(GatewayEvent::LowWater(u)) => view.used = u.used_bytes,
-            Some(GatewayEvent::Closed { .. }) => view.closed = true,
+            Some(ClientEvent::Usage(u)) | Some(ClientEvent::LowWater(u)) => view.used = u.used_bytes,
+            Some(ClientEvent::Closed { .. }) => view.closed = true,
             None => {}
         }
         if view.closed {
@@ -832,7 +815,7 @@ fn mark_acked(record: &mut ChannelRecord) {
 /// Read the gateway's event stream on a thread; the loop polls when it is silent,
 /// so a missing or broken stream only makes top-ups slower, never wrong. The
 /// receiver disconnects when the stream ends or cannot be opened.
-fn spawn_events(api: GatewayApi, id: bitmesh_common::wire::ChannelId, key: SecretKey) -> mpsc::Receiver<GatewayEvent> {
+fn spawn_events(api: GatewayApi, id: bitmesh_common::wire::ChannelId, key: SecretKey) -> mpsc::Receiver<ClientEvent> {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         if let Ok(mut stream) = api.events(&id, &key) {
@@ -849,7 +832,7 @@ fn spawn_events(api: GatewayApi, id: bitmesh_common::wire::ChannelId, key: Secre
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bitcoin::Network;
+    use crate::channel::ChannelScript;
 
     fn pair() -> (OpenRequest, OpenResponse) {
         let secp = crate::channel::secp();
@@ -879,7 +862,7 @@ mod tests {
     #[test]
     fn an_honest_open_response_passes() {
         let (req, resp) = pair();
-        check_open_response(&req, &resp).unwrap();
+        check_open_response(&req, &resp, Network::Regtest).unwrap();
     }
 
     #[test]
@@ -918,7 +901,7 @@ mod tests {
             ("wrong channel id", OpenResponse { channel_id: other.channel_id(), ..good.clone() }),
         ];
         for (name, resp) in rows {
-            assert!(matches!(check_open_response(&req, &resp), Err(SessionError::ScriptMismatch(_))), "{name}");
+            assert!(matches!(check_open_response(&req, &resp, Network::Regtest), Err(SessionError::ScriptMismatch(_))), "{name}");
         }
     }
 }

@@ -13,6 +13,8 @@
 //! (the gateway's fresh key and the funding script); the client funds the script and
 //! sends [`FundRequest`] -> [`ChannelStatus`]; then one [`PaymentUpdate`] per prepaid
 //! chunk -> [`PaymentAck`]; finally [`CloseRequest`] -> [`CloseResponse`].
+//! Meanwhile the channel's event stream pushes [`ClientEvent`]s, and any device may
+//! ask the RFC 8908 [`CaptiveStatus`]. The paths are in [`routes`].
 
 use bitcoin::address::NetworkUnchecked;
 use bitcoin::hashes::{sha256, Hash, HashEngine};
@@ -22,6 +24,13 @@ use bitcoin::{Transaction, Txid};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::pricing::{ByteCount, PriceMsatPerMib};
+
+mod captive;
+mod events;
+pub mod routes;
+
+pub use captive::{CaptiveStatus, CAPTIVE_JSON};
+pub use events::{ClientEvent, UsageReport};
 
 /// Version of this message set; bumped on any incompatible change.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -327,6 +336,12 @@ pub fn client_request_digest(action: &str, channel_id: &ChannelId, counter: u64)
 /// How far (either way, in milliseconds) a request counter may be from the
 /// gateway's clock: 120 s.
 pub const CLIENT_AUTH_WINDOW_MS: u64 = 120_000;
+
+/// Header carrying the client-key signature on channel-scoped GET requests:
+/// `<counter>.<hex DER ECDSA signature>`, the signature over
+/// [`client_request_digest`] with action `status` or `events` and the counter in
+/// decimal.
+pub const AUTH_HEADER: &str = "x-bitmesh-signature";
 
 /// Every error the gateway returns: a stable code and a human message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -16,12 +16,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bitcoin::{Amount, Network};
 use bitmesh_client::events::{SseParser, MAX_EVENT, MAX_LINE};
-use bitmesh_client::http::{clock_offset_ms, decode_parts, parse_event, CaptiveStatus, HttpError, MAX_RETRY_AFTER};
+use bitmesh_client::http::{clock_offset_ms, decode_parts, parse_event, HttpError, MAX_RETRY_AFTER};
 use bitmesh_client::session::{check_open_response, check_open_terms};
 use bitmesh_client::terms::{check_terms, describe, UserLimits, DEFAULT_MAX_CHUNK, DEFAULT_MAX_PREPAID};
 use bitmesh_client::tip::{check_tip, TipEvidence};
 use bitmesh_common::pricing::{payment_for_bytes, PriceMsatPerMib};
-use bitmesh_common::wire::{ChannelStatus, CloseResponse, OpenRequest, OpenResponse, PaymentAck, Terms};
+use bitmesh_common::wire::{CaptiveStatus, ChannelStatus, CloseResponse, OpenRequest, OpenResponse, PaymentAck, Terms};
 use libfuzzer_sys::fuzz_target;
 
 fn user() -> UserLimits {
@@ -104,7 +104,7 @@ fuzz_target!(|data: &[u8]| {
                     expiry: resp.expiry,
                     client_change_script: bitcoin::ScriptBuf::new(),
                 };
-                let _ = check_open_response(&req, &resp);
+                let _ = check_open_response(&req, &resp, Network::Regtest);
                 let terms: Option<Terms> = serde_json::from_slice(body).ok();
                 if let Some(t) = terms {
                     let _ = check_open_terms(&t, &resp);

@@ -37,26 +37,21 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{middleware, Json, Router};
-use bitmesh_common::pricing::ByteCount;
+use bitmesh_common::wire::routes;
 use bitmesh_common::wire::{
     ChannelId, ChannelStatus, CloseRequest, CloseResponse, FundRequest, OpenRequest, OpenResponse,
     PaymentAck, PaymentUpdate, SignatureBytes, Terms,
 };
 use bitcoin::hex::FromHex;
-use serde::Serialize;
 use tokio::sync::mpsc;
 
-pub use captive::CaptiveStatus;
+// The wire types the gateway trait's signatures name, and the signed-request header,
+// are defined once in `bitmesh_common::wire` (shared with the client agent).
+pub use bitmesh_common::wire::{CaptiveStatus, ClientEvent, UsageReport, AUTH_HEADER};
 pub use error::ApiError;
 pub use extract::ApiJson;
 pub use limits::{ClientKey, ClientKeys, RateLimiter};
 pub use serve::{serve, ConnLimits, ConnPermit, ConnSlots, Refusal};
-
-/// Header carrying the client-key signature on channel-scoped GET requests:
-/// `<counter>.<hex DER ECDSA signature>`, the signature over
-/// `client_request_digest(action, channel_id, counter)` with action `status` or
-/// `events` and the counter in decimal (see [`ClientAuth`]).
-pub const AUTH_HEADER: &str = "x-bitmesh-signature";
 
 /// A parsed [`AUTH_HEADER`]: the client's counter (milliseconds since the Unix
 /// epoch, strictly increasing per channel) and its signature over
@@ -68,37 +63,6 @@ pub struct ClientAuth {
     pub counter: u64,
     /// DER ECDSA signature by the channel's client key.
     pub signature: SignatureBytes,
-}
-
-/// A push on a channel's event stream.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-#[serde(tag = "event", rename_all = "snake_case")]
-pub enum ClientEvent {
-    /// Periodic usage report.
-    Usage(UsageReport),
-    /// Remaining budget fell below the gateway's low-water mark: pay the next chunk now.
-    LowWater(UsageReport),
-    /// The channel stopped taking payments (closing or closed).
-    Closed { channel_id: ChannelId },
-}
-
-/// Budget figures of one channel.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-pub struct UsageReport {
-    pub channel_id: ChannelId,
-    pub credited_bytes: ByteCount,
-    pub used_bytes: ByteCount,
-    pub remaining_bytes: ByteCount,
-}
-
-impl ClientEvent {
-    fn name(&self) -> &'static str {
-        match self {
-            ClientEvent::Usage(_) => "usage",
-            ClientEvent::LowWater(_) => "low_water",
-            ClientEvent::Closed { .. } => "closed",
-        }
-    }
 }
 
 /// What the API needs from the controller. `peer` is the TCP peer address of the
@@ -178,17 +142,17 @@ pub fn router<G: ClientGateway>(gw: Arc<G>, limits: ApiLimits) -> Router {
     let body_limit = limits.max_body_bytes;
     let state = Arc::new(AppState { gw, limits });
     Router::new()
-        .route("/v1/terms", get(terms::<G>))
-        .route("/v1/channels", post(open::<G>))
+        .route(routes::TERMS, get(terms::<G>))
+        .route(routes::CHANNELS, post(open::<G>))
         .route(
-            "/v1/channels/{id}/funding",
+            routes::FUNDING,
             post(fund::<G>).route_layer(middleware::from_fn_with_state(relay_limiter, limits::rate_limit)),
         )
-        .route("/v1/channels/{id}/payments", post(pay::<G>))
-        .route("/v1/channels/{id}", get(status::<G>))
-        .route("/v1/channels/{id}/close", post(close::<G>))
-        .route("/v1/channels/{id}/events", get(events::<G>))
-        .route("/captive-portal/api", get(captive::<G>))
+        .route(routes::PAYMENTS, post(pay::<G>))
+        .route(routes::CHANNEL, get(status::<G>))
+        .route(routes::CLOSE, post(close::<G>))
+        .route(routes::EVENTS, get(events::<G>))
+        .route(routes::CAPTIVE, get(captive::<G>))
         .fallback(|| async { ApiError::NoRoute })
         .method_not_allowed_fallback(|| async { ApiError::NoRoute })
         .with_state(state)
@@ -299,5 +263,5 @@ async fn captive<G: ClientGateway>(
     State(s): St<G>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
 ) -> Result<Response, ApiError> {
-    Ok(s.gw.captive(peer.ip()).await?.into_response())
+    Ok(captive::answer(s.gw.captive(peer.ip()).await?))
 }

@@ -7,7 +7,7 @@ use axum::body::Body;
 use axum::extract::connect_info::MockConnectInfo;
 use axum::http::{Request, StatusCode};
 use bitcoin::{absolute, Amount, FeeRate, Network};
-use bitmesh_common::pricing::PriceMsatPerMib;
+use bitmesh_common::pricing::{ByteCount, PriceMsatPerMib};
 use bitmesh_common::wire::{ChannelState, ErrorBody, ErrorCode};
 use tower::ServiceExt;
 

@@ -1,0 +1,69 @@
+//! Route paths of the client API (docs/api.md): the gateway's router mounts the
+//! templates, the agent fills them with a channel id. One place to change a path.
+
+use super::ChannelId;
+
+/// The placeholder the channel-scoped templates carry (axum's path syntax).
+const ID: &str = "{id}";
+
+/// GET: the terms.
+pub const TERMS: &str = "/v1/terms";
+/// POST: open a channel.
+pub const CHANNELS: &str = "/v1/channels";
+/// GET: RFC 8908 captive-portal API.
+pub const CAPTIVE: &str = "/captive-portal/api";
+/// GET: channel status (signed header, action `status`).
+pub const CHANNEL: &str = "/v1/channels/{id}";
+/// POST: funding (the gateway relays the transaction).
+pub const FUNDING: &str = "/v1/channels/{id}/funding";
+/// POST: payment update.
+pub const PAYMENTS: &str = "/v1/channels/{id}/payments";
+/// POST: close request.
+pub const CLOSE: &str = "/v1/channels/{id}/close";
+/// GET: server-sent events (signed header, action `events`).
+pub const EVENTS: &str = "/v1/channels/{id}/events";
+
+fn fill(template: &str, id: &ChannelId) -> String {
+    template.replace(ID, &id.to_string())
+}
+
+/// [`CHANNEL`] of one channel.
+pub fn channel(id: &ChannelId) -> String {
+    fill(CHANNEL, id)
+}
+
+/// [`FUNDING`] of one channel.
+pub fn funding(id: &ChannelId) -> String {
+    fill(FUNDING, id)
+}
+
+/// [`PAYMENTS`] of one channel.
+pub fn payments(id: &ChannelId) -> String {
+    fill(PAYMENTS, id)
+}
+
+/// [`CLOSE`] of one channel.
+pub fn close(id: &ChannelId) -> String {
+    fill(CLOSE, id)
+}
+
+/// [`EVENTS`] of one channel.
+pub fn events(id: &ChannelId) -> String {
+    fill(EVENTS, id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn channel_routes_are_the_documented_paths() {
+        let id = ChannelId([0xab; 32]);
+        let hex = "ab".repeat(32);
+        assert_eq!(channel(&id), format!("/v1/channels/{hex}"));
+        assert_eq!(funding(&id), format!("/v1/channels/{hex}/funding"));
+        assert_eq!(payments(&id), format!("/v1/channels/{hex}/payments"));
+        assert_eq!(close(&id), format!("/v1/channels/{hex}/close"));
+        assert_eq!(events(&id), format!("/v1/channels/{hex}/events"));
+    }
+}
