@@ -68,7 +68,18 @@ fn the_whole_story_walled_garden_top_up_cut_off_idle_close_and_confirmed_settlem
     assert!(state["latest"]["acked"].as_bool().unwrap(), "{state}");
     assert_eq!(signed, paid, "the gateway holds exactly what A signed last");
 
-    // 3. B caps its spending at 3,000 sat: cut off exactly at its budget.
+    // 3. A is done: its agent asks to close; the gateway broadcasts at once. (Right
+    // after its download: left open through B's part, it could pass the 8 s idle
+    // timeout on a loaded machine and close as idle instead.)
+    a.stop();
+    let ch = wait_until("A's close to be broadcast", Duration::from_secs(20), || {
+        ctl.channel(&macs[0]).filter(|c| c["state"] == "closing" && c["close_txid"].is_string())
+    });
+    assert_eq!(ch["close_reason"], "client", "{ch}");
+    let a_txid: Txid = ch["close_txid"].as_str().unwrap().parse().unwrap();
+    assert_eq!(world.confirmations(&a_txid), Some(0), "A's settlement is in the mempool");
+
+    // 4. B caps its spending at 3,000 sat: cut off exactly at its budget.
     let mut b = world.start_agent(1, &AgentOpts::new(funding[1].file.clone(), 3_000)).unwrap();
     b.wait_for("channel funded", Duration::from_secs(30)).unwrap();
     let f = world.fetch_paced(1, 8 * MIB, RATE, Duration::from_secs(4));
@@ -83,15 +94,6 @@ fn the_whole_story_walled_garden_top_up_cut_off_idle_close_and_confirmed_settlem
     assert!(budget - used(&row).min(budget) < 64 * 1024 + FRAME, "B was cut off early: {row}");
     assert!(f.bytes <= budget, "B received more payload than its budget: {f:?}");
     assert!(f.bytes > 2 * MIB, "B received its budget: {f:?}");
-
-    // 4. A is done: its agent asks to close; the gateway broadcasts at once.
-    a.stop();
-    let ch = wait_until("A's close to be broadcast", Duration::from_secs(20), || {
-        ctl.channel(&macs[0]).filter(|c| c["state"] == "closing" && c["close_txid"].is_string())
-    });
-    assert_eq!(ch["close_reason"], "client", "{ch}");
-    let a_txid: Txid = ch["close_txid"].as_str().unwrap().parse().unwrap();
-    assert_eq!(world.confirmations(&a_txid), Some(0), "A's settlement is in the mempool");
 
     // 5. C downloads a little and goes idle; B (cut off) is idle too. Both close as idle.
     let mut c = world.start_agent(2, &AgentOpts::new(funding[2].file.clone(), 10_000)).unwrap();
