@@ -78,7 +78,7 @@ pub fn verify_update_median(iterations: u32) -> Result<Duration, ChannelError> {
 #[allow(clippy::unwrap_used, clippy::expect_used)] // a failed test should panic
 mod tests {
     #[test]
-    #[ignore = "benchmark: cargo test -p bitmesh-userspace --release channel::bench -- --ignored --nocapture"]
+    #[ignore = "benchmark: cargo test -p bitmesh-channel --release bench -- --ignored --nocapture"]
     fn median_update_verify_time() {
         let median = super::verify_update_median(1_000).unwrap();
         println!("median verify_update: {median:?}");
