@@ -40,6 +40,60 @@ pub fn ip(args: &[&str]) -> Result<Output> {
     run(Command::new("ip").args(args))
 }
 
+/// Signal number that asked this process to stop (0: none).
+static STOP_SIGNAL: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+extern "C" fn on_stop_signal(sig: libc::c_int) {
+    // Only an atomic store: async-signal-safe. The sweeper thread does the rest.
+    STOP_SIGNAL.store(sig, Ordering::Relaxed);
+}
+
+/// Guards clean up when they drop, which a test process killed by SIGTERM, SIGINT or
+/// SIGHUP never reaches. From the first namespace on, such a signal makes a sweeper
+/// thread remove what this process created (names carry its pid): processes inside
+/// its namespaces, the namespaces, its pin directories; then the process exits.
+fn sweep_on_signal() {
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    INSTALL.call_once(|| {
+        for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+            unsafe { libc::signal(sig, on_stop_signal as *const () as libc::sighandler_t) };
+        }
+        std::thread::spawn(|| loop {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            let sig = STOP_SIGNAL.load(Ordering::Relaxed);
+            if sig != 0 {
+                sweep_own_leftovers();
+                // SAFETY: _exit ends the process at once, as the signal would have.
+                unsafe { libc::_exit(128 + sig) };
+            }
+        });
+    });
+}
+
+/// Remove the namespaces (`bm<pid>x*`, after killing what runs in them) and pin
+/// directories (`bitmesh-test-<pid>-*`) of this process.
+fn sweep_own_leftovers() {
+    let pid = std::process::id();
+    let own = |dir: &str, prefix: &str| -> Vec<String> {
+        std::fs::read_dir(dir)
+            .map(|d| d.filter_map(|e| e.ok()?.file_name().into_string().ok()).filter(|n| n.starts_with(prefix)).collect())
+            .unwrap_or_default()
+    };
+    for ns in own("/run/netns", &format!("bm{pid}x")) {
+        if let Ok(out) = Command::new("ip").args(["netns", "pids", &ns]).output() {
+            for p in String::from_utf8_lossy(&out.stdout).split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+                // SAFETY: kill(2) on a pid listed in our own namespace.
+                unsafe { libc::kill(p, libc::SIGKILL) };
+            }
+        }
+        let _ = Command::new("ip").args(["netns", "del", &ns]).stdin(Stdio::null()).output();
+    }
+    for dir in own("/sys/fs/bpf", &format!("bitmesh-test-{pid}-")) {
+        let _ = std::fs::remove_dir_all(Path::new("/sys/fs/bpf").join(dir));
+    }
+}
+
 /// A private pin directory `/sys/fs/bpf/bitmesh-test-<pid>-<n>`, removed with
 /// everything in it on drop (maps and links pinned there go with it).
 pub struct PinDir {
@@ -127,6 +181,7 @@ pub struct Netns {
 impl Netns {
     /// Create `bm<pid>x<n>` with loopback up.
     pub fn new() -> Result<Self> {
+        sweep_on_signal();
         let name = unique_name("bm");
         ip(&["netns", "add", &name])?;
         let ns = Self { name };
