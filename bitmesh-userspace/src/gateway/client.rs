@@ -407,25 +407,15 @@ impl ClientGateway for Gateway {
         let rec = NewChannel { id: script.channel_id(), ..rec };
         tracing::Span::current().record("channel", tracing::field::display(rec.id));
         // Durable before the client sees the key: the key index is never reused.
-        let row = rec.clone();
-        self.store_call(move |s| {
-            s.insert_channel(&row)?;
-            s.bind_client(mac, peer)
-        })
-        .await?;
+        let stored = self
+            .store_call(move |s| {
+                let stored = s.insert_channel(&rec)?;
+                s.bind_client(mac, peer)?;
+                Ok(stored)
+            })
+            .await?;
         info!("channel offered");
-        Ok(OpenResponse {
-            channel_id: rec.id,
-            gateway_pubkey,
-            client_pubkey: req.client_pubkey,
-            expiry: req.expiry,
-            witness_script: script.witness_script(),
-            funding_script_pubkey: script.script_pubkey(),
-            funding_address: script.address(p.network).as_unchecked().clone(),
-            min_capacity: p.min_capacity,
-            max_capacity: p.max_capacity,
-            min_first_payment: rec.min_first_payment,
-        })
+        Ok(self.offer_response(&stored))
     }
 
     #[instrument(skip_all, fields(%peer, channel = %req.channel_id, txid = %req.funding_tx.compute_txid()))]
