@@ -1,6 +1,6 @@
 //! Prints the kernel cost per frame (BPF_PROG_TEST_RUN, 1,000,000 runs per path)
 //! next to an empty program, at 10 and 10,000 clients. Not a timed test:
-//! `cargo test -p bitmesh-tests --test kernel_bench -- --ignored --nocapture`.
+//! `cargo test -p bitmesh-tests --test kernel bench:: -- --ignored --nocapture`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed test should panic
 

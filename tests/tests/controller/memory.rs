@@ -1,6 +1,6 @@
 //! Controller memory with 1,000 clients (docs/design.md section 10), printed; a benchmark
 //! run by hand or by `cargo xtask bench`, not a timed test:
-//! `cargo test -p bitmesh-tests --test controller_memory -- --ignored --nocapture`.
+//! `cargo test -p bitmesh-tests --test controller memory:: -- --ignored --nocapture`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 

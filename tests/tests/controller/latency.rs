@@ -1,5 +1,5 @@
 //! Latency of the real controller (not a timed assertion: prints the figures).
-//! `cargo test -p bitmesh-tests --test controller_latency -- --ignored --nocapture`
+//! `cargo test -p bitmesh-tests --test controller latency:: -- --ignored --nocapture`
 
 #![allow(clippy::unwrap_used)]
 

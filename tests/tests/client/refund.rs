@@ -5,8 +5,6 @@
 // Test code: unwrap is how a failed step fails the test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod client_support;
-
 use std::time::{Duration, Instant};
 
 use bitcoin::secp256k1::{rand, SecretKey};
@@ -18,7 +16,7 @@ use bitmesh_client::session;
 use bitmesh_client::state::Phase;
 use bitmesh_common::pricing::MIB;
 use bitmesh_tests::bitcoind::Bitcoind;
-use client_support::*;
+use crate::support::*;
 
 /// A key with one mature P2WPKH coinbase output, as a `--fund-from` source.
 fn coinbase_funding(node: &Bitcoind) -> FundingSource {

@@ -7,8 +7,6 @@
 // Test code: unwrap is how a failed step fails the test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod client_support;
-
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -19,7 +17,7 @@ use bitmesh_client::state::{Phase, StateDir};
 use bitmesh_client::terms::TermsError;
 use bitmesh_client::tip::{SeenTip, TipError, TipLog};
 use bitmesh_common::pricing::{payment_for_bytes, ByteCount, PriceMsatPerMib, MIB};
-use client_support::*;
+use crate::support::*;
 
 fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(20);
