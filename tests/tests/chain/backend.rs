@@ -5,7 +5,7 @@
 
 use bitcoin::{Amount, FeeRate, OutPoint, ScriptBuf};
 use bitmesh::chain::{BitcoindAuth, BitcoindRpc, Chain, ChainError, Esplora};
-use bitmesh_tests::bitcoind::{Bitcoind, CoinbaseWallet};
+use bitmesh_tests::chain::{Bitcoind, CoinbaseWallet};
 
 fn closed_port() -> u16 {
     // Bind and drop: nothing listens there afterwards.

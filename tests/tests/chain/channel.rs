@@ -11,7 +11,7 @@ use bitcoin::{absolute, Amount, FeeRate, Network, OutPoint, PublicKey, ScriptBuf
 use bitmesh::chain::Chain;
 use bitmesh::channel::*;
 use bitmesh_common::wire::SignatureBytes;
-use bitmesh_tests::bitcoind::{Bitcoind, CoinbaseWallet};
+use bitmesh_tests::chain::{Bitcoind, CoinbaseWallet};
 
 const CAPACITY: Amount = Amount::from_sat(200_000);
 

@@ -10,7 +10,8 @@
 
 use std::process::{Command, Stdio};
 
-use bitmesh_tests::controller::{Lab, ScriptedClient};
+use bitmesh_tests::controller::{Controller, ControllerOpts};
+use bitmesh_tests::testbed::Testbed;
 use bitmesh_tests::env;
 use bitmesh_tests::process::bitmesh_bin_or_skip;
 
@@ -82,31 +83,32 @@ fn expected_failures_print_one_line_and_exit_non_zero_even_with_rust_backtrace()
 
 #[test]
 fn a_price_set_with_bitmesh_price_is_shown_overriding_the_flag_at_start_and_in_clients() {
-    let Some(mut lab) = Lab::start(&["--price-msat-per-mib", "1000"]).unwrap() else { return };
-    let price_line = |lab: &Lab| lab.controller.cli_text(&["clients"]).unwrap().lines().next().unwrap_or_default().to_owned();
-    let terms_price = |lab: &Lab| ScriptedClient::new(&lab.topo.client, lab.api()).terms().unwrap().price_msat_per_mib.to_msat();
+    let Some(lab) = Testbed::start(1).unwrap() else { return };
+    let mut ctl = lab.start_controller(&ControllerOpts::new().with(&["--price-msat-per-mib", "1000"])).unwrap();
+    let price_line = |ctl: &Controller<'_>| ctl.cli_text(&["clients"]).unwrap().lines().next().unwrap_or_default().to_owned();
+    let terms_price = |lab: &Testbed| lab.scripted_client().terms().unwrap().price_msat_per_mib.to_msat();
 
-    let line = price_line(&lab);
+    let line = price_line(&ctl);
     assert!(line.contains("1 sat/MiB (1000 msat/MiB), from --price-msat-per-mib"), "{line}");
 
-    let set = lab.controller.cli_text(&["price", "2500"]).unwrap();
+    let set = ctl.cli_text(&["price", "2500"]).unwrap();
     assert!(set.contains("2.5 sat/MiB (2500 msat/MiB), set with `bitmesh price`"), "{set}");
 
     // The stored price survives a restart and beats the flag, which is still 1000.
-    lab.controller.restart().unwrap();
-    let log = lab.controller.log();
+    ctl.restart().unwrap();
+    let log = ctl.log();
     let this_start = log.rsplit("===== start").next().unwrap_or_default();
     let startup = this_start.lines().find(|l| l.contains("price for new channels")).unwrap_or_default();
     assert!(
         startup.contains("2.5 sat/MiB") && startup.contains("overrides --price-msat-per-mib 1 sat/MiB (1000 msat/MiB)"),
         "start-up line: {startup:?}\n{}",
-        lab.controller.log_tail(20)
+        ctl.log_tail(20)
     );
     assert_eq!(terms_price(&lab), 2500, "the stored price is the one clients are offered");
-    let line = price_line(&lab);
+    let line = price_line(&ctl);
     assert!(line.contains("overrides --price-msat-per-mib") && line.contains("bitmesh price --reset"), "{line}");
 
-    let reset = lab.controller.cli_text(&["price", "--reset"]).unwrap();
+    let reset = ctl.cli_text(&["price", "--reset"]).unwrap();
     assert!(reset.contains("1 sat/MiB (1000 msat/MiB), from --price-msat-per-mib"), "{reset}");
     assert_eq!(terms_price(&lab), 1000);
 }

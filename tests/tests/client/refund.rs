@@ -15,7 +15,7 @@ use bitmesh_client::refund::{refund, RefundOutcome};
 use bitmesh_client::session;
 use bitmesh_client::state::Phase;
 use bitmesh_common::pricing::MIB;
-use bitmesh_tests::bitcoind::Bitcoind;
+use bitmesh_tests::chain::Bitcoind;
 use crate::support::*;
 
 /// A key with one mature P2WPKH coinbase output, as a `--fund-from` source.

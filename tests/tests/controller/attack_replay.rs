@@ -13,10 +13,13 @@ use bitmesh::chain::Chain;
 use bitmesh::meter::{Mac, MeterMaps};
 use bitmesh::store::{ChannelState, Store};
 use bitmesh_common::pricing::{bytes_for_payment, ByteCount, PriceMsatPerMib};
-use bitmesh_tests::bitcoind::CoinbaseWallet;
-use bitmesh_tests::controller::{udp_round_trips, Lab, ScriptedClient};
+use bitmesh_tests::chain::CoinbaseWallet;
+use bitmesh_tests::client::ScriptedClient;
+use bitmesh_tests::controller::ControllerOpts;
+use bitmesh_tests::testbed::Testbed;
+use bitmesh_tests::upstream::udp_round_trips;
 use bitmesh_tests::env::wait_for_true;
-use bitmesh_tests::netns::CLIENT_MAC;
+use bitmesh_tests::network::CLIENT_MAC;
 
 /// High enough that one payment buys a budget a test can measure in datagrams.
 const PRICE: u64 = 8_000_000;
@@ -28,14 +31,14 @@ fn price() -> PriceMsatPerMib {
 }
 
 /// The client device's kernel entries: (CREDIT, whether USAGE exists).
-fn kernel_entry(lab: &Lab) -> (Option<ByteCount>, bool) {
-    let maps = MeterMaps::open_pinned(lab.controller.pin_dir()).expect("pinned maps");
+fn kernel_entry(lab: &Testbed) -> (Option<ByteCount>, bool) {
+    let maps = MeterMaps::open_pinned(lab.pin_dir()).expect("pinned maps");
     let mac: Mac = CLIENT_MAC.parse().unwrap();
     (maps.credit(mac).unwrap(), maps.usage(mac).unwrap().is_some())
 }
 
-fn store(lab: &Lab) -> Store {
-    Store::open(&Store::path_in(&lab.controller.data_dir)).unwrap()
+fn store(lab: &Testbed) -> Store {
+    Store::open(&Store::path_in(&lab.data_dir())).unwrap()
 }
 
 /// (a) A closed channel's last update, POSTed again (before and after the close
@@ -44,19 +47,20 @@ fn store(lab: &Lab) -> Store {
 /// honest client keeps paying.
 #[test]
 fn replayed_updates_of_a_closed_channel_credit_nothing_even_with_a_newer_channel_open() {
-    let Some(lab) = Lab::start(&["--price-msat-per-mib", &PRICE.to_string(), "--zero-conf-exposure-sat", "10000000"]).unwrap() else { return };
+    let Some(lab) = Testbed::start(1).unwrap() else { return };
+    let ctl = lab.start_controller(&ControllerOpts::new().with(&["--price-msat-per-mib", &PRICE.to_string(), "--zero-conf-exposure-sat", "10000000"])).unwrap();
     let mut wallet = CoinbaseWallet::fund(&lab.node, 2, 0);
     lab.wait_synced().unwrap();
     let udp = lab.client_udp().unwrap();
 
     // Channel A: paid generously, then settled by the operator.
-    let mut old = ScriptedClient::new(&lab.topo.client, lab.api());
+    let mut old = lab.scripted_client();
     let offer = old.open(200).unwrap();
     old.fund(&mut wallet, CAPACITY).unwrap();
     old.pay(offer.min_first_payment).unwrap();
     let sniffed = old.update(offer.min_first_payment + Amount::from_sat(3_000));
     assert_eq!(old.send(&sniffed).unwrap().status, 200, "the honest top-up is accepted");
-    let out = lab.controller.cli(&["settle", "--all"]).unwrap();
+    let out = ctl.cli(&["settle", "--all"]).unwrap();
     assert!(out.status.success(), "settle: {}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(kernel_entry(&lab), (None, false), "a closed channel's device is not metered");
 
@@ -65,7 +69,7 @@ fn replayed_updates_of_a_closed_channel_credit_nothing_even_with_a_newer_channel
         if phase == "closed" {
             lab.node.mine(1);
             wait_for_true("settlement confirmed", Duration::from_secs(20), || {
-                lab.controller.channels().unwrap().iter().any(|c| c["state"] == "closed")
+                ctl.channels().unwrap().iter().any(|c| c["state"] == "closed")
             });
         }
         let r = old.send(&sniffed).unwrap();
@@ -75,7 +79,7 @@ fn replayed_updates_of_a_closed_channel_credit_nothing_even_with_a_newer_channel
     }
 
     // (c) Channel B on the same device, paid its first payment only.
-    let mut new = ScriptedClient::new(&lab.topo.client, lab.api());
+    let mut new = lab.scripted_client();
     let offer_b = new.open(200).unwrap();
     new.fund(&mut wallet, CAPACITY).unwrap();
     let ack = new.pay(offer_b.min_first_payment).unwrap();
@@ -103,11 +107,12 @@ fn replayed_updates_of_a_closed_channel_credit_nothing_even_with_a_newer_channel
 /// idempotently. A captured close request cannot be replayed.
 #[test]
 fn older_updates_and_captured_closes_are_refused_and_change_nothing() {
-    let Some(lab) = Lab::start(&["--price-msat-per-mib", &PRICE.to_string(), "--zero-conf-exposure-sat", "10000000"]).unwrap() else { return };
+    let Some(lab) = Testbed::start(1).unwrap() else { return };
+    let _ctl = lab.start_controller(&ControllerOpts::new().with(&["--price-msat-per-mib", &PRICE.to_string(), "--zero-conf-exposure-sat", "10000000"])).unwrap();
     let mut wallet = CoinbaseWallet::fund(&lab.node, 1, 0);
     lab.wait_synced().unwrap();
 
-    let mut client = ScriptedClient::new(&lab.topo.client, lab.api());
+    let mut client = lab.scripted_client();
     let offer = client.open(200).unwrap();
     client.fund(&mut wallet, CAPACITY).unwrap();
     let id = client.channel_id();
@@ -146,14 +151,15 @@ fn older_updates_and_captured_closes_are_refused_and_change_nothing() {
 /// its transaction is not relayed; payments are journaled against the recorded one.
 #[test]
 fn concurrent_funding_calls_record_exactly_one_outpoint() {
-    let Some(lab) = Lab::start(&["--price-msat-per-mib", &PRICE.to_string(), "--zero-conf-exposure-sat", "10000000"]).unwrap() else { return };
+    let Some(lab) = Testbed::start(1).unwrap() else { return };
+    let _ctl = lab.start_controller(&ControllerOpts::new().with(&["--price-msat-per-mib", &PRICE.to_string(), "--zero-conf-exposure-sat", "10000000"])).unwrap();
     const ROUNDS: usize = 3;
     let mut wallet = CoinbaseWallet::fund(&lab.node, 2 * ROUNDS as u32, 0);
     lab.wait_synced().unwrap();
     let ids = lab.add_client_identities(ROUNDS, false).unwrap();
     let db = store(&lab);
     for identity in ids {
-        let mut client = ScriptedClient::with_identity(&lab.topo.client, lab.api(), identity.clone());
+        let mut client = ScriptedClient::with_identity(lab.client_ns(), lab.api(), identity.clone());
         let offer = client.open(200).unwrap();
         let txs = [client.funding_tx(&mut wallet, CAPACITY), client.funding_tx(&mut wallet, CAPACITY)];
         let path = format!("/v1/channels/{}/funding", offer.channel_id);
@@ -211,14 +217,15 @@ fn concurrent_funding_calls_record_exactly_one_outpoint() {
 /// per offer.
 #[test]
 fn offers_expire_and_are_relayed_for_once() {
-    let Some(lab) = Lab::start(&["--price-msat-per-mib", &PRICE.to_string(), "--zero-conf-exposure-sat", "10000000", "--offer-ttl-secs", "10"]).unwrap() else { return };
+    let Some(lab) = Testbed::start(1).unwrap() else { return };
+    let ctl = lab.start_controller(&ControllerOpts::new().with(&["--price-msat-per-mib", &PRICE.to_string(), "--zero-conf-exposure-sat", "10000000", "--offer-ttl-secs", "10"])).unwrap();
     let mut wallet = CoinbaseWallet::fund(&lab.node, 3, 0);
     lab.wait_synced().unwrap();
 
     // One relay per offer: a transaction above the zero-conf cap is relayed, then
     // refused as unconfirmed; a different one for the same offer is not relayed.
     // A repeated open request: the same offer, one row.
-    let mut client = ScriptedClient::new(&lab.topo.client, lab.api());
+    let mut client = lab.scripted_client();
     let offer = client.open(200).unwrap();
     let again = bitmesh_common::wire::OpenRequest {
         client_pubkey: client.pubkey,
@@ -229,7 +236,7 @@ fn offers_expire_and_are_relayed_for_once() {
     assert_eq!(r.status, 200, "{}", r.text());
     let repeated: bitmesh_common::wire::OpenResponse = serde_json::from_slice(&r.body).unwrap();
     assert_eq!(repeated, offer, "the same open request gets the same offer");
-    assert_eq!(lab.controller.channels().unwrap().len(), 1, "no new row for a repeated open");
+    assert_eq!(ctl.channels().unwrap().len(), 1, "no new row for a repeated open");
 
     let big = client.funding_tx(&mut wallet, Amount::from_sat(60_000));
     let r = client.post(

@@ -11,9 +11,11 @@ use std::time::Duration;
 
 use bitcoin::{Amount, FeeRate, Network, Txid};
 use bitmesh::chain::Chain;
-use bitmesh_tests::bitcoind::CoinbaseWallet;
+use bitmesh_tests::chain::CoinbaseWallet;
 use bitmesh_tests::env::wait_for_true;
-use bitmesh_tests::controller::{Lab, ScriptedClient};
+use bitmesh_tests::client::ScriptedClient;
+use bitmesh_tests::controller::ControllerOpts;
+use bitmesh_tests::testbed::Testbed;
 
 const CAPACITY: Amount = Amount::from_sat(20_000);
 /// The controller's default planning fee rate (`--close-fee-rate-sat-vb 2`); a fresh
@@ -28,14 +30,15 @@ fn three_clients_settled_together_close_in_one_transaction_paying_each_change_an
     let operator_key = bitcoin::secp256k1::SecretKey::from_slice(&[7; 32]).unwrap();
     let payout = bitcoin::Address::p2wpkh(&bitcoin::CompressedPublicKey(operator_key.public_key(&secp)), Network::Regtest);
     let payout_s = payout.to_string();
-    let Some(lab) = Lab::start(&["--payout-address", &payout_s]).unwrap() else { return };
+    let Some(lab) = Testbed::start(1).unwrap() else { return };
+    let ctl = lab.start_controller(&ControllerOpts::new().with(&["--payout-address", &payout_s])).unwrap();
     let mut wallet = CoinbaseWallet::fund(&lab.node, 1, 0);
     lab.wait_synced().unwrap();
 
     // Three devices, each with its own MAC and IP, learned by the gateway through ARP.
     let ids = lab.add_client_identities(3, false).unwrap();
     let mut clients: Vec<ScriptedClient> =
-        ids.iter().map(|id| ScriptedClient::with_identity(&lab.topo.client, lab.api(), id.clone())).collect();
+        ids.iter().map(|id| ScriptedClient::with_identity(lab.client_ns(), lab.api(), id.clone())).collect();
     for c in &mut clients {
         c.open(200).unwrap();
     }
@@ -56,21 +59,21 @@ fn three_clients_settled_together_close_in_one_transaction_paying_each_change_an
         let ack = c.pay(*total).unwrap();
         assert_eq!(ack.client_change, CAPACITY - *total);
     }
-    let rows = lab.controller.clients().unwrap();
+    let rows = ctl.clients().unwrap();
     for ((c, id), total) in clients.iter().zip(&ids).zip(&paid) {
         let row = rows.iter().find(|r| r["mac"] == id.mac.as_str()).unwrap_or_else(|| panic!("{} not listed: {rows:?}", id.mac));
         assert_eq!(row["channel"].as_str(), Some(c.channel_id().to_string().as_str()), "{row}");
         assert_eq!(row["paid_sat"].as_u64(), Some(total.to_sat()), "{row}");
     }
     let sum_paid: Amount = paid.iter().copied().sum();
-    let e = lab.controller.earnings().unwrap();
+    let e = ctl.earnings().unwrap();
     assert_eq!(e["held_open"].as_u64(), Some(sum_paid.to_sat()), "{e}");
 
     // All fall due at once: one settlement transaction for the three channels.
-    let out = lab.controller.cli(&["settle", "--all"]).unwrap();
+    let out = ctl.cli(&["settle", "--all"]).unwrap();
     let printed = String::from_utf8_lossy(&out.stdout);
     assert!(printed.contains("closed 3 channel(s)"), "{printed}");
-    let chans = lab.controller.channels().unwrap();
+    let chans = ctl.channels().unwrap();
     let close_txids: HashSet<&str> = clients
         .iter()
         .map(|c| {
@@ -85,7 +88,7 @@ fn three_clients_settled_together_close_in_one_transaction_paying_each_change_an
     // It confirms.
     lab.node.mine(1);
     wait_for_true("all three channels closed", Duration::from_secs(20), || {
-        let chans = lab.controller.channels().unwrap();
+        let chans = ctl.channels().unwrap();
         clients.iter().all(|c| chans.iter().any(|r| r["id"] == c.channel_id().to_string().as_str() && r["state"] == "closed"))
     });
     let status = lab.node.rpc().transaction(&close_txid).unwrap().expect("close tx known");
@@ -127,7 +130,7 @@ fn three_clients_settled_together_close_in_one_transaction_paying_each_change_an
     );
 
     // The operator's books.
-    let e = lab.controller.earnings().unwrap();
+    let e = ctl.earnings().unwrap();
     assert_eq!(e["settled"].as_u64(), Some(to_gateway[0].to_sat()), "{e}");
     assert_eq!(e["pending"].as_u64(), Some(0), "{e}");
     assert_eq!(e["held_open"].as_u64(), Some(0), "{e}");

@@ -15,8 +15,10 @@ use std::time::Duration;
 
 use bitcoin::{Amount, Network, Transaction, Txid};
 use bitmesh::chain::Chain;
-use bitmesh_tests::bitcoind::CoinbaseWallet;
-use bitmesh_tests::controller::{Lab, ScriptedClient};
+use bitmesh_tests::chain::CoinbaseWallet;
+use bitmesh_tests::client::ScriptedClient;
+use bitmesh_tests::controller::{Controller, ControllerOpts};
+use bitmesh_tests::testbed::Testbed;
 use bitmesh_tests::env::wait_until;
 use serde_json::Value;
 
@@ -26,8 +28,8 @@ fn row<'a>(chans: &'a [Value], c: &ScriptedClient) -> &'a Value {
     chans.iter().find(|r| r["id"] == c.channel_id().to_string().as_str()).expect("channel listed")
 }
 
-fn close_txid(lab: &Lab, c: &ScriptedClient) -> Option<Txid> {
-    let chans = lab.controller.channels().unwrap();
+fn close_txid(ctl: &Controller<'_>, c: &ScriptedClient) -> Option<Txid> {
+    let chans = ctl.channels().unwrap();
     row(&chans, c)["close_txid"].as_str().map(|t| t.parse().unwrap())
 }
 
@@ -37,13 +39,14 @@ fn a_double_spent_funding_is_split_out_of_its_batch_and_the_honest_channels_sett
     let operator_key = bitcoin::secp256k1::SecretKey::from_slice(&[9; 32]).unwrap();
     let payout = bitcoin::Address::p2wpkh(&bitcoin::CompressedPublicKey(operator_key.public_key(&secp)), Network::Regtest);
     let payout_s = payout.to_string();
-    let Some(lab) = Lab::start(&["--payout-address", &payout_s]).unwrap() else { return };
+    let Some(lab) = Testbed::start(1).unwrap() else { return };
+    let ctl = lab.start_controller(&ControllerOpts::new().with(&["--payout-address", &payout_s])).unwrap();
     let mut wallet = CoinbaseWallet::fund(&lab.node, 4, 0);
     lab.wait_synced().unwrap();
 
     let ids = lab.add_client_identities(4, false).unwrap();
     let mut clients: Vec<ScriptedClient> =
-        ids.iter().map(|id| ScriptedClient::with_identity(&lab.topo.client, lab.api(), id.clone())).collect();
+        ids.iter().map(|id| ScriptedClient::with_identity(lab.client_ns(), lab.api(), id.clone())).collect();
     for c in &mut clients {
         c.open(200).unwrap();
     }
@@ -68,8 +71,8 @@ fn a_double_spent_funding_is_split_out_of_its_batch_and_the_honest_channels_sett
     }
 
     // Settle everything: confirmed and unconfirmed fundings in separate batches.
-    lab.controller.cli(&["settle", "--all"]).unwrap();
-    let t: Vec<Txid> = clients.iter().map(|c| close_txid(&lab, c).expect("close recorded")).collect();
+    ctl.cli(&["settle", "--all"]).unwrap();
+    let t: Vec<Txid> = clients.iter().map(|c| close_txid(&ctl, c).expect("close recorded")).collect();
     assert_eq!(t[0], t[1], "A and B share a batch");
     assert_eq!(t[2], t[3], "C1 and C2 share a batch");
     assert_ne!(t[0], t[2], "unconfirmed fundings never share a batch with confirmed ones");
@@ -84,9 +87,9 @@ fn a_double_spent_funding_is_split_out_of_its_batch_and_the_honest_channels_sett
 
     // The gateway splits the rejected batch: C1 out for good, C2 settled alone.
     let c2_close = wait_until("C2 re-settled alone", Duration::from_secs(20), || {
-        close_txid(&lab, &clients[3]).filter(|t| *t != first_batch)
+        close_txid(&ctl, &clients[3]).filter(|t| *t != first_batch)
     });
-    let chans = lab.controller.channels().unwrap();
+    let chans = ctl.channels().unwrap();
     assert_eq!(row(&chans, &clients[2])["state"], "double_spent", "{}", row(&chans, &clients[2]));
     assert!(row(&chans, &clients[2])["close_txid"].is_null());
     let c2_tx = lab.node.rpc().transaction(&c2_close).unwrap().expect("C2's close in the mempool").tx;
@@ -96,7 +99,7 @@ fn a_double_spent_funding_is_split_out_of_its_batch_and_the_honest_channels_sett
     lab.node.mine(1);
     let honest = [0usize, 1, 3];
     wait_until("honest channels closed", Duration::from_secs(20), || {
-        let chans = lab.controller.channels().unwrap();
+        let chans = ctl.channels().unwrap();
         honest.iter().all(|&i| row(&chans, &clients[i])["state"] == "closed").then_some(())
     });
 
@@ -104,7 +107,7 @@ fn a_double_spent_funding_is_split_out_of_its_batch_and_the_honest_channels_sett
     let mut gateway_total = Amount::ZERO;
     let mut sizes = Vec::new();
     let by_tx: HashMap<Txid, Vec<usize>> = honest.iter().fold(HashMap::new(), |mut m, &i| {
-        m.entry(close_txid(&lab, &clients[i]).unwrap()).or_default().push(i);
+        m.entry(close_txid(&ctl, &clients[i]).unwrap()).or_default().push(i);
         m
     });
     assert_eq!(by_tx.len(), 2, "two settlements confirmed: {by_tx:?}");
@@ -128,10 +131,10 @@ fn a_double_spent_funding_is_split_out_of_its_batch_and_the_honest_channels_sett
         gateway_total += sum_paid - fee;
         sizes.push((members.len(), tx.weight().to_vbytes_ceil()));
     }
-    let e = lab.controller.earnings().unwrap();
+    let e = ctl.earnings().unwrap();
     assert_eq!(e["settled"].as_u64(), Some(gateway_total.to_sat()), "{e}");
     assert_eq!(e["pending"].as_u64(), Some(0), "{e}");
-    let chans = lab.controller.channels().unwrap();
+    let chans = ctl.channels().unwrap();
     assert_eq!(row(&chans, &clients[2])["state"], "double_spent", "C1 never settled");
     eprintln!("batches confirmed (channels, vB): {sizes:?}; C1's batch of 2 was split to 1 after its funding was double-spent");
 }

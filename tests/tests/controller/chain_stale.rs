@@ -9,8 +9,9 @@
 use std::time::{Duration, Instant};
 
 use bitcoin::Amount;
-use bitmesh_tests::bitcoind::CoinbaseWallet;
-use bitmesh_tests::controller::{Lab, ScriptedClient};
+use bitmesh_tests::chain::CoinbaseWallet;
+use bitmesh_tests::controller::ControllerOpts;
+use bitmesh_tests::testbed::Testbed;
 use bitmesh_tests::env::wait_until;
 use serde_json::Value;
 
@@ -24,25 +25,26 @@ fn code(body: &[u8]) -> String {
 /// The client's CREDIT as `bitmesh clients` shows it.
 fn credit(ctl: &bitmesh_tests::controller::Controller) -> Option<u64> {
     let rows = ctl.clients().unwrap();
-    rows.iter().find(|r| r["mac"] == bitmesh_tests::netns::CLIENT_MAC).and_then(|r| r["credited_bytes"].as_u64())
+    rows.iter().find(|r| r["mac"] == bitmesh_tests::network::CLIENT_MAC).and_then(|r| r["credited_bytes"].as_u64())
 }
 
 #[test]
 fn payments_and_opens_stop_with_chain_unavailable_once_the_tip_is_stale() {
-    let Some(lab) = Lab::start(&[]).unwrap() else { return };
+    let Some(lab) = Testbed::start(1).unwrap() else { return };
+    let ctl = lab.start_controller(&ControllerOpts::new()).unwrap();
     let mut wallet = CoinbaseWallet::fund(&lab.node, 2, 0);
     lab.wait_synced().unwrap();
-    let mut client = ScriptedClient::new(&lab.topo.client, lab.api());
+    let mut client = lab.scripted_client();
     let offer = client.open(200).unwrap();
     let funding = lab.confirmed_funding(&mut wallet, std::slice::from_ref(&client), CAPACITY, 1).unwrap();
     client.fund_with(&funding[0].0, funding[0].1).unwrap();
     let mut total = offer.min_first_payment;
     client.pay(total).unwrap();
-    let other = ScriptedClient::new(&lab.topo.client, lab.api());
+    let other = lab.scripted_client();
     let terms = other.terms().unwrap();
 
     // The backend dies.
-    drop(lab.node);
+    lab.node.stop();
     let died = Instant::now();
     let stale_after = wait_until("payments refused as chain_unavailable", Duration::from_secs(150), || {
         total += Amount::from_sat(10);
@@ -55,7 +57,7 @@ fn payments_and_opens_stop_with_chain_unavailable_once_the_tip_is_stale() {
         None
     });
     assert!(stale_after >= Duration::from_secs(55), "refused before the documented bound: {stale_after:?}");
-    let credited = credit(&lab.controller);
+    let credited = credit(&ctl);
 
     // Refused, and nothing changed: no credit for the refused totals.
     for _ in 0..3 {
@@ -63,7 +65,7 @@ fn payments_and_opens_stop_with_chain_unavailable_once_the_tip_is_stale() {
         let r = client.send(&client.update(total)).unwrap();
         assert_eq!((r.status, code(&r.body)), (503, "chain_unavailable".to_string()));
     }
-    assert_eq!(credit(&lab.controller), credited);
+    assert_eq!(credit(&ctl), credited);
     let req = bitmesh_common::wire::OpenRequest {
         client_pubkey: other.pubkey,
         expiry: bitcoin::absolute::Height::from_consensus(terms.tip_height.to_consensus_u32() + 200).unwrap(),

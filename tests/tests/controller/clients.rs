@@ -8,9 +8,12 @@ use std::time::{Duration, Instant};
 
 use bitcoin::Amount;
 use bitmesh_common::pricing::{bytes_for_payment, PriceMsatPerMib};
-use bitmesh_tests::bitcoind::CoinbaseWallet;
-use bitmesh_tests::controller::{udp_round_trips, Lab, ScriptedClient};
-use bitmesh_tests::netns::CLIENT_MAC;
+use bitmesh_tests::chain::CoinbaseWallet;
+use bitmesh_tests::client::ScriptedClient;
+use bitmesh_tests::controller::ControllerOpts;
+use bitmesh_tests::testbed::Testbed;
+use bitmesh_tests::upstream::udp_round_trips;
+use bitmesh_tests::network::CLIENT_MAC;
 use serde_json::Value;
 
 const PRICE: u64 = 8_000_000;
@@ -23,17 +26,18 @@ fn n(row: &Value, field: &str) -> u64 {
 
 #[test]
 fn clients_lists_unfunded_unpaid_and_settled_clients_with_their_state() {
-    let Some(lab) = Lab::start(&["--price-msat-per-mib", &PRICE.to_string(), "--zero-conf-exposure-sat", "1000000"]).unwrap() else { return };
+    let Some(lab) = Testbed::start(1).unwrap() else { return };
+    let ctl = lab.start_controller(&ControllerOpts::new().with(&["--price-msat-per-mib", &PRICE.to_string(), "--zero-conf-exposure-sat", "1000000"])).unwrap();
     let mut wallet = CoinbaseWallet::fund(&lab.node, 2, 0);
     lab.wait_synced().unwrap();
-    assert!(lab.controller.clients().unwrap().is_empty(), "nobody has asked for a channel yet");
+    assert!(ctl.clients().unwrap().is_empty(), "nobody has asked for a channel yet");
 
     // Two devices: one that will pay and settle (the lab's own client, so real traffic
     // crosses the meter), one that opens and funds a channel and never pays.
     let unpaid_id = lab.add_client_identities(1, false).unwrap().remove(0);
-    let mut payer = ScriptedClient::new(&lab.topo.client, lab.api());
-    let mut unpaid = ScriptedClient::with_identity(&lab.topo.client, lab.api(), unpaid_id.clone());
-    let row_of = |mac: &str| lab.controller.client(mac).unwrap_or_else(|| panic!("{mac} not listed: {:?}", lab.controller.clients()));
+    let mut payer = lab.scripted_client();
+    let mut unpaid = ScriptedClient::with_identity(lab.client_ns(), lab.api(), unpaid_id.clone());
+    let row_of = |mac: &str| ctl.client(mac).unwrap_or_else(|| panic!("{mac} not listed: {:?}", ctl.clients()));
 
     // Offered, not funded: awaiting funding, nothing paid or credited, not metered.
     let offer = unpaid.open(200).unwrap();
@@ -91,7 +95,7 @@ fn clients_lists_unfunded_unpaid_and_settled_clients_with_their_state() {
 
     // The unpaid client is still open; the table shows both states.
     assert_eq!(row_of(&unpaid_id.mac)["state"], "open");
-    let table = lab.controller.cli_text(&["clients"]).unwrap();
+    let table = ctl.cli_text(&["clients"]).unwrap();
     for want in [CLIENT_MAC, "closed", unpaid_id.mac.as_str(), "open", "STATE"] {
         assert!(table.contains(want), "{want} missing in the table:\n{table}");
     }

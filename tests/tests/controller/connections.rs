@@ -18,9 +18,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bitcoin::Amount;
-use bitmesh_tests::bitcoind::CoinbaseWallet;
-use bitmesh_tests::controller::{http, Lab, ScriptedClient, UPSTREAM_GATEWAY_IPV4, UPSTREAM_IPV4};
-use bitmesh_tests::netns::{in_netns, in_netns_named, GATEWAY_IPV4};
+use bitmesh_tests::chain::CoinbaseWallet;
+use bitmesh_tests::http;
+use bitmesh_tests::client::ScriptedClient;
+use bitmesh_tests::controller::ControllerOpts;
+use bitmesh_tests::network::{in_netns, in_netns_named, GATEWAY_IPV4, UPSTREAM_GATEWAY_IPV4, UPSTREAM_IPV4};
+use bitmesh_tests::testbed::Testbed;
 
 /// 100 sat per MiB: the first payment buys a few MiB, so credit stays tight.
 const PRICE: &str = "100000";
@@ -107,8 +110,8 @@ fn flood(addr: SocketAddr, n: usize, loris: bool, stop: &AtomicBool, stats: &Flo
 }
 
 /// A paced TCP source in the upstream namespace: 64 KiB every 50 ms per connection.
-fn start_download_server(lab: &Lab, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
-    let listener = in_netns(&lab.upstream, || Ok(TcpListener::bind((UPSTREAM_IPV4, DOWNLOAD_PORT))?)).unwrap();
+fn start_download_server(lab: &Testbed, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+    let listener = in_netns(&lab.lan.upstream, || Ok(TcpListener::bind((UPSTREAM_IPV4, DOWNLOAD_PORT))?)).unwrap();
     listener.set_nonblocking(true).unwrap();
     std::thread::spawn(move || {
         let chunk = vec![0x5au8; 64 * 1024];
@@ -141,14 +144,15 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 #[test]
 fn idle_and_slow_loris_flood_does_not_stop_a_paying_client() {
-    let Some(mut lab) = Lab::start(&["--price-msat-per-mib", PRICE]).unwrap() else { return };
+    let Some(lab) = Testbed::start(1).unwrap() else { return };
+    let mut ctl = lab.start_controller(&ControllerOpts::new().with(&["--price-msat-per-mib", PRICE])).unwrap();
     raise_own_nofile();
     let mut wallet = CoinbaseWallet::fund(&lab.node, 3, 0);
     lab.wait_synced().unwrap();
     let payer_id = lab.add_client_identities(1, false).unwrap().remove(0);
     // The payer's sockets are bound to its interface: give it a route upstream.
-    lab.topo.client.ip(&["route", "add", &format!("{UPSTREAM_IPV4}/32"), "via", &GATEWAY_IPV4.to_string(), "dev", &payer_id.iface, "onlink"]).unwrap();
-    let mut payer = ScriptedClient::with_identity(&lab.topo.client, lab.api(), payer_id.clone());
+    lab.client_ns().ip(&["route", "add", &format!("{UPSTREAM_IPV4}/32"), "via", &GATEWAY_IPV4.to_string(), "dev", &payer_id.iface, "onlink"]).unwrap();
+    let mut payer = ScriptedClient::with_identity(lab.client_ns(), lab.api(), payer_id.clone());
     let offer = payer.open(200).unwrap();
     payer.fund(&mut wallet, CAPACITY).unwrap();
     lab.node.mine(1);
@@ -157,7 +161,7 @@ fn idle_and_slow_loris_flood_does_not_stop_a_paying_client() {
     payer.pay(paid).unwrap();
 
     // systemd's default: the controller may hold 1,024 descriptors.
-    limit_nofile(lab.controller.pid().unwrap(), 1_024);
+    limit_nofile(ctl.pid().unwrap(), 1_024);
 
     let stop = Arc::new(AtomicBool::new(false));
     let server = start_download_server(&lab, stop.clone());
@@ -166,7 +170,7 @@ fn idle_and_slow_loris_flood_does_not_stop_a_paying_client() {
     let received = Arc::new(AtomicU64::new(0));
     let longest_gap = Arc::new(Mutex::new(Duration::ZERO));
     let download = {
-        let (stop, received, longest_gap, id, ns) = (stop.clone(), received.clone(), longest_gap.clone(), payer_id.clone(), lab.topo.client.name().to_string());
+        let (stop, received, longest_gap, id, ns) = (stop.clone(), received.clone(), longest_gap.clone(), payer_id.clone(), lab.client_ns().name().to_string());
         std::thread::spawn(move || {
             let mut s = in_netns_named(&ns, || http::connect_from(Some(&id), (UPSTREAM_IPV4, DOWNLOAD_PORT).into())).unwrap();
             s.set_read_timeout(Some(Duration::from_millis(250))).unwrap();
@@ -190,14 +194,14 @@ fn idle_and_slow_loris_flood_does_not_stop_a_paying_client() {
     };
     std::thread::sleep(Duration::from_secs(2));
     let before_attack = received.load(Ordering::Relaxed);
-    assert!(before_attack > 0, "the download does not run even before the attack:\n{}", lab.controller.log_tail(30));
+    assert!(before_attack > 0, "the download does not run even before the attack:\n{}", ctl.log_tail(30));
 
     // The unpaid station: the client namespace's own address (its own MAC).
     let api = lab.api();
     let flood_stats = Arc::new(Flood::default());
     let mut attackers = Vec::new();
     for (n, loris) in [(IDLE_CONNECTIONS / 2, false), (IDLE_CONNECTIONS / 2, false), (SLOW_LORIS_CONNECTIONS, true)] {
-        let (stop, stats, ns) = (stop.clone(), flood_stats.clone(), lab.topo.client.name().to_string());
+        let (stop, stats, ns) = (stop.clone(), flood_stats.clone(), lab.client_ns().name().to_string());
         attackers.push(std::thread::spawn(move || {
             in_netns_named(&ns, || {
                 flood(api, n, loris, &stop, &stats);
@@ -214,7 +218,7 @@ fn idle_and_slow_loris_flood_does_not_stop_a_paying_client() {
     // Descriptors the controller holds while the flood runs: whatever stops the
     // flood (the kernel's walled-garden budget for the unpaid station, or the
     // server's caps and timeouts), the controller must never hold it.
-    let pid = lab.controller.pid().unwrap();
+    let pid = ctl.pid().unwrap();
     let fds = || std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0);
     let mut most_fds = 0;
     let start = Instant::now();
@@ -258,7 +262,7 @@ fn idle_and_slow_loris_flood_does_not_stop_a_paying_client() {
         (!latencies.is_empty()).then(|| percentile(&latencies, 0.99)),
         latencies.last(),
     );
-    assert!(failures.is_empty(), "payments failed during the flood:\n{}\n{}", failures.join("\n"), lab.controller.log_tail(30));
+    assert!(failures.is_empty(), "payments failed during the flood:\n{}\n{}", failures.join("\n"), ctl.log_tail(30));
     assert!(latencies.len() >= 20, "only {} payments in {ATTACK:?}", latencies.len());
     // Liveness, generously: the download kept moving (it pays 1.3 MB/s).
     assert!(longest_gap < Duration::from_secs(10), "the paying client's download stalled for {longest_gap:?}");
@@ -267,13 +271,14 @@ fn idle_and_slow_loris_flood_does_not_stop_a_paying_client() {
     // connection cap (256) plus its own files (128), far below the 1,024 limit.
     eprintln!("controller descriptors during the flood: at most {most_fds}");
     assert!(most_fds <= 256 + 128, "the controller held {most_fds} descriptors during the flood ({opened} attacker connections opened, {closed} closed by the server)");
-    assert!(lab.controller.running(), "controller died:\n{}", lab.controller.log_tail(30));
+    assert!(ctl.running(), "controller died:\n{}", ctl.log_tail(30));
 }
 
 #[test]
 fn the_api_does_not_answer_from_the_upstream_side() {
-    let Some(lab) = Lab::start(&[]).unwrap() else { return };
-    let port = lab.controller.api_port;
+    let Some(lab) = Testbed::start(1).unwrap() else { return };
+    let ctl = lab.start_controller(&ControllerOpts::new()).unwrap();
+    let port = ctl.api_port();
     // From the client side it answers.
     let api = lab.api();
     let r = lab.as_client(|| http::get_within(api, "/v1/terms", Duration::from_secs(5))).unwrap();
@@ -282,11 +287,11 @@ fn the_api_does_not_answer_from_the_upstream_side() {
     // through the gateway) may answer, not a GET and not a payment POST.
     for ip in [UPSTREAM_GATEWAY_IPV4, GATEWAY_IPV4] {
         let addr: SocketAddr = (ip, port).into();
-        let got = in_netns(&lab.upstream, || Ok(http::get_within(addr, "/v1/terms", Duration::from_secs(3)))).unwrap();
+        let got = in_netns(&lab.lan.upstream, || Ok(http::get_within(addr, "/v1/terms", Duration::from_secs(3)))).unwrap();
         assert!(got.is_err(), "GET /v1/terms from upstream to {addr} answered {:?}", got.map(|r| (r.status, r.text())));
         let body = serde_json::json!({ "channel_id": "ab".repeat(32), "total_paid": 1, "signature": "00" });
         let path = format!("/v1/channels/{}/payments", "ab".repeat(32));
-        let got = in_netns(&lab.upstream, || Ok(http::post_json(addr, &path, &body))).unwrap();
+        let got = in_netns(&lab.lan.upstream, || Ok(http::post_json(addr, &path, &body))).unwrap();
         assert!(got.is_err(), "a payment POST from upstream to {addr} answered {:?}", got.map(|r| (r.status, r.text())));
     }
 }
@@ -332,10 +337,11 @@ fn pinned_program_ids(pin_dir: &Path) -> Vec<(String, u32)> {
 
 #[test]
 fn a_second_run_on_the_same_directories_is_refused_before_it_touches_anything() {
-    let Some(mut lab) = Lab::start(&["--price-msat-per-mib", PRICE]).unwrap() else { return };
+    let Some(lab) = Testbed::start(1).unwrap() else { return };
+    let mut ctl = lab.start_controller(&ControllerOpts::new().with(&["--price-msat-per-mib", PRICE])).unwrap();
     let mut wallet = CoinbaseWallet::fund(&lab.node, 3, 0);
     lab.wait_synced().unwrap();
-    let mut client = ScriptedClient::new(&lab.topo.client, lab.api());
+    let mut client = lab.scripted_client();
     let offer = client.open(200).unwrap();
     client.fund(&mut wallet, CAPACITY).unwrap();
     let mut paid = offer.min_first_payment;
@@ -344,32 +350,32 @@ fn a_second_run_on_the_same_directories_is_refused_before_it_touches_anything() 
     // Data dir private, database files too.
     use std::os::unix::fs::PermissionsExt;
     let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
-    let data_dir = lab.controller.data_dir.clone();
+    let data_dir = ctl.data_dir().clone();
     assert_eq!(mode(&data_dir), 0o700, "data dir mode");
     for f in ["bitmesh.sqlite3", "bitmesh.sqlite3-wal", "bitmesh.sqlite3-shm"] {
         assert_eq!(mode(&data_dir.join(f)), 0o600, "{f} mode");
     }
 
-    let programs = pinned_program_ids(lab.controller.pin_dir());
+    let programs = pinned_program_ids(ctl.pin_dir());
     assert!(!programs.is_empty(), "the first controller pinned no links");
     let bin = bitmesh_tests::process::bitmesh_bin().unwrap();
-    let second_socket = lab.controller.dir().join("second.sock");
+    let second_socket = ctl.dir().join("second.sock");
     let args: Vec<String> = [
         "run",
         "--iface",
-        lab.topo.gateway_if(),
+        lab.gateway_if(),
         "--network",
         "regtest",
         "--hook",
         "tc",
         "--pin-dir",
-        &lab.controller.pin_dir().display().to_string(),
+        &ctl.pin_dir().display().to_string(),
         "--data-dir",
         &data_dir.display().to_string(),
         "--admin-socket",
         &second_socket.display().to_string(),
         "--api-port",
-        &lab.controller.api_port.to_string(),
+        &ctl.api_port().to_string(),
         "--rpc-url",
         &lab.relay.url(),
         "--rpc-cookie",
@@ -380,7 +386,7 @@ fn a_second_run_on_the_same_directories_is_refused_before_it_touches_anything() 
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let mut child = in_netns_named(lab.topo.gateway.name(), || {
+    let mut child = in_netns_named(lab.gateway().name(), || {
         Ok(std::process::Command::new(&bin)
             .args(&args)
             .env("NO_COLOR", "1")
@@ -413,12 +419,12 @@ fn a_second_run_on_the_same_directories_is_refused_before_it_touches_anything() 
     assert_eq!(out.trim().lines().count(), 1, "the refusal is one line, got:\n{out}");
     assert!(out.contains("already"), "{out}");
     assert!(!second_socket.exists(), "the second run created its admin socket");
-    assert_eq!(pinned_program_ids(lab.controller.pin_dir()), programs, "the second run replaced the first's programs");
+    assert_eq!(pinned_program_ids(ctl.pin_dir()), programs, "the second run replaced the first's programs");
     // The first controller still takes payments and raises credit.
     paid += Amount::from_sat(100);
     let ack = client.pay(paid).unwrap();
     assert_eq!(ack.total_paid, paid);
-    assert!(lab.controller.running(), "first controller died");
+    assert!(ctl.running(), "first controller died");
 
     // Event streams: only on open channels, at most 3 per channel.
     let streams: Vec<(u16, TcpStream)> = (0..4).map(|_| open_event_stream(&client, &client.auth_header("events"))).collect();
@@ -426,7 +432,7 @@ fn a_second_run_on_the_same_directories_is_refused_before_it_touches_anything() 
     assert_eq!(codes, [200, 200, 200, 429], "event streams per channel");
     // (Another device: one MAC holds one live channel.)
     let other = lab.add_client_identities(1, false).unwrap().remove(0);
-    let mut unfunded = ScriptedClient::with_identity(&lab.topo.client, lab.api(), other);
+    let mut unfunded = ScriptedClient::with_identity(lab.client_ns(), lab.api(), other);
     unfunded.open(200).unwrap();
     let (code, _) = open_event_stream(&unfunded, &unfunded.auth_header("events"));
     assert_eq!(code, 409, "an event stream on an unfunded offer");

@@ -16,8 +16,11 @@ use std::time::{Duration, Instant};
 use bitcoin::Amount;
 use bitmesh::chain::Chain;
 use bitmesh_common::pricing::{bytes_for_payment, payment_for_bytes, ByteCount, PriceMsatPerMib};
-use bitmesh_tests::bitcoind::CoinbaseWallet;
-use bitmesh_tests::controller::{udp_round_trips, Lab, ScriptedClient};
+use bitmesh_tests::chain::CoinbaseWallet;
+use bitmesh_tests::client::ScriptedClient;
+use bitmesh_tests::controller::ControllerOpts;
+use bitmesh_tests::testbed::Testbed;
+use bitmesh_tests::upstream::udp_round_trips;
 use bitmesh_tests::env::wait_until;
 use serde_json::Value;
 
@@ -26,7 +29,7 @@ const CAPACITY: Amount = Amount::from_sat(20_000);
 const PRICE_MSAT_PER_MIB: u64 = 100_000;
 const CHUNK_BYTES: u64 = 1024 * 1024;
 
-fn code(r: &bitmesh_tests::controller::http::Response) -> String {
+fn code(r: &bitmesh_tests::http::Response) -> String {
     let v: Value = serde_json::from_slice(&r.body).unwrap_or_default();
     v["code"].as_str().unwrap_or_default().to_string()
 }
@@ -39,13 +42,14 @@ fn used(row: &Value) -> u64 {
 fn double_spent_zero_conf_funding_loses_its_credit_within_a_tick_and_is_never_settled() {
     let price = PRICE_MSAT_PER_MIB.to_string();
     let chunk = CHUNK_BYTES.to_string();
-    let Some(lab) = Lab::start(&["--price-msat-per-mib", &price, "--chunk-bytes", &chunk]).unwrap() else { return };
+    let Some(lab) = Testbed::start(1).unwrap() else { return };
+    let ctl = lab.start_controller(&ControllerOpts::new().with(&["--price-msat-per-mib", &price, "--chunk-bytes", &chunk])).unwrap();
     let mut wallet = CoinbaseWallet::fund(&lab.node, 2, 0);
     lab.wait_synced().unwrap();
     let price = PriceMsatPerMib::new(PRICE_MSAT_PER_MIB).unwrap();
 
     // Funded at zero conf, through the gateway's relay.
-    let mut client = ScriptedClient::new(&lab.topo.client, lab.api());
+    let mut client = lab.scripted_client();
     let offer = client.open(200).unwrap();
     let funding = client.funding_tx(&mut wallet, CAPACITY);
     client.fund_with(&funding, 0).unwrap();
@@ -63,7 +67,7 @@ fn double_spent_zero_conf_funding_loses_its_credit_within_a_tick_and_is_never_se
     let over = client.send(&client.update(cap + chunk_price)).unwrap();
     assert_eq!(over.status, 409, "a total above the unconfirmed cap must be refused: {}", String::from_utf8_lossy(&over.body));
     assert_eq!(code(&over), "funding_unconfirmed");
-    let row = lab.client_row().unwrap().expect("client listed");
+    let row = ctl.client_row().unwrap().expect("client listed");
     assert_eq!(row["credited_bytes"].as_u64(), Some(cap_bytes), "{row}");
 
     // The attack: the same coin, spent back to the attacker at a higher fee.
@@ -74,7 +78,7 @@ fn double_spent_zero_conf_funding_loses_its_credit_within_a_tick_and_is_never_se
 
     // Without any payment, the next tick withdraws the credit and marks the channel.
     let row = wait_until("credit withdrawn", Duration::from_secs(15), || {
-        lab.client_row().ok().flatten().filter(|r| r["state"] == "double_spent" && r["metered"] == false)
+        ctl.client_row().ok().flatten().filter(|r| r["state"] == "double_spent" && r["metered"] == false)
     });
     let withdrawn_after = sent_at.elapsed();
     assert_eq!(row["credited_bytes"].as_u64(), Some(0), "{row}");
@@ -98,13 +102,13 @@ fn double_spent_zero_conf_funding_loses_its_credit_within_a_tick_and_is_never_se
     // The conflict confirms; settling everything never touches this channel.
     lab.node.mine(1);
     lab.wait_synced().unwrap();
-    lab.controller.cli(&["settle", "--all"]).unwrap();
+    ctl.cli(&["settle", "--all"]).unwrap();
     std::thread::sleep(Duration::from_secs(2));
-    let ch = lab.controller.channels().unwrap();
+    let ch = ctl.channels().unwrap();
     let ch = ch.iter().find(|c| c["id"] == client.channel_id().to_string().as_str()).unwrap();
     assert_eq!(ch["state"], "double_spent", "{ch}");
     assert!(ch["close_txid"].is_null(), "a double-spent channel was settled: {ch}");
-    let e = lab.controller.earnings().unwrap();
+    let e = ctl.earnings().unwrap();
     assert_eq!(e["pending"].as_u64(), Some(0), "{e}");
     assert_eq!(e["settled"].as_u64(), Some(0), "{e}");
     eprintln!(
@@ -119,12 +123,13 @@ fn double_spent_zero_conf_funding_loses_its_credit_within_a_tick_and_is_never_se
 fn zero_conf_exposure_across_channels_is_capped() {
     // One channel's reservation (first payment + one chunk, ~704 sat at the default
     // price) fits; a second unconfirmed channel does not until funding confirms.
-    let Some(lab) = Lab::start(&["--zero-conf-exposure-sat", "1000"]).unwrap() else { return };
+    let Some(lab) = Testbed::start(1).unwrap() else { return };
+    let _ctl = lab.start_controller(&ControllerOpts::new().with(&["--zero-conf-exposure-sat", "1000"])).unwrap();
     let mut wallet = CoinbaseWallet::fund(&lab.node, 2, 0);
     lab.wait_synced().unwrap();
     let ids = lab.add_client_identities(2, false).unwrap();
-    let mut a = ScriptedClient::with_identity(&lab.topo.client, lab.api(), ids[0].clone());
-    let mut b = ScriptedClient::with_identity(&lab.topo.client, lab.api(), ids[1].clone());
+    let mut a = ScriptedClient::with_identity(lab.client_ns(), lab.api(), ids[0].clone());
+    let mut b = ScriptedClient::with_identity(lab.client_ns(), lab.api(), ids[1].clone());
     a.open(200).unwrap();
     b.open(200).unwrap();
     a.fund(&mut wallet, CAPACITY).unwrap();

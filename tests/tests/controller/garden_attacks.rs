@@ -12,15 +12,19 @@ use std::time::{Duration, Instant};
 
 use bitcoin::Amount;
 use bitmesh::meter::{Mac, MeterMaps};
-use bitmesh_tests::bitcoind::CoinbaseWallet;
-use bitmesh_tests::controller::{http, udp_round_trips, Lab, ScriptedClient, ECHO_PORT, UPSTREAM_IPV4};
+use bitmesh_tests::chain::CoinbaseWallet;
+use bitmesh_tests::http;
+use bitmesh_tests::controller::ControllerOpts;
+use bitmesh_tests::testbed::{ECHO_PORT, Testbed};
+use bitmesh_tests::upstream::udp_round_trips;
 use bitmesh_tests::garden_attack::{garden_bound, tcp_tunnel, udp_tunnel, TunnelResolver};
-use bitmesh_tests::netns::{CLIENT_MAC, GATEWAY_IPV4};
+use bitmesh_tests::network::{CLIENT_MAC, GATEWAY_IPV4, UPSTREAM_IPV4};
 
 #[test]
 fn an_unpaid_client_moves_at_most_the_garden_budget_through_port_53() {
-    let Some(lab) = Lab::start(&[]).unwrap() else { return };
-    let resolver = TunnelResolver::start(&lab.topo.gateway, GATEWAY_IPV4);
+    let Some(lab) = Testbed::start(1).unwrap() else { return };
+    let ctl = lab.start_controller(&ControllerOpts::new()).unwrap();
+    let resolver = TunnelResolver::start(lab.gateway(), GATEWAY_IPV4);
     let ids = lab.add_client_identities(1, false).unwrap();
 
     // UDP from the lab's client device.
@@ -56,10 +60,10 @@ fn an_unpaid_client_moves_at_most_the_garden_budget_through_port_53() {
 
     // The payment API has its own budget: the client whose DNS budget is spent can
     // still read the terms (and pay).
-    let client = ScriptedClient::new(&lab.topo.client, lab.api());
+    let client = lab.scripted_client();
     client.terms().expect("terms after the dns budget is spent");
     // The kernel inserted nothing into CREDIT/USAGE for these unpaid devices.
-    let maps = MeterMaps::open_pinned(lab.controller.pin_dir()).unwrap();
+    let maps = MeterMaps::open_pinned(ctl.pin_dir()).unwrap();
     assert!(maps.all_usage().unwrap().is_empty(), "unpaid clients are never metered");
     let mac: Mac = CLIENT_MAC.parse().unwrap();
     assert!(maps.garden_macs().unwrap().contains(&mac));
@@ -67,10 +71,11 @@ fn an_unpaid_client_moves_at_most_the_garden_budget_through_port_53() {
 
 #[test]
 fn a_cloned_mac_with_another_ip_gets_no_billable_bytes_through() {
-    let Some(lab) = Lab::start(&[]).unwrap() else { return };
+    let Some(lab) = Testbed::start(1).unwrap() else { return };
+    let ctl = lab.start_controller(&ControllerOpts::new()).unwrap();
     let mut wallet = CoinbaseWallet::fund(&lab.node, 2, 0);
     lab.wait_synced().unwrap();
-    let mut victim = ScriptedClient::new(&lab.topo.client, lab.api());
+    let mut victim = lab.scripted_client();
     let offer = victim.open(200).unwrap();
     victim.fund(&mut wallet, Amount::from_sat(20_000)).unwrap();
     // Within what an unconfirmed channel may pay (first payment + one chunk).
@@ -79,9 +84,9 @@ fn a_cloned_mac_with_another_ip_gets_no_billable_bytes_through() {
     assert_eq!(udp_round_trips(&udp, 5, 500), 5, "the paying client reaches the internet");
 
     // The attacker: same MAC (the client's interface), another address on the link.
-    lab.topo.client.ip(&["addr", "add", "10.77.0.99/24", "dev", &lab.topo.veth.b]).unwrap();
+    lab.client_ns().ip(&["addr", "add", "10.77.0.99/24", "dev", &lab.lan.clients[0].iface]).unwrap();
     let mac: Mac = CLIENT_MAC.parse().unwrap();
-    let maps = MeterMaps::open_pinned(lab.controller.pin_dir());
+    let maps = MeterMaps::open_pinned(ctl.pin_dir());
     let before = maps.as_ref().ok().and_then(|m| m.usage(mac).ok().flatten()).map(|u| u.usage.up_bytes);
     let cloned = lab
         .as_client(|| {
@@ -103,8 +108,8 @@ fn a_cloned_mac_with_another_ip_gets_no_billable_bytes_through() {
     assert_eq!(binding.last_wrong_source, Some(Ipv4Addr::new(10, 77, 0, 99).into()));
     // The operator is told.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while !lab.controller.log().contains("a second address for a bound client's MAC") {
-        assert!(Instant::now() < deadline, "no warning in the log:\n{}", lab.controller.log_tail(30));
+    while !ctl.log().contains("a second address for a bound client's MAC") {
+        assert!(Instant::now() < deadline, "no warning in the log:\n{}", ctl.log_tail(30));
         std::thread::sleep(Duration::from_millis(200));
     }
     // And the victim keeps its service.

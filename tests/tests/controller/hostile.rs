@@ -7,8 +7,10 @@ use bitcoin::hex::DisplayHex;
 use bitcoin::Amount;
 use bitmesh::chain::Chain;
 use bitmesh::store::Store;
-use bitmesh_tests::bitcoind::CoinbaseWallet;
-use bitmesh_tests::controller::{http, Lab, ScriptedClient};
+use bitmesh_tests::chain::CoinbaseWallet;
+use bitmesh_tests::http;
+use bitmesh_tests::controller::ControllerOpts;
+use bitmesh_tests::testbed::Testbed;
 use serde_json::json;
 
 const CAPACITY: Amount = Amount::from_sat(20_000);
@@ -46,10 +48,11 @@ fn high_s(sig: &[u8]) -> Vec<u8> {
 
 #[test]
 fn hostile_requests_get_their_error_code_and_change_nothing() {
-    let Some(lab) = Lab::start(&["--price-msat-per-mib", "8000000", "--zero-conf-exposure-sat", "1000000"]).unwrap() else { return };
+    let Some(lab) = Testbed::start(1).unwrap() else { return };
+    let ctl = lab.start_controller(&ControllerOpts::new().with(&["--price-msat-per-mib", "8000000", "--zero-conf-exposure-sat", "1000000"])).unwrap();
     let mut wallet = CoinbaseWallet::fund(&lab.node, 3, 0);
     lab.wait_synced().unwrap();
-    let mut client = ScriptedClient::new(&lab.topo.client, lab.api());
+    let mut client = lab.scripted_client();
     let offer = client.open(200).unwrap();
     client.fund(&mut wallet, CAPACITY).unwrap();
     let paid = offer.min_first_payment + Amount::from_sat(1_000);
@@ -57,7 +60,7 @@ fn hostile_requests_get_their_error_code_and_change_nothing() {
     let id = client.channel_id();
     let pay_path = format!("/v1/channels/{id}/payments");
     let good = client.update(paid + Amount::from_sat(10));
-    let mut stranger = ScriptedClient::new(&lab.topo.client, lab.api());
+    let mut stranger = lab.scripted_client();
     stranger.offer = client.offer.clone();
     stranger.channel = client.channel.clone().map(|mut c| {
         c.script.client = stranger.pubkey;
@@ -118,10 +121,10 @@ fn hostile_requests_get_their_error_code_and_change_nothing() {
             j(json!({ "client_pubkey": "02".repeat(33), "expiry": tip + 200, "client_change_script": stranger.change_script.to_hex_string() })), 400, "bad_request"),
     ];
 
-    let store = Store::open(&Store::path_in(&lab.controller.data_dir)).unwrap();
+    let store = Store::open(&Store::path_in(&ctl.data_dir())).unwrap();
     let snapshot = || {
-        let credited = lab.client_row().unwrap().unwrap()["credited_bytes"].clone();
-        (store.payments(id).unwrap(), lab.controller.channels().unwrap(), credited)
+        let credited = ctl.client_row().unwrap().unwrap()["credited_bytes"].clone();
+        (store.payments(id).unwrap(), ctl.channels().unwrap(), credited)
     };
     let before = snapshot();
     let mut failures = Vec::new();

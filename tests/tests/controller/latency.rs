@@ -6,7 +6,7 @@
 #[test]
 #[ignore = "measurement: run with --ignored --nocapture"]
 fn payment_round_trip_and_resume_after_stall() {
-    let Some(m) = bitmesh_tests::controller::measure_controller(500, 30).unwrap() else { return };
+    let Some(m) = bitmesh_tests::bench::latency::measure_controller(500, 30).unwrap() else { return };
     eprintln!(
         "payment update round trip over HTTP (durable): p50 {:?} p99 {:?} ({} updates)\n\
          ack -> traffic passing again after a stall: p50 {:?} max {:?} ({} stalls)",

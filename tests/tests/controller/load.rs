@@ -17,7 +17,7 @@ fn env_or(name: &str, default: u64) -> u64 {
 fn two_hundred_clients_pay_and_transfer_with_consistent_books() {
     let clients = env_or("BITMESH_LOAD_CLIENTS", 200) as usize;
     let secs = env_or("BITMESH_LOAD_SECS", 60);
-    let Some(f) = bitmesh_tests::controller_load::run_load(clients, Duration::from_secs(secs)).unwrap() else { return };
+    let Some(f) = bitmesh_tests::bench::load::run_load(clients, Duration::from_secs(secs)).unwrap() else { return };
     eprintln!(
         "load: {} clients for {:.1} s: {} payments acknowledged ({:.0}/s), p50 {:?} p99 {:?} max {:?}; \
          {} of {} datagrams echoed; {} bytes billed; books consistent",

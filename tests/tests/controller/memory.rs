@@ -4,7 +4,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use bitmesh_tests::controller_memory::measure_memory;
+use bitmesh_tests::bench::memory::measure_memory;
 
 const MIB: f64 = 1024.0 * 1024.0;
 

@@ -10,9 +10,12 @@ use bitcoin::Amount;
 use bitmesh::chain::Chain;
 use bitmesh::store::Store;
 use bitmesh_common::pricing::{bytes_for_payment, PriceMsatPerMib};
-use bitmesh_tests::bitcoind::CoinbaseWallet;
+use bitmesh_tests::chain::CoinbaseWallet;
 use bitmesh_tests::env::wait_for_true;
-use bitmesh_tests::controller::{udp_round_trips, Lab, ScriptedClient};
+use bitmesh_tests::client::ScriptedClient;
+use bitmesh_tests::controller::ControllerOpts;
+use bitmesh_tests::testbed::Testbed;
+use bitmesh_tests::upstream::udp_round_trips;
 
 const PRICE: u64 = 8_000_000;
 const CAPACITY: Amount = Amount::from_sat(40_000);
@@ -27,19 +30,20 @@ fn used(row: &serde_json::Value) -> u64 {
     row["up_bytes"].as_u64().unwrap() + row["down_bytes"].as_u64().unwrap()
 }
 
-fn journal(lab: &Lab, client: &ScriptedClient) -> Vec<Amount> {
-    let store = Store::open(&Store::path_in(&lab.controller.data_dir)).unwrap();
+fn journal(lab: &Testbed, client: &ScriptedClient) -> Vec<Amount> {
+    let store = Store::open(&Store::path_in(&lab.data_dir())).unwrap();
     store.payments(client.channel_id()).unwrap().into_iter().map(|p| p.paid_total).collect()
 }
 
 #[test]
 fn kill_9_and_restart_keep_every_acknowledged_payment_and_the_kernel_enforces_meanwhile() {
     let price_flag = PRICE.to_string();
-    let Some(mut lab) = Lab::start(&["--price-msat-per-mib", &price_flag, "--zero-conf-exposure-sat", "1000000"]).unwrap() else { return };
+    let Some(lab) = Testbed::start(1).unwrap() else { return };
+    let mut ctl = lab.start_controller(&ControllerOpts::new().with(&["--price-msat-per-mib", &price_flag, "--zero-conf-exposure-sat", "1000000"])).unwrap();
     let mut wallet = CoinbaseWallet::fund(&lab.node, 2, 0);
     lab.wait_synced().unwrap();
     let udp = lab.client_udp().unwrap();
-    let mut client = ScriptedClient::new(&lab.topo.client, lab.api());
+    let mut client = lab.scripted_client();
     let offer = client.open(200).unwrap();
     client.fund(&mut wallet, CAPACITY).unwrap();
     let first = offer.min_first_payment;
@@ -48,7 +52,7 @@ fn kill_9_and_restart_keep_every_acknowledged_payment_and_the_kernel_enforces_me
     assert_eq!(udp_round_trips(&udp, 10, DATAGRAM), 10);
 
     // 1. kill -9 mid-session. The kernel keeps passing paid traffic, then cuts at the budget.
-    lab.controller.kill9();
+    ctl.kill9();
     let mut passed = 10;
     for _ in 0..(budget / ROUND_TRIP_BYTES + 10) {
         passed += udp_round_trips(&udp, 1, DATAGRAM) as u64;
@@ -57,8 +61,8 @@ fn kill_9_and_restart_keep_every_acknowledged_payment_and_the_kernel_enforces_me
     assert_eq!(journal(&lab, &client), vec![first], "acknowledged payment on disk");
 
     // Restart: pinned maps taken over, counters went on, credit not doubled.
-    lab.controller.restart().unwrap();
-    let row = lab.client_row().unwrap().expect("client metered after restart");
+    ctl.restart().unwrap();
+    let row = ctl.client_row().unwrap().expect("client metered after restart");
     assert_eq!(row["credited_bytes"].as_u64(), Some(budget), "credit not doubled");
     assert!(budget - used(&row) < ROUND_TRIP_BYTES, "usage kept counting: {row}");
     assert_eq!(udp_round_trips(&udp, 3, DATAGRAM), 0, "still cut after restart");
@@ -67,7 +71,7 @@ fn kill_9_and_restart_keep_every_acknowledged_payment_and_the_kernel_enforces_me
     let again = client.pay(first).unwrap();
     assert_eq!(again.credited_bytes, ack1.credited_bytes);
     assert_eq!(journal(&lab, &client), vec![first]);
-    assert_eq!(lab.client_row().unwrap().unwrap()["credited_bytes"].as_u64(), Some(budget));
+    assert_eq!(ctl.client_row().unwrap().unwrap()["credited_bytes"].as_u64(), Some(budget));
 
     // 2. kill -9 in the middle of a burst of payments.
     let start = first + Amount::from_sat(100);
@@ -84,7 +88,7 @@ fn kill_9_and_restart_keep_every_acknowledged_payment_and_the_kernel_enforces_me
             acked
         });
         std::thread::sleep(Duration::from_millis(700));
-        lab.controller.kill9();
+        ctl.kill9();
         payer.join().unwrap()
     });
     assert!(acked.len() > 5, "payments were flowing when the controller died ({})", acked.len());
@@ -94,9 +98,9 @@ fn kill_9_and_restart_keep_every_acknowledged_payment_and_the_kernel_enforces_me
     }
     let last = *on_disk.last().unwrap();
     assert!(last.to_sat() - acked.last().unwrap().to_sat() <= 1, "at most the one in flight is extra");
-    lab.controller.restart().unwrap();
+    ctl.restart().unwrap();
     let want = bytes_for_payment(last, price()).0;
-    let row = lab.client_row().unwrap().unwrap();
+    let row = ctl.client_row().unwrap().unwrap();
     assert_eq!(row["credited_bytes"].as_u64(), Some(want), "credit = the journal's last total, once");
     assert_eq!(row["paid_sat"].as_u64(), Some(last.to_sat()));
     assert_eq!(udp_round_trips(&udp, 5, DATAGRAM), 5, "paid client passes after restart");
@@ -104,33 +108,33 @@ fn kill_9_and_restart_keep_every_acknowledged_payment_and_the_kernel_enforces_me
     // 3. "Reboot": controller killed and every pin (maps, links) gone. CREDIT comes
     // back from the journal, USAGE from the last snapshot.
     std::thread::sleep(Duration::from_millis(2500)); // a snapshot after the last traffic
-    let before = used(&lab.client_row().unwrap().unwrap());
-    lab.controller.kill9();
-    std::fs::remove_dir_all(lab.controller.pin_dir()).unwrap();
+    let before = used(&ctl.client_row().unwrap().unwrap());
+    ctl.kill9();
+    std::fs::remove_dir_all(ctl.pin_dir()).unwrap();
     assert_eq!(udp_round_trips(&udp, 3, DATAGRAM), 3, "no program attached: the link is open (reboot)");
-    lab.controller.restart().unwrap();
-    assert!(lab.controller.log().contains("pinned=false") || lab.controller.log().contains("pinned: false"));
-    let row = lab.client_row().unwrap().unwrap();
+    ctl.restart().unwrap();
+    assert!(ctl.log().contains("pinned=false") || ctl.log().contains("pinned: false"));
+    let row = ctl.client_row().unwrap().unwrap();
     assert_eq!(row["credited_bytes"].as_u64(), Some(want), "CREDIT rebuilt from the journal");
     assert_eq!(used(&row), before, "USAGE restored from the snapshot");
     assert_eq!(udp_round_trips(&udp, 3, DATAGRAM), 3);
 
     // Settle through the operator CLI; the close pays the journal's last total.
-    let out = lab.controller.cli(&["settle", "--all"]).unwrap();
+    let out = ctl.cli(&["settle", "--all"]).unwrap();
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(text.contains("closed 1 channel"), "{text}");
-    let chans = lab.controller.channels().unwrap();
+    let chans = ctl.channels().unwrap();
     let txid: bitcoin::Txid = chans[0]["close_txid"].as_str().unwrap().parse().unwrap();
     assert!(text.contains(&txid.to_string()));
     lab.node.mine(1);
     wait_for_true("settlement confirmed", Duration::from_secs(20), || {
-        lab.controller.channels().unwrap()[0]["state"] == "closed"
+        ctl.channels().unwrap()[0]["state"] == "closed"
     });
     let tx = lab.node.rpc().transaction(&txid).unwrap().unwrap().tx;
     let to_client: Amount = tx.output.iter().filter(|o| o.script_pubkey == client.change_script).map(|o| o.value).sum();
     assert_eq!(to_client, CAPACITY - last);
-    let e = lab.controller.earnings().unwrap();
+    let e = ctl.earnings().unwrap();
     let fee = CAPACITY - tx.output.iter().map(|o| o.value).sum::<Amount>();
     assert_eq!(e["settled"].as_u64(), Some((last - fee).to_sat()), "{e}");
-    assert!(lab.client_row().unwrap().is_none_or(|r| r["credited_bytes"] == 0), "settled client unmetered");
+    assert!(ctl.client_row().unwrap().is_none_or(|r| r["credited_bytes"] == 0), "settled client unmetered");
 }

@@ -9,9 +9,11 @@ use std::time::Duration;
 use bitcoin::{Amount, Network};
 use bitmesh::chain::Chain;
 use bitmesh_common::pricing::{bytes_for_payment, PriceMsatPerMib};
-use bitmesh_tests::bitcoind::CoinbaseWallet;
+use bitmesh_tests::chain::CoinbaseWallet;
 use bitmesh_tests::env::wait_for_true;
-use bitmesh_tests::controller::{udp_round_trips, Lab, ScriptedClient};
+use bitmesh_tests::controller::ControllerOpts;
+use bitmesh_tests::testbed::Testbed;
+use bitmesh_tests::upstream::udp_round_trips;
 
 /// High enough that the first payment buys a budget a test exhausts in a second.
 pub const PRICE: u64 = 8_000_000;
@@ -27,14 +29,15 @@ fn client_is_blocked_unpaid_pays_through_the_api_is_cut_at_its_budget_and_settle
     let payout = bitcoin::Address::p2wpkh(&bitcoin::CompressedPublicKey(operator_key.public_key(&secp)), Network::Regtest);
     let price = PRICE.to_string();
     let payout_s = payout.to_string();
-    let Some(lab) = Lab::start(&["--price-msat-per-mib", &price, "--payout-address", &payout_s]).unwrap() else { return };
+    let Some(lab) = Testbed::start(1).unwrap() else { return };
+    let ctl = lab.start_controller(&ControllerOpts::new().with(&["--price-msat-per-mib", &price, "--payout-address", &payout_s])).unwrap();
     let mut wallet = CoinbaseWallet::fund(&lab.node, 2, 0);
     lab.wait_synced().unwrap();
     let udp = lab.client_udp().unwrap();
 
     // Unpaid: the gateway drops real traffic to the internet; its API still answers.
     assert_eq!(udp_round_trips(&udp, 5, DATAGRAM), 0, "unpaid client reached upstream");
-    let mut client = ScriptedClient::new(&lab.topo.client, lab.api());
+    let mut client = lab.scripted_client();
     let terms = client.terms().unwrap();
     assert_eq!(terms.price_msat_per_mib.to_msat(), PRICE);
 
@@ -63,7 +66,7 @@ fn client_is_blocked_unpaid_pays_through_the_api_is_cut_at_its_budget_and_settle
     }
     assert_eq!(passed, budget / ROUND_TRIP_BYTES, "cut exactly when the budget ran out");
     assert_eq!(udp_round_trips(&udp, 5, DATAGRAM), 0, "client past its budget still passes");
-    let row = lab.client_row().unwrap().expect("client listed");
+    let row = ctl.client_row().unwrap().expect("client listed");
     let used = row["up_bytes"].as_u64().unwrap() + row["down_bytes"].as_u64().unwrap();
     assert!(used <= budget && budget - used < ROUND_TRIP_BYTES, "used {used} of {budget}");
     assert_eq!(row["credited_bytes"].as_u64(), Some(budget));
@@ -91,9 +94,9 @@ fn client_is_blocked_unpaid_pays_through_the_api_is_cut_at_its_budget_and_settle
     assert_eq!(st.credited_bytes, ack2.credited_bytes);
 
     // Operator view: held in open channels; runtime price change for new channels.
-    let e = lab.controller.earnings().unwrap();
+    let e = ctl.earnings().unwrap();
     assert_eq!(e["held_open"].as_u64(), Some(second.to_sat()), "{e}");
-    lab.controller.cli(&["price", "9000000"]).unwrap();
+    ctl.cli(&["price", "9000000"]).unwrap();
     assert_eq!(client.terms().unwrap().price_msat_per_mib.to_msat(), 9_000_000);
     assert_eq!(client.status().unwrap().credited_bytes, ack2.credited_bytes, "open channel keeps its price");
 
@@ -104,7 +107,7 @@ fn client_is_blocked_unpaid_pays_through_the_api_is_cut_at_its_budget_and_settle
     assert_eq!(udp_round_trips(&udp, 3, DATAGRAM), 0, "closed channel still passes traffic");
     lab.node.mine(1);
     wait_for_true("settlement confirmed", Duration::from_secs(20), || {
-        lab.controller.channels().unwrap().iter().any(|c| c["state"] == "closed")
+        ctl.channels().unwrap().iter().any(|c| c["state"] == "closed")
     });
     let tx = lab.node.rpc().transaction(&close_txid).unwrap().expect("close tx known").tx;
     assert_eq!(tx.input.len(), 1);
@@ -115,10 +118,10 @@ fn client_is_blocked_unpaid_pays_through_the_api_is_cut_at_its_budget_and_settle
     assert_eq!(to_client, CAPACITY - second, "client change");
     assert_eq!(to_gateway, second - fee, "gateway payout to --payout-address");
     assert!(fee > Amount::ZERO && fee < Amount::from_sat(2_000), "fee {fee}");
-    let e = lab.controller.earnings().unwrap();
+    let e = ctl.earnings().unwrap();
     assert_eq!(e["settled"].as_u64(), Some(to_gateway.to_sat()), "{e}");
     assert_eq!(e["pending"].as_u64(), Some(0), "{e}");
     assert_eq!(e["held_open"].as_u64(), Some(0), "{e}");
-    let chans = lab.controller.channels().unwrap();
+    let chans = ctl.channels().unwrap();
     assert_eq!(chans[0]["close_txid"].as_str(), Some(close_txid.to_string().as_str()));
 }

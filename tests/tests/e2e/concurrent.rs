@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use bitcoin::Amount;
 use bitmesh_common::pricing::{bytes_for_payment, PriceMsatPerMib};
-use bitmesh_tests::world::{preflight, AgentOpts, ControllerOpts, World};
+use bitmesh_tests::client::AgentOpts;
+use bitmesh_tests::controller::ControllerOpts;
+use bitmesh_tests::testbed::Testbed;
 use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
@@ -19,13 +21,12 @@ fn n(v: &Value, key: &str) -> u64 {
 
 #[test]
 fn twenty_clients_pay_and_download_concurrently_each_billed_within_what_it_paid() {
-    let Some(bin) = preflight() else { return };
-    let world = World::new(bin, CLIENTS).unwrap();
+    let Some(world) = Testbed::start(CLIENTS).unwrap() else { return };
     let funding = world.fund(CLIENTS, Amount::from_sat(100_000)).unwrap();
     // Twenty zero-conf channels of 4,000 sat unconfirmed credit each (first payment +
     // one chunk) exceed the default 20,000 sat exposure: raise it for this test.
-    let opts = ControllerOpts { extra: vec!["--zero-conf-exposure-sat".into(), "100000".into()], ..ControllerOpts::default() };
-    let price = PriceMsatPerMib::new(opts.price_msat_per_mib).unwrap();
+    let opts = ControllerOpts { extra: vec!["--zero-conf-exposure-sat".into(), "100000".into()], ..ControllerOpts::story() };
+    let price = PriceMsatPerMib::new(opts.price_msat_per_mib.unwrap()).unwrap();
     let ctl = world.start_controller(&opts).unwrap();
 
     let mut agents: Vec<_> = (0..CLIENTS)
@@ -73,7 +74,7 @@ fn twenty_clients_pay_and_download_concurrently_each_billed_within_what_it_paid(
     let rows = rows.as_array().unwrap();
     assert_eq!(rows.len(), CLIENTS, "{rows:?}");
     let mut held = 0;
-    for c in &world.clients {
+    for c in &world.lan.clients {
         let row = rows.iter().find(|r| r["mac"] == c.mac.as_str()).unwrap_or_else(|| panic!("{} missing", c.mac));
         let paid = Amount::from_sat(n(row, "paid_sat"));
         let used = n(row, "up_bytes") + n(row, "down_bytes");

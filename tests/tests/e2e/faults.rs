@@ -11,7 +11,10 @@ use bitcoin::Amount;
 use bitmesh::channel::sign_update;
 use bitmesh_client::state::{SignedState, StateDir};
 use bitmesh_common::pricing::{bytes_for_payment, payment_for_bytes, ByteCount, PriceMsatPerMib};
-use bitmesh_tests::world::{preflight, wait_until, Agent, AgentOpts, ControllerOpts, World};
+use bitmesh_tests::client::{Agent, AgentOpts};
+use bitmesh_tests::controller::ControllerOpts;
+use bitmesh_tests::env::wait_until;
+use bitmesh_tests::testbed::Testbed;
 use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
@@ -29,14 +32,13 @@ fn signed(agent: &Agent) -> (u64, bool) {
 
 #[test]
 fn controller_killed_during_payments_keeps_every_acknowledged_payment_and_credits_none_twice() {
-    let Some(bin) = preflight() else { return };
     const CLIENTS: usize = 4;
-    let world = World::new(bin, CLIENTS).unwrap();
+    let Some(world) = Testbed::start(CLIENTS).unwrap() else { return };
     let funding = world.fund(CLIENTS, Amount::from_sat(100_000)).unwrap();
     // Default limits, the per-IP rate limit included: an agent that lost its event
     // stream must wait and reconnect, not poll its way into `rate_limited`.
-    let opts = ControllerOpts::default();
-    let price = PriceMsatPerMib::new(opts.price_msat_per_mib).unwrap();
+    let opts = ControllerOpts::story();
+    let price = PriceMsatPerMib::new(opts.price_msat_per_mib.unwrap()).unwrap();
     let ctl = world.start_controller(&opts).unwrap();
     let mut agents: Vec<Agent> = (0..CLIENTS)
         .map(|i| world.start_agent(i, &AgentOpts::new(funding[i].file.clone(), 30_000)).unwrap())
@@ -66,7 +68,7 @@ fn controller_killed_during_payments_keeps_every_acknowledged_payment_and_credit
             }
             std::thread::sleep(Duration::from_millis(2));
         };
-        ctl.kill9();
+        ctl.crash();
         std::thread::sleep(Duration::from_secs(2));
         let ctl = world.start_controller(&opts).unwrap();
         let fetches: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
@@ -76,7 +78,7 @@ fn controller_killed_during_payments_keeps_every_acknowledged_payment_and_credit
     for (i, f) in fetches.iter().enumerate() {
         assert!(f.complete, "client {i} did not carry on after the restart: {f:?}\nagent:\n{}", agents[i].output());
     }
-    let log = std::fs::read_to_string(&ctl.log).unwrap();
+    let log = std::fs::read_to_string(ctl.log_path()).unwrap();
     assert!(
         log.contains("kernel maps reconciled with the store pinned=true"),
         "the restart took the pinned maps over:\n{}",
@@ -86,7 +88,7 @@ fn controller_killed_during_payments_keeps_every_acknowledged_payment_and_credit
     // Let in-flight top-ups land, then compare the journal, the kernel and the clients.
     std::thread::sleep(Duration::from_secs(2));
     for (i, a) in agents.iter().enumerate() {
-        let mac = &world.clients[i].mac;
+        let mac = &world.lan.clients[i].mac;
         let ch = ctl.channel(mac).unwrap();
         let paid = n(&ch, "paid_sat");
         let (latest, latest_acked) = signed(a);
@@ -107,13 +109,12 @@ fn controller_killed_during_payments_keeps_every_acknowledged_payment_and_credit
 
 #[test]
 fn gateway_reboot_restores_budgets_and_usage_from_the_store_losing_at_most_one_snapshot_interval() {
-    let Some(bin) = preflight() else { return };
-    let world = World::new(bin, 2).unwrap();
+    let Some(world) = Testbed::start(2).unwrap() else { return };
     let funding = world.fund(2, Amount::from_sat(100_000)).unwrap();
     // Default rate limits: the agents lose their event stream at the reboot.
-    let opts = ControllerOpts { snapshot_interval_secs: 2, ..ControllerOpts::default() };
-    let interval = Duration::from_secs(opts.snapshot_interval_secs);
-    let price = PriceMsatPerMib::new(opts.price_msat_per_mib).unwrap();
+    let opts = ControllerOpts { snapshot_interval_secs: Some(2), ..ControllerOpts::story() };
+    let interval = Duration::from_secs(opts.snapshot_interval_secs.unwrap());
+    let price = PriceMsatPerMib::new(opts.price_msat_per_mib.unwrap()).unwrap();
     let ctl = world.start_controller(&opts).unwrap();
     let mut agents: Vec<Agent> = (0..2)
         .map(|i| world.start_agent(i, &AgentOpts::new(funding[i].file.clone(), 30_000)).unwrap())
@@ -123,7 +124,7 @@ fn gateway_reboot_restores_budgets_and_usage_from_the_store_losing_at_most_one_s
     }
     // Unconfirmed channels get at most the first payment + one chunk: confirm them.
     world.mine(1);
-    let (quiet, busy) = (world.clients[0].mac.clone(), world.clients[1].mac.clone());
+    let (quiet, busy) = (world.lan.clients[0].mac.clone(), world.lan.clients[1].mac.clone());
 
     // Client 0 downloads, then stays quiet for longer than a snapshot interval.
     assert!(world.fetch(0, 3 * MIB, Duration::from_secs(10)).complete);
@@ -136,7 +137,7 @@ fn gateway_reboot_restores_budgets_and_usage_from_the_store_losing_at_most_one_s
         std::thread::sleep(Duration::from_secs(4));
         // Power off: the controller dies, and with the reboot the kernel forgets
         // everything; read the kernel's last word in between.
-        ctl.kill9();
+        ctl.crash();
         let before = (world.kernel_usage(&quiet).unwrap(), world.kernel_usage(&busy).unwrap());
         world.wipe_pins();
         dl.join().unwrap();
@@ -145,7 +146,7 @@ fn gateway_reboot_restores_budgets_and_usage_from_the_store_losing_at_most_one_s
     assert!(world.kernel_usage(&busy).is_none(), "the reboot left maps behind");
 
     let ctl = world.start_controller(&opts).unwrap();
-    let log = std::fs::read_to_string(&ctl.log).unwrap();
+    let log = std::fs::read_to_string(ctl.log_path()).unwrap();
     assert_eq!(log.matches("reconciled with the store pinned=false").count(), 2, "{}", ctl.log_tail(40));
     let quiet_row = ctl.client(&quiet).unwrap();
     let busy_after = world.kernel_usage(&busy).unwrap();
@@ -199,28 +200,27 @@ fn agent_record(agent: &Agent) -> (StateDir, bitmesh_client::state::ChannelRecor
 }
 
 /// Journal rows (`bitmesh channels`) of `mac`: one per channel ever opened.
-fn channel_rows(ctl: &bitmesh_tests::world::Controller<'_>, mac: &str) -> Vec<Value> {
+fn channel_rows(ctl: &bitmesh_tests::controller::Controller<'_>, mac: &str) -> Vec<Value> {
     let rows = ctl.admin_json("channels").unwrap();
     rows.as_array().unwrap().iter().filter(|r| r["mac"].as_str() == Some(mac)).cloned().collect()
 }
 
 /// Lines of the controller's log that credit a payment of exactly `total` sat.
-fn credited_lines(ctl: &bitmesh_tests::world::Controller<'_>, total: u64) -> usize {
-    let log = std::fs::read_to_string(&ctl.log).unwrap();
+fn credited_lines(ctl: &bitmesh_tests::controller::Controller<'_>, total: u64) -> usize {
+    let log = std::fs::read_to_string(ctl.log_path()).unwrap();
     let (a, b) = (format!("total_sat={total} "), format!("total_sat={total}}}"));
     log.lines().filter(|l| l.contains("payment credited") && (l.contains(&a) || l.contains(&b))).count()
 }
 
 #[test]
 fn agent_killed_mid_session_resumes_its_channel_and_resends_an_unacknowledged_update_once() {
-    let Some(bin) = preflight() else { return };
-    let world = World::new(bin, 1).unwrap();
+    let Some(world) = Testbed::start(1).unwrap() else { return };
     let funding = world.fund(1, Amount::from_sat(100_000)).unwrap();
-    let opts = ControllerOpts::default();
-    let price = PriceMsatPerMib::new(opts.price_msat_per_mib).unwrap();
-    let chunk = ByteCount(opts.chunk_bytes);
+    let opts = ControllerOpts::story();
+    let price = PriceMsatPerMib::new(opts.price_msat_per_mib.unwrap()).unwrap();
+    let chunk = ByteCount(opts.chunk_bytes.unwrap());
     let ctl = world.start_controller(&opts).unwrap();
-    let mac = world.clients[0].mac.clone();
+    let mac = world.lan.clients[0].mac.clone();
     let agent_opts = AgentOpts::new(funding[0].file.clone(), 30_000);
     let mut agent = world.start_agent(0, &agent_opts).unwrap();
     agent.wait_for("channel funded", Duration::from_secs(60)).unwrap();

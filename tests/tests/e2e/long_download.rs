@@ -10,17 +10,18 @@
 use std::time::Duration;
 
 use bitcoin::Amount;
-use bitmesh_tests::world::{preflight, AgentOpts, ControllerOpts, World};
+use bitmesh_tests::client::AgentOpts;
+use bitmesh_tests::controller::ControllerOpts;
+use bitmesh_tests::testbed::Testbed;
 
 const MIB: u64 = 1 << 20;
 
 #[test]
 fn a_long_download_runs_at_link_speed_without_the_client_holding_back_payment() {
-    let Some(bin) = preflight() else { return };
-    let world = World::new(bin, 1).unwrap();
+    let Some(world) = Testbed::start(1).unwrap() else { return };
     let funding = world.fund(1, Amount::from_sat(100_000)).unwrap();
     // 100 sat/MiB: 80 MiB fit in a 40,000 sat zero-conf channel with room to spare.
-    let opts = ControllerOpts { price_msat_per_mib: 100_000, ..ControllerOpts::default() };
+    let opts = ControllerOpts { price_msat_per_mib: Some(100_000), ..ControllerOpts::story() };
     let ctl = world.start_controller(&opts).unwrap();
     let mut a = world.start_agent(0, &AgentOpts::new(funding[0].file.clone(), 30_000)).unwrap();
     a.wait_for("channel funded", Duration::from_secs(30)).unwrap();
@@ -28,7 +29,7 @@ fn a_long_download_runs_at_link_speed_without_the_client_holding_back_payment() 
     world.mine(1);
     // 80 MiB at 8 MiB/s: ten seconds when payments keep up.
     let f = world.fetch_paced(0, 80 * MIB, 8 * MIB, Duration::from_secs(10));
-    let row = ctl.client(&world.clients[0].mac).unwrap();
+    let row = ctl.client(&world.lan.clients[0].mac).unwrap();
     let status = a.output().split('\r').next_back().unwrap_or_default().to_owned();
     assert!(f.complete, "{f:?}\ngateway: {row}\nagent: {status}");
     assert!(f.elapsed < Duration::from_secs(25), "payments held the download back: {f:?}\ngateway: {row}\nagent: {status}");

@@ -9,7 +9,10 @@ use std::time::Duration;
 use bitcoin::{Amount, Txid};
 use bitmesh::chain::Chain;
 use bitmesh_common::pricing::{bytes_for_payment, payment_for_bytes, ByteCount, PriceMsatPerMib};
-use bitmesh_tests::world::{preflight, wait_until, AgentOpts, ControllerOpts, World};
+use bitmesh_tests::client::AgentOpts;
+use bitmesh_tests::controller::ControllerOpts;
+use bitmesh_tests::env::wait_until;
+use bitmesh_tests::testbed::Testbed;
 use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
@@ -28,14 +31,13 @@ fn used(row: &Value) -> u64 {
 
 #[test]
 fn the_whole_story_walled_garden_top_up_cut_off_idle_close_and_confirmed_settlement() {
-    let Some(bin) = preflight() else { return };
-    let world = World::new(bin, 3).unwrap();
+    let Some(world) = Testbed::start(3).unwrap() else { return };
     let funding = world.fund(3, Amount::from_sat(100_000)).unwrap();
-    let opts = ControllerOpts { idle_timeout_secs: 8, ..ControllerOpts::default() };
-    let price = PriceMsatPerMib::new(opts.price_msat_per_mib).unwrap();
-    let chunk = opts.chunk_bytes;
+    let opts = ControllerOpts { idle_timeout_secs: Some(8), ..ControllerOpts::story() };
+    let price = PriceMsatPerMib::new(opts.price_msat_per_mib.unwrap()).unwrap();
+    let chunk = opts.chunk_bytes.unwrap();
     let ctl = world.start_controller(&opts).unwrap();
-    let macs: Vec<String> = world.clients.iter().map(|c| c.mac.clone()).collect();
+    let macs: Vec<String> = world.lan.clients.iter().map(|c| c.mac.clone()).collect();
 
     // 1. Unpaid: the internet is dropped in the kernel, the payment API answers.
     let f = world.fetch(0, MIB, Duration::from_secs(2));
@@ -124,7 +126,7 @@ fn the_whole_story_walled_garden_top_up_cut_off_idle_close_and_confirmed_settlem
     for r in rows {
         let txid: Txid = r["close_txid"].as_str().unwrap().parse().unwrap();
         assert!(world.confirmations(&txid).unwrap() >= 1, "{r}");
-        let tx = world.with_node(|node| node.rpc().transaction(&txid).unwrap().unwrap().tx);
+        let tx = world.node.rpc().transaction(&txid).unwrap().unwrap().tx;
         let change = n(r, "capacity_sat") - n(r, "paid_sat");
         assert!(
             tx.output.iter().any(|o| o.value.to_sat() == change),

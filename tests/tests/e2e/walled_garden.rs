@@ -3,18 +3,18 @@
 
 use std::time::Duration;
 
-use bitmesh_tests::world::{preflight, ControllerOpts, World};
+use bitmesh_tests::controller::ControllerOpts;
+use bitmesh_tests::testbed::Testbed;
 
 #[test]
 fn unpaid_client_is_blocked_upstream_but_reaches_the_payment_api() {
-    let Some(bin) = preflight() else { return };
-    let world = World::new(bin, 2).unwrap();
+    let Some(world) = Testbed::start(2).unwrap() else { return };
 
     // Before the controller runs, the world is an open network: NAT to upstream works.
     let open = world.fetch(0, 100_000, Duration::from_secs(5));
     assert!(open.complete, "no meter yet, the fetch must work: {open:?}");
 
-    let ctl = world.start_controller(&ControllerOpts::default()).unwrap();
+    let ctl = world.start_controller(&ControllerOpts::story()).unwrap();
 
     // Unpaid: the kernel drops everything but the walled garden.
     let blocked = world.fetch(0, 100_000, Duration::from_secs(2));

@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed test should panic
 
 use bitmesh_tests::env::{is_root, skip};
-use bitmesh_tests::kernel_bench::{format_table, kernel_cost_per_frame};
+use bitmesh_tests::bench::kernel::{format_table, kernel_cost_per_frame};
 
 #[test]
 #[ignore = "benchmark: run with --ignored --nocapture"]

@@ -6,7 +6,7 @@ use std::process::Command;
 
 use bitmesh::meter::{Meter, MeterConfig, MeterError, UploadHook};
 use bitmesh_tests::env::{is_root, skip};
-use bitmesh_tests::netns::{in_netns, Netns, PinDir, TestMeter};
+use bitmesh_tests::network::{in_netns, Netns, PinDir, TestMeter};
 
 #[test]
 fn attaching_to_a_missing_interface_names_it() {

@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 use bitmesh::meter::{Mac, UploadHook, Verdict};
 use bitmesh_common::pricing::ByteCount;
 use bitmesh_tests::env::{is_root, skip};
-use bitmesh_tests::netns::{in_netns, TestMeter, Topology, CLIENT_MAC};
+use bitmesh_tests::network::{in_netns, TestMeter, Topology, CLIENT_MAC};
 
 const GW: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
 const CL: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
@@ -79,7 +79,7 @@ impl Metered {
     }
 
     fn ping_gateway(&self) -> bool {
-        bitmesh_tests::netns::ping(&self.net.client, GW, Duration::from_secs(1)).unwrap_or(false)
+        bitmesh_tests::network::ping(&self.net.client, GW, Duration::from_secs(1)).unwrap_or(false)
     }
 }
 
@@ -240,7 +240,7 @@ fn detach_removes_enforcement_and_pins_but_keeps_counters() {
     assert_eq!(links.len(), 2, "upload and download links pinned: {links:?}");
     m.meter.meter.maps_mut().add_client(client_mac()).expect("add");
     let Metered { meter, net } = m;
-    let bitmesh_tests::netns::TestMeter { meter: inner, config, pins: pin_dir } = meter;
+    let bitmesh_tests::network::TestMeter { meter: inner, config, pins: pin_dir } = meter;
     inner.detach().expect("detach");
     let left: Vec<_> = std::fs::read_dir(&pins).expect("pins").filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().to_string()).collect();
     assert!(left.iter().all(|n| !n.starts_with("link_")), "links unpinned: {left:?}");
@@ -308,10 +308,10 @@ fn enforcement_and_counters_survive_a_controller_restart() {
     assert_eq!(m.blast(&tx, to, &rx, 10, S).expect("blast"), 10);
     // "Crash": the controller's meter goes away without detaching.
     let Metered { meter, net } = m;
-    let bitmesh_tests::netns::TestMeter { meter: inner, config, pins } = meter;
+    let bitmesh_tests::network::TestMeter { meter: inner, config, pins } = meter;
     drop(inner);
     // The pinned programs still meter: a stranger is still blocked, the client billed.
-    let m = Metered { meter: bitmesh_tests::netns::TestMeter { meter: bitmesh::meter::Meter::load(&config).expect("reload"), config, pins }, net };
+    let m = Metered { meter: bitmesh_tests::network::TestMeter { meter: bitmesh::meter::Meter::load(&config).expect("reload"), config, pins }, net };
     assert_eq!(m.blast(&tx, to, &rx, 10, S).expect("blast"), 10, "paid traffic flows while no controller runs");
     assert_eq!(m.usage().up_pkts, 20, "and is billed by the pinned programs");
     // The restarted controller takes the attachments over (no second program).
@@ -333,12 +333,12 @@ fn unpaid_client_resolves_and_pings_the_gateway_over_ipv6_but_gets_nothing_else(
         return;
     }
     let net = Topology::dual_stack().expect("topology");
-    let mut meter = bitmesh_tests::netns::TestMeter::load().expect("load");
+    let mut meter = bitmesh_tests::network::TestMeter::load().expect("load");
     let iface = net.gateway_if().to_string();
     in_netns(&net.gateway, || Ok(meter.meter.attach(&iface, UploadHook::XdpNative)?)).expect("attach");
     let gw6: std::net::Ipv6Addr = "2001:db8:77::1".parse().expect("addr");
     // Neighbour solicitation/advertisement both ways, then echo: all walled garden.
-    assert!(bitmesh_tests::netns::ping6(&net.client, gw6, Duration::from_secs(2)).expect("ping6"), "ping6 to the gateway while unpaid");
+    assert!(bitmesh_tests::network::ping6(&net.client, gw6, Duration::from_secs(2)).expect("ping6"), "ping6 to the gateway while unpaid");
     let neigh = net.client.ip(&["-6", "neigh", "show", "2001:db8:77::1"]).expect("neigh");
     assert!(String::from_utf8_lossy(&neigh.stdout).contains("02:77:00:00:00:01"), "ND resolved the gateway");
     // UDP over IPv6 to a non-garden port is dropped.

@@ -9,7 +9,7 @@ use bitmesh_common::kernel::frames::Eth;
 use bitmesh_common::kernel::{classify, verdict, BucketParams, Budget, GardenLimits, Gate, GatewayConfig, Usage};
 use bitmesh_common::pricing::ByteCount;
 use bitmesh_tests::env::{is_root, skip};
-use bitmesh_tests::netns::{TestMeter, CLIENT_IPV4, GATEWAY_IPV4, PAYMENT_PORT};
+use bitmesh_tests::network::{TestMeter, CLIENT_IPV4, GATEWAY_IPV4, PAYMENT_PORT};
 
 const GW_MAC: [u8; 6] = [0x02, 0x77, 0, 0, 0, 0x01];
 const GW4: [u8; 4] = GATEWAY_IPV4.octets();

@@ -1,6 +1,8 @@
-//! Guards for kernel and network tests: a private bpffs pin directory, a loaded
-//! meter on it, network namespaces and veth pairs. Every guard removes what it
-//! created on drop, on every exit path, and never touches anything it did not create.
+//! The network job of the harness: network namespaces, veth pairs, private bpffs pin
+//! directories, a loaded meter on one ([`TestMeter`]), the two-namespace [`Topology`]
+//! of the kernel tests, and the testbed's [`Lan`] (gateway, bridge, clients, upstream).
+//! Every guard removes what it created on drop, on every exit path, and never touches
+//! anything it did not create.
 //!
 //! Names are unique per process and per guard (`bm<pid>x<n>...`), so tests can run in
 //! parallel and leftovers of a killed run are recognisable.
@@ -13,6 +15,10 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use bitmesh::meter::{Meter, MeterConfig};
+
+mod lan;
+
+pub use lan::{client_ip, client_mac, ClientIdentity, ClientNs, Lan, MAX_CLIENTS, UPSTREAM_GATEWAY_IPV4, UPSTREAM_IPV4};
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -128,9 +134,9 @@ impl Drop for PinDir {
     }
 }
 
-/// The gateway address the kernel tests configure.
+/// The gateway's client-side address (kernel tests and the [`Lan`]).
 pub const GATEWAY_IPV4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
-/// The client address the kernel tests use.
+/// The client's address (kernel tests and the [`Lan`]'s client 0).
 pub const CLIENT_IPV4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
 /// The payment port the kernel tests configure.
 pub const PAYMENT_PORT: u16 = 3141;
@@ -312,9 +318,10 @@ impl Drop for ServerThread {
     }
 }
 
-/// MAC of the gateway end of the [`Topology`] veth.
+/// MAC of the gateway's client-facing interface: the [`Topology`] veth's gateway end,
+/// the [`Lan`]'s bridge.
 pub const GATEWAY_MAC: &str = "02:77:00:00:00:01";
-/// MAC of the client end of the [`Topology`] veth.
+/// MAC of the client: the [`Topology`] veth's client end, the [`Lan`]'s client 0.
 pub const CLIENT_MAC: &str = "02:c1:00:00:00:02";
 
 /// Two namespaces joined by a veth pair: a gateway (10.77.0.1/24, the meter's side)

@@ -1,5 +1,5 @@
 //! Load: many clients paying and moving bytes at once through a real `bitmesh run`
-//! (a [`Lab`]: namespaces, regtest node, the kernel meter on the client link).
+//! (a [`Testbed`]: namespaces, regtest node, the kernel meter on the client link).
 //!
 //! Each client is its own device ([`ClientIdentity`]: a macvlan with its own MAC and
 //! IP). For the whole run every client repeats: pay the next step over HTTP (timed),
@@ -24,8 +24,11 @@ use bitmesh::meter::MeterMaps;
 use bitmesh_common::kernel::Mac;
 use bitmesh_common::pricing::{bytes_for_payment, PriceMsatPerMib};
 
-use crate::controller::{ClientIdentity, Lab, ScriptedClient, ECHO_PORT, UPSTREAM_IPV4};
-use crate::netns::in_netns_named;
+use crate::chain::CoinbaseWallet;
+use crate::client::ScriptedClient;
+use crate::controller::ControllerOpts;
+use crate::network::{in_netns_named, ClientIdentity, GATEWAY_IPV4, UPSTREAM_IPV4};
+use crate::testbed::{Testbed, ECHO_PORT};
 
 /// Price for the run: 1 sat buys 1 KiB, so each step's arithmetic is visible.
 const PRICE_MSAT_PER_MIB: u64 = 1_000_000;
@@ -151,8 +154,9 @@ pub fn run_load(clients: usize, duration: Duration) -> Result<Option<LoadFigures
     let price = PriceMsatPerMib::new(PRICE_MSAT_PER_MIB)?;
     let price_flag = PRICE_MSAT_PER_MIB.to_string();
     // Rate limits are per device; one device here pays about once a second.
-    let Some(lab) = Lab::start(&["--price-msat-per-mib", &price_flag])? else { return Ok(None) };
-    let mut wallet = crate::bitcoind::CoinbaseWallet::fund(&lab.node, clients.div_ceil(100) as u32 + 1, 0);
+    let Some(lab) = Testbed::start(1)? else { return Ok(None) };
+    let controller = lab.start_controller(&ControllerOpts::new().with(&["--price-msat-per-mib", &price_flag]))?;
+    let mut wallet = CoinbaseWallet::fund(&lab.node, clients.div_ceil(100) as u32 + 1, 0);
     lab.wait_synced()?;
 
     let ids = lab.add_client_identities(clients, true)?;
@@ -162,18 +166,18 @@ pub fn run_load(clients: usize, duration: Duration) -> Result<Option<LoadFigures
     for (k, id) in ids.iter().enumerate() {
         routes.push_str(&format!(
             "route add {UPSTREAM_IPV4}/32 via {} dev {} metric {}\n",
-            crate::netns::GATEWAY_IPV4,
+            GATEWAY_IPV4,
             id.iface,
             100 + k
         ));
     }
     let mut file = tempfile::Builder::new().prefix("bitmesh-ip-batch-").tempfile()?;
     std::io::Write::write_all(&mut file, routes.as_bytes())?;
-    lab.topo.client.ip(&["-batch", &file.path().to_string_lossy()])?;
+    lab.client_ns().ip(&["-batch", &file.path().to_string_lossy()])?;
 
-    let netns = lab.topo.client.name().to_string();
+    let netns = lab.client_ns().name().to_string();
     let mut scripted: Vec<ScriptedClient> =
-        ids.iter().map(|id| ScriptedClient::with_identity(&lab.topo.client, lab.api(), id.clone())).collect();
+        ids.iter().map(|id| ScriptedClient::with_identity(lab.client_ns(), lab.api(), id.clone())).collect();
     parallel(&mut scripted, WORKERS, |c| c.open(200).map(|_| ()))?;
     let funding = lab.confirmed_funding(&mut wallet, &scripted, CAPACITY, 100)?;
     let mut devices: Vec<Device> = Vec::with_capacity(clients);
@@ -222,8 +226,8 @@ pub fn run_load(clients: usize, duration: Duration) -> Result<Option<LoadFigures
     std::thread::sleep(Duration::from_millis(500));
 
     // The books, three ways.
-    let channels = lab.controller.channels()?;
-    let maps = MeterMaps::open_pinned(lab.controller.pin_dir())?;
+    let channels = controller.channels()?;
+    let maps = MeterMaps::open_pinned(controller.pin_dir())?;
     let mut billed = 0;
     for d in &devices {
         let id = d.client.channel_id().to_string();

@@ -1,5 +1,5 @@
 //! Controller memory with many clients (docs/design.md section 10): a real `bitmesh run` in a
-//! [`Lab`], its resident set read from `/proc/PID/status` idle and again after
+//! [`Testbed`], its resident set read from `/proc/PID/status` idle and again after
 //! `clients` devices (one [`ClientIdentity`] each) have opened, funded and paid one
 //! channel over HTTP: real store rows, real journal entries, real kernel map entries.
 
@@ -12,7 +12,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use bitcoin::Amount;
 
-use crate::controller::{Lab, ScriptedClient};
+use crate::chain::CoinbaseWallet;
+use crate::client::ScriptedClient;
+use crate::controller::ControllerOpts;
+use crate::testbed::Testbed;
 
 /// Resident memory of the controller before and after `clients` paying clients.
 #[derive(Debug, Clone)]
@@ -77,15 +80,16 @@ fn parallel<T: Send>(items: &mut [T], workers: usize, f: impl Fn(&mut T) -> Resu
 /// own MAC and IP) through open, fund (confirmed, 100 channels per funding
 /// transaction) and one payment each over HTTP, and read it again. `None` when the
 /// machine cannot run it (skip notice printed). For the benchmark binary:
-/// `bitmesh_tests::controller_memory::measure_memory(1_000)`.
+/// `bitmesh_tests::bench::memory::measure_memory(1_000)`.
 pub fn measure_memory(clients: usize) -> Result<Option<MemoryFigures>> {
     const PER_FUNDING_TX: usize = 100;
     const CAPACITY: Amount = Amount::from_sat(20_000);
     const WORKERS: usize = 4;
-    let Some(lab) = Lab::start(&[])? else { return Ok(None) };
-    let mut wallet = crate::bitcoind::CoinbaseWallet::fund(&lab.node, clients.div_ceil(PER_FUNDING_TX) as u32 + 1, 0);
+    let Some(lab) = Testbed::start(1)? else { return Ok(None) };
+    let controller = lab.start_controller(&ControllerOpts::new())?;
+    let mut wallet = CoinbaseWallet::fund(&lab.node, clients.div_ceil(PER_FUNDING_TX) as u32 + 1, 0);
     lab.wait_synced()?;
-    let pid = lab.controller.pid().context("controller not running")?;
+    let pid = controller.pid().context("controller not running")?;
     // Let the first settlement passes and snapshots run before reading idle memory.
     std::thread::sleep(Duration::from_secs(3));
     let (rss_idle, hwm_idle) = rss_of(pid)?;
@@ -93,7 +97,7 @@ pub fn measure_memory(clients: usize) -> Result<Option<MemoryFigures>> {
     let started = Instant::now();
     let ids = lab.add_client_identities(clients, true)?;
     let mut devices: Vec<ScriptedClient> =
-        ids.into_iter().map(|id| ScriptedClient::with_identity(&lab.topo.client, lab.api(), id)).collect();
+        ids.into_iter().map(|id| ScriptedClient::with_identity(lab.client_ns(), lab.api(), id)).collect();
     parallel(&mut devices, WORKERS, |c| c.open(200).map(|_| ()))?;
     let funding = lab.confirmed_funding(&mut wallet, &devices, CAPACITY, PER_FUNDING_TX)?;
     let mut pairs: Vec<(ScriptedClient, _)> = devices.into_iter().zip(funding).collect();
@@ -113,10 +117,10 @@ pub fn measure_memory(clients: usize) -> Result<Option<MemoryFigures>> {
     // A few snapshot intervals and settlement passes over the loaded store.
     std::thread::sleep(Duration::from_secs(5));
     let (rss_loaded, hwm_loaded) = rss_of(pid)?;
-    let (sqlite_bytes, sqlite_wal_bytes) = sqlite_sizes(&lab.controller.data_dir)?;
+    let (sqlite_bytes, sqlite_wal_bytes) = sqlite_sizes(&controller.data_dir())?;
 
     // Only now ask the controller (its answer allocates): every client is paid.
-    let paid = lab.controller.channels()?.iter().filter(|c| c["state"] == "open" && c["payments"].as_u64() == Some(1)).count();
+    let paid = controller.channels()?.iter().filter(|c| c["state"] == "open" && c["payments"].as_u64() == Some(1)).count();
     anyhow::ensure!(paid == clients, "{paid} of {clients} channels open and paid");
     Ok(Some(MemoryFigures {
         clients,

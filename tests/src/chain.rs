@@ -1,4 +1,6 @@
-//! A regtest Bitcoin Core node owned by a guard, and a tiny coinbase wallet.
+//! The chain job of the harness: a regtest Bitcoin Core node owned by a guard, a tiny
+//! coinbase wallet, and the [`LoopbackRelay`] that lets a controller in a namespace
+//! reach the node on its own 127.0.0.1.
 //!
 //! The node is built by `cargo xtask bitcoind` (no wallet: ENABLE_WALLET=OFF), so
 //! tests fund channels from coinbase outputs paid to keys the test holds
@@ -8,7 +10,9 @@
 // Test harness: any failure here must fail the test loudly, so unwrap is the point.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::TcpListener;
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::Ordering;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -24,6 +28,7 @@ use bitmesh::chain::{BitcoindAuth, BitcoindRpc, Chain};
 use serde_json::json;
 
 use crate::env;
+use crate::network::{in_netns, Netns, ServerThread};
 
 /// Version key of the cached build (the libbitcoinkernel-sys version it comes from).
 pub const BUILD_KEY: &str = "bitcoin-core-0.4.1";
@@ -227,6 +232,14 @@ impl Bitcoind {
     }
 }
 
+impl Bitcoind {
+    /// Ask the node to stop (the chain backend dies under a running controller); the
+    /// guard still reaps it and removes its data directory on drop.
+    pub fn stop(&self) {
+        let _ = self.rpc.call_raw("stop", &[]);
+    }
+}
+
 impl Drop for Bitcoind {
     fn drop(&mut self) {
         // Ask politely, then make sure: a node must never outlive its test.
@@ -406,4 +419,68 @@ fn unsigned_spend(outpoint: OutPoint, output: Vec<TxOut>) -> Transaction {
         }],
         output,
     }
+}
+
+/// Forwards `127.0.0.1:<port>` inside a namespace to `target` in the test's own
+/// namespace (one thread per direction per connection): the controller reaches the
+/// regtest node on its loopback exactly as on a Pi, and the test keeps calling the
+/// node directly. Stopped on drop; open connections end when either side closes.
+pub struct LoopbackRelay {
+    /// The port on 127.0.0.1 inside the namespace.
+    pub port: u16,
+    _server: ServerThread,
+}
+
+impl LoopbackRelay {
+    /// Listen on 127.0.0.1:`port` (0 = any) inside `ns`, forwarding to `target`.
+    pub fn start(ns: &Netns, port: u16, target: SocketAddr) -> anyhow::Result<LoopbackRelay> {
+        // The listening socket belongs to the namespace it was created in; the
+        // accepting thread (and the outgoing connections) stay in ours.
+        let listener = in_netns(ns, || Ok(TcpListener::bind(("127.0.0.1", port))?))?;
+        listener.set_nonblocking(true)?;
+        let port = listener.local_addr()?.port();
+        let server = ServerThread::spawn(move |stop| {
+            while !stop.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((inside, _)) => {
+                        let _ = inside.set_nonblocking(false);
+                        let Ok(outside) = TcpStream::connect(target) else { continue };
+                        let _ = inside.set_nodelay(true);
+                        let _ = outside.set_nodelay(true);
+                        pump(inside, outside);
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        Ok(LoopbackRelay { port, _server: server })
+    }
+
+    /// `http://127.0.0.1:<port>` (the URL to give the controller).
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+fn pump(a: TcpStream, b: TcpStream) {
+    let (Ok(a2), Ok(b2)) = (a.try_clone(), b.try_clone()) else { return };
+    let copy = |mut from: TcpStream, mut to: TcpStream| {
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 16 * 1024];
+            loop {
+                match from.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if to.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+            let _ = to.shutdown(Shutdown::Write);
+            let _ = from.shutdown(Shutdown::Read);
+        });
+    };
+    copy(a, b2);
+    copy(b, a2);
 }

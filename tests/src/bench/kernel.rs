@@ -2,7 +2,7 @@
 //! to an empty program of the same type in the same run (docs/design.md section 10).
 //!
 //! `cargo xtask bench` calls [`kernel_cost_per_frame`]; the `#[ignore]`d test
-//! `kernel_bench` prints the same table.
+//! `bench` of the kernel tests prints the same table.
 
 use std::fmt::Write as _;
 
@@ -12,7 +12,7 @@ use bitmesh_common::kernel::frames::Eth;
 use bitmesh_common::kernel::{BucketParams, GardenLimits};
 use bitmesh_common::pricing::ByteCount;
 
-use crate::netns::{TestMeter, CLIENT_IPV4, GATEWAY_IPV4};
+use crate::network::{TestMeter, CLIENT_IPV4, GATEWAY_IPV4};
 
 /// One measured path.
 #[derive(Clone, Debug)]
