@@ -46,7 +46,8 @@ fn loading_without_root_says_run_as_root() {
     let out = Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
         .arg(exe)
-        .args(["--ignored", "--exact", "unprivileged_child", "--nocapture"])
+        // The test's full name in this layer's binary (`<module>::<test>`).
+        .args(["--ignored", "--exact", "errors::unprivileged_child", "--nocapture"])
         .env("BITMESH_UNPRIVILEGED_CHILD", "1")
         .output()
         .expect("spawn setpriv");
