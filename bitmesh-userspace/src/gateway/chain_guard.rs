@@ -18,28 +18,27 @@ use tracing::{info, warn};
 
 use super::exposure::is_unconfirmed;
 use super::{Gateway, GatewayError};
-use crate::api::ApiError;
 use crate::store::{ChannelRecord, ChannelState};
 
 impl Gateway {
     /// Refuse with `chain_unavailable` when the tip was not read for too long.
-    pub(super) fn ensure_chain_fresh(&self) -> Result<(), ApiError> {
+    pub(super) fn ensure_chain_fresh(&self) -> Result<(), GatewayError> {
         let age = match self.tip_read_at.lock() {
             Ok(at) => at.elapsed(),
-            Err(_) => return Err(ApiError::Internal("tip clock lock poisoned".into())),
+            Err(_) => return Err(GatewayError::Poisoned("tip clock")),
         };
         if age > self.policy().chain_stale_after {
             warn!(age_secs = age.as_secs(), "chain tip is stale: refusing payments and opens until the backend answers");
-            return Err(ApiError::ChainUnavailable);
+            return Err(GatewayError::ChainStale);
         }
         Ok(())
     }
 
     /// Every chain check a payment of `rec` for `total` needs before it is verified
     /// and journaled. Runs under the payment lock.
-    pub(super) async fn admit_payment(&self, rec: &ChannelRecord, total: Amount) -> Result<(), ApiError> {
+    pub(super) async fn admit_payment(&self, rec: &ChannelRecord, total: Amount) -> Result<(), GatewayError> {
         if rec.state == ChannelState::DoubleSpent {
-            return Err(ApiError::FundingDoubleSpent(rec.id));
+            return Err(GatewayError::FundingDoubleSpent(rec.id));
         }
         self.ensure_chain_fresh()?;
         let required = self.policy().confirmations;
@@ -49,7 +48,7 @@ impl Gateway {
         match self.funding_confirmations(rec).await? {
             None => {
                 self.withdraw_double_spent(rec)?;
-                Err(ApiError::FundingDoubleSpent(rec.id))
+                Err(GatewayError::FundingDoubleSpent(rec.id))
             }
             // Confirmed since the last tick: the cap no longer applies.
             Some(confs) if confs >= required.max(1) => Ok(()),
