@@ -20,7 +20,7 @@ use bitmesh_common::kernel::{Mac, Usage};
 use bitmesh_common::pricing::ByteCount;
 
 use super::ClientRow;
-use crate::store::{ChannelRecord, ChannelState};
+use crate::store::{ChannelRecord, ChannelStage};
 
 /// How long a closed client stays in `bitmesh clients` after its settlement was
 /// broadcast (a day).
@@ -44,14 +44,14 @@ pub struct Now {
 }
 
 /// The `state` column of a channel's client.
-fn state_name(s: ChannelState) -> Option<&'static str> {
+fn state_name(s: ChannelStage) -> Option<&'static str> {
     match s {
-        ChannelState::Offered => Some("awaiting_funding"),
-        ChannelState::Open => Some("open"),
-        ChannelState::Closing => Some("closing"),
-        ChannelState::Closed => Some("closed"),
-        ChannelState::DoubleSpent => Some("double_spent"),
-        ChannelState::Abandoned => None,
+        ChannelStage::Offered => Some("awaiting_funding"),
+        ChannelStage::Open => Some("open"),
+        ChannelStage::Closing => Some("closing"),
+        ChannelStage::Closed => Some("closed"),
+        ChannelStage::DoubleSpent => Some("double_spent"),
+        ChannelStage::Abandoned => None,
     }
 }
 
@@ -59,13 +59,13 @@ fn state_name(s: ChannelState) -> Option<&'static str> {
 /// listed at all.
 fn rank(c: &ChannelRecord, close: Option<&CloseInfo>, now: Now) -> Option<u8> {
     match c.state {
-        ChannelState::Open => Some(4),
-        ChannelState::Offered => Some(3),
-        ChannelState::Closing => Some(2),
-        ChannelState::Closed => close.filter(|i| now.unix.saturating_sub(i.broadcast_at) <= RECENTLY_CLOSED_SECS).map(|_| 1),
+        ChannelStage::Open => Some(4),
+        ChannelStage::Offered => Some(3),
+        ChannelStage::Closing => Some(2),
+        ChannelStage::Closed => close.filter(|i| now.unix.saturating_sub(i.broadcast_at) <= RECENTLY_CLOSED_SECS).map(|_| 1),
         // Shown until the device opens another channel: the operator should see it.
-        ChannelState::DoubleSpent => Some(1),
-        ChannelState::Abandoned => None,
+        ChannelStage::DoubleSpent => Some(1),
+        ChannelStage::Abandoned => None,
     }
 }
 
@@ -127,7 +127,7 @@ pub fn client_rows(
                     .map(|(_, u)| now.boot_ns.saturating_sub(u.last_seen_ns) / 1_000_000_000),
                 metered: k.is_some(),
                 capacity_sat: ch.and_then(|c| c.funding).map(|f| f.capacity.to_sat()),
-                close_reason: ch.and_then(|c| c.close_reason.clone()),
+                close_reason: ch.and_then(|c| c.close_reason),
                 close_txid: close.map(|i| i.txid.clone()),
             }
         })
@@ -143,7 +143,7 @@ mod tests {
     use bitmesh_common::wire::ChannelId;
 
     use super::*;
-    use crate::store::{FinalUsage, Funding};
+    use crate::store::{CloseReason, FinalUsage, Funding};
 
     const NOW: Now = Now { unix: 1_000_000, boot_ns: 50_000_000_000 };
 
@@ -157,8 +157,8 @@ mod tests {
     }
 
     /// A channel of `mac` in `state`, number `n` (its id and age), paid `paid` sat.
-    fn channel(n: u8, m: Mac, state: ChannelState, paid: u64) -> ChannelRecord {
-        let funded = !matches!(state, ChannelState::Offered);
+    fn channel(n: u8, m: Mac, state: ChannelStage, paid: u64) -> ChannelRecord {
+        let funded = !matches!(state, ChannelStage::Offered);
         ChannelRecord {
             id: ChannelId([n; 32]),
             mac: m,
@@ -173,8 +173,8 @@ mod tests {
             min_first_payment: Amount::from_sat(500),
             state,
             funding: funded.then(|| Funding { outpoint: OutPoint::null(), capacity: Amount::from_sat(20_000), height: None }),
-            close_reason: matches!(state, ChannelState::Closing | ChannelState::Closed).then(|| "client".to_string()),
-            settlement_id: matches!(state, ChannelState::Closing | ChannelState::Closed).then_some(n as i64),
+            close_reason: matches!(state, ChannelStage::Closing | ChannelStage::Closed).then_some(CloseReason::Client),
+            settlement_id: matches!(state, ChannelStage::Closing | ChannelStage::Closed).then_some(n as i64),
             opened_at: n as i64,
             last_activity_at: n as i64,
             paid_total: Amount::from_sat(paid),
@@ -198,14 +198,14 @@ mod tests {
 
     #[test]
     fn every_client_with_a_live_or_recent_channel_is_listed_with_its_state() {
-        let mut closing = channel(3, mac(3), ChannelState::Closing, 900);
+        let mut closing = channel(3, mac(3), ChannelStage::Closing, 900);
         closing.final_usage = Some(FinalUsage { up: ByteCount(100), down: ByteCount(4000) });
         let channels = vec![
-            channel(1, mac(1), ChannelState::Offered, 0),
-            channel(2, mac(2), ChannelState::Open, 0),
+            channel(1, mac(1), ChannelStage::Offered, 0),
+            channel(2, mac(2), ChannelStage::Open, 0),
             closing,
-            channel(4, mac(4), ChannelState::Closed, 700),
-            channel(5, mac(5), ChannelState::Open, 600),
+            channel(4, mac(4), ChannelStage::Closed, 700),
+            channel(5, mac(5), ChannelStage::Open, 600),
         ];
         let metered = vec![(mac(2), ByteCount(0), Usage::default()), (mac(5), ByteCount(600_000), usage(1000, 9000, 3))];
         let closes = HashMap::from([close(3, 60), close(4, 3600)]);
@@ -224,7 +224,7 @@ mod tests {
         assert_eq!((closing.paid_sat, closing.credited_bytes, closing.remaining_bytes), (900, 0, 0));
         assert_eq!((closing.up_bytes, closing.down_bytes), (100, 4000), "what the kernel counted when metering stopped");
         assert_eq!(closing.close_txid.as_deref(), Some("tx3"));
-        assert_eq!(closing.close_reason.as_deref(), Some("client"));
+        assert_eq!(closing.close_reason, Some(CloseReason::Client));
         let closed = row(&rows, mac(4));
         assert_eq!((closed.paid_sat, closed.credited_bytes, closed.metered), (700, 0, false));
         let paying = row(&rows, mac(5));
@@ -238,13 +238,13 @@ mod tests {
     fn one_row_per_mac_following_the_channel_that_matters_most() {
         let m = mac(9);
         // An old closed channel, then a new one awaiting funding: the new one shows.
-        let channels = vec![channel(1, m, ChannelState::Closed, 500), channel(2, m, ChannelState::Offered, 0)];
+        let channels = vec![channel(1, m, ChannelStage::Closed, 500), channel(2, m, ChannelStage::Offered, 0)];
         let rows = client_rows(&channels, &[], &HashMap::new(), &HashMap::from([close(1, 10)]), NOW);
         assert_eq!(rows.len(), 1, "{rows:?}");
         assert_eq!((rows[0].state.as_str(), rows[0].channel), ("awaiting_funding", Some(ChannelId([2; 32]))));
 
         // Two closed channels: the newer one.
-        let channels = vec![channel(1, m, ChannelState::Closed, 500), channel(2, m, ChannelState::Closed, 800)];
+        let channels = vec![channel(1, m, ChannelStage::Closed, 500), channel(2, m, ChannelStage::Closed, 800)];
         let rows = client_rows(&channels, &[], &HashMap::new(), &HashMap::from([close(1, 10), close(2, 10)]), NOW);
         assert_eq!((rows.len(), rows[0].paid_sat), (1, 800));
     }
@@ -252,8 +252,8 @@ mod tests {
     #[test]
     fn old_closes_and_abandoned_offers_are_not_listed_but_metered_strangers_are() {
         let channels = vec![
-            channel(1, mac(1), ChannelState::Closed, 500),
-            channel(2, mac(2), ChannelState::Abandoned, 0),
+            channel(1, mac(1), ChannelStage::Closed, 500),
+            channel(2, mac(2), ChannelStage::Abandoned, 0),
         ];
         let closes = HashMap::from([close(1, RECENTLY_CLOSED_SECS + 1)]);
         let metered = vec![(mac(7), ByteCount(0), usage(60, 60, 1))];

@@ -10,7 +10,7 @@ use axum::routing::get;
 use axum::Router;
 
 use crate::gateway::Gateway;
-use crate::store::ChannelState;
+use crate::store::ChannelStage;
 
 /// Render the metrics.
 pub fn render(gw: &Gateway) -> String {
@@ -23,12 +23,12 @@ pub fn render(gw: &Gateway) -> String {
     };
     let (counts, payments) = gw.store().channel_counts().unwrap_or_default();
     let states = [
-        ChannelState::Offered,
-        ChannelState::Open,
-        ChannelState::Closing,
-        ChannelState::Closed,
-        ChannelState::Abandoned,
-        ChannelState::DoubleSpent,
+        ChannelStage::Offered,
+        ChannelStage::Open,
+        ChannelStage::Closing,
+        ChannelStage::Closed,
+        ChannelStage::Abandoned,
+        ChannelStage::DoubleSpent,
     ];
     gauge(
         "bitmesh_channels",

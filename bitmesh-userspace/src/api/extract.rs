@@ -115,14 +115,14 @@ pub trait Action {
 }
 
 /// `GET /v1/channels/{id}` is signed for [`SignedAction::Status`].
-pub struct Status;
-impl Action for Status {
+pub struct ForStatus;
+impl Action for ForStatus {
     const ACTION: SignedAction = SignedAction::Status;
 }
 
 /// `GET /v1/channels/{id}/events` is signed for [`SignedAction::Events`].
-pub struct Events;
-impl Action for Events {
+pub struct ForEvents;
+impl Action for ForEvents {
     const ACTION: SignedAction = SignedAction::Events;
 }
 

@@ -205,7 +205,7 @@ where
 async fn status<G: ClientGateway>(
     State(s): St<G>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    Signed(req, _): Signed<extract::Status>,
+    Signed(req, _): Signed<extract::ForStatus>,
 ) -> Result<Json<ChannelStatus>, ApiError>
 where
     ApiError: From<G::Error>,
@@ -227,7 +227,7 @@ where
 async fn events<G: ClientGateway>(
     State(s): St<G>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    Signed(req, _): Signed<extract::Events>,
+    Signed(req, _): Signed<extract::ForEvents>,
 ) -> Result<Response, ApiError>
 where
     ApiError: From<G::Error>,

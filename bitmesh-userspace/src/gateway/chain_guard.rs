@@ -18,7 +18,7 @@ use tracing::{info, warn};
 
 use super::exposure::is_unconfirmed;
 use super::{Gateway, GatewayError};
-use crate::store::{ChannelRecord, ChannelState};
+use crate::store::{ChannelRecord, ChannelStage};
 
 impl Gateway {
     /// Refuse with `chain_unavailable` when the tip was not read for too long.
@@ -37,12 +37,12 @@ impl Gateway {
     /// Every chain check a payment of `rec` for `total` needs before it is verified
     /// and journaled. Runs under the payment lock.
     pub(super) async fn admit_payment(&self, rec: &ChannelRecord, total: Amount) -> Result<(), GatewayError> {
-        if rec.state == ChannelState::DoubleSpent {
+        if rec.state == ChannelStage::DoubleSpent {
             return Err(GatewayError::FundingDoubleSpent(rec.id));
         }
         self.ensure_chain_fresh()?;
         let required = self.policy().confirmations;
-        if rec.state != ChannelState::Open || !is_unconfirmed(rec, self.tip(), required) {
+        if rec.state != ChannelStage::Open || !is_unconfirmed(rec, self.tip(), required) {
             return Ok(());
         }
         match self.funding_confirmations(rec).await? {
@@ -79,7 +79,7 @@ impl Gateway {
     pub(super) async fn watch_unconfirmed(&self) -> Result<(), GatewayError> {
         let _serial = self.write_lock.lock().await;
         let required = self.policy().confirmations;
-        for rec in self.store.channels_in(&[ChannelState::Open])? {
+        for rec in self.store.channels_in(&[ChannelStage::Open])? {
             if !is_unconfirmed(&rec, self.tip(), required) {
                 continue;
             }

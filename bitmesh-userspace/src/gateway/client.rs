@@ -7,7 +7,7 @@ use bitcoin::secp256k1::{ecdsa, Message, Secp256k1};
 use bitcoin::{Amount, OutPoint, Transaction};
 use bitmesh_common::pricing::{bytes_for_payment, ByteCount};
 use bitmesh_common::wire::{
-    ChannelId, ChannelState as WireState, ChannelStatus, CloseRequest, CloseResponse, FundRequest, OpenRequest,
+    ChannelId, ChannelState, ChannelStatus, CloseRequest, CloseResponse, FundRequest, OpenRequest,
     OpenResponse, PaymentAck, PaymentUpdate, SignedRequest, Terms, CLIENT_AUTH_WINDOW_MS, PROTOCOL_VERSION,
 };
 use tokio::sync::mpsc;
@@ -16,7 +16,7 @@ use tracing::{info, instrument, warn};
 use super::{crediting_ends_at, script_of, Gateway, GatewayError};
 use crate::api::{CaptiveStatus, ClientEvent, ClientGateway, ClientKey, UsageReport};
 use crate::channel::{check_open, verify_funding, verify_update, FundingCheck};
-use crate::store::{AppendOutcome, ChannelRecord, ChannelState, Funding, NewChannel, NewPayment, StoreError};
+use crate::store::{AppendOutcome, ChannelRecord, ChannelStage, CloseReason, Funding, NewChannel, NewPayment, StoreError};
 
 /// Largest untagged Ethernet frame (1500 + 14): below this budget, RFC 8908 says captive.
 const FULL_FRAME_BYTES: u64 = 1514;
@@ -28,14 +28,14 @@ const SECS_PER_BLOCK: u64 = 600;
 /// reconnect before the old stream is noticed dead).
 pub const MAX_EVENT_STREAMS_PER_CHANNEL: usize = 3;
 
-fn wire_state(s: ChannelState) -> WireState {
+fn wire_state(s: ChannelStage) -> ChannelState {
     match s {
-        ChannelState::Offered => WireState::AwaitingFunding,
-        ChannelState::Open => WireState::Open,
-        ChannelState::Closing => WireState::Closing,
-        ChannelState::Closed => WireState::Closed,
-        ChannelState::Abandoned => WireState::Expired,
-        ChannelState::DoubleSpent => WireState::Closed,
+        ChannelStage::Offered => ChannelState::AwaitingFunding,
+        ChannelStage::Open => ChannelState::Open,
+        ChannelStage::Closing => ChannelState::Closing,
+        ChannelStage::Closed => ChannelState::Closed,
+        ChannelStage::Abandoned => ChannelState::Expired,
+        ChannelStage::DoubleSpent => ChannelState::Closed,
     }
 }
 
@@ -74,7 +74,7 @@ impl Gateway {
     /// Budget figures of a channel from the kernel (falling back to the store).
     fn report(&self, rec: &ChannelRecord) -> UsageReport {
         let used = match self.with_meter(|m| m.usage(rec.mac)) {
-            Ok(Some((_, u))) if rec.state == ChannelState::Open => ByteCount(u.used_bytes()),
+            Ok(Some((_, u))) if rec.state == ChannelStage::Open => ByteCount(u.used_bytes()),
             _ => ByteCount::ZERO,
         };
         UsageReport {
@@ -186,7 +186,7 @@ impl Gateway {
         if verified.client_change == Amount::ZERO {
             // Nothing left to pay: settle now rather than at expiry.
             let id = rec.id;
-            self.store_call(move |s| s.request_close(id, "fully_paid")).await?;
+            self.store_call(move |s| s.request_close(id, CloseReason::FullyPaid)).await?;
         }
         self.low_water_reset(rec.id);
         info!(credited = record.credited.0, sequence = record.sequence, "payment credited");
@@ -199,7 +199,7 @@ impl Gateway {
     /// it owns, AND the kernel meters that MAC (its entries were created when the
     /// channel was funded). Checked before anything is journaled or credited.
     fn current_channel(&self, rec: &ChannelRecord) -> Result<(), GatewayError> {
-        if rec.state != ChannelState::Open {
+        if rec.state != ChannelStage::Open {
             return Err(GatewayError::NotOpen(rec.state));
         }
         let current = self.store.live_channel_for_mac(rec.mac)?;
@@ -207,7 +207,7 @@ impl Gateway {
             // Cannot happen while one open channel per MAC holds (open() refuses a
             // second); if it ever did, CREDIT belongs to the other channel.
             warn!(channel = %rec.id, mac = %rec.mac, "update for a channel that is not its device's current channel");
-            return Err(GatewayError::NotOpen(ChannelState::Abandoned));
+            return Err(GatewayError::NotOpen(ChannelStage::Abandoned));
         }
         if self.with_meter(|m| m.usage(rec.mac))?.is_none() {
             return Err(GatewayError::NoKernelEntries { channel: rec.id, mac: rec.mac });
@@ -232,7 +232,7 @@ impl Gateway {
         for id in ids {
             let Ok(Some(rec)) = self.store.channel(id) else { continue };
             let mut events = Vec::new();
-            if rec.state == ChannelState::Open {
+            if rec.state == ChannelStage::Open {
                 let r = self.report(&rec);
                 events.push(ClientEvent::Usage(r));
                 let low = r.remaining_bytes < low_water;
@@ -246,7 +246,7 @@ impl Gateway {
                 if first_crossing {
                     events.push(ClientEvent::LowWater(r));
                 }
-            } else if rec.state != ChannelState::Offered {
+            } else if rec.state != ChannelStage::Offered {
                 events.push(ClientEvent::Closed { channel_id: id });
             }
             if let Ok(mut subs) = self.subscribers.lock() {
@@ -303,7 +303,7 @@ impl Gateway {
     fn offer_matches(&self, offer: &ChannelRecord, req: &OpenRequest) -> bool {
         let p = self.policy();
         let age = crate::store::unix_now().saturating_sub(offer.opened_at);
-        offer.state == ChannelState::Offered
+        offer.state == ChannelStage::Offered
             && offer.client_pubkey == req.client_pubkey
             && offer.expiry == req.expiry
             && offer.client_change_script == req.client_change_script
@@ -346,7 +346,7 @@ impl ClientGateway for Gateway {
         let _serial = self.write_lock.lock().await;
         if let Some(live) = self.store.live_channel_for_mac(mac)? {
             match live.state {
-                ChannelState::Open => return Err(GatewayError::DeviceHasOpenChannel(live.id)),
+                ChannelStage::Open => return Err(GatewayError::DeviceHasOpenChannel(live.id)),
                 // The same request again (e.g. the answer was lost): the same offer,
                 // not one more durable row.
                 _ if self.offer_matches(&live, &req) => {
@@ -404,10 +404,10 @@ impl ClientGateway for Gateway {
         let _funding = self.funding_lock.lock().await;
         let rec = self.channel_record(req.channel_id)?;
         let outpoint = OutPoint { txid: req.funding_tx.compute_txid(), vout: req.funding_vout };
-        if rec.state == ChannelState::Open && rec.funding.map(|f| f.outpoint) == Some(outpoint) {
+        if rec.state == ChannelStage::Open && rec.funding.map(|f| f.outpoint) == Some(outpoint) {
             return Ok(self.status_of(&rec)); // already accepted: idempotent
         }
-        if rec.state != ChannelState::Offered {
+        if rec.state != ChannelStage::Offered {
             return Err(GatewayError::NotOpen(rec.state));
         }
         let cpolicy = self.channel_policy();
@@ -473,9 +473,9 @@ impl ClientGateway for Gateway {
     #[instrument(skip_all, fields(channel = %req.channel_id))]
     async fn close(&self, _peer: IpAddr, req: CloseRequest) -> Result<CloseResponse, GatewayError> {
         let rec = self.signed_channel(&req.signed())?;
-        if rec.state == ChannelState::Open {
+        if rec.state == ChannelStage::Open {
             let id = rec.id;
-            self.store_call(move |s| s.request_close(id, "client")).await?;
+            self.store_call(move |s| s.request_close(id, CloseReason::Client)).await?;
             if let Err(e) = self.settle_due().await {
                 warn!(error = %e, "settlement after a client close failed; it is retried each block");
             }
@@ -497,7 +497,7 @@ impl ClientGateway for Gateway {
         let id = rec.id;
         // Streams are long-lived connections: only a paying (open) channel gets
         // them, and only a few, or an unfunded offer could hold sockets for free.
-        if rec.state != ChannelState::Open {
+        if rec.state != ChannelStage::Open {
             return Err(GatewayError::NotOpen(rec.state));
         }
         let first = ClientEvent::Usage(self.report(&rec));
@@ -531,7 +531,7 @@ impl ClientGateway for Gateway {
         };
         let Some(mac) = self.neighbours.mac_of(peer) else { return Ok(out) };
         let live: Option<ChannelRecord> = self.store.live_channel_for_mac(mac)?;
-        if let Some(rec) = live.filter(|r| r.state == ChannelState::Open) {
+        if let Some(rec) = live.filter(|r| r.state == ChannelStage::Open) {
             let r = self.report(&rec);
             let ends = crediting_ends_at(&rec, self.policy().close_margin_blocks).to_consensus_u32();
             let blocks = ends.saturating_sub(self.tip().to_consensus_u32()) as u64;

@@ -8,7 +8,7 @@ use super::GatewayError;
 use crate::api::ApiError;
 use crate::chain::ChainError;
 use crate::channel::ChannelError;
-use crate::store::{ChannelState, StoreError};
+use crate::store::{ChannelStage, StoreError};
 
 impl From<GatewayError> for ApiError {
     fn from(e: GatewayError) -> ApiError {
@@ -53,13 +53,13 @@ impl From<GatewayError> for ApiError {
 }
 
 /// `channel_not_open`, with what the client can do about the state it found.
-fn not_open(s: ChannelState) -> ApiError {
+fn not_open(s: ChannelStage) -> ApiError {
     let hint = match s {
-        ChannelState::Offered => "fund it first (POST /v1/channels/{id}/funding)",
-        ChannelState::Open => "it is open",
-        ChannelState::Closing | ChannelState::Closed => "it is closing or closed: open a new channel",
-        ChannelState::Abandoned => "it expired unfunded or unpaid: open a new channel",
-        ChannelState::DoubleSpent => "its funding output was double-spent before it confirmed",
+        ChannelStage::Offered => "fund it first (POST /v1/channels/{id}/funding)",
+        ChannelStage::Open => "it is open",
+        ChannelStage::Closing | ChannelStage::Closed => "it is closing or closed: open a new channel",
+        ChannelStage::Abandoned => "it expired unfunded or unpaid: open a new channel",
+        ChannelStage::DoubleSpent => "its funding output was double-spent before it confirmed",
     };
     ApiError::ChannelNotOpen { state: s.as_str(), hint }
 }
@@ -84,7 +84,7 @@ mod tests {
             (GatewayError::RequestSignature(SignedAction::Status), StatusCode::FORBIDDEN, ErrorCode::Unauthorized),
             (GatewayError::CounterOutsideWindow { counter: 1, now_ms: 10_000_000 }, StatusCode::UNAUTHORIZED, ErrorCode::AuthReplayed),
             (GatewayError::CounterReused { counter: 5, last: 5 }, StatusCode::UNAUTHORIZED, ErrorCode::AuthReplayed),
-            (GatewayError::NotOpen(ChannelState::Closed), StatusCode::CONFLICT, ErrorCode::ChannelNotOpen),
+            (GatewayError::NotOpen(ChannelStage::Closed), StatusCode::CONFLICT, ErrorCode::ChannelNotOpen),
             (GatewayError::Store(StoreError::UnknownChannel(id)), StatusCode::NOT_FOUND, ErrorCode::UnknownChannel),
             (GatewayError::DeviceHasOpenChannel(id), StatusCode::BAD_REQUEST, ErrorCode::BadRequest),
             (GatewayError::TooManyStreams { max: 3 }, StatusCode::TOO_MANY_REQUESTS, ErrorCode::RateLimited),

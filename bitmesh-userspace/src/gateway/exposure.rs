@@ -21,7 +21,7 @@ use bitmesh_common::wire::ChannelId;
 
 use super::{Gateway, GatewayError};
 use crate::channel::VerifiedFunding;
-use crate::store::{ChannelRecord, ChannelState};
+use crate::store::{ChannelRecord, ChannelStage};
 
 /// A reservation made at funding is kept this long even before the store shows the
 /// channel open (the funding call is still finishing).
@@ -70,7 +70,7 @@ impl Gateway {
         // Channels the store already shows open and unconfirmed, with their caps.
         let open: HashMap<ChannelId, Amount> = self
             .store
-            .channels_in(&[ChannelState::Open])?
+            .channels_in(&[ChannelStage::Open])?
             .into_iter()
             .filter(|c| c.id != rec.id && is_unconfirmed(c, tip, p.confirmations))
             .map(|c| (c.id, unconfirmed_total_cap(&c)))

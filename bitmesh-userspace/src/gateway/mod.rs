@@ -37,7 +37,7 @@ use crate::chain::{Chain, ChainError};
 use crate::channel::{self, Channel, ChannelError, ChannelPolicy, ChannelScript, GatewaySeed, KeysError};
 use crate::config::Policy;
 use crate::meter::MeterError;
-use crate::store::{ChannelRecord, ChannelState, Store, StoreError};
+use crate::store::{ChannelRecord, ChannelStage, CloseReason, Store, StoreError};
 
 pub use binding::SourceWatch;
 pub use ports::{KernelNeighbours, MemoryMeter, MeterPort, Neighbours, StaticNeighbours};
@@ -80,7 +80,7 @@ pub enum GatewayError {
     CounterReused { counter: u64, last: u64 },
     /// The channel is not in the state the request needs.
     #[error("channel is {}", .0.as_str())]
-    NotOpen(ChannelState),
+    NotOpen(ChannelStage),
     #[error("this device already has open channel {0}: keep paying on it or close it first")]
     DeviceHasOpenChannel(ChannelId),
     #[error("this channel already has {max} open event streams: close one and retry")]
@@ -336,10 +336,10 @@ impl Gateway {
         let _serial = self.write_lock.lock().await;
         let targets = match ids {
             Some(ids) => ids,
-            None => self.store.channels_in(&[ChannelState::Open])?.into_iter().map(|c| c.id).collect(),
+            None => self.store.channels_in(&[ChannelStage::Open])?.into_iter().map(|c| c.id).collect(),
         };
         for id in targets {
-            self.store.request_close(id, "operator")?;
+            self.store.request_close(id, CloseReason::Operator)?;
         }
         self.settle_due_locked().await
     }

@@ -17,7 +17,7 @@ use bitmesh_common::wire::ChannelId;
 use tracing::{info, warn};
 
 use super::{Gateway, GatewayError};
-use crate::store::{unix_now, ChannelState, UsageSnapshot};
+use crate::store::{unix_now, ChannelStage, UsageSnapshot};
 
 /// What reconciliation did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -37,7 +37,7 @@ impl Gateway {
         let snaps: HashMap<Mac, UsageSnapshot> =
             self.store.usage_snapshots()?.into_iter().map(|s| (s.mac, s)).collect();
         let mut report = ReconcileReport { maps_were_pinned, ..Default::default() };
-        for rec in self.store.channels_in(&[ChannelState::Open])? {
+        for rec in self.store.channels_in(&[ChannelStage::Open])? {
             let usage = match (maps_were_pinned, snaps.get(&rec.mac)) {
                 (false, Some(s)) => {
                     report.usage_restored += 1;
@@ -75,7 +75,7 @@ impl Gateway {
             info!(offers = expired.len(), "unfunded offers expired");
         }
         let offered: std::collections::HashSet<ChannelId> =
-            self.store.channels_in(&[ChannelState::Offered])?.into_iter().map(|c| c.id).collect();
+            self.store.channels_in(&[ChannelStage::Offered])?.into_iter().map(|c| c.id).collect();
         if let Ok(mut r) = self.relayed.lock() {
             r.retain(|id| offered.contains(id));
         }
@@ -94,7 +94,7 @@ impl Gateway {
         // Kernel first, then the store: a channel funded in between is in the store
         // read, so its fresh entries are never taken for stale.
         let metered = self.with_meter(|m| m.all_usage())?;
-        let open: HashSet<Mac> = self.store.channels_in(&[ChannelState::Open])?.into_iter().map(|c| c.mac).collect();
+        let open: HashSet<Mac> = self.store.channels_in(&[ChannelStage::Open])?.into_iter().map(|c| c.mac).collect();
         let mut removed = 0;
         for (mac, credited, _) in metered {
             if open.contains(&mac) {
@@ -110,7 +110,7 @@ impl Gateway {
     /// Save the kernel counters of every open channel's client (one synced write).
     pub fn snapshot_usage(&self) -> Result<usize, GatewayError> {
         let live: HashMap<Mac, ()> =
-            self.store.channels_in(&[ChannelState::Open])?.into_iter().map(|c| (c.mac, ())).collect();
+            self.store.channels_in(&[ChannelStage::Open])?.into_iter().map(|c| (c.mac, ())).collect();
         let now = unix_now();
         let snaps: Vec<UsageSnapshot> = self
             .with_meter(|m| m.all_usage())?

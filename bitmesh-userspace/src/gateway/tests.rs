@@ -341,7 +341,7 @@ async fn unconfirmed_channel_is_capped_and_loses_its_credit_when_its_funding_van
     let err = gw.pay(update(cap)).await.map_err(ApiError::from).unwrap_err();
     assert_eq!(err.code(), ErrorCode::FundingDoubleSpent);
     assert_eq!(credit_of(&gw), None, "credit withdrawn");
-    assert_eq!(store.channel(open.channel_id).unwrap().unwrap().state, crate::store::ChannelState::DoubleSpent);
+    assert_eq!(store.channel(open.channel_id).unwrap().unwrap().state, crate::store::ChannelStage::DoubleSpent);
     let rep = gw.settle_now(None).await.unwrap();
     assert!(rep.closed.is_empty() && rep.broadcast.is_empty(), "never settled: {rep:?}");
 

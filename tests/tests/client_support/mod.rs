@@ -18,7 +18,7 @@ use bitcoin::{absolute, Amount, FeeRate, Network, OutPoint, PrivateKey, PublicKe
 use bitmesh::api::{self, ApiError, ApiLimits, CaptiveStatus, ClientEvent, ClientGateway};
 use bitmesh::channel::{ChannelError, ChannelScript};
 use bitmesh_client::funding::{FundingSource, Utxo};
-use bitmesh_client::meter::{ByteMeter, MeterError};
+use bitmesh_client::meter::{ByteMeter, ByteMeterError};
 use bitmesh_client::session::{FundingMode, PayConfig, Status, Ui};
 use bitmesh_client::state::StateDir;
 use bitmesh_client::terms::{UserLimits, DEFAULT_MAX_CHUNK, DEFAULT_MAX_PREPAID};
@@ -243,7 +243,7 @@ impl TestMeter {
 }
 
 impl ByteMeter for TestMeter {
-    fn bytes(&mut self) -> Result<ByteCount, MeterError> {
+    fn bytes(&mut self) -> Result<ByteCount, ByteMeterError> {
         Ok(ByteCount(self.0.load(Ordering::SeqCst)))
     }
 }
