@@ -16,10 +16,10 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use bitmesh_common::kernel::{Mac, Usage};
-use bitmesh_common::pricing::ByteCount;
+use bitmesh_common::kernel::Mac;
 
 use super::ClientRow;
+use crate::meter::ClientUsage;
 use crate::store::{ChannelRecord, ChannelStage};
 
 /// How long a closed client stays in `bitmesh clients` after its settlement was
@@ -77,12 +77,12 @@ fn close_info<'a>(c: &ChannelRecord, closes: &'a HashMap<i64, CloseInfo>) -> Opt
 /// caller samples it for metered rows).
 ///
 /// * `channels`: every channel, oldest first (as the store lists them);
-/// * `metered`: (MAC, CREDIT, USAGE) of every client in the kernel maps;
+/// * `metered`: CREDIT and USAGE of every client in the kernel maps;
 /// * `ips`: the IP each MAC was last seen with;
 /// * `closes`: settlement facts of closing and closed channels, by settlement id.
 pub fn client_rows(
     channels: &[ChannelRecord],
-    metered: &[(Mac, ByteCount, Usage)],
+    metered: &[ClientUsage],
     ips: &HashMap<Mac, String>,
     closes: &HashMap<i64, CloseInfo>,
     now: Now,
@@ -96,7 +96,7 @@ pub fn client_rows(
             chosen.insert(c.mac, (r, c));
         }
     }
-    let kernel: HashMap<Mac, (ByteCount, Usage)> = metered.iter().map(|(m, c, u)| (*m, (*c, *u))).collect();
+    let kernel: HashMap<Mac, &ClientUsage> = metered.iter().map(|c| (c.mac, c)).collect();
     let mut macs: Vec<Mac> = chosen.keys().copied().chain(kernel.keys().copied()).collect();
     macs.sort();
     macs.dedup();
@@ -105,11 +105,11 @@ pub fn client_rows(
             let ch = chosen.get(&mac).map(|(_, c)| *c);
             let k = kernel.get(&mac);
             let (up, down) = match (k, ch.and_then(|c| c.final_usage)) {
-                (Some((_, u)), _) => (u.up_bytes, u.down_bytes),
+                (Some(k), _) => (k.usage.up_bytes, k.usage.down_bytes),
                 (None, Some(f)) => (f.up.0, f.down.0),
                 (None, None) => (0, 0),
             };
-            let credited = k.map_or(0, |(c, _)| c.0);
+            let credited = k.map_or(0, |k| k.credited.0);
             let close = ch.and_then(close_of);
             ClientRow {
                 mac: mac.to_string(),
@@ -123,8 +123,8 @@ pub fn client_rows(
                 remaining_bytes: credited.saturating_sub(up.saturating_add(down)),
                 rate_bps: 0.0,
                 last_seen_secs_ago: k
-                    .filter(|(_, u)| u.last_seen_ns > 0)
-                    .map(|(_, u)| now.boot_ns.saturating_sub(u.last_seen_ns) / 1_000_000_000),
+                    .filter(|k| k.usage.last_seen_ns > 0)
+                    .map(|k| now.boot_ns.saturating_sub(k.usage.last_seen_ns) / 1_000_000_000),
                 metered: k.is_some(),
                 capacity_sat: ch.and_then(|c| c.funding).map(|f| f.capacity.to_sat()),
                 close_reason: ch.and_then(|c| c.close_reason),
@@ -144,11 +144,17 @@ mod tests {
 
     use super::*;
     use crate::store::{CloseReason, FinalUsage, Funding};
+    use bitmesh_common::kernel::Usage;
+    use bitmesh_common::pricing::ByteCount;
 
     const NOW: Now = Now { unix: 1_000_000, boot_ns: 50_000_000_000 };
 
     fn mac(n: u8) -> Mac {
         Mac([2, 0, 0, 0, 0, n])
+    }
+
+    fn metered(n: u8, credited: u64, usage: Usage) -> ClientUsage {
+        ClientUsage { mac: mac(n), credited: ByteCount(credited), usage }
     }
 
     fn key() -> PublicKey {
@@ -207,7 +213,7 @@ mod tests {
             channel(4, mac(4), ChannelStage::Closed, 700),
             channel(5, mac(5), ChannelStage::Open, 600),
         ];
-        let metered = vec![(mac(2), ByteCount(0), Usage::default()), (mac(5), ByteCount(600_000), usage(1000, 9000, 3))];
+        let metered = vec![metered(2, 0, Usage::default()), metered(5, 600_000, usage(1000, 9000, 3))];
         let closes = HashMap::from([close(3, 60), close(4, 3600)]);
         let rows = client_rows(&channels, &metered, &HashMap::new(), &closes, NOW);
         let states: Vec<(&str, &str)> = rows.iter().map(|r| (&r.mac[15..], r.state.as_str())).collect();
@@ -256,7 +262,7 @@ mod tests {
             channel(2, mac(2), ChannelStage::Abandoned, 0),
         ];
         let closes = HashMap::from([close(1, RECENTLY_CLOSED_SECS + 1)]);
-        let metered = vec![(mac(7), ByteCount(0), usage(60, 60, 1))];
+        let metered = vec![metered(7, 0, usage(60, 60, 1))];
         let ips = HashMap::from([(mac(7), "10.0.0.77".to_string())]);
         let rows = client_rows(&channels, &metered, &ips, &closes, NOW);
         assert_eq!(rows.len(), 1, "{rows:?}");

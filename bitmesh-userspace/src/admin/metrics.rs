@@ -55,14 +55,14 @@ pub fn render(gw: &Gateway) -> String {
     gauge(
         "bitmesh_credited_bytes",
         "Bytes credited, all metered clients.",
-        vec![(String::new(), metered.iter().map(|(_, c, _)| c.0).sum())],
+        vec![(String::new(), metered.iter().map(|c| c.credited.0).sum())],
     );
     gauge(
         "bitmesh_used_bytes",
         "Bytes billed by the kernel, by direction.",
         vec![
-            ("{direction=\"up\"}".into(), metered.iter().map(|(_, _, u)| u.up_bytes).sum()),
-            ("{direction=\"down\"}".into(), metered.iter().map(|(_, _, u)| u.down_bytes).sum()),
+            ("{direction=\"up\"}".into(), metered.iter().map(|c| c.usage.up_bytes).sum()),
+            ("{direction=\"down\"}".into(), metered.iter().map(|c| c.usage.down_bytes).sum()),
         ],
     );
     gauge(

@@ -74,7 +74,7 @@ impl Gateway {
     /// Budget figures of a channel from the kernel (falling back to the store).
     fn report(&self, rec: &ChannelRecord) -> UsageReport {
         let used = match self.with_meter(|m| m.usage(rec.mac)) {
-            Ok(Some((_, u))) if rec.state == ChannelStage::Open => ByteCount(u.used_bytes()),
+            Ok(Some(u)) if rec.state == ChannelStage::Open => u.used(),
             _ => ByteCount::ZERO,
         };
         UsageReport {
@@ -108,7 +108,7 @@ impl Gateway {
     fn ack(&self, rec: &ChannelRecord, total: Amount, credited: ByteCount) -> PaymentAck {
         let capacity = rec.funding.map(|f| f.capacity).unwrap_or(Amount::ZERO);
         let used = match self.with_meter(|m| m.usage(rec.mac)) {
-            Ok(Some((_, u))) => ByteCount(u.used_bytes()),
+            Ok(Some(u)) => u.used(),
             _ => ByteCount::ZERO,
         };
         PaymentAck {

@@ -36,7 +36,7 @@ use crate::api::ClientEvent;
 use crate::chain::{Chain, ChainError};
 use crate::channel::{self, Channel, ChannelError, ChannelPolicy, ChannelScript, GatewaySeed, KeysError};
 use crate::config::Policy;
-use crate::meter::MeterError;
+use crate::meter::{ClientUsage, MeterError};
 use crate::store::{ChannelRecord, ChannelStage, CloseReason, Store, StoreError};
 
 pub use binding::SourceWatch;
@@ -325,7 +325,7 @@ use channel::fee_for_weight;
 /// Operator-facing queries and actions (used by the admin socket and metrics).
 impl Gateway {
     /// (MAC, credited, usage) of every client the kernel meters.
-    pub fn metered_clients(&self) -> Result<Vec<(Mac, bitmesh_common::pricing::ByteCount, bitmesh_common::kernel::Usage)>, GatewayError> {
+    pub fn metered_clients(&self) -> Result<Vec<ClientUsage>, GatewayError> {
         self.with_meter(|m| m.all_usage())
     }
 

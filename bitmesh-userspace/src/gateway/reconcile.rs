@@ -12,7 +12,6 @@
 use std::collections::{HashMap, HashSet};
 
 use bitmesh_common::kernel::{Mac, Usage};
-use bitmesh_common::pricing::ByteCount;
 use bitmesh_common::wire::ChannelId;
 use tracing::{info, warn};
 
@@ -41,13 +40,8 @@ impl Gateway {
             let usage = match (maps_were_pinned, snaps.get(&rec.mac)) {
                 (false, Some(s)) => {
                     report.usage_restored += 1;
-                    Usage {
-                        up_bytes: s.up.0,
-                        down_bytes: s.down.0,
-                        up_pkts: s.up_pkts,
-                        down_pkts: s.down_pkts,
-                        last_seen_ns: 0,
-                    }
+                    // The boot clock restarted: the old last-seen time means nothing now.
+                    Usage { last_seen_ns: 0, ..s.usage }
                 }
                 _ => Usage::default(),
             };
@@ -96,12 +90,13 @@ impl Gateway {
         let metered = self.with_meter(|m| m.all_usage())?;
         let open: HashSet<Mac> = self.store.channels_in(&[ChannelStage::Open])?.into_iter().map(|c| c.mac).collect();
         let mut removed = 0;
-        for (mac, credited, _) in metered {
+        for client in metered {
+            let mac = client.mac;
             if open.contains(&mac) {
                 continue;
             }
             self.with_meter(|m| m.remove_client(mac))?;
-            warn!(%mac, credited = credited.0, "removed kernel entries of a device with no open channel");
+            warn!(%mac, credited = client.credited.0, "removed kernel entries of a device with no open channel");
             removed += 1;
         }
         Ok(removed)
@@ -115,16 +110,8 @@ impl Gateway {
         let snaps: Vec<UsageSnapshot> = self
             .with_meter(|m| m.all_usage())?
             .into_iter()
-            .filter(|(mac, _, _)| live.contains_key(mac))
-            .map(|(mac, _, u)| UsageSnapshot {
-                mac,
-                up: ByteCount(u.up_bytes),
-                down: ByteCount(u.down_bytes),
-                up_pkts: u.up_pkts,
-                down_pkts: u.down_pkts,
-                last_seen_ns: u.last_seen_ns,
-                taken_at: now,
-            })
+            .filter(|c| live.contains_key(&c.mac))
+            .map(|c| UsageSnapshot { mac: c.mac, usage: c.usage, taken_at: now })
             .collect();
         self.store.save_usage(&snaps)?;
         Ok(snaps.len())

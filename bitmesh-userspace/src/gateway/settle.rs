@@ -13,7 +13,7 @@ use super::{crediting_ends_at, fee_for_weight, Gateway, GatewayError};
 use crate::chain::ChainError;
 use crate::channel::{build_close, ChannelKey, CloseInput, CloseTx, VerifiedUpdate};
 use crate::store::{
-    ByteCount, ChannelRecord, ChannelStage, CloseReason, FinalUsage, NewSettlement, SettlementRecord, SettlementState,
+    ChannelRecord, ChannelStage, CloseReason, FinalUsage, NewSettlement, SettlementRecord, SettlementState,
     UsageSnapshot,
 };
 
@@ -70,7 +70,7 @@ impl Gateway {
         let idle = p.idle_timeout.as_secs();
         let paid_ago = crate::store::unix_now().saturating_sub(rec.last_activity_at) as u64;
         let seen_ago = match self.with_meter(|m| m.usage(rec.mac)) {
-            Ok(Some((_, u))) if u.last_seen_ns > 0 => boottime_secs().saturating_sub(u.last_seen_ns / 1_000_000_000),
+            Ok(Some(u)) if u.usage.last_seen_ns > 0 => boottime_secs().saturating_sub(u.usage.last_seen_ns / 1_000_000_000),
             _ => u64::MAX,
         };
         if paid_ago.min(seen_ago) > idle {
@@ -190,7 +190,7 @@ impl Gateway {
     pub(super) fn stop_metering(&self, rec: &ChannelRecord) -> Result<(), GatewayError> {
         if let Some(u) = self.with_meter(|m| m.remove_client(rec.mac))? {
             // Kept for the operator (`bitmesh clients`): the maps forget it now.
-            self.store.set_final_usage(rec.id, FinalUsage { up: ByteCount(u.up_bytes), down: ByteCount(u.down_bytes) })?;
+            self.store.set_final_usage(rec.id, FinalUsage::of(&u.usage))?;
         }
         // The next channel of this device starts from zero, also after a reboot.
         self.store.save_usage(&[UsageSnapshot { mac: rec.mac, taken_at: crate::store::unix_now(), ..Default::default() }])?;

@@ -85,7 +85,7 @@ fn gateway(store: Arc<Store>) -> Arc<Gateway> {
 }
 
 fn credit_of(gw: &Gateway) -> Option<u64> {
-    gw.metered_clients().unwrap().into_iter().find(|(m, _, _)| *m == MAC).map(|(_, c, _)| c.0)
+    gw.metered_clients().unwrap().into_iter().find(|c| c.mac == MAC).map(|c| c.credited.0)
 }
 
 #[tokio::test]

@@ -7,7 +7,7 @@ use bitcoin::{Amount, OutPoint, PublicKey, ScriptBuf, Txid};
 use rusqlite::{params, Connection, OptionalExtension, Row};
 use serde::{Deserialize, Serialize};
 
-use bitmesh_common::kernel::Mac;
+use bitmesh_common::kernel::{Mac, Usage};
 
 use super::{col_err, corrupt, unix_now, ByteCount, ChannelId, PriceMsatPerMib, Store, StoreError};
 
@@ -116,11 +116,19 @@ pub struct Funding {
     pub height: Option<Height>,
 }
 
-/// What the kernel had billed a channel's client when metering stopped.
+/// What the kernel had billed a channel's client when metering stopped: the byte
+/// counters of its last [`Usage`] (the store keeps no more of it).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct FinalUsage {
     pub up: ByteCount,
     pub down: ByteCount,
+}
+
+impl FinalUsage {
+    /// The billed bytes of the kernel's last counters.
+    pub fn of(usage: &Usage) -> FinalUsage {
+        FinalUsage { up: ByteCount(usage.up_bytes), down: ByteCount(usage.down_bytes) }
+    }
 }
 
 /// What the gateway decided at open; everything the channel's script and close

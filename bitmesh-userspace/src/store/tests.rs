@@ -6,7 +6,7 @@ use bitcoin::absolute::Height;
 use bitcoin::secp256k1::{Secp256k1, SecretKey};
 use bitcoin::PublicKey;
 use bitcoin::{Amount, OutPoint, Txid};
-use bitmesh_common::kernel::Mac;
+use bitmesh_common::kernel::{Mac, Usage};
 
 use super::*;
 
@@ -222,12 +222,12 @@ fn usage_snapshot_keeps_the_latest_per_mac() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&Store::path_in(dir.path())).unwrap();
     let mac = Mac([2, 0, 0, 0, 0, 9]);
-    let snap = |up| UsageSnapshot { mac, up: ByteCount(up), down: ByteCount(7), up_pkts: 1, down_pkts: 1, last_seen_ns: 5, taken_at: 1 };
+    let snap = |up| UsageSnapshot { mac, usage: Usage { up_bytes: up, down_bytes: 7, up_pkts: 1, down_pkts: 1, last_seen_ns: 5 }, taken_at: 1 };
     store.save_usage(&[snap(10)]).unwrap();
     store.save_usage(&[snap(20)]).unwrap();
     let got = store.usage_snapshots().unwrap();
     assert_eq!(got, vec![snap(20)]);
-    assert_eq!(got[0].used(), ByteCount(27));
+    assert_eq!(got[0].usage.used_bytes(), 27);
 }
 
 #[test]
