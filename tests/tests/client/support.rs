@@ -15,10 +15,10 @@ use std::time::Duration;
 
 use bitcoin::secp256k1::{rand, SecretKey};
 use bitcoin::{absolute, Amount, FeeRate, Network, OutPoint, PrivateKey, PublicKey, ScriptBuf, Txid};
-use bitmesh::api::{self, ApiError, ApiLimits, CaptiveStatus, ClientAuth, ClientEvent, ClientGateway};
+use bitmesh::api::{self, ApiError, ApiLimits, CaptiveStatus, ClientEvent, ClientGateway};
 use bitmesh::channel::{ChannelError, ChannelScript};
 use bitmesh_client::funding::{FundingSource, Utxo};
-use bitmesh_client::meter::{ByteMeter, MeterError};
+use bitmesh_client::meter::{ByteMeter, ByteMeterError};
 use bitmesh_client::session::{FundingMode, PayConfig, Status, Ui};
 use bitmesh_client::state::StateDir;
 use bitmesh_client::terms::{UserLimits, DEFAULT_MAX_CHUNK, DEFAULT_MAX_PREPAID};
@@ -101,6 +101,8 @@ impl Scripted {
 }
 
 impl ClientGateway for Scripted {
+    type Error = ApiError;
+
     async fn terms(&self) -> Result<Terms, ApiError> {
         Ok(self.book()?.terms.clone())
     }
@@ -142,8 +144,8 @@ impl ClientGateway for Scripted {
             used_bytes: book.claimed(),
         })
     }
-    async fn status(&self, _: IpAddr, id: ChannelId, _: ClientAuth) -> Result<ChannelStatus, ApiError> {
-        Ok(self.book()?.status(id))
+    async fn status(&self, _: IpAddr, req: SignedRequest) -> Result<ChannelStatus, ApiError> {
+        Ok(self.book()?.status(req.channel_id))
     }
     async fn close(&self, _: IpAddr, req: CloseRequest) -> Result<CloseResponse, ApiError> {
         let mut book = self.book()?;
@@ -156,7 +158,7 @@ impl ClientGateway for Scripted {
             client_change: Amount::ZERO,
         })
     }
-    async fn events(&self, _: IpAddr, _: ChannelId, _: ClientAuth) -> Result<mpsc::Receiver<ClientEvent>, ApiError> {
+    async fn events(&self, _: IpAddr, _: SignedRequest) -> Result<mpsc::Receiver<ClientEvent>, ApiError> {
         // No pushes: the agent must work from polls alone.
         let (_tx, rx) = mpsc::channel(1);
         Ok(rx)
@@ -241,7 +243,7 @@ impl TestMeter {
 }
 
 impl ByteMeter for TestMeter {
-    fn bytes(&mut self) -> Result<ByteCount, MeterError> {
+    fn bytes(&mut self) -> Result<ByteCount, ByteMeterError> {
         Ok(ByteCount(self.0.load(Ordering::SeqCst)))
     }
 }

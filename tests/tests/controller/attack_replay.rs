@@ -11,7 +11,7 @@ use std::time::Duration;
 use bitcoin::Amount;
 use bitmesh::chain::Chain;
 use bitmesh::meter::{Mac, MeterMaps};
-use bitmesh::store::{ChannelState, Store};
+use bitmesh::store::{ChannelStage, Store};
 use bitmesh_common::pricing::{bytes_for_payment, ByteCount, PriceMsatPerMib};
 use bitmesh_tests::chain::CoinbaseWallet;
 use bitmesh_tests::client::ScriptedClient;
@@ -194,7 +194,7 @@ fn concurrent_funding_calls_record_exactly_one_outpoint() {
         let lost = &answers[loser];
         assert_eq!((lost.status, lost.code().as_str()), (409, "channel_not_open"), "{}", lost.text());
         let recorded = db.channel(offer.channel_id).unwrap().unwrap();
-        assert_eq!(recorded.state, ChannelState::Open);
+        assert_eq!(recorded.state, ChannelStage::Open);
         let outpoint = bitcoin::OutPoint { txid: txs[winner].compute_txid(), vout: 0 };
         assert_eq!(recorded.funding.unwrap().outpoint, outpoint, "the record names the winning transaction");
         assert!(lab.node.rpc().transaction(&txs[loser].compute_txid()).unwrap().is_none(), "the losing transaction was relayed");
@@ -256,7 +256,7 @@ fn offers_expire_and_are_relayed_for_once() {
     // Left unfunded past the TTL: expired, and funding it is refused.
     let db = store(&lab);
     wait_for_true("offer expired", Duration::from_secs(40), || {
-        db.channel(offer.channel_id).unwrap().unwrap().state == ChannelState::Abandoned
+        db.channel(offer.channel_id).unwrap().unwrap().state == ChannelStage::Abandoned
     });
     let tx = client.funding_tx(&mut wallet, CAPACITY);
     let r = client.post(

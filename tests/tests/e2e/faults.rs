@@ -192,7 +192,7 @@ fn gateway_reboot_restores_budgets_and_usage_from_the_store_losing_at_most_one_s
 
 /// The agent's state file as the library reads it (the test edits it while the agent
 /// is dead, to stand in for the two crash windows around a payment).
-fn agent_record(agent: &Agent) -> (StateDir, bitmesh_client::state::ChannelRecord) {
+fn agent_record(agent: &Agent) -> (StateDir, bitmesh_client::state::SavedChannel) {
     let dir = StateDir::open(&agent.state_dir).unwrap();
     let mut all = dir.all().unwrap();
     assert_eq!(all.len(), 1, "one channel in the agent's state directory");
