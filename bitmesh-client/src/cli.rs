@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use bitcoin::address::NetworkUnchecked;
 use bitcoin::{Address, Amount, FeeRate, Network};
+use bitmesh_common::blocks::BlockCount;
 use bitmesh_common::pricing::{ByteCount, PriceMsatPerMib, MIB};
 use bitmesh_common::wire::ChannelId;
 use clap::Args;
@@ -219,8 +220,8 @@ pub fn pay(args: PayArgs) -> anyhow::Result<()> {
         limits: UserLimits {
             max_price: args.max_price,
             network: args.network,
-            min_expiry_blocks: args.min_expiry_blocks,
-            max_expiry_blocks: args.max_expiry_blocks,
+            min_expiry_blocks: BlockCount(args.min_expiry_blocks),
+            max_expiry_blocks: BlockCount(args.max_expiry_blocks),
             max_spend: Amount::from_sat(args.max_spend),
             capacity: args.capacity.map(Amount::from_sat),
             max_chunk: ByteCount::from_mib(args.max_chunk_mib),

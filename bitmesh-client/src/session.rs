@@ -255,7 +255,7 @@ fn open_channel(cfg: &PayConfig, api: &GatewayApi, ui: &mut dyn Ui) -> Result<Sa
         price: terms.price_msat_per_mib,
         chunk: accepted.chunk,
         min_first_payment: terms.min_first_payment,
-        close_margin_blocks: terms.close_margin_blocks,
+        close_margin_blocks: terms.limits.close_margin_blocks,
         max_spend: accepted.max_spend,
         planned_capacity: accepted.capacity,
         funding: None,
@@ -289,8 +289,8 @@ pub fn check_open_response(req: &OpenRequest, resp: &OpenResponse, network: Netw
 pub fn check_open_terms(terms: &bitmesh_common::wire::Terms, resp: &OpenResponse) -> Result<(), SessionError> {
     let rows = [
         ("first payment", terms.min_first_payment, resp.min_first_payment),
-        ("minimum capacity", terms.min_capacity, resp.min_capacity),
-        ("maximum capacity", terms.max_capacity, resp.max_capacity),
+        ("minimum capacity", terms.limits.min_capacity, resp.min_capacity),
+        ("maximum capacity", terms.limits.max_capacity, resp.max_capacity),
     ];
     for (term, confirmed, offered) in rows {
         if confirmed != offered {
@@ -833,6 +833,7 @@ fn spawn_events(api: GatewayApi, id: bitmesh_common::wire::ChannelId, key: Secre
 mod tests {
     use super::*;
     use crate::channel::ChannelScript;
+    use bitmesh_common::wire::ChannelLimits;
 
     fn pair() -> (OpenRequest, OpenResponse) {
         let secp = crate::channel::secp();
@@ -870,8 +871,11 @@ mod tests {
         let (_, good) = pair();
         let terms = bitmesh_common::wire::Terms {
             min_first_payment: good.min_first_payment,
-            min_capacity: good.min_capacity,
-            max_capacity: good.max_capacity,
+            limits: ChannelLimits {
+                min_capacity: good.min_capacity,
+                max_capacity: good.max_capacity,
+                ..crate::terms::tests::terms().limits
+            },
             ..crate::terms::tests::terms()
         };
         check_open_terms(&terms, &good).unwrap();

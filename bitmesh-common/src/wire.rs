@@ -19,7 +19,7 @@
 use bitcoin::address::NetworkUnchecked;
 use bitcoin::hashes::{sha256, Hash, HashEngine};
 use bitcoin::hex::{DisplayHex, FromHex};
-use bitcoin::{absolute, Address, Amount, FeeRate, Network, OutPoint, PublicKey, ScriptBuf};
+use bitcoin::{absolute, Address, Amount, Network, OutPoint, PublicKey, ScriptBuf};
 use bitcoin::{Transaction, Txid};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -27,11 +27,13 @@ use crate::pricing::{ByteCount, PriceMsatPerMib};
 
 mod captive;
 mod events;
+mod limits;
 pub mod routes;
 mod signed;
 
 pub use captive::{CaptiveStatus, CAPTIVE_JSON};
 pub use events::{ClientEvent, UsageReport};
+pub use limits::ChannelLimits;
 pub use signed::{SignedAction, SignedRequest};
 
 /// Version of this message set; bumped on any incompatible change.
@@ -112,32 +114,16 @@ pub struct Terms {
     pub price_msat_per_mib: PriceMsatPerMib,
     /// How many bytes one prepaid update should buy ahead of use.
     pub chunk_bytes: ByteCount,
-    /// Smallest channel capacity accepted.
-    #[serde(with = "bitcoin::amount::serde::as_sat", rename = "min_capacity_sat")]
-    pub min_capacity: Amount,
-    /// Largest channel capacity accepted.
-    #[serde(with = "bitcoin::amount::serde::as_sat", rename = "max_capacity_sat")]
-    pub max_capacity: Amount,
+    /// Capacity, expiry window, confirmations and close fee rate (flattened: its
+    /// fields sit at the top level of the JSON object).
+    #[serde(flatten)]
+    pub limits: ChannelLimits,
     /// The first update must pay at least this (close fee at the planning rate + dust).
     #[serde(
         with = "bitcoin::amount::serde::as_sat",
         rename = "min_first_payment_sat"
     )]
     pub min_first_payment: Amount,
-    /// Unconfirmed funding is accepted only up to this capacity.
-    #[serde(with = "bitcoin::amount::serde::as_sat", rename = "zero_conf_cap_sat")]
-    pub zero_conf_cap: Amount,
-    /// Confirmations needed for funding above the zero-conf cap.
-    pub confirmations_required: u32,
-    /// Expiry must be at least this many blocks above the tip at open.
-    pub min_expiry_blocks: u32,
-    /// Expiry must be at most this many blocks above the tip at open.
-    pub max_expiry_blocks: u32,
-    /// The gateway stops crediting (and closes) at `expiry - close_margin_blocks`.
-    pub close_margin_blocks: u32,
-    /// Fee rate the gateway plans its close at, in sat per 1000 weight units.
-    #[serde(rename = "close_fee_rate_sat_per_kwu")]
-    pub close_fee_rate: FeeRate,
     /// The gateway's view of the chain tip, to pick an expiry from.
     pub tip_height: absolute::Height,
 }

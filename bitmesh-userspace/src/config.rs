@@ -15,7 +15,9 @@ use std::path::{Path, PathBuf};
 
 use bitcoin::address::NetworkUnchecked;
 use bitcoin::{Address, Amount, FeeRate, Network, ScriptBuf};
+use bitmesh_common::blocks::BlockCount;
 use bitmesh_common::pricing::{ByteCount, PriceMsatPerMib};
+use bitmesh_common::wire::ChannelLimits;
 use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, FromArgMatches, ValueEnum};
 use serde::{Deserialize, Serialize};
@@ -332,20 +334,22 @@ impl RunArgs {
             price,
             chunk: ByteCount(self.chunk_bytes),
             low_water: ByteCount(self.low_water_bytes),
-            min_capacity: Amount::from_sat(self.min_channel_sat),
-            max_capacity: Amount::from_sat(self.max_channel_sat),
-            min_expiry_blocks: self.min_expiry_blocks,
-            max_expiry_blocks: self.max_expiry_blocks,
-            close_margin_blocks: self.close_margin_blocks,
-            confirmations: self.confirmations,
-            zero_conf_cap: Amount::from_sat(self.zero_conf_cap_sat),
+            limits: ChannelLimits {
+                min_capacity: Amount::from_sat(self.min_channel_sat),
+                max_capacity: Amount::from_sat(self.max_channel_sat),
+                zero_conf_cap: Amount::from_sat(self.zero_conf_cap_sat),
+                confirmations_required: self.confirmations,
+                min_expiry_blocks: BlockCount(self.min_expiry_blocks),
+                max_expiry_blocks: BlockCount(self.max_expiry_blocks),
+                close_margin_blocks: BlockCount(self.close_margin_blocks),
+                close_fee_rate: fee("close-fee-rate-sat-vb", self.close_fee_rate_sat_vb)?,
+            },
             zero_conf_exposure: Amount::from_sat(self.zero_conf_exposure_sat),
             chain_stale_after: chain_stale_after(self.chain_poll_secs),
             idle_timeout: std::time::Duration::from_secs(self.idle_timeout_secs),
             offer_ttl: std::time::Duration::from_secs(self.offer_ttl_secs),
-            close_fee_rate: fee("close-fee-rate-sat-vb", self.close_fee_rate_sat_vb)?,
             max_fee_rate: fee("max-fee-rate-sat-vb", self.max_fee_rate_sat_vb)?,
-            bump_after_blocks: self.bump_after_blocks,
+            bump_after_blocks: BlockCount(self.bump_after_blocks),
         })
     }
 
@@ -416,13 +420,8 @@ pub struct Policy {
     pub price: PriceMsatPerMib,
     pub chunk: ByteCount,
     pub low_water: ByteCount,
-    pub min_capacity: Amount,
-    pub max_capacity: Amount,
-    pub min_expiry_blocks: u32,
-    pub max_expiry_blocks: u32,
-    pub close_margin_blocks: u32,
-    pub confirmations: u32,
-    pub zero_conf_cap: Amount,
+    /// The channel limits the terms announce and the channel library checks.
+    pub limits: ChannelLimits,
     /// Cap on what all unconfirmed channels together may be credited.
     pub zero_conf_exposure: Amount,
     /// A chain tip older than this stops payments and opens (`chain_unavailable`).
@@ -430,9 +429,8 @@ pub struct Policy {
     pub idle_timeout: std::time::Duration,
     /// How long an unfunded offer stays valid (`--offer-ttl-secs`).
     pub offer_ttl: std::time::Duration,
-    pub close_fee_rate: FeeRate,
     pub max_fee_rate: FeeRate,
-    pub bump_after_blocks: u32,
+    pub bump_after_blocks: BlockCount,
 }
 
 /// How old the last successful tip read may be before payments and opens stop:

@@ -5,6 +5,7 @@ use std::net::IpAddr;
 
 use bitcoin::secp256k1::{ecdsa, Message, Secp256k1};
 use bitcoin::{Amount, OutPoint, Transaction};
+use bitmesh_common::blocks::{mined_at, BlockCount};
 use bitmesh_common::pricing::{bytes_for_payment, ByteCount};
 use bitmesh_common::wire::{
     ChannelId, ChannelState, ChannelStatus, CloseRequest, CloseResponse, FundRequest, OpenRequest,
@@ -291,8 +292,8 @@ impl Gateway {
             witness_script: script.witness_script(),
             funding_script_pubkey: script.script_pubkey(),
             funding_address: script.address(p.network).as_unchecked().clone(),
-            min_capacity: p.min_capacity,
-            max_capacity: p.max_capacity,
+            min_capacity: p.limits.min_capacity,
+            max_capacity: p.limits.max_capacity,
             min_first_payment: rec.min_first_payment,
         }
     }
@@ -323,15 +324,8 @@ impl ClientGateway for Gateway {
             network: p.network,
             price_msat_per_mib: p.price,
             chunk_bytes: p.chunk,
-            min_capacity: p.min_capacity,
-            max_capacity: p.max_capacity,
+            limits: p.limits,
             min_first_payment: self.channel_policy().min_first_payment(),
-            zero_conf_cap: p.zero_conf_cap,
-            confirmations_required: p.confirmations,
-            min_expiry_blocks: p.min_expiry_blocks,
-            max_expiry_blocks: p.max_expiry_blocks,
-            close_margin_blocks: p.close_margin_blocks,
-            close_fee_rate: p.close_fee_rate,
             tip_height: self.tip(),
         })
     }
@@ -430,12 +424,7 @@ impl ClientGateway for Gateway {
         let check = FundingCheck { confirmations, ..precheck };
         let funded = verify_funding(&script, check, &cpolicy)?;
         self.admit_funding(&rec, &funded)?; // exposure.rs: fresh tip, zero-conf exposure cap
-        let height = if confirmations > 0 {
-            let t = self.tip().to_consensus_u32() + 1 - confirmations.min(self.tip().to_consensus_u32() + 1);
-            bitcoin::absolute::Height::from_consensus(t).ok()
-        } else {
-            None
-        };
+        let height = mined_at(self.tip(), BlockCount(confirmations));
         let funding = Funding { outpoint: funded.outpoint, capacity: funded.capacity, height };
         let _serial = self.write_lock.lock().await;
         let id = rec.id;
@@ -533,8 +522,8 @@ impl ClientGateway for Gateway {
         let live: Option<ChannelRecord> = self.store.live_channel_for_mac(mac)?;
         if let Some(rec) = live.filter(|r| r.state == ChannelStage::Open) {
             let r = self.report(&rec);
-            let ends = crediting_ends_at(&rec, self.policy().close_margin_blocks).to_consensus_u32();
-            let blocks = ends.saturating_sub(self.tip().to_consensus_u32()) as u64;
+            let ends = crediting_ends_at(&rec, self.policy().limits.close_margin_blocks);
+            let blocks = u64::from(BlockCount::between(self.tip(), ends).get());
             // Less than one full Ethernet frame left: bulk traffic is already cut.
             out.captive = r.remaining_bytes.0 < FULL_FRAME_BYTES;
             out.bytes_remaining = Some(r.remaining_bytes.0);

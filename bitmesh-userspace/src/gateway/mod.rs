@@ -27,6 +27,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use bitcoin::absolute::Height;
 use bitcoin::{Amount, ScriptBuf};
+use bitmesh_common::blocks::{BlockCount, HeightExt};
 use bitmesh_common::kernel::Mac;
 use bitmesh_common::pricing::PriceMsatPerMib;
 use bitmesh_common::wire::{ChannelId, SignedAction, CLIENT_AUTH_WINDOW_MS};
@@ -244,17 +245,7 @@ impl Gateway {
     /// The channel library's policy for the current terms.
     fn channel_policy(&self) -> ChannelPolicy {
         let p = self.policy();
-        ChannelPolicy {
-            min_capacity: p.min_capacity,
-            max_capacity: p.max_capacity,
-            zero_conf_cap: p.zero_conf_cap,
-            confirmations_required: p.confirmations,
-            min_expiry_blocks: p.min_expiry_blocks,
-            max_expiry_blocks: p.max_expiry_blocks,
-            close_margin_blocks: p.close_margin_blocks,
-            close_fee_rate: p.close_fee_rate,
-            gateway_payout_script: self.payout_script.clone(),
-        }
+        ChannelPolicy { limits: p.limits, gateway_payout_script: self.payout_script.clone() }
     }
 
     fn with_meter<T>(&self, f: impl FnOnce(&mut dyn MeterPort) -> Result<T, MeterError>) -> Result<T, GatewayError> {
@@ -314,9 +305,8 @@ fn script_of(rec: &ChannelRecord) -> ChannelScript {
 }
 
 /// Last height at which the channel is still credited (see `Channel::crediting_ends_at`).
-fn crediting_ends_at(rec: &ChannelRecord, margin: u32) -> Height {
-    let end = rec.expiry.to_consensus_u32().saturating_sub(margin);
-    Height::from_consensus(end).unwrap_or(Height::ZERO)
+fn crediting_ends_at(rec: &ChannelRecord, margin: BlockCount) -> Height {
+    rec.expiry.minus(margin)
 }
 
 // Keep the channel module's fee helper reachable for settle.rs without a long path.

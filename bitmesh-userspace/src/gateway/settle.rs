@@ -6,6 +6,7 @@
 
 use bitcoin::absolute::Height;
 use bitcoin::{FeeRate, Txid};
+use bitmesh_common::blocks::BlockCount;
 use bitmesh_common::wire::ChannelId;
 use tracing::{info, instrument, warn};
 
@@ -64,7 +65,7 @@ impl Gateway {
             return Some(r);
         }
         let p = self.policy();
-        if tip >= crediting_ends_at(rec, p.close_margin_blocks) {
+        if tip >= crediting_ends_at(rec, p.limits.close_margin_blocks) {
             return Some(CloseReason::Expiry);
         }
         let idle = p.idle_timeout.as_secs();
@@ -132,7 +133,7 @@ impl Gateway {
     /// planning rate is at least 1 sat/vB (`--close-fee-rate-sat-vb` is checked).
     async fn close_rates(&self) -> (FeeRate, FeeRate) {
         let p = self.policy();
-        let floor = p.close_fee_rate.max(FeeRate::from_sat_per_vb_u32(1));
+        let floor = p.limits.close_fee_rate.max(FeeRate::from_sat_per_vb_u32(1));
         let rate = self
             .chain_call(move |c| c.fee_rate(CLOSE_TARGET_BLOCKS, floor))
             .await
@@ -218,8 +219,7 @@ impl Gateway {
                     Err(e) => warn!(txid = %s.txid, error = %e, "rebroadcast failed"),
                 }
             }
-            let waited = tip.to_consensus_u32().saturating_sub(s.broadcast_height.to_consensus_u32());
-            if waited >= self.policy().bump_after_blocks {
+            if BlockCount::between(s.broadcast_height, tip) >= self.policy().bump_after_blocks {
                 if let Some(new) = self.bump(&s, tip).await? {
                     report.bumped.push(new);
                 }

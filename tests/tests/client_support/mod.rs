@@ -22,6 +22,7 @@ use bitmesh_client::meter::{ByteMeter, ByteMeterError};
 use bitmesh_client::session::{FundingMode, PayConfig, Status, Ui};
 use bitmesh_client::state::StateDir;
 use bitmesh_client::terms::{UserLimits, DEFAULT_MAX_CHUNK, DEFAULT_MAX_PREPAID};
+use bitmesh_common::blocks::BlockCount;
 use bitmesh_common::pricing::{bytes_for_payment, ByteCount, PriceMsatPerMib};
 use bitmesh_common::wire::*;
 use tokio::sync::mpsc;
@@ -75,19 +76,21 @@ impl Book {
 /// Terms: 1 sat per MiB, 1 MiB chunks, first payment 3 sat.
 pub fn terms() -> Terms {
     Terms {
+        limits: ChannelLimits {
+            min_capacity: Amount::from_sat(10_000),
+            max_capacity: Amount::from_sat(1_000_000),
+            zero_conf_cap: Amount::from_sat(1_000_000),
+            confirmations_required: 1,
+            min_expiry_blocks: BlockCount(20),
+            max_expiry_blocks: BlockCount(2000),
+            close_margin_blocks: BlockCount(6),
+            close_fee_rate: FeeRate::from_sat_per_vb_u32(1),
+        },
         protocol_version: PROTOCOL_VERSION,
         network: Network::Regtest,
         price_msat_per_mib: PriceMsatPerMib::from_sat_per_mib(1).unwrap(),
         chunk_bytes: ByteCount::from_mib(1),
-        min_capacity: Amount::from_sat(10_000),
-        max_capacity: Amount::from_sat(1_000_000),
         min_first_payment: Amount::from_sat(3),
-        zero_conf_cap: Amount::from_sat(1_000_000),
-        confirmations_required: 1,
-        min_expiry_blocks: 20,
-        max_expiry_blocks: 2000,
-        close_margin_blocks: 6,
-        close_fee_rate: FeeRate::from_sat_per_vb_u32(1),
         tip_height: absolute::Height::from_consensus(500).unwrap(),
     }
 }
@@ -120,8 +123,8 @@ impl ClientGateway for Scripted {
             witness_script: script.witness_script(),
             funding_script_pubkey: script.script_pubkey(),
             funding_address: script.address(Network::Regtest).as_unchecked().clone(),
-            min_capacity: book.terms.min_capacity,
-            max_capacity: book.terms.max_capacity,
+            min_capacity: book.terms.limits.min_capacity,
+            max_capacity: book.terms.limits.max_capacity,
             min_first_payment: book.open_first_payment.unwrap_or(book.terms.min_first_payment),
         })
     }
@@ -297,8 +300,8 @@ pub fn config(url: &str, state: &std::path::Path, funding: FundingSource, max_pr
         limits: UserLimits {
             max_price: PriceMsatPerMib::new(max_price_msat).unwrap(),
             network: Network::Regtest,
-            min_expiry_blocks: 6,
-            max_expiry_blocks: 1000,
+            min_expiry_blocks: BlockCount(6),
+            max_expiry_blocks: BlockCount(1000),
             max_spend: Amount::from_sat(50_000),
             capacity: Some(Amount::from_sat(100_000)),
             max_chunk: DEFAULT_MAX_CHUNK,
