@@ -23,7 +23,7 @@ use super::refund::{refund as do_refund, RefundOutcome};
 use super::session::{self, FundingMode, PayConfig, Status, Ui};
 use super::state::{Phase, StateDir};
 use super::terms::{parse_sat_per_mib, UserLimits};
-use crate::chain::{BitcoindAuth, BitcoindRpc, Chain, Esplora};
+use bitmesh_channel::chain::{BitcoindAuth, BitcoindRpc, Chain, Esplora};
 
 /// A chain backend for the client (refund broadcast, txid lookup).
 #[derive(Debug, Clone, Args)]

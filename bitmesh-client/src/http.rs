@@ -238,7 +238,7 @@ pub fn auth_header(action: &str, id: &ChannelId, key: &SecretKey) -> String {
 pub fn signed_request(action: &str, id: &ChannelId, key: &SecretKey) -> (u64, SignatureBytes) {
     let counter = next_counter();
     let msg = Message::from_digest(client_request_digest(action, id, counter));
-    let sig = crate::channel::secp().sign_ecdsa(&msg, key);
+    let sig = bitmesh_channel::secp().sign_ecdsa(&msg, key);
     (counter, SignatureBytes(sig.serialize_der().to_vec()))
 }
 

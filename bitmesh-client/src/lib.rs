@@ -13,11 +13,6 @@
 //! * [`cli`]: the `pay` and `refund` flags and everything printed;
 //! * [`command`]: the `pay`/`refund` subcommands both binaries (`bitmesh-client`, `bitmesh`) run.
 
-// The channel library under the paths this code used inside bitmesh-userspace
-// (`crate::channel::…`, `crate::chain::…`), so the move needed no edits in these files.
-use bitmesh_channel as channel;
-use bitmesh_channel::chain;
-
 pub mod cli;
 pub mod command;
 pub mod discovery;

@@ -19,7 +19,7 @@ use bitmesh_common::pricing::{ByteCount, PriceMsatPerMib};
 use bitmesh_common::wire::{tx_hex, ChannelId, SignatureBytes};
 use serde::{Deserialize, Serialize};
 
-use crate::channel::{Channel, ChannelScript};
+use bitmesh_channel::{Channel, ChannelScript};
 
 /// Format version of the state file.
 pub const STATE_VERSION: u32 = 1;

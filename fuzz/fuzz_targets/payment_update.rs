@@ -13,7 +13,7 @@ use std::sync::OnceLock;
 use bitcoin::hashes::Hash;
 use bitcoin::secp256k1::SecretKey;
 use bitcoin::{absolute, Amount, FeeRate, Network, OutPoint, PublicKey, ScriptBuf, Txid};
-use bitmesh::channel::{sign_update, verify_update, Channel, ChannelKey, ChannelPolicy, ChannelScript, GatewaySeed};
+use bitmesh_channel::{sign_update, verify_update, Channel, ChannelKey, ChannelPolicy, ChannelScript, GatewaySeed};
 use bitmesh_common::blocks::BlockCount;
 use bitmesh_common::wire::{ChannelLimits, SignatureBytes};
 use libfuzzer_sys::fuzz_target;

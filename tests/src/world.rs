@@ -31,7 +31,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use bitcoin::secp256k1::{rand, Secp256k1, SecretKey};
 use bitcoin::{Amount, CompressedPublicKey, Network, PrivateKey, ScriptBuf, Txid};
-use bitmesh::chain::Chain;
+use bitmesh_channel::chain::Chain;
 use bitmesh::meter::{ClientUsage, MeterMaps};
 use serde_json::json;
 

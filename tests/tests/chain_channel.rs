@@ -8,8 +8,8 @@ use std::collections::HashSet;
 
 use bitcoin::secp256k1::{Secp256k1, SecretKey};
 use bitcoin::{absolute, Amount, FeeRate, Network, OutPoint, PublicKey, ScriptBuf, Transaction};
-use bitmesh::chain::Chain;
-use bitmesh::channel::*;
+use bitmesh_channel::chain::Chain;
+use bitmesh_channel::*;
 use bitmesh_common::blocks::BlockCount;
 use bitmesh_common::wire::{ChannelLimits, SignatureBytes};
 use bitmesh_tests::bitcoind::{Bitcoind, CoinbaseWallet};

@@ -6,7 +6,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bitmesh_common::wire::{ChannelId, ErrorBody, ErrorCode};
 
-use crate::channel::ChannelError;
+use bitmesh_channel::ChannelError;
 
 /// A refused or failed client request.
 #[derive(Debug, thiserror::Error)]

@@ -38,15 +38,12 @@ use axum::routing::{get, post};
 use axum::{middleware, Json, Router};
 use bitmesh_common::wire::routes;
 use bitmesh_common::wire::{
-    ChannelStatus, CloseRequest, CloseResponse, FundRequest, OpenRequest, OpenResponse, PaymentAck, PaymentUpdate,
+    CaptiveStatus, ChannelStatus, ClientEvent, CloseRequest, CloseResponse, FundRequest, OpenRequest, OpenResponse, PaymentAck, PaymentUpdate,
     SignedRequest, Terms,
 };
 use extract::{ChannelJson, Signed};
 use tokio::sync::mpsc;
 
-// The wire types the gateway trait's signatures name, and the signed-request header,
-// are defined once in `bitmesh_common::wire` (shared with the client agent).
-pub use bitmesh_common::wire::{CaptiveStatus, ClientEvent, UsageReport, AUTH_HEADER};
 pub use error::ApiError;
 pub use extract::ApiJson;
 pub use limits::{ClientKey, ClientKeys, RateLimiter};

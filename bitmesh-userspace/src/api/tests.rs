@@ -9,11 +9,11 @@ use axum::http::{Request, StatusCode};
 use bitcoin::{absolute, Amount, FeeRate, Network};
 use bitmesh_common::pricing::{ByteCount, PriceMsatPerMib};
 use bitmesh_common::blocks::BlockCount;
-use bitmesh_common::wire::{ChannelId, ChannelLimits, ChannelState, ErrorBody, ErrorCode};
+use bitmesh_common::wire::{ChannelId, ChannelLimits, ChannelState, ErrorBody, ErrorCode, UsageReport, AUTH_HEADER};
 use tower::ServiceExt;
 
 use super::*;
-use crate::channel::ChannelError;
+use bitmesh_channel::ChannelError;
 
 #[derive(Default)]
 struct Fake {

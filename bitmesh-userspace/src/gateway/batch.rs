@@ -18,8 +18,8 @@ use tracing::warn;
 
 use super::exposure::is_unconfirmed;
 use super::{Gateway, GatewayError};
-use crate::chain::ChainError;
-use crate::channel::{verify_with_core, CloseTx};
+use bitmesh_channel::chain::ChainError;
+use bitmesh_channel::{verify_with_core, CloseTx};
 use crate::store::ChannelRecord;
 
 /// Heaviest settlement transaction built, in weight units: a quarter of the 400,000

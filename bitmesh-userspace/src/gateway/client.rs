@@ -11,12 +11,13 @@ use bitmesh_common::wire::{
     ChannelId, ChannelState, ChannelStatus, CloseRequest, CloseResponse, FundRequest, OpenRequest,
     OpenResponse, PaymentAck, PaymentUpdate, SignedRequest, Terms, CLIENT_AUTH_WINDOW_MS, PROTOCOL_VERSION,
 };
+use bitmesh_common::wire::{CaptiveStatus, ClientEvent, UsageReport};
 use tokio::sync::mpsc;
 use tracing::{info, instrument, warn};
 
 use super::{crediting_ends_at, script_of, Gateway, GatewayError};
-use crate::api::{CaptiveStatus, ClientEvent, ClientGateway, ClientKey, UsageReport};
-use crate::channel::{check_open, verify_funding, verify_update, FundingCheck};
+use crate::api::{ClientGateway, ClientKey};
+use bitmesh_channel::{check_open, verify_funding, verify_update, FundingCheck};
 use crate::store::{AppendOutcome, ChannelRecord, ChannelStage, CloseReason, Funding, NewChannel, NewPayment, StoreError};
 
 /// Largest untagged Ethernet frame (1500 + 14): below this budget, RFC 8908 says captive.
@@ -371,7 +372,7 @@ impl ClientGateway for Gateway {
             chunk: p.chunk,
             min_first_payment: cpolicy.min_first_payment(),
         };
-        let script = crate::channel::ChannelScript { gateway: gateway_pubkey, client: req.client_pubkey, expiry: req.expiry };
+        let script = bitmesh_channel::ChannelScript { gateway: gateway_pubkey, client: req.client_pubkey, expiry: req.expiry };
         let rec = NewChannel { id: script.channel_id(), ..rec };
         tracing::Span::current().record("channel", tracing::field::display(rec.id));
         // Durable before the client sees the key: the key index is never reused.

@@ -6,8 +6,8 @@ use bitcoin::Amount;
 
 use super::GatewayError;
 use crate::api::ApiError;
-use crate::chain::ChainError;
-use crate::channel::ChannelError;
+use bitmesh_channel::chain::ChainError;
+use bitmesh_channel::ChannelError;
 use crate::store::{ChannelStage, StoreError};
 
 impl From<GatewayError> for ApiError {

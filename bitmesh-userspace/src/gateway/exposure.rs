@@ -21,7 +21,7 @@ use bitmesh_common::pricing::payment_for_bytes;
 use bitmesh_common::wire::ChannelId;
 
 use super::{Gateway, GatewayError};
-use crate::channel::VerifiedFunding;
+use bitmesh_channel::VerifiedFunding;
 use crate::store::{ChannelRecord, ChannelStage};
 
 /// A reservation made at funding is kept this long even before the store shows the

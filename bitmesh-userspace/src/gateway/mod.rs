@@ -33,9 +33,9 @@ use bitmesh_common::pricing::PriceMsatPerMib;
 use bitmesh_common::wire::{ChannelId, SignedAction, CLIENT_AUTH_WINDOW_MS};
 use tokio::sync::mpsc;
 
-use crate::api::ClientEvent;
-use crate::chain::{Chain, ChainError};
-use crate::channel::{self, Channel, ChannelError, ChannelPolicy, ChannelScript, GatewaySeed, KeysError};
+use bitmesh_common::wire::ClientEvent;
+use bitmesh_channel::chain::{Chain, ChainError};
+use bitmesh_channel::{Channel, ChannelError, ChannelPolicy, ChannelScript, GatewaySeed, KeysError};
 use crate::config::Policy;
 use crate::meter::{ClientUsage, MeterError};
 use crate::store::{ChannelRecord, ChannelStage, CloseReason, Store, StoreError};
@@ -308,9 +308,6 @@ fn script_of(rec: &ChannelRecord) -> ChannelScript {
 fn crediting_ends_at(rec: &ChannelRecord, margin: BlockCount) -> Height {
     rec.expiry.minus(margin)
 }
-
-// Keep the channel module's fee helper reachable for settle.rs without a long path.
-use channel::fee_for_weight;
 
 /// Operator-facing queries and actions (used by the admin socket and metrics).
 impl Gateway {

@@ -10,9 +10,9 @@ use bitmesh_common::blocks::BlockCount;
 use bitmesh_common::wire::ChannelId;
 use tracing::{info, instrument, warn};
 
-use super::{crediting_ends_at, fee_for_weight, Gateway, GatewayError};
-use crate::chain::ChainError;
-use crate::channel::{build_close, ChannelKey, CloseInput, CloseTx, VerifiedUpdate};
+use super::{crediting_ends_at, Gateway, GatewayError};
+use bitmesh_channel::chain::ChainError;
+use bitmesh_channel::{build_close, fee_for_weight, ChannelKey, CloseInput, CloseTx, VerifiedUpdate};
 use crate::store::{
     ChannelRecord, ChannelStage, CloseReason, FinalUsage, NewSettlement, SettlementRecord, SettlementState,
     UsageSnapshot,
@@ -144,7 +144,7 @@ impl Gateway {
     }
 
     pub(super) fn build_batch(&self, recs: &[ChannelRecord], rate: FeeRate) -> Result<CloseTx, GatewayError> {
-        let mut parts: Vec<(crate::channel::Channel, ChannelKey, VerifiedUpdate)> = Vec::new();
+        let mut parts: Vec<(bitmesh_channel::Channel, ChannelKey, VerifiedUpdate)> = Vec::new();
         for rec in recs {
             let channel = Self::channel_of(rec).ok_or(GatewayError::Task(format!("channel {} has no funding", rec.id)))?;
             let key = self.seed.channel_key(rec.gateway_key_index)?;

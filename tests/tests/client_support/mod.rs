@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use bitcoin::secp256k1::{rand, SecretKey};
 use bitcoin::{absolute, Amount, FeeRate, Network, OutPoint, PrivateKey, PublicKey, ScriptBuf, Txid};
-use bitmesh::api::{self, ApiError, ApiLimits, CaptiveStatus, ClientEvent, ClientGateway};
-use bitmesh::channel::{ChannelError, ChannelScript};
+use bitmesh::api::{self, ApiError, ApiLimits, ClientGateway};
+use bitmesh_channel::{ChannelError, ChannelScript};
 use bitmesh_client::funding::{FundingSource, Utxo};
 use bitmesh_client::meter::{ByteMeter, ByteMeterError};
 use bitmesh_client::session::{FundingMode, PayConfig, Status, Ui};
@@ -323,26 +323,26 @@ pub fn config(url: &str, state: &std::path::Path, funding: FundingSource, max_pr
 /// A chain backend that only knows its tip (the agent's own node, for the tip check).
 pub struct FixedTip(pub u32);
 
-impl bitmesh::chain::Chain for FixedTip {
+impl bitmesh_channel::chain::Chain for FixedTip {
     fn backend(&self) -> &'static str {
         "test-chain"
     }
-    fn tip_height(&self) -> Result<absolute::Height, bitmesh::chain::ChainError> {
+    fn tip_height(&self) -> Result<absolute::Height, bitmesh_channel::chain::ChainError> {
         Ok(absolute::Height::from_consensus(self.0).unwrap())
     }
-    fn transaction(&self, _: &Txid) -> Result<Option<bitmesh::chain::TxStatus>, bitmesh::chain::ChainError> {
+    fn transaction(&self, _: &Txid) -> Result<Option<bitmesh_channel::chain::TxStatus>, bitmesh_channel::chain::ChainError> {
         Ok(None)
     }
-    fn unspent_output(&self, _: &OutPoint) -> Result<Option<bitmesh::chain::OutputStatus>, bitmesh::chain::ChainError> {
+    fn unspent_output(&self, _: &OutPoint) -> Result<Option<bitmesh_channel::chain::OutputStatus>, bitmesh_channel::chain::ChainError> {
         Ok(None)
     }
-    fn broadcast(&self, tx: &bitcoin::Transaction) -> Result<Txid, bitmesh::chain::ChainError> {
+    fn broadcast(&self, tx: &bitcoin::Transaction) -> Result<Txid, bitmesh_channel::chain::ChainError> {
         Ok(tx.compute_txid())
     }
-    fn fee_rate(&self, _: u16, floor: FeeRate) -> Result<FeeRate, bitmesh::chain::ChainError> {
+    fn fee_rate(&self, _: u16, floor: FeeRate) -> Result<FeeRate, bitmesh_channel::chain::ChainError> {
         Ok(floor)
     }
-    fn test_mempool_accept(&self, _: &[bitcoin::Transaction]) -> Result<Vec<bitmesh::chain::MempoolAcceptance>, bitmesh::chain::ChainError> {
+    fn test_mempool_accept(&self, _: &[bitcoin::Transaction]) -> Result<Vec<bitmesh_channel::chain::MempoolAcceptance>, bitmesh_channel::chain::ChainError> {
         Ok(Vec::new())
     }
 }
