@@ -79,7 +79,7 @@ pub fn channels_table(rows: &[ChannelRow]) -> String {
                 vec![
                     short(&r.id),
                     r.mac.clone(),
-                    r.state.clone(),
+                    r.state.to_string(),
                     r.capacity_sat.map(|c| format!("{c} sat")).unwrap_or_else(|| "-".into()),
                     format!("{} sat", r.paid_sat),
                     bytes(r.credited_bytes),

@@ -119,7 +119,7 @@ pub struct ClientRow {
 pub struct ChannelRow {
     pub id: ChannelId,
     pub mac: String,
-    pub state: String,
+    pub state: ChannelStage,
     pub capacity_sat: Option<u64>,
     pub paid_sat: u64,
     pub credited_bytes: u64,
@@ -185,7 +185,7 @@ fn channel_row(gw: &Gateway, c: &ChannelRecord) -> ChannelRow {
     ChannelRow {
         id: c.id,
         mac: c.mac.to_string(),
-        state: c.state.to_string(),
+        state: c.state,
         capacity_sat: c.funding.map(|f| f.capacity.to_sat()),
         paid_sat: c.paid_total.to_sat(),
         credited_bytes: c.credited.0,

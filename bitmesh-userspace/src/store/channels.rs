@@ -13,7 +13,7 @@ use super::{col_err, corrupt, unix_now, ByteCount, ChannelId, PriceMsatPerMib, S
 
 /// Where a channel is in its life, as the gateway records it (what a client is
 /// shown is `wire::ChannelState`, mapped from this).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ChannelStage {
     /// Script handed to the client; no accepted funding yet.
