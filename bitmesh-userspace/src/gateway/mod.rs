@@ -7,6 +7,7 @@
 //! * `settle.rs`: the settlement engine, driven by block height.
 //! * `reconcile.rs`: restart reconciliation and periodic usage snapshots.
 //! * `ports.rs`: the narrow kernel/link interfaces (real and in-memory).
+//! * `edge.rs`: the one conversion of a [`GatewayError`] into the client API's error.
 
 mod binding;
 mod batch;
