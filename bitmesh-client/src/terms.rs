@@ -278,6 +278,7 @@ pub(crate) mod tests {
             close_margin_blocks: 6,
             close_fee_rate: FeeRate::from_sat_per_vb_u32(2),
             tip_height: absolute::Height::from_consensus(500).unwrap(),
+            lightning: None,
         }
     }
 

@@ -9,6 +9,7 @@ pub mod env;
 pub mod garden_attack;
 pub mod http;
 pub mod kernel_bench;
+pub mod lightning;
 pub mod netns;
 pub mod process;
 pub mod world;

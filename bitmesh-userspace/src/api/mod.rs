@@ -16,6 +16,9 @@
 //! | POST | /v1/channels/{id}/close | `CloseRequest` -> `CloseResponse` |
 //! | GET  | /v1/channels/{id}/events | -> SSE stream of [`ClientEvent`] (signed header) |
 //! | GET  | /captive-portal/api | -> RFC 8908 [`CaptiveStatus`] |
+//! | POST | /v1/invoices | `InvoiceRequest` -> 201 `Invoice` (Lightning) |
+//! | GET  | /v1/invoices/{payment_hash} | -> `InvoiceStatus` |
+//! | POST | /v1/restore | `RestoreRequest` -> `RestoreResponse` |
 
 mod captive;
 mod error;
@@ -39,8 +42,8 @@ use axum::routing::{get, post};
 use axum::{middleware, Json, Router};
 use bitmesh_common::wire::routes;
 use bitmesh_common::wire::{
-    ChannelId, ChannelStatus, CloseRequest, CloseResponse, FundRequest, OpenRequest, OpenResponse,
-    PaymentAck, PaymentUpdate, SignatureBytes, Terms,
+    ChannelId, ChannelStatus, CloseRequest, CloseResponse, FundRequest, Invoice, InvoiceRequest, InvoiceStatus,
+    OpenRequest, OpenResponse, PaymentAck, PaymentUpdate, RestoreRequest, RestoreResponse, SignatureBytes, Terms,
 };
 use bitcoin::hex::FromHex;
 use tokio::sync::mpsc;
@@ -87,6 +90,18 @@ pub trait ClientGateway: Send + Sync + 'static {
         auth: ClientAuth,
     ) -> impl Future<Output = Result<mpsc::Receiver<ClientEvent>, ApiError>> + Send;
     fn captive(&self, peer: IpAddr) -> impl Future<Output = Result<CaptiveStatus, ApiError>> + Send;
+    /// A Lightning invoice for the requesting device (recorded before it is returned).
+    fn invoice(&self, _peer: IpAddr, _req: InvoiceRequest) -> impl Future<Output = Result<Invoice, ApiError>> + Send {
+        async { Err(ApiError::LightningUnavailable) }
+    }
+    /// An invoice's status, by hex payment hash.
+    fn invoice_status(&self, _payment_hash: String) -> impl Future<Output = Result<InvoiceStatus, ApiError>> + Send {
+        async { Err(ApiError::LightningUnavailable) }
+    }
+    /// Move a purchase token's Lightning credit to the requesting device.
+    fn restore(&self, _peer: IpAddr, _req: RestoreRequest) -> impl Future<Output = Result<RestoreResponse, ApiError>> + Send {
+        async { Err(ApiError::LightningUnavailable) }
+    }
     /// Who limits count `peer` against (rate limits, connection caps): its MAC on
     /// the client interface when known. Called per connection and per request, so
     /// it must be cheap and must not block for long.
@@ -153,6 +168,9 @@ pub fn router<G: ClientGateway>(gw: Arc<G>, limits: ApiLimits) -> Router {
         .route(routes::CLOSE, post(close::<G>))
         .route(routes::EVENTS, get(events::<G>))
         .route(routes::CAPTIVE, get(captive::<G>))
+        .route(routes::INVOICES, post(invoice::<G>))
+        .route(routes::INVOICE, get(invoice_status::<G>))
+        .route(routes::RESTORE, post(restore::<G>))
         .fallback(|| async { ApiError::NoRoute })
         .method_not_allowed_fallback(|| async { ApiError::NoRoute })
         .with_state(state)
@@ -264,4 +282,27 @@ async fn captive<G: ClientGateway>(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
 ) -> Result<Response, ApiError> {
     Ok(captive::answer(s.gw.captive(peer.ip()).await?))
+}
+
+async fn invoice<G: ClientGateway>(
+    State(s): St<G>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ApiJson(req): ApiJson<InvoiceRequest>,
+) -> Result<(axum::http::StatusCode, Json<Invoice>), ApiError> {
+    Ok((axum::http::StatusCode::CREATED, Json(s.gw.invoice(peer.ip(), req).await?)))
+}
+
+async fn invoice_status<G: ClientGateway>(
+    State(s): St<G>,
+    Path(payment_hash): Path<String>,
+) -> Result<Json<InvoiceStatus>, ApiError> {
+    Ok(Json(s.gw.invoice_status(payment_hash).await?))
+}
+
+async fn restore<G: ClientGateway>(
+    State(s): St<G>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ApiJson(req): ApiJson<RestoreRequest>,
+) -> Result<Json<RestoreResponse>, ApiError> {
+    Ok(Json(s.gw.restore(peer.ip(), req).await?))
 }

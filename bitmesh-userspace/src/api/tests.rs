@@ -52,6 +52,7 @@ impl ClientGateway for Fake {
             close_margin_blocks: 36,
             close_fee_rate: FeeRate::from_sat_per_kwu(500),
             tip_height: absolute::Height::from_consensus(200).unwrap(),
+            lightning: None,
         })
     }
     async fn open(&self, _: IpAddr, _: OpenRequest) -> Result<OpenResponse, ApiError> {

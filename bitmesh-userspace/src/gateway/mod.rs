@@ -13,9 +13,12 @@ mod batch;
 mod chain_guard;
 mod client;
 mod exposure;
+mod lightning;
 mod ports;
 mod reconcile;
 mod settle;
+#[cfg(test)]
+mod lightning_tests;
 #[cfg(test)]
 mod tests;
 
@@ -38,6 +41,7 @@ use crate::meter::MeterError;
 use crate::store::{ChannelRecord, Store, StoreError};
 
 pub use binding::SourceWatch;
+pub use lightning::LightningRail;
 pub use ports::{KernelNeighbours, MemoryMeter, MeterPort, Neighbours, StaticNeighbours};
 pub use reconcile::ReconcileReport;
 pub use settle::SettleReport;
@@ -134,6 +138,8 @@ pub struct Gateway {
     /// Offers whose funding transaction the gateway has already broadcast: one
     /// relay per offer (in memory: after a restart one more may be relayed).
     relayed: Mutex<std::collections::HashSet<ChannelId>>,
+    /// The Lightning rail, once `bitmesh run --lightning` has started its node.
+    lightning: std::sync::OnceLock<LightningRail>,
 }
 
 impl Gateway {
@@ -164,6 +170,7 @@ impl Gateway {
             auth_counters: Mutex::new(HashMap::new()),
             funding_lock: tokio::sync::Mutex::new(()),
             relayed: Mutex::new(std::collections::HashSet::new()),
+            lightning: std::sync::OnceLock::new(),
         }))
     }
 

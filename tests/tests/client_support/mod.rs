@@ -89,6 +89,7 @@ pub fn terms() -> Terms {
         close_margin_blocks: 6,
         close_fee_rate: FeeRate::from_sat_per_vb_u32(1),
         tip_height: absolute::Height::from_consensus(500).unwrap(),
+        lightning: None,
     }
 }
 

@@ -1,0 +1,329 @@
+//! The Lightning rail end to end: the real controller with its embedded ldk-node in
+//! the gateway namespace, a payer ldk-node (and an LSPS2 provider) in the test
+//! process, all on one regtest bitcoind; clients ask for invoices over the API from
+//! the client namespace and their traffic passes the real kernel meter.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, Instant};
+
+use bitmesh::store::Store;
+use bitmesh_common::wire::{Invoice, InvoiceState, InvoiceStatus, RestoreResponse};
+use bitmesh_tests::controller::{udp_round_trips, ClientIdentity, Lab, LoopbackRelay, ScriptedClient};
+use bitmesh_tests::env::wait_for_true;
+use bitmesh_tests::lightning::{IntoNetnsRelay, TestNode};
+use serde_json::json;
+
+/// 8,000 sat per MiB: a few hundred bytes cost a satoshi, so byte counts stay small.
+const PRICE: &str = "8000000";
+const DATAGRAM: usize = 1000;
+/// One UDP echo of DATAGRAM bytes, billed both ways (Ethernet + IPv4 + UDP headers).
+const ROUND_TRIP_BYTES: u64 = 2 * (DATAGRAM as u64 + 42);
+/// Where the gateway's node listens inside its namespace.
+const GATEWAY_LN_PORT: u16 = 9735;
+
+/// A lab whose controller sells Lightning bundles, a funded payer with a channel to
+/// the gateway's node, and the relay between them.
+struct LnLab {
+    payer: TestNode,
+    relay: IntoNetnsRelay,
+    gateway_id: String,
+    lab: Lab,
+}
+
+fn start_controller(extra: &[&str]) -> Option<Lab> {
+    let listen = format!("127.0.0.1:{GATEWAY_LN_PORT}");
+    let mut flags = vec![
+        "--lightning",
+        "--lightning-listen",
+        listen.as_str(),
+        "--price-msat-per-mib",
+        PRICE,
+        "--bundles",
+        "40KiB,1MiB",
+    ];
+    flags.extend_from_slice(extra);
+    let flags: Vec<String> = flags.iter().map(|s| s.to_string()).collect();
+    Lab::start_with(|o| o.with(&flags.iter().map(String::as_str).collect::<Vec<_>>())).unwrap()
+}
+
+fn node_info(lab: &Lab) -> serde_json::Value {
+    lab.controller.cli_json(&["lightning", "--json"]).unwrap()
+}
+
+impl LnLab {
+    fn start(extra: &[&str]) -> Option<LnLab> {
+        let lab = start_controller(extra)?;
+        let gateway_id = node_info(&lab)["node_id"].as_str().unwrap().to_owned();
+        let relay = IntoNetnsRelay::start(&lab.topo.gateway, ([127, 0, 0, 1], GATEWAY_LN_PORT).into()).unwrap();
+        let payer = TestNode::start(&lab.node, "payer").unwrap();
+        payer.fund(&lab.node, 1).unwrap();
+        payer.open_channel_to(&lab.node, &format!("{gateway_id}@127.0.0.1:{}", relay.port), 2_000_000).unwrap();
+        let me = LnLab { payer, relay, gateway_id, lab };
+        me.wait_gateway_channel();
+        me.lab.wait_synced().unwrap();
+        Some(me)
+    }
+
+    /// Wait until the gateway's node lists a usable channel.
+    fn wait_gateway_channel(&self) {
+        wait_for_true("the gateway's Lightning channel is usable", Duration::from_secs(60), || {
+            node_info(&self.lab)["channels"].as_array().is_some_and(|c| c.iter().any(|c| c["usable"] == true))
+        });
+    }
+}
+
+fn ask_invoice(client: &ScriptedClient, body: serde_json::Value) -> Invoice {
+    let r = client.post("/v1/invoices", &body).unwrap();
+    assert_eq!(r.status, 201, "invoice refused: {}", r.text());
+    serde_json::from_slice(&r.body).unwrap()
+}
+
+fn status(client: &ScriptedClient, hash: &str) -> InvoiceStatus {
+    let r = client.request("GET", &format!("/v1/invoices/{hash}"), &[], None).unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    serde_json::from_slice(&r.body).unwrap()
+}
+
+fn wait_paid(client: &ScriptedClient, hash: &str) -> InvoiceStatus {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = status(client, hash);
+        if s.state == InvoiceState::Paid {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "invoice {hash} not paid within 30 s: {s:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn receipts(lab: &Lab) -> u64 {
+    Store::open(&Store::path_in(&lab.controller.data_dir)).unwrap().ln_totals().unwrap().receipts
+}
+
+#[test]
+fn a_bundle_paid_over_lightning_passes_exactly_its_bytes_once() {
+    let Some(ln) = LnLab::start(&[]) else { return };
+    let lab = &ln.lab;
+    let client = ScriptedClient::new(&lab.topo.client, lab.api());
+    let udp = lab.client_udp().unwrap();
+    assert_eq!(udp_round_trips(&udp, 2, DATAGRAM), 0, "unpaid: blocked");
+
+    // The terms show the bundles, priced by the price flag.
+    let terms = client.terms().unwrap();
+    let lt = terms.lightning.expect("lightning terms");
+    assert_eq!(lt.node_id, ln.gateway_id);
+    assert_eq!(lt.bundles.iter().map(|b| b.name.as_str()).collect::<Vec<_>>(), vec!["40KiB", "1MiB"]);
+    assert_eq!(lt.credit_ttl_secs, 86_400);
+
+    // Exactly 20 round trips' worth.
+    let k = 20;
+    let inv = ask_invoice(&client, json!({ "bytes": k * ROUND_TRIP_BYTES }));
+    assert_eq!(status(&client, &inv.payment_hash).state, InvoiceState::Pending);
+    assert!(ln.payer.pay(&inv.bolt11).unwrap(), "payment failed:\n{}", lab.controller.log_tail(30));
+    let st = wait_paid(&client, &inv.payment_hash);
+    assert_eq!(st.bytes_credited, k * ROUND_TRIP_BYTES);
+    assert_eq!(udp_round_trips(&udp, k as usize + 5, DATAGRAM), k as usize, "exactly the bytes bought pass, then it stops");
+    assert_eq!(udp_round_trips(&udp, 3, DATAGRAM), 0);
+
+    // Paid twice (a second payer): refused by the gateway's node, credited once.
+    let second = TestNode::start(&lab.node, "second").unwrap();
+    second.fund(&lab.node, 1).unwrap();
+    second.open_channel_to(&lab.node, &format!("{}@127.0.0.1:{}", ln.gateway_id, ln.relay.port), 500_000).unwrap();
+    assert!(!second.pay(&inv.bolt11).unwrap(), "a second payment of a paid invoice must fail");
+    assert_eq!(receipts(lab), 1);
+    assert_eq!(udp_round_trips(&udp, 2, DATAGRAM), 0, "nothing credited for the second attempt");
+
+    // Overpayment buys proportionally more: twice the amount, twice the bytes.
+    let inv2 = ask_invoice(&client, json!({ "bytes": 10 * ROUND_TRIP_BYTES }));
+    assert_eq!(inv2.token, inv.token, "a device keeps its purchase token");
+    assert!(ln.payer.pay_amount(&inv2.bolt11, inv2.amount_msat * 2).unwrap());
+    let st2 = wait_paid(&client, &inv2.payment_hash);
+    assert_eq!(st2.bytes_credited, 20 * ROUND_TRIP_BYTES);
+    assert_eq!(udp_round_trips(&udp, 25, DATAGRAM), 20);
+
+    // The operator sees the rail and the receipts.
+    let row = lab.client_row().unwrap().expect("client row");
+    assert_eq!(row["rail"], "lightning", "{row}");
+    let earnings = lab.controller.earnings().unwrap();
+    assert_eq!(earnings["lightning_receipts"], 2, "{earnings}");
+    assert_eq!(earnings["lightning_received_msat"], inv.amount_msat + 2 * inv2.amount_msat, "{earnings}");
+
+    // Bad requests: typed errors, nothing changes.
+    for (body, code) in [
+        (json!({ "bundle": "3GiB" }), "unknown_bundle"),
+        (json!({ "bytes": 10 }), "bytes_out_of_range"),
+        (json!({ "bytes": 5000, "bundle": "1MiB" }), "bad_request"),
+        (json!({ "bites": 5000 }), "bad_request"),
+    ] {
+        let r = client.post("/v1/invoices", &body).unwrap();
+        assert_eq!(r.code(), code, "{body}: {}", r.text());
+    }
+    let r = client.request("GET", &format!("/v1/invoices/{}", "ab".repeat(32)), &[], None).unwrap();
+    assert_eq!((r.status, r.code()), (404, "unknown_invoice".to_string()));
+    let r = client.post("/v1/restore", &json!({ "token": "AAAA-BBBB" })).unwrap();
+    assert_eq!(r.code(), "unknown_token");
+}
+
+#[test]
+fn an_invoice_asked_from_one_mac_is_restored_to_the_next_and_expired_invoices_stay_unpaid() {
+    let Some(ln) = LnLab::start(&["--invoice-expiry-secs", "60"]) else { return };
+    let lab = &ln.lab;
+    let ids = lab.add_client_identities(2, false).unwrap();
+    let phone_a = ScriptedClient::with_identity(&lab.topo.client, lab.api(), ids[0].clone());
+    let phone_b = ScriptedClient::with_identity(&lab.topo.client, lab.api(), ids[1].clone());
+
+    // The device asks from MAC A, then changes to MAC B before the payment lands.
+    let inv = ask_invoice(&phone_a, json!({ "bundle": "40KiB" }));
+    assert!(ln.payer.pay(&inv.bolt11).unwrap());
+    wait_paid(&phone_a, &inv.payment_hash);
+    let row_a = lab.controller.client(&ids[0].mac).expect("A metered");
+    assert_eq!(row_a["credited_bytes"], 40 * 1024);
+    // On MAC B, the purchase token moves the credit; A loses it in the kernel.
+    let r = phone_b.post("/v1/restore", &json!({ "token": inv.token })).unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let moved: RestoreResponse = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(moved.bytes_remaining, 40 * 1024);
+    assert!(lab.controller.client(&ids[0].mac).is_none_or(|r| r["metered"] == false), "A lost its kernel entries");
+    let row_b = lab.controller.client(&ids[1].mac).expect("B metered");
+    assert_eq!(row_b["credited_bytes"], 40 * 1024);
+    assert_eq!(row_b["remaining_bytes"], 40 * 1024);
+
+    // An invoice whose expiry passed: its status says expired, and the payer's node
+    // refuses to pay it (nothing arrives, nothing is credited).
+    let late = ask_invoice(&phone_b, json!({ "bundle": "40KiB" }));
+    std::thread::sleep(Duration::from_secs(61));
+    assert_eq!(status(&phone_b, &late.payment_hash).state, InvoiceState::Expired);
+    let paid = ln.payer.pay(&late.bolt11).unwrap();
+    if paid {
+        // If a wallet still gets it through, the payment is credited like any other.
+        let st = wait_paid(&phone_b, &late.payment_hash);
+        assert_eq!(st.bytes_credited, 40 * 1024);
+    } else {
+        assert_eq!(status(&phone_b, &late.payment_hash).state, InvoiceState::Expired);
+        assert_eq!(receipts(lab), 1);
+    }
+}
+
+#[test]
+fn kill_9_between_the_claim_and_the_credit_credits_exactly_once() {
+    let Some(mut ln) = LnLab::start(&[]) else { return };
+    let client = ScriptedClient::new(&ln.lab.topo.client, ln.lab.api());
+    let udp = ln.lab.client_udp().unwrap();
+    for (round, point) in ["ln-after-journal", "ln-before-journal"].into_iter().enumerate() {
+        ln.lab.controller.set_env("BITMESH_FAULT", Some(point));
+        ln.lab.controller.restart().unwrap();
+        ln.wait_gateway_channel();
+        let k = 10;
+        let inv = ask_invoice(&client, json!({ "bytes": k * ROUND_TRIP_BYTES }));
+        // The node claims the payment, then the controller dies at `point`.
+        let _ = ln.payer.pay(&inv.bolt11);
+        wait_for_true("the controller stopped at the fault point", Duration::from_secs(30), || !ln.lab.controller.running());
+        assert!(ln.lab.controller.log().contains(&format!("point={point}")) || ln.lab.controller.log().contains(point));
+        ln.lab.controller.set_env("BITMESH_FAULT", None);
+        ln.lab.controller.restart().unwrap();
+        // ldk-node delivers the payment again; the journal credits it once.
+        let st = wait_paid(&client, &inv.payment_hash);
+        assert_eq!(st.bytes_credited, k * ROUND_TRIP_BYTES);
+        assert_eq!(receipts(&ln.lab), round as u64 + 1, "one receipt per payment");
+        // A second restart (another delivery, if any) changes nothing.
+        ln.lab.controller.restart().unwrap();
+        assert_eq!(udp_round_trips(&udp, k as usize + 5, DATAGRAM), k as usize, "{point}: credited exactly once");
+    }
+}
+
+#[test]
+fn twenty_clients_buy_at_once() {
+    let Some(ln) = LnLab::start(&[]) else { return };
+    let lab = &ln.lab;
+    let ids: Vec<ClientIdentity> = lab.add_client_identities(20, false).unwrap();
+    let invoices: Vec<(ClientIdentity, Invoice)> = std::thread::scope(|s| {
+        let hs: Vec<_> = ids
+            .iter()
+            .map(|id| {
+                s.spawn(|| {
+                    let c = ScriptedClient::with_identity(&lab.topo.client, lab.api(), id.clone());
+                    (id.clone(), ask_invoice(&c, json!({ "bundle": "40KiB" })))
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let tokens: std::collections::HashSet<_> = invoices.iter().map(|(_, i)| i.token.clone()).collect();
+    assert_eq!(tokens.len(), 20, "one account per device");
+    std::thread::scope(|s| {
+        for (_, inv) in &invoices {
+            let payer = &ln.payer;
+            s.spawn(move || assert!(payer.pay(&inv.bolt11).unwrap()));
+        }
+    });
+    let c = ScriptedClient::new(&lab.topo.client, lab.api());
+    for (id, inv) in &invoices {
+        assert_eq!(wait_paid(&c, &inv.payment_hash).bytes_credited, 40 * 1024);
+        let row = lab.controller.client(&id.mac).expect("metered");
+        assert_eq!(row["credited_bytes"], 40 * 1024, "{}", id.mac);
+    }
+    assert_eq!(receipts(lab), 20);
+}
+
+#[test]
+fn first_payments_arrive_through_an_lsps2_just_in_time_channel() {
+    // The gateway's node starts with no channel at all; the payer has a channel to
+    // the LSP only. The LSP (ldk-node as LSPS2 provider, in the test) opens a channel
+    // to the gateway when the first payment arrives.
+    let Some(mut lab) = start_controller(&[]) else { return };
+    let lsp = TestNode::start_lsp(&lab.node).unwrap();
+    lsp.fund(&lab.node, 1).unwrap();
+    let to_lsp = LoopbackRelay::start(&lab.topo.gateway, 0, ([127, 0, 0, 1], lsp.port).into()).unwrap();
+    let lsp_flag = format!("{}@127.0.0.1:{}", lsp.node.node_id(), to_lsp.port);
+    lab.controller.add_args(&["--lsp", &lsp_flag]);
+    lab.controller.restart().unwrap();
+    let payer = TestNode::start(&lab.node, "payer").unwrap();
+    payer.fund(&lab.node, 1).unwrap();
+    payer.open_channel_to(&lab.node, &lsp.address(), 2_000_000).unwrap();
+    lsp.wait_usable_channel(Duration::from_secs(30)).unwrap();
+    lab.wait_synced().unwrap();
+    assert_eq!(node_info(&lab)["channels"].as_array().map(Vec::len), Some(0), "no inbound liquidity yet");
+
+    let client = ScriptedClient::new(&lab.topo.client, lab.api());
+    let inv = ask_invoice(&client, json!({ "bundle": "1MiB" }));
+    assert!(payer.pay(&inv.bolt11).unwrap(), "JIT payment failed:\n{}", lab.controller.log_tail(40));
+    let st = wait_paid(&client, &inv.payment_hash);
+    assert_eq!(st.bytes_credited, 1 << 20, "the LSP's fee is the gateway's cost, not the buyer's");
+    let row = lab.client_row().unwrap().expect("metered");
+    assert_eq!(row["credited_bytes"], 1 << 20);
+    assert_eq!(node_info(&lab)["channels"].as_array().map(Vec::len), Some(1), "the JIT channel");
+}
+
+#[test]
+fn the_operator_opens_a_channel_from_the_gateway_node() {
+    let Some(lab) = start_controller(&[]) else { return };
+    let peer = TestNode::start(&lab.node, "peer").unwrap();
+    let to_peer = LoopbackRelay::start(&lab.topo.gateway, 0, ([127, 0, 0, 1], peer.port).into()).unwrap();
+    let info = node_info(&lab);
+    let deposit: bitcoin::Address = info["deposit_address"].as_str().unwrap().parse::<bitcoin::Address<_>>().unwrap().assume_checked();
+    lab.node.mine_to(1, &deposit);
+    lab.node.mine(100);
+    wait_for_true("the gateway node sees its deposit", Duration::from_secs(60), || {
+        node_info(&lab)["onchain_spendable_sat"].as_u64().unwrap_or(0) > 0
+    });
+    let target = format!("{}@127.0.0.1:{}", peer.node.node_id(), to_peer.port);
+    let out = lab.controller.cli_text(&["lightning", "open-channel", &target, "100000"]).unwrap();
+    assert!(out.contains("opening"), "{out}");
+    wait_for_true("the funding is broadcast", Duration::from_secs(30), || {
+        lab.node.rpc().call_raw("getrawmempool", &[]).ok().and_then(|v| v.as_array().map(|a| !a.is_empty())).unwrap_or(false)
+    });
+    lab.node.mine(6);
+    wait_for_true("the operator's channel is usable", Duration::from_secs(60), || {
+        node_info(&lab)["channels"].as_array().is_some_and(|c| c.iter().any(|c| c["usable"] == true && c["capacity_sat"] == 100_000))
+    });
+    peer.wait_usable_channel(Duration::from_secs(30)).unwrap();
+    let text = lab.controller.cli_text(&["lightning"]).unwrap();
+    assert!(text.contains("channels (1)") && text.contains("usable"), "{text}");
+    // The seed can be exported (64 bytes, hex), and equals the 0600 file.
+    let seed = lab.controller.cli_text(&["lightning", "export-seed"]).unwrap();
+    assert_eq!(seed.trim().len(), 128);
+    let path = lab.controller.data_dir.join("lightning/seed");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+}
