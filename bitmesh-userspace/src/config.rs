@@ -263,7 +263,7 @@ pub struct RunArgs {
 
     // --- Lightning (docs/operator.md, "Lightning") ---
     /// Run the embedded Lightning node (data under --data-dir/lightning) and sell
-    /// bundles for Lightning payments.
+    /// bundles for Lightning payments. [default: off]
     #[arg(long)]
     pub lightning: bool,
     /// Address the Lightning node accepts peers on.

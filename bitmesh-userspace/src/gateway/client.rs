@@ -481,6 +481,9 @@ impl ClientGateway for Gateway {
         };
         let funding = Funding { outpoint: funded.outpoint, capacity: funded.capacity, height };
         let _serial = self.write_lock.lock().await;
+        // Usage so far is Lightning's: account it before the channel counts (usage
+        // after this point goes to the channel first, docs/design.md section 5.7).
+        self.settle_before_channel(rec.mac)?;
         let id = rec.id;
         // The store itself refuses a channel that is no longer offered (`NotOffered`).
         let rec = self.store_call(move |s| s.set_funding(id, funding)).await?;

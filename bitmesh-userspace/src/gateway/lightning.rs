@@ -315,6 +315,21 @@ impl Gateway {
         })
     }
 
+    /// A channel is about to be funded on `mac`: if it holds Lightning credit, the
+    /// usage so far is Lightning's, so it is settled now (from here on usage goes to
+    /// the channel first). CREDIT does not change (`settled + live` is the same sum).
+    pub(super) fn settle_before_channel(&self, mac: Mac) -> Result<(), GatewayError> {
+        let Some(account) = self.store.ln_account_for_mac(mac)?.filter(|a| a.live() > 0) else { return Ok(()) };
+        if self.open_channel_credit(mac)? > ByteCount::ZERO {
+            return Ok(());
+        }
+        let settle = self.settle_point(mac, Some(&account))?;
+        if settle.used > 0 {
+            self.store.ln_settle(&[settle])?;
+        }
+        Ok(())
+    }
+
     /// The channel of `mac` ended (closing, abandoned or double-spent; the store
     /// already says so). With live Lightning credit the MAC stays metered: all of its
     /// count becomes settled (the channel's share is gone with it, the Lightning

@@ -8,6 +8,7 @@ use std::sync::Mutex as StdMutex;
 
 use bitcoin::{absolute, Amount, Transaction, TxIn, TxOut, Witness};
 use bitmesh_common::kernel::{Mac, Usage};
+use bitmesh_common::pricing::ByteCount;
 use bitmesh_common::wire::{ErrorCode, FundRequest, InvoiceRequest, InvoiceState, OpenRequest, RestoreRequest};
 use clap::{CommandFactory, FromArgMatches, Parser};
 
