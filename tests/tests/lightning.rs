@@ -48,7 +48,7 @@ fn start_controller(extra: &[&str]) -> Option<Lab> {
 }
 
 fn node_info(lab: &Lab) -> serde_json::Value {
-    lab.controller.cli_json(&["lightning", "--json"]).unwrap()
+    lab.controller.cli_json(&["lightning"]).unwrap()
 }
 
 impl LnLab {
