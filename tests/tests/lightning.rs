@@ -207,27 +207,33 @@ fn an_invoice_asked_from_one_mac_is_restored_to_the_next_and_expired_invoices_st
 
 #[test]
 fn kill_9_between_the_claim_and_the_credit_credits_exactly_once() {
-    let Some(mut ln) = LnLab::start(&[]) else { return };
-    let client = ScriptedClient::new(&ln.lab.topo.client, ln.lab.api());
-    let udp = ln.lab.client_udp().unwrap();
-    for (round, point) in ["ln-after-journal", "ln-before-journal"].into_iter().enumerate() {
-        ln.lab.controller.set_env("BITMESH_FAULT", Some(point));
-        ln.lab.controller.restart().unwrap();
-        ln.wait_gateway_channel();
+    // The controller stops (abort, as a kill -9) right after the node claimed the
+    // payment and before the receipt is journaled, or after the journal and before
+    // the kernel credit. At the restart ldk-node delivers the payment again.
+    for point in ["ln-after-journal", "ln-before-journal"] {
+        let Some(mut ln) = LnLab::start(&[]) else { return };
+        let client = ScriptedClient::new(&ln.lab.topo.client, ln.lab.api());
+        let udp = ln.lab.client_udp().unwrap();
         let k = 10;
         let inv = ask_invoice(&client, json!({ "bytes": k * ROUND_TRIP_BYTES }));
-        // The node claims the payment, then the controller dies at `point`.
-        let _ = ln.payer.pay(&inv.bolt11);
-        wait_for_true("the controller stopped at the fault point", Duration::from_secs(30), || !ln.lab.controller.running());
-        assert!(ln.lab.controller.log().contains(&format!("point={point}")) || ln.lab.controller.log().contains(point));
-        ln.lab.controller.set_env("BITMESH_FAULT", None);
+        ln.lab.controller.set_env("BITMESH_FAULT", Some(&format!("{point}:{}", inv.payment_hash)));
         ln.lab.controller.restart().unwrap();
-        // ldk-node delivers the payment again; the journal credits it once.
-        let st = wait_paid(&client, &inv.payment_hash);
-        assert_eq!(st.bytes_credited, k * ROUND_TRIP_BYTES);
-        assert_eq!(receipts(&ln.lab), round as u64 + 1, "one receipt per payment");
-        // A second restart (another delivery, if any) changes nothing.
-        ln.lab.controller.restart().unwrap();
+        ln.wait_gateway_channel();
+        std::thread::scope(|s| {
+            let payer = &ln.payer;
+            let bolt11 = inv.bolt11.clone();
+            s.spawn(move || {
+                let _ = payer.pay(&bolt11);
+            });
+            wait_for_true("the controller stopped at the fault point", Duration::from_secs(60), || !ln.lab.controller.running());
+            assert!(ln.lab.controller.log().contains("BITMESH_FAULT: aborting here"), "{}", ln.lab.controller.log_tail(20));
+            assert_eq!(udp_round_trips(&udp, 2, DATAGRAM), 0, "{point}: nothing credited before the restart");
+            ln.lab.controller.set_env("BITMESH_FAULT", None);
+            ln.lab.controller.restart().unwrap();
+            let st = wait_paid(&client, &inv.payment_hash);
+            assert_eq!(st.bytes_credited, k * ROUND_TRIP_BYTES);
+        });
+        assert_eq!(receipts(&ln.lab), 1, "{point}: one receipt");
         assert_eq!(udp_round_trips(&udp, k as usize + 5, DATAGRAM), k as usize, "{point}: credited exactly once");
     }
 }

@@ -220,7 +220,7 @@ impl Gateway {
         let ttl = i64::try_from(ttl).unwrap_or(i64::MAX);
         let _serial = self.write_lock.lock().await;
         let outcome = self.store_call(move |s| s.ln_record_receipt(hash, amount_msat, unix_now(), ttl, bytes_for_receipt)).await?;
-        crate::lightning::fault_point("ln-after-journal");
+        crate::lightning::fault_point("ln-after-journal", &hash.to_string());
         let (receipt, account, fresh) = match outcome {
             ReceiptOutcome::Recorded(r, a) => (r, a, true),
             ReceiptOutcome::Duplicate(r, a) => (r, a, false),

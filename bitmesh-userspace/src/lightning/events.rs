@@ -20,7 +20,7 @@ pub async fn run_event_loop(node: Arc<Node>, gw: Arc<Gateway>) {
         match &event {
             Event::PaymentReceived { payment_hash, amount_msat, .. } => {
                 let hash = PaymentHash(payment_hash.0);
-                super::fault_point("ln-before-journal");
+                super::fault_point("ln-before-journal", &hash.to_string());
                 // Retry until the receipt is on disk and credited: acknowledging the
                 // event without that would lose a paid purchase.
                 loop {

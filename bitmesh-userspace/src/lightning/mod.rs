@@ -35,13 +35,14 @@ pub enum LightningError {
     Node(String),
 }
 
-/// Abort the process at a named point when `BITMESH_FAULT` names it: the fault
-/// tests' way to stop the controller exactly between two steps of the money path
-/// (e.g. after the receipt is journaled, before the kernel is credited). Without the
-/// variable this does nothing.
-pub fn fault_point(name: &str) {
-    if std::env::var("BITMESH_FAULT").is_ok_and(|v| v == name) {
-        tracing::error!(point = name, "BITMESH_FAULT: aborting here");
+/// Abort the process at a named point when `BITMESH_FAULT` names it (`NAME`, or
+/// `NAME:DETAIL` for one payment hash only): the fault tests' way to stop the
+/// controller exactly between two steps of the money path (e.g. after the receipt
+/// is journaled, before the kernel is credited). Without the variable this does
+/// nothing.
+pub fn fault_point(name: &str, detail: &str) {
+    if std::env::var("BITMESH_FAULT").is_ok_and(|v| v == name || v == format!("{name}:{detail}")) {
+        tracing::error!(point = name, detail, "BITMESH_FAULT: aborting here");
         std::process::abort();
     }
 }
