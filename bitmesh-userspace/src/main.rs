@@ -37,6 +37,8 @@ struct SocketArg {
     admin_socket: PathBuf,
 }
 
+// Parsed once per process: the size of `Run`'s flags does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run the gateway controller (as root): meter, client API, settlement.

@@ -69,10 +69,12 @@ impl TestNode {
     fn start_with(chain: &Bitcoind, alias: &str, adjust: impl FnOnce(&mut Builder)) -> Result<TestNode> {
         let dir = tempfile::Builder::new().prefix("bitmesh-ldk-").tempdir()?;
         let port = free_port();
-        let mut config = Config::default();
-        config.network = bitcoin::Network::Regtest;
-        config.storage_dir_path = dir.path().to_string_lossy().into_owned();
-        config.anchor_channels_config = Some(AnchorChannelsConfig { trusted_peers_no_reserve: Vec::new(), per_channel_reserve_sats: 0 });
+        let config = Config {
+            network: bitcoin::Network::Regtest,
+            storage_dir_path: dir.path().to_string_lossy().into_owned(),
+            anchor_channels_config: Some(AnchorChannelsConfig { trusted_peers_no_reserve: Vec::new(), per_channel_reserve_sats: 0 }),
+            ..Config::default()
+        };
         let mut b = Builder::from_config(config);
         let (user, pass) = cookie(chain);
         b.set_chain_source_bitcoind_rpc("127.0.0.1".into(), chain.rpc_port, user, pass);

@@ -333,3 +333,46 @@ fn the_operator_opens_a_channel_from_the_gateway_node() {
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
 }
+
+/// Measurement, not a check: how long from the payer's wallet seeing the payment
+/// succeed (and from the moment it starts paying) until the buyer's traffic passes
+/// the kernel. `cargo test -p bitmesh-tests --test lightning -- --ignored --nocapture`
+#[test]
+#[ignore = "measurement: prints invoice-paid-to-traffic latency percentiles"]
+fn measure_paid_to_traffic_latency() {
+    let Some(ln) = LnLab::start(&[]) else { return };
+    let lab = &ln.lab;
+    let client = ScriptedClient::new(&lab.topo.client, lab.api());
+    let udp = lab.client_udp().unwrap();
+    udp.set_read_timeout(Some(Duration::from_millis(2))).unwrap();
+    let payload = vec![0x5a; DATAGRAM];
+    let mut buf = vec![0u8; DATAGRAM + 64];
+    let (mut from_paid, mut from_start) = (Vec::new(), Vec::new());
+    for _ in 0..30 {
+        let inv = ask_invoice(&client, json!({ "bytes": ROUND_TRIP_BYTES }));
+        let start = Instant::now();
+        assert!(ln.payer.pay(&inv.bolt11).unwrap());
+        let paid = Instant::now();
+        loop {
+            udp.send(&payload).unwrap();
+            if matches!(udp.recv(&mut buf), Ok(n) if n == DATAGRAM) {
+                break;
+            }
+            assert!(paid.elapsed() < Duration::from_secs(10), "traffic never passed");
+        }
+        let now = Instant::now();
+        from_paid.push(now - paid);
+        from_start.push(now - start);
+    }
+    from_paid.sort();
+    from_start.sort();
+    let pct = |v: &[Duration], p: usize| v[(v.len() * p / 100).min(v.len() - 1)];
+    eprintln!(
+        "Lightning paid -> traffic passes: p50 {:?} p99 {:?}; payer starts paying -> traffic: p50 {:?} p99 {:?} ({} purchases)",
+        pct(&from_paid, 50),
+        pct(&from_paid, 99),
+        pct(&from_start, 50),
+        pct(&from_start, 99),
+        from_paid.len()
+    );
+}

@@ -134,6 +134,35 @@ pub fn earnings_text(e: &Earnings) -> String {
     s
 }
 
+/// `bitmesh lightning`: the node, its balances and channels, pending invoices.
+pub fn lightning_text(i: &crate::lightning::operator::LightningInfo) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(out, "node id:          {}", i.node_id);
+    let _ = writeln!(out, "listening on:     {}", if i.listening.is_empty() { "-".into() } else { i.listening.join(", ") });
+    let _ = writeln!(out, "on-chain:         {} sat ({} spendable, {} anchor reserve)", i.onchain_total_sat, i.onchain_spendable_sat, i.anchor_reserve_sat);
+    let _ = writeln!(out, "deposit address:  {}", i.deposit_address);
+    let _ = writeln!(out, "in channels:      {} sat", i.lightning_balance_sat);
+    let _ = writeln!(out, "channels ({}):", i.channels.len());
+    for c in &i.channels {
+        let _ = writeln!(
+            out,
+            "  {}  peer {}  {} sat  outbound {} sat  inbound {} sat  {}",
+            c.channel_id,
+            c.counterparty,
+            c.capacity_sat,
+            c.outbound_msat / 1000,
+            c.inbound_msat / 1000,
+            if c.usable { "usable" } else if c.ready { "ready" } else { "pending" }
+        );
+    }
+    let _ = writeln!(out, "pending invoices ({}):", i.pending_invoices.len());
+    for p in &i.pending_invoices {
+        let _ = writeln!(out, "  {}  {}  {} bytes  {} msat  expires {}", p.payment_hash, p.mac, p.bytes, p.amount_msat, p.expires_at);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -214,31 +243,3 @@ mod tests {
     }
 }
 
-/// `bitmesh lightning`: the node, its balances and channels, pending invoices.
-pub fn lightning_text(i: &crate::lightning::operator::LightningInfo) -> String {
-    use std::fmt::Write;
-    let mut out = String::new();
-    let _ = writeln!(out, "node id:          {}", i.node_id);
-    let _ = writeln!(out, "listening on:     {}", if i.listening.is_empty() { "-".into() } else { i.listening.join(", ") });
-    let _ = writeln!(out, "on-chain:         {} sat ({} spendable, {} anchor reserve)", i.onchain_total_sat, i.onchain_spendable_sat, i.anchor_reserve_sat);
-    let _ = writeln!(out, "deposit address:  {}", i.deposit_address);
-    let _ = writeln!(out, "in channels:      {} sat", i.lightning_balance_sat);
-    let _ = writeln!(out, "channels ({}):", i.channels.len());
-    for c in &i.channels {
-        let _ = writeln!(
-            out,
-            "  {}  peer {}  {} sat  outbound {} sat  inbound {} sat  {}",
-            c.channel_id,
-            c.counterparty,
-            c.capacity_sat,
-            c.outbound_msat / 1000,
-            c.inbound_msat / 1000,
-            if c.usable { "usable" } else if c.ready { "ready" } else { "pending" }
-        );
-    }
-    let _ = writeln!(out, "pending invoices ({}):", i.pending_invoices.len());
-    for p in &i.pending_invoices {
-        let _ = writeln!(out, "  {}  {}  {} bytes  {} msat  expires {}", p.payment_hash, p.mac, p.bytes, p.amount_msat, p.expires_at);
-    }
-    out
-}

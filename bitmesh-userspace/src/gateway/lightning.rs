@@ -109,6 +109,15 @@ impl Gateway {
         Ok(())
     }
 
+    /// Bind `mac` in the kernel to the address it last asked from (an invoice or a
+    /// restore): the MAC-cloning defence of the channels (`--enforce-bound-ip`).
+    pub(super) fn bind_to_last_address(&self, mac: Mac) -> Result<(), GatewayError> {
+        if let Some(b) = self.store.client_bindings()?.into_iter().find(|b| b.mac == mac) {
+            self.with_meter(|m| m.bind_source(mac, b.ip))?;
+        }
+        Ok(())
+    }
+
     /// Set `mac`'s kernel CREDIT to its target (entries must exist).
     fn apply_credit_target(&self, mac: Mac) -> Result<ByteCount, GatewayError> {
         let target = self.credit_target(mac, self.open_channel_credit(mac)?)?;
@@ -184,7 +193,11 @@ impl Gateway {
             expires_at: i64::try_from(inv.expires_at).unwrap_or(i64::MAX),
             now: unix_now(),
         };
-        self.store_call(move |s| s.ln_record_invoice(&record)).await?;
+        self.store_call(move |s| {
+            s.bind_client(mac, peer)?;
+            s.ln_record_invoice(&record)
+        })
+        .await?;
         info!(%mac, payment_hash = %inv.payment_hash, bytes, amount_msat, "Lightning invoice issued");
         Ok(Invoice {
             payment_hash: inv.payment_hash.to_string(),
@@ -231,6 +244,7 @@ impl Gateway {
         }
         if let Some(mac) = account.and_then(|a| a.mac) {
             self.ensure_metered(mac)?;
+            self.bind_to_last_address(mac)?;
             let target = self.apply_credit_target(mac)?;
             if fresh {
                 info!(%mac, payment_hash = %hash, amount_msat, bytes = receipt.bytes_credited, credited = target.0, "Lightning payment credited");
@@ -275,7 +289,9 @@ impl Gateway {
             }
             info!(from = %old, to = %mac, bytes = moved.live(), "Lightning credit moved to a new MAC");
         }
+        self.store.bind_client(mac, peer).map_err(GatewayError::from)?;
         self.ensure_metered(mac)?;
+        self.bind_to_last_address(mac)?;
         self.apply_credit_target(mac)?;
         let credit = self.device_credit(mac)?;
         Ok(RestoreResponse {

@@ -93,6 +93,10 @@ fn ip(s: &str) -> IpAddr {
 }
 
 fn lab(store: Arc<Store>, meter: SharedMeter) -> Arc<Gateway> {
+    lab_with(store, meter, |_| {})
+}
+
+fn lab_with(store: Arc<Store>, meter: SharedMeter, adjust: impl FnOnce(&mut LightningSettings)) -> Arc<Gateway> {
     let m = Cli::command().try_get_matches_from(["x", "--network", "regtest", "--lightning"]).unwrap();
     let args = RunArgs::from_arg_matches(&m).unwrap();
     let policy = args.policy().unwrap();
@@ -115,6 +119,7 @@ fn lab(store: Arc<Store>, meter: SharedMeter) -> Arc<Gateway> {
     .unwrap();
     let mut settings = LightningSettings::from_args(&args).unwrap().unwrap();
     settings.bundles = parse_bundles("1MiB,10MiB").unwrap();
+    adjust(&mut settings);
     gw.attach_lightning(LightningRail {
         invoices: Arc::new(StandInNode::default()),
         settings,
@@ -283,4 +288,19 @@ async fn expired_credit_is_removed_from_the_kernel() {
     let err = gw.restore(ip(B), RestoreRequest { token: inv.token.clone() }).await.unwrap_err();
     assert_eq!(err.code(), ErrorCode::TokenExpired);
     assert_eq!(store.ln_totals().unwrap().bytes_expired, MIB);
+}
+
+#[tokio::test]
+async fn a_payment_that_arrives_after_the_invoice_expired_is_still_credited() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(&Store::path_in(dir.path())).unwrap());
+    let meter = SharedMeter::default();
+    let gw = lab_with(store.clone(), meter.clone(), |s| s.invoice_expiry = std::time::Duration::ZERO);
+    let inv = gw.create_invoice(ip(A), InvoiceRequest { bundle: Some("1MiB".into()), ..Default::default() }).await.unwrap();
+    assert_eq!(gw.invoice_status(&inv.payment_hash).unwrap().state, InvoiceState::Expired);
+    // The node accepted it anyway (its clock is the chain's): the buyer paid, so it is credited.
+    gw.credit_lightning_receipt(hash_of(&inv), inv.amount_msat).await.unwrap();
+    let st = gw.invoice_status(&inv.payment_hash).unwrap();
+    assert_eq!((st.state, st.bytes_credited), (InvoiceState::Paid, MIB));
+    assert_eq!(meter.credit(MAC_A), Some(MIB));
 }

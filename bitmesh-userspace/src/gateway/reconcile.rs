@@ -82,6 +82,7 @@ impl Gateway {
             };
             let usage = self.start_count(mac, maps_were_pinned, usage)?;
             self.with_meter(|m| m.restore_client(mac, usage))?;
+            self.bind_to_last_address(mac)?;
             let target = self.credit_target(mac, ByteCount::ZERO)?;
             self.with_meter(|m| m.set_credit(mac, target))?;
             report.lightning_clients += 1;

@@ -114,13 +114,17 @@ pub fn start(spec: NodeSpec, runtime: tokio::runtime::Handle) -> Result<(Arc<Nod
     let seed = load_or_create_seed(&seed_path(&spec.data_dir))?;
     let token_key = super::token::TokenKey::from_seed(&seed);
     let s = &spec.settings;
-    let mut config = Config::default();
-    config.network = spec.network;
-    config.storage_dir_path = dir.to_string_lossy().into_owned();
-    // A fresh gateway node has no on-chain funds; with the default reserve
-    // (25,000 sat per anchor channel) it would refuse every inbound channel.
-    config.anchor_channels_config =
-        Some(AnchorChannelsConfig { trusted_peers_no_reserve: Vec::new(), per_channel_reserve_sats: s.anchor_reserve_sat });
+    let config = Config {
+        network: spec.network,
+        storage_dir_path: dir.to_string_lossy().into_owned(),
+        // A fresh gateway node has no on-chain funds; with the default reserve
+        // (25,000 sat per anchor channel) it would refuse every inbound channel.
+        anchor_channels_config: Some(AnchorChannelsConfig {
+            trusted_peers_no_reserve: Vec::new(),
+            per_channel_reserve_sats: s.anchor_reserve_sat,
+        }),
+        ..Config::default()
+    };
     let mut builder = Builder::from_config(config);
     builder.set_runtime(runtime);
     builder.set_entropy_seed_bytes(seed);
