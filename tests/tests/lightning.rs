@@ -376,3 +376,46 @@ fn measure_paid_to_traffic_latency() {
         from_paid.len()
     );
 }
+
+fn rss_kib(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)).unwrap().parse().unwrap()
+}
+
+/// Measurement, not a check: the controller's resident memory without Lightning,
+/// with its node running, and with 100 devices that bought over Lightning.
+#[test]
+#[ignore = "measurement: prints the controller's RSS with the Lightning node and 100 Lightning clients"]
+fn measure_rss_with_the_node_and_100_lightning_clients() {
+    let Some(plain) = Lab::start(&[]).unwrap() else { return };
+    std::thread::sleep(Duration::from_secs(2));
+    let without = rss_kib(plain.controller.pid().unwrap());
+    drop(plain);
+    let Some(ln) = LnLab::start(&[]) else { return };
+    let lab = &ln.lab;
+    std::thread::sleep(Duration::from_secs(2));
+    let idle = rss_kib(lab.controller.pid().unwrap());
+    let ids = lab.add_client_identities(100, true).unwrap();
+    for chunk in ids.chunks(10) {
+        std::thread::scope(|s| {
+            for id in chunk {
+                let payer = &ln.payer;
+                s.spawn(move || {
+                    let c = ScriptedClient::with_identity(&lab.topo.client, lab.api(), id.clone());
+                    let inv = ask_invoice(&c, json!({ "bundle": "40KiB" }));
+                    assert!(payer.pay(&inv.bolt11).unwrap());
+                    wait_paid(&c, &inv.payment_hash);
+                });
+            }
+        });
+    }
+    assert_eq!(receipts(lab), 100);
+    std::thread::sleep(Duration::from_secs(2));
+    let loaded = rss_kib(lab.controller.pid().unwrap());
+    eprintln!(
+        "controller RSS: without Lightning {} MiB; with the node, idle {} MiB; with 100 Lightning clients {} MiB",
+        without / 1024,
+        idle / 1024,
+        loaded / 1024
+    );
+}
