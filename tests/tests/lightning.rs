@@ -419,3 +419,55 @@ fn measure_rss_with_the_node_and_100_lightning_clients() {
         loaded / 1024
     );
 }
+
+#[test]
+fn bitmesh_pay_lightning_prints_each_invoice_and_buys_the_next_at_half_the_bundle() {
+    use std::io::BufRead;
+    let Some(ln) = LnLab::start(&[]) else { return };
+    let lab = &ln.lab;
+    let bin = bitmesh_tests::process::bitmesh_bin().unwrap();
+    let udp = lab.client_udp().unwrap();
+    // 40 KiB at 8,000 sat/MiB = 313 sat a bundle: --max-spend 700 allows two.
+    let mut child = lab
+        .topo
+        .client
+        .command(bin.to_str().unwrap())
+        .args(["pay", "--lightning", "--gateway", &format!("http://{}", lab.api()), "--max-price", "8000", "--max-spend", "700"])
+        .args(["--iface", &lab.topo.veth.b, "--poll-ms", "100", "--exit-when-spent", "--bundle", "40KiB"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut next_invoice = || loop {
+        let line = lines.next().expect("agent output ended").unwrap();
+        if line.starts_with("lnbcrt") {
+            return line;
+        }
+    };
+    let first = next_invoice();
+    assert!(ln.payer.pay(&first).unwrap());
+    // Use a bit over half the bundle: the agent asks for the next one.
+    assert_eq!(udp_round_trips(&udp, 11, DATAGRAM), 11);
+    let second = next_invoice();
+    assert_ne!(first, second);
+    assert!(ln.payer.pay(&second).unwrap());
+    // Use everything: 80 KiB bought = 39 round trips in all.
+    let mut passed = 11;
+    for _ in 0..40 {
+        passed += udp_round_trips(&udp, 1, DATAGRAM);
+    }
+    assert_eq!(passed as u64, 2 * 40 * 1024 / ROUND_TRIP_BYTES, "two bundles, exactly");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the agent did not exit once its budget was spent");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success());
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert!(rest.iter().any(|l| l.contains("bought 2 bundle(s)")), "{rest:?}");
+    assert_eq!(receipts(lab), 2);
+}
