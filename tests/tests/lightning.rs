@@ -326,6 +326,13 @@ fn the_operator_opens_a_channel_from_the_gateway_node() {
     peer.wait_usable_channel(Duration::from_secs(30)).unwrap();
     let text = lab.controller.cli_text(&["lightning"]).unwrap();
     assert!(text.contains("channels (1)") && text.contains("usable"), "{text}");
+    // Withdraw on chain: the transaction reaches the node's mempool.
+    let dest = peer.node.onchain_payment().new_address().unwrap().to_string();
+    let out = lab.controller.cli_text(&["lightning", "withdraw", "--address", &dest, "--sat", "20000"]).unwrap();
+    let txid = out.trim().rsplit(' ').next().unwrap().to_owned();
+    assert!(out.contains("sent: txid"), "{out}");
+    let mempool = lab.node.rpc().call_raw("getrawmempool", &[]).unwrap();
+    assert!(mempool.as_array().unwrap().iter().any(|t| t == txid.as_str()), "{txid} not in {mempool}");
     // The seed can be exported (64 bytes, hex), and equals the 0600 file.
     let seed = lab.controller.cli_text(&["lightning", "export-seed"]).unwrap();
     assert_eq!(seed.trim().len(), 128);
