@@ -21,7 +21,7 @@ pub enum LightningPayError {
     #[error(transparent)]
     Http(#[from] HttpError),
     #[error(transparent)]
-    Meter(#[from] crate::meter::MeterError),
+    Meter(#[from] crate::meter::ByteMeterError),
     #[error("the gateway sells no Lightning bundles (its terms have no `lightning`): use `bitmesh pay` without --lightning")]
     NotOffered,
     #[error("the gateway's price {price} is above --max-price {limit}")]

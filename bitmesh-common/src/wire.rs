@@ -29,6 +29,7 @@ mod captive;
 mod events;
 mod lightning;
 pub mod routes;
+mod signed;
 
 pub use captive::{CaptiveStatus, CAPTIVE_JSON};
 pub use events::{ClientEvent, UsageReport};
@@ -36,6 +37,7 @@ pub use lightning::{
     Bundle, DeviceCredit, Invoice, InvoiceRequest, InvoiceState, InvoiceStatus, LightningTerms, Rail, RestoreRequest,
     RestoreResponse,
 };
+pub use signed::{SignedAction, SignedRequest};
 
 /// Version of this message set; bumped on any incompatible change.
 pub const PROTOCOL_VERSION: u32 = 1;

@@ -21,8 +21,8 @@ use ldk_node::liquidity::LSPS2ServiceConfig;
 use ldk_node::payment::{PaymentDirection, PaymentStatus};
 use ldk_node::{Builder, Event, Node};
 
-use crate::bitcoind::Bitcoind;
-use crate::netns::{Netns, ServerThread};
+use crate::chain::Bitcoind;
+use crate::network::{in_netns_named, Netns, ServerThread};
 
 /// An ldk-node in the test's own namespace, on the test's regtest node.
 pub struct TestNode {
@@ -237,7 +237,7 @@ impl IntoNetnsRelay {
                     Ok((outside, _)) => {
                         let _ = outside.set_nonblocking(false);
                         // A socket made inside the namespace connects from there.
-                        let Ok(inside) = crate::netns::in_netns_named(&ns_name, || Ok(TcpStream::connect(target)?)) else {
+                        let Ok(inside) = in_netns_named(&ns_name, || Ok(TcpStream::connect(target)?)) else {
                             continue;
                         };
                         let _ = inside.set_nodelay(true);

@@ -9,9 +9,13 @@ use std::time::{Duration, Instant};
 
 use bitmesh::store::Store;
 use bitmesh_common::wire::{Invoice, InvoiceState, InvoiceStatus, RestoreResponse};
-use bitmesh_tests::controller::{udp_round_trips, ClientIdentity, Lab, LoopbackRelay, ScriptedClient};
+use bitmesh_tests::chain::LoopbackRelay;
+use bitmesh_tests::client::ScriptedClient;
+use bitmesh_tests::controller::{Controller, ControllerOpts};
 use bitmesh_tests::env::wait_for_true;
 use bitmesh_tests::lightning::{IntoNetnsRelay, TestNode};
+use bitmesh_tests::network::ClientIdentity;
+use bitmesh_tests::testbed::Testbed;
 use serde_json::json;
 
 /// 8,000 sat per MiB: a few hundred bytes cost a satoshi, so byte counts stay small.
@@ -22,55 +26,53 @@ const ROUND_TRIP_BYTES: u64 = 2 * (DATAGRAM as u64 + 42);
 /// Where the gateway's node listens inside its namespace.
 const GATEWAY_LN_PORT: u16 = 9735;
 
-/// A lab whose controller sells Lightning bundles, a funded payer with a channel to
-/// the gateway's node, and the relay between them.
-struct LnLab {
+/// Send `count` datagrams through the gateway and count the echoes (100 ms each).
+fn udp_round_trips(sock: &std::net::UdpSocket, count: usize, size: usize) -> usize {
+    let payload = vec![0x5a; size];
+    let mut buf = vec![0u8; size + 64];
+    let _ = sock.set_nonblocking(true);
+    while sock.recv(&mut buf).is_ok() {}
+    let _ = sock.set_nonblocking(false);
+    (0..count).filter(|_| sock.send(&payload).is_ok() && matches!(sock.recv(&mut buf), Ok(n) if n == size)).count()
+}
+
+/// The controller options: Lightning on, the test price and bundles, and `extra`.
+fn opts(extra: &[&str]) -> ControllerOpts {
+    let listen = format!("127.0.0.1:{GATEWAY_LN_PORT}");
+    ControllerOpts::new()
+        .with(&["--lightning", "--lightning-listen", &listen, "--price-msat-per-mib", PRICE, "--bundles", "40KiB,1MiB"])
+        .with(extra)
+}
+
+fn node_info(ctl: &Controller<'_>) -> serde_json::Value {
+    ctl.cli_json(&["lightning"]).unwrap()
+}
+
+/// A funded payer with a channel to the gateway's node, and the relay between them.
+struct Payer {
     payer: TestNode,
     relay: IntoNetnsRelay,
     gateway_id: String,
-    lab: Lab,
 }
 
-fn start_controller(extra: &[&str]) -> Option<Lab> {
-    let listen = format!("127.0.0.1:{GATEWAY_LN_PORT}");
-    let mut flags = vec![
-        "--lightning",
-        "--lightning-listen",
-        listen.as_str(),
-        "--price-msat-per-mib",
-        PRICE,
-        "--bundles",
-        "40KiB,1MiB",
-    ];
-    flags.extend_from_slice(extra);
-    let flags: Vec<String> = flags.iter().map(|s| s.to_string()).collect();
-    Lab::start_with(|o| o.with(&flags.iter().map(String::as_str).collect::<Vec<_>>())).unwrap()
-}
-
-fn node_info(lab: &Lab) -> serde_json::Value {
-    lab.controller.cli_json(&["lightning"]).unwrap()
-}
-
-impl LnLab {
-    fn start(extra: &[&str]) -> Option<LnLab> {
-        let lab = start_controller(extra)?;
-        let gateway_id = node_info(&lab)["node_id"].as_str().unwrap().to_owned();
-        let relay = IntoNetnsRelay::start(&lab.topo.gateway, ([127, 0, 0, 1], GATEWAY_LN_PORT).into()).unwrap();
-        let payer = TestNode::start(&lab.node, "payer").unwrap();
-        payer.fund(&lab.node, 1).unwrap();
-        payer.open_channel_to(&lab.node, &format!("{gateway_id}@127.0.0.1:{}", relay.port), 2_000_000).unwrap();
-        let me = LnLab { payer, relay, gateway_id, lab };
-        me.wait_gateway_channel();
-        me.lab.wait_synced().unwrap();
-        Some(me)
+impl Payer {
+    fn connect(bed: &Testbed, ctl: &Controller<'_>) -> Payer {
+        let gateway_id = node_info(ctl)["node_id"].as_str().unwrap().to_owned();
+        let relay = IntoNetnsRelay::start(bed.gateway(), ([127, 0, 0, 1], GATEWAY_LN_PORT).into()).unwrap();
+        let payer = TestNode::start(&bed.node, "payer").unwrap();
+        payer.fund(&bed.node, 1).unwrap();
+        payer.open_channel_to(&bed.node, &format!("{gateway_id}@127.0.0.1:{}", relay.port), 2_000_000).unwrap();
+        wait_gateway_channel(ctl);
+        bed.wait_synced().unwrap();
+        Payer { payer, relay, gateway_id }
     }
+}
 
-    /// Wait until the gateway's node lists a usable channel.
-    fn wait_gateway_channel(&self) {
-        wait_for_true("the gateway's Lightning channel is usable", Duration::from_secs(60), || {
-            node_info(&self.lab)["channels"].as_array().is_some_and(|c| c.iter().any(|c| c["usable"] == true))
-        });
-    }
+/// Wait until the gateway's node lists a usable channel.
+fn wait_gateway_channel(ctl: &Controller<'_>) {
+    wait_for_true("the gateway's Lightning channel is usable", Duration::from_secs(60), || {
+        node_info(ctl)["channels"].as_array().is_some_and(|c| c.iter().any(|c| c["usable"] == true))
+    });
 }
 
 fn ask_invoice(client: &ScriptedClient, body: serde_json::Value) -> Invoice {
@@ -97,16 +99,17 @@ fn wait_paid(client: &ScriptedClient, hash: &str) -> InvoiceStatus {
     }
 }
 
-fn receipts(lab: &Lab) -> u64 {
-    Store::open(&Store::path_in(&lab.controller.data_dir)).unwrap().ln_totals().unwrap().receipts
+fn receipts(ctl: &Controller<'_>) -> u64 {
+    Store::open(&Store::path_in(&ctl.data_dir())).unwrap().ln_totals().unwrap().receipts
 }
 
 #[test]
 fn a_bundle_paid_over_lightning_passes_exactly_its_bytes_once() {
-    let Some(ln) = LnLab::start(&[]) else { return };
-    let lab = &ln.lab;
-    let client = ScriptedClient::new(&lab.topo.client, lab.api());
-    let udp = lab.client_udp().unwrap();
+    let Some(bed) = Testbed::start(1).unwrap() else { return };
+    let ctl = bed.start_controller(&opts(&[])).unwrap();
+    let ln = Payer::connect(&bed, &ctl);
+    let client = ScriptedClient::new(bed.client_ns(), bed.api());
+    let udp = bed.client_udp().unwrap();
     assert_eq!(udp_round_trips(&udp, 2, DATAGRAM), 0, "unpaid: blocked");
 
     // The terms show the bundles, priced by the price flag.
@@ -120,18 +123,18 @@ fn a_bundle_paid_over_lightning_passes_exactly_its_bytes_once() {
     let k = 20;
     let inv = ask_invoice(&client, json!({ "bytes": k * ROUND_TRIP_BYTES }));
     assert_eq!(status(&client, &inv.payment_hash).state, InvoiceState::Pending);
-    assert!(ln.payer.pay(&inv.bolt11).unwrap(), "payment failed:\n{}", lab.controller.log_tail(30));
+    assert!(ln.payer.pay(&inv.bolt11).unwrap(), "payment failed:\n{}", ctl.log_tail(30));
     let st = wait_paid(&client, &inv.payment_hash);
     assert_eq!(st.bytes_credited, k * ROUND_TRIP_BYTES);
     assert_eq!(udp_round_trips(&udp, k as usize + 5, DATAGRAM), k as usize, "exactly the bytes bought pass, then it stops");
     assert_eq!(udp_round_trips(&udp, 3, DATAGRAM), 0);
 
     // Paid twice (a second payer): refused by the gateway's node, credited once.
-    let second = TestNode::start(&lab.node, "second").unwrap();
-    second.fund(&lab.node, 1).unwrap();
-    second.open_channel_to(&lab.node, &format!("{}@127.0.0.1:{}", ln.gateway_id, ln.relay.port), 500_000).unwrap();
+    let second = TestNode::start(&bed.node, "second").unwrap();
+    second.fund(&bed.node, 1).unwrap();
+    second.open_channel_to(&bed.node, &format!("{}@127.0.0.1:{}", ln.gateway_id, ln.relay.port), 500_000).unwrap();
     assert!(!second.pay(&inv.bolt11).unwrap(), "a second payment of a paid invoice must fail");
-    assert_eq!(receipts(lab), 1);
+    assert_eq!(receipts(&ctl), 1);
     assert_eq!(udp_round_trips(&udp, 2, DATAGRAM), 0, "nothing credited for the second attempt");
 
     // Overpayment buys proportionally more: twice the amount, twice the bytes.
@@ -143,9 +146,9 @@ fn a_bundle_paid_over_lightning_passes_exactly_its_bytes_once() {
     assert_eq!(udp_round_trips(&udp, 25, DATAGRAM), 20);
 
     // The operator sees the rail and the receipts.
-    let row = lab.client_row().unwrap().expect("client row");
+    let row = ctl.client_row().unwrap().expect("client row");
     assert_eq!(row["rail"], "lightning", "{row}");
-    let earnings = lab.controller.earnings().unwrap();
+    let earnings = ctl.earnings().unwrap();
     assert_eq!(earnings["lightning_receipts"], 2, "{earnings}");
     assert_eq!(earnings["lightning_received_msat"], inv.amount_msat + 2 * inv2.amount_msat, "{earnings}");
 
@@ -167,25 +170,26 @@ fn a_bundle_paid_over_lightning_passes_exactly_its_bytes_once() {
 
 #[test]
 fn an_invoice_asked_from_one_mac_is_restored_to_the_next_and_expired_invoices_stay_unpaid() {
-    let Some(ln) = LnLab::start(&["--invoice-expiry-secs", "60"]) else { return };
-    let lab = &ln.lab;
-    let ids = lab.add_client_identities(2, false).unwrap();
-    let phone_a = ScriptedClient::with_identity(&lab.topo.client, lab.api(), ids[0].clone());
-    let phone_b = ScriptedClient::with_identity(&lab.topo.client, lab.api(), ids[1].clone());
+    let Some(bed) = Testbed::start(1).unwrap() else { return };
+    let ctl = bed.start_controller(&opts(&["--invoice-expiry-secs", "60"])).unwrap();
+    let ln = Payer::connect(&bed, &ctl);
+    let ids = bed.add_client_identities(2, false).unwrap();
+    let phone_a = ScriptedClient::with_identity(bed.client_ns(), bed.api(), ids[0].clone());
+    let phone_b = ScriptedClient::with_identity(bed.client_ns(), bed.api(), ids[1].clone());
 
     // The device asks from MAC A, then changes to MAC B before the payment lands.
     let inv = ask_invoice(&phone_a, json!({ "bundle": "40KiB" }));
     assert!(ln.payer.pay(&inv.bolt11).unwrap());
     wait_paid(&phone_a, &inv.payment_hash);
-    let row_a = lab.controller.client(&ids[0].mac).expect("A metered");
+    let row_a = ctl.client(&ids[0].mac).expect("A metered");
     assert_eq!(row_a["credited_bytes"], 40 * 1024);
     // On MAC B, the purchase token moves the credit; A loses it in the kernel.
     let r = phone_b.post("/v1/restore", &json!({ "token": inv.token })).unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
     let moved: RestoreResponse = serde_json::from_slice(&r.body).unwrap();
     assert_eq!(moved.bytes_remaining, 40 * 1024);
-    assert!(lab.controller.client(&ids[0].mac).is_none_or(|r| r["metered"] == false), "A lost its kernel entries");
-    let row_b = lab.controller.client(&ids[1].mac).expect("B metered");
+    assert!(ctl.client(&ids[0].mac).is_none_or(|r| r["metered"] == false), "A lost its kernel entries");
+    let row_b = ctl.client(&ids[1].mac).expect("B metered");
     assert_eq!(row_b["credited_bytes"], 40 * 1024);
     assert_eq!(row_b["remaining_bytes"], 40 * 1024);
 
@@ -201,7 +205,7 @@ fn an_invoice_asked_from_one_mac_is_restored_to_the_next_and_expired_invoices_st
         assert_eq!(st.bytes_credited, 40 * 1024);
     } else {
         assert_eq!(status(&phone_b, &late.payment_hash).state, InvoiceState::Expired);
-        assert_eq!(receipts(lab), 1);
+        assert_eq!(receipts(&ctl), 1);
     }
 }
 
@@ -211,44 +215,47 @@ fn kill_9_between_the_claim_and_the_credit_credits_exactly_once() {
     // payment and before the receipt is journaled, or after the journal and before
     // the kernel credit. At the restart ldk-node delivers the payment again.
     for point in ["ln-after-journal", "ln-before-journal"] {
-        let Some(mut ln) = LnLab::start(&[]) else { return };
-        let client = ScriptedClient::new(&ln.lab.topo.client, ln.lab.api());
-        let udp = ln.lab.client_udp().unwrap();
+        let Some(bed) = Testbed::start(1).unwrap() else { return };
+        let mut ctl = bed.start_controller(&opts(&[])).unwrap();
+        let ln = Payer::connect(&bed, &ctl);
+        let client = ScriptedClient::new(bed.client_ns(), bed.api());
+        let udp = bed.client_udp().unwrap();
         let k = 10;
         let inv = ask_invoice(&client, json!({ "bytes": k * ROUND_TRIP_BYTES }));
-        ln.lab.controller.set_env("BITMESH_FAULT", Some(&format!("{point}:{}", inv.payment_hash)));
-        ln.lab.controller.restart().unwrap();
-        ln.wait_gateway_channel();
+        ctl.set_env("BITMESH_FAULT", Some(&format!("{point}:{}", inv.payment_hash)));
+        ctl.restart().unwrap();
+        wait_gateway_channel(&ctl);
         std::thread::scope(|s| {
             let payer = &ln.payer;
             let bolt11 = inv.bolt11.clone();
             s.spawn(move || {
                 let _ = payer.pay(&bolt11);
             });
-            wait_for_true("the controller stopped at the fault point", Duration::from_secs(60), || !ln.lab.controller.running());
-            assert!(ln.lab.controller.log().contains("BITMESH_FAULT: aborting here"), "{}", ln.lab.controller.log_tail(20));
+            wait_for_true("the controller stopped at the fault point", Duration::from_secs(60), || !ctl.running());
+            assert!(ctl.log().contains("BITMESH_FAULT: aborting here"), "{}", ctl.log_tail(20));
             assert_eq!(udp_round_trips(&udp, 2, DATAGRAM), 0, "{point}: nothing credited before the restart");
-            ln.lab.controller.set_env("BITMESH_FAULT", None);
-            ln.lab.controller.restart().unwrap();
+            ctl.set_env("BITMESH_FAULT", None);
+            ctl.restart().unwrap();
             let st = wait_paid(&client, &inv.payment_hash);
             assert_eq!(st.bytes_credited, k * ROUND_TRIP_BYTES);
         });
-        assert_eq!(receipts(&ln.lab), 1, "{point}: one receipt");
+        assert_eq!(receipts(&ctl), 1, "{point}: one receipt");
         assert_eq!(udp_round_trips(&udp, k as usize + 5, DATAGRAM), k as usize, "{point}: credited exactly once");
     }
 }
 
 #[test]
 fn twenty_clients_buy_at_once() {
-    let Some(ln) = LnLab::start(&[]) else { return };
-    let lab = &ln.lab;
-    let ids: Vec<ClientIdentity> = lab.add_client_identities(20, false).unwrap();
+    let Some(bed) = Testbed::start(1).unwrap() else { return };
+    let ctl = bed.start_controller(&opts(&[])).unwrap();
+    let ln = Payer::connect(&bed, &ctl);
+    let ids: Vec<ClientIdentity> = bed.add_client_identities(20, false).unwrap();
     let invoices: Vec<(ClientIdentity, Invoice)> = std::thread::scope(|s| {
         let hs: Vec<_> = ids
             .iter()
             .map(|id| {
                 s.spawn(|| {
-                    let c = ScriptedClient::with_identity(&lab.topo.client, lab.api(), id.clone());
+                    let c = ScriptedClient::with_identity(bed.client_ns(), bed.api(), id.clone());
                     (id.clone(), ask_invoice(&c, json!({ "bundle": "40KiB" })))
                 })
             })
@@ -263,13 +270,13 @@ fn twenty_clients_buy_at_once() {
             s.spawn(move || assert!(payer.pay(&inv.bolt11).unwrap()));
         }
     });
-    let c = ScriptedClient::new(&lab.topo.client, lab.api());
+    let c = ScriptedClient::new(bed.client_ns(), bed.api());
     for (id, inv) in &invoices {
         assert_eq!(wait_paid(&c, &inv.payment_hash).bytes_credited, 40 * 1024);
-        let row = lab.controller.client(&id.mac).expect("metered");
+        let row = ctl.client(&id.mac).expect("metered");
         assert_eq!(row["credited_bytes"], 40 * 1024, "{}", id.mac);
     }
-    assert_eq!(receipts(lab), 20);
+    assert_eq!(receipts(&ctl), 20);
 }
 
 #[test]
@@ -277,66 +284,68 @@ fn first_payments_arrive_through_an_lsps2_just_in_time_channel() {
     // The gateway's node starts with no channel at all; the payer has a channel to
     // the LSP only. The LSP (ldk-node as LSPS2 provider, in the test) opens a channel
     // to the gateway when the first payment arrives.
-    let Some(mut lab) = start_controller(&[]) else { return };
-    let lsp = TestNode::start_lsp(&lab.node).unwrap();
-    lsp.fund(&lab.node, 1).unwrap();
-    let to_lsp = LoopbackRelay::start(&lab.topo.gateway, 0, ([127, 0, 0, 1], lsp.port).into()).unwrap();
+    let Some(bed) = Testbed::start(1).unwrap() else { return };
+    let mut ctl = bed.start_controller(&opts(&[])).unwrap();
+    let lsp = TestNode::start_lsp(&bed.node).unwrap();
+    lsp.fund(&bed.node, 1).unwrap();
+    let to_lsp = LoopbackRelay::start(bed.gateway(), 0, ([127, 0, 0, 1], lsp.port).into()).unwrap();
     let lsp_flag = format!("{}@127.0.0.1:{}", lsp.node.node_id(), to_lsp.port);
-    lab.controller.add_args(&["--lsp", &lsp_flag]);
-    lab.controller.restart().unwrap();
-    let payer = TestNode::start(&lab.node, "payer").unwrap();
-    payer.fund(&lab.node, 1).unwrap();
-    payer.open_channel_to(&lab.node, &lsp.address(), 2_000_000).unwrap();
+    ctl.add_args(&["--lsp", &lsp_flag]);
+    ctl.restart().unwrap();
+    let payer = TestNode::start(&bed.node, "payer").unwrap();
+    payer.fund(&bed.node, 1).unwrap();
+    payer.open_channel_to(&bed.node, &lsp.address(), 2_000_000).unwrap();
     lsp.wait_usable_channel(Duration::from_secs(30)).unwrap();
-    lab.wait_synced().unwrap();
-    assert_eq!(node_info(&lab)["channels"].as_array().map(Vec::len), Some(0), "no inbound liquidity yet");
+    bed.wait_synced().unwrap();
+    assert_eq!(node_info(&ctl)["channels"].as_array().map(Vec::len), Some(0), "no inbound liquidity yet");
 
-    let client = ScriptedClient::new(&lab.topo.client, lab.api());
+    let client = ScriptedClient::new(bed.client_ns(), bed.api());
     let inv = ask_invoice(&client, json!({ "bundle": "1MiB" }));
-    assert!(payer.pay(&inv.bolt11).unwrap(), "JIT payment failed:\n{}", lab.controller.log_tail(40));
+    assert!(payer.pay(&inv.bolt11).unwrap(), "JIT payment failed:\n{}", ctl.log_tail(40));
     let st = wait_paid(&client, &inv.payment_hash);
     assert_eq!(st.bytes_credited, 1 << 20, "the LSP's fee is the gateway's cost, not the buyer's");
-    let row = lab.client_row().unwrap().expect("metered");
+    let row = ctl.client_row().unwrap().expect("metered");
     assert_eq!(row["credited_bytes"], 1 << 20);
-    assert_eq!(node_info(&lab)["channels"].as_array().map(Vec::len), Some(1), "the JIT channel");
+    assert_eq!(node_info(&ctl)["channels"].as_array().map(Vec::len), Some(1), "the JIT channel");
 }
 
 #[test]
 fn the_operator_opens_a_channel_from_the_gateway_node() {
-    let Some(lab) = start_controller(&[]) else { return };
-    let peer = TestNode::start(&lab.node, "peer").unwrap();
-    let to_peer = LoopbackRelay::start(&lab.topo.gateway, 0, ([127, 0, 0, 1], peer.port).into()).unwrap();
-    let info = node_info(&lab);
+    let Some(bed) = Testbed::start(1).unwrap() else { return };
+    let ctl = bed.start_controller(&opts(&[])).unwrap();
+    let peer = TestNode::start(&bed.node, "peer").unwrap();
+    let to_peer = LoopbackRelay::start(bed.gateway(), 0, ([127, 0, 0, 1], peer.port).into()).unwrap();
+    let info = node_info(&ctl);
     let deposit: bitcoin::Address = info["deposit_address"].as_str().unwrap().parse::<bitcoin::Address<_>>().unwrap().assume_checked();
-    lab.node.mine_to(1, &deposit);
-    lab.node.mine(100);
+    bed.node.mine_to(1, &deposit);
+    bed.node.mine(100);
     wait_for_true("the gateway node sees its deposit", Duration::from_secs(60), || {
-        node_info(&lab)["onchain_spendable_sat"].as_u64().unwrap_or(0) > 0
+        node_info(&ctl)["onchain_spendable_sat"].as_u64().unwrap_or(0) > 0
     });
     let target = format!("{}@127.0.0.1:{}", peer.node.node_id(), to_peer.port);
-    let out = lab.controller.cli_text(&["lightning", "open-channel", &target, "100000"]).unwrap();
+    let out = ctl.cli_text(&["lightning", "open-channel", &target, "100000"]).unwrap();
     assert!(out.contains("opening"), "{out}");
     wait_for_true("the funding is broadcast", Duration::from_secs(30), || {
-        lab.node.rpc().call_raw("getrawmempool", &[]).ok().and_then(|v| v.as_array().map(|a| !a.is_empty())).unwrap_or(false)
+        bed.node.rpc().call_raw("getrawmempool", &[]).ok().and_then(|v| v.as_array().map(|a| !a.is_empty())).unwrap_or(false)
     });
-    lab.node.mine(6);
+    bed.node.mine(6);
     wait_for_true("the operator's channel is usable", Duration::from_secs(60), || {
-        node_info(&lab)["channels"].as_array().is_some_and(|c| c.iter().any(|c| c["usable"] == true && c["capacity_sat"] == 100_000))
+        node_info(&ctl)["channels"].as_array().is_some_and(|c| c.iter().any(|c| c["usable"] == true && c["capacity_sat"] == 100_000))
     });
     peer.wait_usable_channel(Duration::from_secs(30)).unwrap();
-    let text = lab.controller.cli_text(&["lightning"]).unwrap();
+    let text = ctl.cli_text(&["lightning"]).unwrap();
     assert!(text.contains("channels (1)") && text.contains("usable"), "{text}");
     // Withdraw on chain: the transaction reaches the node's mempool.
     let dest = peer.node.onchain_payment().new_address().unwrap().to_string();
-    let out = lab.controller.cli_text(&["lightning", "withdraw", "--address", &dest, "--sat", "20000"]).unwrap();
+    let out = ctl.cli_text(&["lightning", "withdraw", "--address", &dest, "--sat", "20000"]).unwrap();
     let txid = out.trim().rsplit(' ').next().unwrap().to_owned();
     assert!(out.contains("sent: txid"), "{out}");
-    let mempool = lab.node.rpc().call_raw("getrawmempool", &[]).unwrap();
+    let mempool = bed.node.rpc().call_raw("getrawmempool", &[]).unwrap();
     assert!(mempool.as_array().unwrap().iter().any(|t| t == txid.as_str()), "{txid} not in {mempool}");
     // The seed can be exported (64 bytes, hex), and equals the 0600 file.
-    let seed = lab.controller.cli_text(&["lightning", "export-seed"]).unwrap();
+    let seed = ctl.cli_text(&["lightning", "export-seed"]).unwrap();
     assert_eq!(seed.trim().len(), 128);
-    let path = lab.controller.data_dir.join("lightning/seed");
+    let path = ctl.data_dir().join("lightning/seed");
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
 }
@@ -347,10 +356,11 @@ fn the_operator_opens_a_channel_from_the_gateway_node() {
 #[test]
 #[ignore = "measurement: prints invoice-paid-to-traffic latency percentiles"]
 fn measure_paid_to_traffic_latency() {
-    let Some(ln) = LnLab::start(&[]) else { return };
-    let lab = &ln.lab;
-    let client = ScriptedClient::new(&lab.topo.client, lab.api());
-    let udp = lab.client_udp().unwrap();
+    let Some(bed) = Testbed::start(1).unwrap() else { return };
+    let ctl = bed.start_controller(&opts(&[])).unwrap();
+    let ln = Payer::connect(&bed, &ctl);
+    let client = ScriptedClient::new(bed.client_ns(), bed.api());
+    let udp = bed.client_udp().unwrap();
     udp.set_read_timeout(Some(Duration::from_millis(2))).unwrap();
     let payload = vec![0x5a; DATAGRAM];
     let mut buf = vec![0u8; DATAGRAM + 64];
@@ -394,21 +404,23 @@ fn rss_kib(pid: u32) -> u64 {
 #[test]
 #[ignore = "measurement: prints the controller's RSS with the Lightning node and 100 Lightning clients"]
 fn measure_rss_with_the_node_and_100_lightning_clients() {
-    let Some(plain) = Lab::start(&[]).unwrap() else { return };
+    let Some(bed) = Testbed::start(1).unwrap() else { return };
+    let plain = bed.start_controller(&ControllerOpts::new()).unwrap();
     std::thread::sleep(Duration::from_secs(2));
-    let without = rss_kib(plain.controller.pid().unwrap());
-    drop(plain);
-    let Some(ln) = LnLab::start(&[]) else { return };
-    let lab = &ln.lab;
+    let without = rss_kib(plain.pid().unwrap());
+    plain.shut_down();
+    let ctl = bed.start_controller(&opts(&[])).unwrap();
+    let ln = Payer::connect(&bed, &ctl);
     std::thread::sleep(Duration::from_secs(2));
-    let idle = rss_kib(lab.controller.pid().unwrap());
-    let ids = lab.add_client_identities(100, true).unwrap();
+    let idle = rss_kib(ctl.pid().unwrap());
+    let ids = bed.add_client_identities(100, true).unwrap();
+    let bed = &bed;
     for chunk in ids.chunks(10) {
         std::thread::scope(|s| {
             for id in chunk {
                 let payer = &ln.payer;
                 s.spawn(move || {
-                    let c = ScriptedClient::with_identity(&lab.topo.client, lab.api(), id.clone());
+                    let c = ScriptedClient::with_identity(bed.client_ns(), bed.api(), id.clone());
                     let inv = ask_invoice(&c, json!({ "bundle": "40KiB" }));
                     assert!(payer.pay(&inv.bolt11).unwrap());
                     wait_paid(&c, &inv.payment_hash);
@@ -416,9 +428,9 @@ fn measure_rss_with_the_node_and_100_lightning_clients() {
             }
         });
     }
-    assert_eq!(receipts(lab), 100);
+    assert_eq!(receipts(&ctl), 100);
     std::thread::sleep(Duration::from_secs(2));
-    let loaded = rss_kib(lab.controller.pid().unwrap());
+    let loaded = rss_kib(ctl.pid().unwrap());
     eprintln!(
         "controller RSS: without Lightning {} MiB; with the node, idle {} MiB; with 100 Lightning clients {} MiB",
         without / 1024,
@@ -430,17 +442,16 @@ fn measure_rss_with_the_node_and_100_lightning_clients() {
 #[test]
 fn bitmesh_pay_lightning_prints_each_invoice_and_buys_the_next_at_half_the_bundle() {
     use std::io::BufRead;
-    let Some(ln) = LnLab::start(&[]) else { return };
-    let lab = &ln.lab;
+    let Some(bed) = Testbed::start(1).unwrap() else { return };
+    let ctl = bed.start_controller(&opts(&[])).unwrap();
+    let ln = Payer::connect(&bed, &ctl);
     let bin = bitmesh_tests::process::bitmesh_bin().unwrap();
-    let udp = lab.client_udp().unwrap();
+    let udp = bed.client_udp().unwrap();
     // 40 KiB at 8,000 sat/MiB = 313 sat a bundle: --max-spend 700 allows two.
-    let mut child = lab
-        .topo
-        .client
-        .command(bin.to_str().unwrap())
-        .args(["pay", "--lightning", "--gateway", &format!("http://{}", lab.api()), "--max-price", "8000", "--max-spend", "700"])
-        .args(["--iface", &lab.topo.veth.b, "--poll-ms", "100", "--exit-when-spent", "--bundle", "40KiB"])
+    let mut child = bed
+        .client_command(0, &bin)
+        .args(["pay", "--lightning", "--gateway", &bed.gateway_url(), "--max-price", "8000", "--max-spend", "700"])
+        .args(["--iface", &bed.lan.clients[0].iface, "--poll-ms", "100", "--exit-when-spent", "--bundle", "40KiB"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -476,5 +487,5 @@ fn bitmesh_pay_lightning_prints_each_invoice_and_buys_the_next_at_half_the_bundl
     assert!(status.success());
     let rest: Vec<String> = lines.map_while(Result::ok).collect();
     assert!(rest.iter().any(|l| l.contains("bought 2 bundle(s)")), "{rest:?}");
-    assert_eq!(receipts(lab), 2);
+    assert_eq!(receipts(&ctl), 2);
 }

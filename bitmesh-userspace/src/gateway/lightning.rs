@@ -24,13 +24,12 @@ use bitmesh_common::wire::{
 use tracing::{info, warn};
 
 use super::{Gateway, GatewayError};
-use crate::api::ApiError;
 use crate::lightning::{
     bytes_for_receipt, invoice_msat, InvoiceSource, LightningSettings, PurchaseToken, TokenKey, MAX_PURCHASE_BYTES,
     MIN_PURCHASE_BYTES,
 };
 use crate::store::{
-    unix_now, ChannelState, LnAccount, LnSettle, NewLnInvoice, PaymentHash, ReceiptOutcome, UsageSnapshot,
+    unix_now, ChannelStage, LnAccount, LnSettle, NewLnInvoice, PaymentHash, ReceiptOutcome, UsageSnapshot,
 };
 
 /// What the gateway needs to sell Lightning bundles.
@@ -55,8 +54,8 @@ impl Gateway {
         self.lightning.get()
     }
 
-    fn rail(&self) -> Result<&LightningRail, ApiError> {
-        self.lightning.get().ok_or(ApiError::LightningUnavailable)
+    fn rail(&self) -> Result<&LightningRail, GatewayError> {
+        self.lightning.get().ok_or(GatewayError::LightningUnavailable)
     }
 
     /// The `lightning` part of the terms.
@@ -75,7 +74,7 @@ impl Gateway {
         Ok(self
             .store
             .live_channel_for_mac(mac)?
-            .filter(|c| c.state == ChannelState::Open)
+            .filter(|c| c.state == ChannelStage::Open)
             .map(|c| c.credited)
             .unwrap_or(ByteCount::ZERO))
     }
@@ -128,7 +127,7 @@ impl Gateway {
     /// The settle point of `mac` now: the Lightning share of its usage since the
     /// last one goes to `account`'s `bytes_out`.
     fn settle_point(&self, mac: Mac, account: Option<&LnAccount>) -> Result<LnSettle, GatewayError> {
-        let used = self.with_meter(|m| m.usage(mac))?.map(|(_, u)| u.used_bytes()).unwrap_or(0);
+        let used = self.with_meter(|m| m.usage(mac))?.map(|c| c.usage.used_bytes()).unwrap_or(0);
         let settled = self.store.ln_settled(mac)?;
         let channel = self.open_channel_credit(mac)?.0;
         let live = account.map(|a| a.live()).unwrap_or(0);
@@ -148,30 +147,30 @@ impl Gateway {
 
     /// `POST /v1/invoices`: an invoice for a bundle or a number of bytes, for the
     /// requesting device. Recorded (synced) before it is returned.
-    pub async fn create_invoice(&self, peer: IpAddr, req: InvoiceRequest) -> Result<Invoice, ApiError> {
+    pub async fn create_invoice(&self, peer: IpAddr, req: InvoiceRequest) -> Result<Invoice, GatewayError> {
         let rail = self.rail()?;
         let mac = self.mac_of(peer)?;
         let bytes = match (&req.bundle, req.bytes) {
-            (Some(name), None) => rail.settings.bundle(name).ok_or_else(|| ApiError::UnknownBundle(name.clone()))?.bytes,
+            (Some(name), None) => rail.settings.bundle(name).ok_or_else(|| GatewayError::UnknownBundle(name.clone()))?.bytes,
             (None, Some(b)) => {
                 if !(MIN_PURCHASE_BYTES..=MAX_PURCHASE_BYTES).contains(&b) {
-                    return Err(ApiError::BytesOutOfRange { min: MIN_PURCHASE_BYTES, max: MAX_PURCHASE_BYTES });
+                    return Err(GatewayError::BytesOutOfRange { min: MIN_PURCHASE_BYTES, max: MAX_PURCHASE_BYTES });
                 }
                 b
             }
-            _ => return Err(ApiError::BadRequest("name exactly one of bundle or bytes".into())),
+            _ => return Err(GatewayError::BundleOrBytes),
         };
         let amount_msat = invoice_msat(bytes, self.policy().price);
         let description = format!("{}: {} of internet access", rail.settings.alias, human_bytes(bytes));
         let expiry = u32::try_from(rail.settings.invoice_expiry.as_secs()).unwrap_or(u32::MAX);
         // Under the write lock: account lookup and creation of one MAC are one step.
         let _serial = self.write_lock.lock().await;
-        let account = self.store.ln_account_for_mac(mac).map_err(GatewayError::from)?;
+        let account = self.store.ln_account_for_mac(mac)?;
         let (nonce, create) = match &account {
             Some(a) => (a.nonce, None),
             None => {
                 let mut n = [0u8; 16];
-                crate::lightning::random_bytes(&mut n).map_err(|e| ApiError::Internal(format!("no randomness: {e}")))?;
+                crate::lightning::random_bytes(&mut n).map_err(|e| GatewayError::Task(format!("no randomness: {e}")))?;
                 (n, Some(n))
             }
         };
@@ -181,7 +180,7 @@ impl Gateway {
         let inv = tokio::task::spawn_blocking(move || source.invoice(amount_msat, &desc, expiry))
             .await
             .map_err(|e| GatewayError::Task(e.to_string()))?
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
+            ?;
         let record = NewLnInvoice {
             payment_hash: inv.payment_hash,
             account: token.hash(),
@@ -211,12 +210,12 @@ impl Gateway {
     }
 
     /// `GET /v1/invoices/{payment_hash}`.
-    pub fn invoice_status(&self, hash_hex: &str) -> Result<InvoiceStatus, ApiError> {
+    pub fn invoice_status(&self, hash_hex: &str) -> Result<InvoiceStatus, GatewayError> {
         self.rail()?;
         let hash: PaymentHash = hash_hex
             .parse()
-            .map_err(|_| ApiError::BadRequest(format!("{hash_hex:?} is not a payment hash (64 hex digits)")))?;
-        let inv = self.store.ln_invoice(hash).map_err(GatewayError::from)?.ok_or(ApiError::UnknownInvoice)?;
+            .map_err(|_| GatewayError::BadPaymentHash(hash_hex.to_owned()))?;
+        let inv = self.store.ln_invoice(hash)?.ok_or(GatewayError::UnknownInvoice)?;
         let (state, credited) = match inv.receipt {
             Some(r) => (InvoiceState::Paid, r.bytes_credited),
             None if inv.expires_at <= unix_now() => (InvoiceState::Expired, 0),
@@ -257,21 +256,21 @@ impl Gateway {
 
     /// `POST /v1/restore`: move the token's credit to the requesting MAC, in one
     /// durable transaction, then fix both MACs' kernel entries.
-    pub async fn restore(&self, peer: IpAddr, req: RestoreRequest) -> Result<RestoreResponse, ApiError> {
+    pub async fn restore(&self, peer: IpAddr, req: RestoreRequest) -> Result<RestoreResponse, GatewayError> {
         self.rail()?;
         let mac = self.mac_of(peer)?;
-        let token = PurchaseToken::parse(&req.token).ok_or(ApiError::UnknownToken)?;
+        let token = PurchaseToken::parse(&req.token).ok_or(GatewayError::UnknownToken)?;
         let _serial = self.write_lock.lock().await;
-        let account = self.store.ln_account(token.hash()).map_err(GatewayError::from)?.ok_or(ApiError::UnknownToken)?;
+        let account = self.store.ln_account(token.hash())?.ok_or(GatewayError::UnknownToken)?;
         if account.expires_at <= unix_now() || (account.live() == 0 && account.bytes_expired > 0) {
-            return Err(ApiError::TokenExpired);
+            return Err(GatewayError::TokenExpired);
         }
         let old = account.mac.filter(|m| *m != mac);
         let mut settles = Vec::new();
         if let Some(old) = old {
             settles.push(self.settle_point(old, Some(&account))?);
         }
-        let here = self.store.ln_account_for_mac(mac).map_err(GatewayError::from)?;
+        let here = self.store.ln_account_for_mac(mac)?;
         if let Some(other) = here.as_ref().filter(|a| a.token_hash != account.token_hash) {
             settles.push(self.settle_point(mac, Some(other))?);
         }
@@ -281,7 +280,7 @@ impl Gateway {
         // never usable on both at once.
         if let Some(old) = old {
             let has_channel =
-                self.store.live_channel_for_mac(old).map_err(GatewayError::from)?.is_some_and(|c| c.state == ChannelState::Open);
+                self.store.live_channel_for_mac(old)?.is_some_and(|c| c.state == ChannelStage::Open);
             if has_channel {
                 self.apply_credit_target(old)?;
             } else {
@@ -289,7 +288,7 @@ impl Gateway {
             }
             info!(from = %old, to = %mac, bytes = moved.live(), "Lightning credit moved to a new MAC");
         }
-        self.store.bind_client(mac, peer).map_err(GatewayError::from)?;
+        self.store.bind_client(mac, peer)?;
         self.ensure_metered(mac)?;
         self.bind_to_last_address(mac)?;
         self.apply_credit_target(mac)?;
@@ -303,10 +302,10 @@ impl Gateway {
     /// One device's credit across both rails (for the portal page and `/v1/device`).
     pub fn device_credit(&self, mac: Mac) -> Result<DeviceCredit, GatewayError> {
         let (credited, used) = match self.with_meter(|m| m.usage(mac))? {
-            Some((c, u)) => (c.0, u.used_bytes()),
+            Some(c) => (c.credited.0, c.usage.used_bytes()),
             None => (0, 0),
         };
-        let channel = self.store.live_channel_for_mac(mac)?.filter(|c| c.state == ChannelState::Open);
+        let channel = self.store.live_channel_for_mac(mac)?.filter(|c| c.state == ChannelStage::Open);
         let ch = channel.as_ref().map(|c| c.credited.0).unwrap_or(0);
         let account = self.store.ln_account_for_mac(mac)?;
         let live = account.map(|a| a.live()).unwrap_or(0);
@@ -353,8 +352,8 @@ impl Gateway {
     /// Returns `false` when the MAC has no Lightning credit (the caller removes it).
     pub(super) fn channel_ended_keep_lightning(&self, mac: Mac, channel_credited: ByteCount) -> Result<bool, GatewayError> {
         let Some(account) = self.store.ln_account_for_mac(mac)?.filter(|a| a.live() > 0) else { return Ok(false) };
-        let Some((_, usage)) = self.with_meter(|m| m.usage(mac))? else { return Ok(false) };
-        let used = usage.used_bytes();
+        let Some(client) = self.with_meter(|m| m.usage(mac))? else { return Ok(false) };
+        let used = client.usage.used_bytes();
         let settled = self.store.ln_settled(mac)?;
         let used_ln = used.saturating_sub(settled).saturating_sub(channel_credited.0).min(account.live());
         let settle = LnSettle { mac, account: Some(account.token_hash), used: used_ln, settled_after: used };
@@ -376,7 +375,7 @@ impl Gateway {
             let Some(mac) = acc.mac else { continue };
             let settle = self.settle_point(mac, Some(&acc))?;
             self.store.ln_expire(acc.token_hash, Some(settle))?;
-            if self.store.live_channel_for_mac(mac)?.is_some_and(|c| c.state == ChannelState::Open) {
+            if self.store.live_channel_for_mac(mac)?.is_some_and(|c| c.state == ChannelStage::Open) {
                 self.apply_credit_target(mac)?;
             } else {
                 self.unmeter(mac)?;

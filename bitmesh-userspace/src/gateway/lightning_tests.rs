@@ -15,6 +15,7 @@ use clap::{CommandFactory, FromArgMatches, Parser};
 use super::*;
 use crate::api::ClientGateway;
 use crate::config::RunArgs;
+use crate::meter::ClientUsage;
 use crate::lightning::{parse_bundles, InvoiceSource, LightningError, LightningSettings, NewInvoice, TokenKey};
 use crate::store::PaymentHash;
 
@@ -26,13 +27,13 @@ impl SharedMeter {
     fn use_bytes(&self, mac: Mac, n: u64) {
         let mut m = self.0.lock().unwrap();
         let e = m.clients.get_mut(&mac).expect("metered");
-        e.1.down_bytes += n;
+        e.usage.down_bytes += n;
     }
     fn credit(&self, mac: Mac) -> Option<u64> {
-        self.0.lock().unwrap().clients.get(&mac).map(|(c, _)| c.0)
+        self.0.lock().unwrap().clients.get(&mac).map(|c| c.credited.0)
     }
     fn remaining(&self, mac: Mac) -> Option<u64> {
-        self.0.lock().unwrap().clients.get(&mac).map(|(c, u)| c.0.saturating_sub(u.used_bytes()))
+        self.0.lock().unwrap().clients.get(&mac).map(|c| c.credited.0.saturating_sub(c.usage.used_bytes()))
     }
 }
 
@@ -46,13 +47,13 @@ impl MeterPort for SharedMeter {
     fn set_credit(&mut self, mac: Mac, total: ByteCount) -> Result<(), MeterError> {
         self.0.lock().unwrap().set_credit(mac, total)
     }
-    fn usage(&self, mac: Mac) -> Result<Option<(ByteCount, Usage)>, MeterError> {
+    fn usage(&self, mac: Mac) -> Result<Option<ClientUsage>, MeterError> {
         self.0.lock().unwrap().usage(mac)
     }
-    fn all_usage(&self) -> Result<Vec<(Mac, ByteCount, Usage)>, MeterError> {
+    fn all_usage(&self) -> Result<Vec<ClientUsage>, MeterError> {
         self.0.lock().unwrap().all_usage()
     }
-    fn remove_client(&mut self, mac: Mac) -> Result<Option<Usage>, MeterError> {
+    fn remove_client(&mut self, mac: Mac) -> Result<Option<ClientUsage>, MeterError> {
         self.0.lock().unwrap().remove_client(mac)
     }
 }
@@ -173,9 +174,9 @@ async fn a_paid_invoice_credits_once_and_overpayment_buys_more() {
         (InvoiceRequest { bytes: Some(MIB), bundle: Some("1MiB".into()), ..Default::default() }, ErrorCode::BadRequest),
         (InvoiceRequest::default(), ErrorCode::BadRequest),
     ] {
-        assert_eq!(gw.create_invoice(ip(A), req).await.unwrap_err().code(), code);
+        assert_eq!(crate::api::ApiError::from(gw.create_invoice(ip(A), req).await.unwrap_err()).code(), code);
     }
-    assert_eq!(gw.invoice_status(&"ab".repeat(32)).unwrap_err().code(), ErrorCode::UnknownInvoice);
+    assert_eq!(crate::api::ApiError::from(gw.invoice_status(&"ab".repeat(32)).unwrap_err()).code(), ErrorCode::UnknownInvoice);
     // A payment to a hash never issued is journaled and credits nothing.
     gw.credit_lightning_receipt(PaymentHash([0xee; 32]), 5000).await.unwrap();
     assert_eq!(meter.credit(MAC_A), Some(4 * MIB));
@@ -192,7 +193,7 @@ async fn restore_moves_the_credit_and_the_old_mac_loses_it() {
     meter.use_bytes(MAC_A, 3 * MIB);
 
     let bad = gw.restore(ip(B), RestoreRequest { token: "AAAA".into() }).await.unwrap_err();
-    assert_eq!(bad.code(), ErrorCode::UnknownToken);
+    assert_eq!(crate::api::ApiError::from(bad).code(), ErrorCode::UnknownToken);
     let r = gw.restore(ip(B), RestoreRequest { token: inv.token.to_lowercase() }).await.unwrap();
     assert_eq!(r.bytes_remaining, 7 * MIB, "what A had not used");
     assert_eq!(meter.credit(MAC_A), None, "the old MAC lost its entries");
@@ -286,7 +287,7 @@ async fn expired_credit_is_removed_from_the_kernel() {
     assert_eq!(gw.expire_lightning().await.unwrap(), 1);
     assert_eq!(meter.credit(MAC_A), None, "expired credit is removed");
     let err = gw.restore(ip(B), RestoreRequest { token: inv.token.clone() }).await.unwrap_err();
-    assert_eq!(err.code(), ErrorCode::TokenExpired);
+    assert_eq!(crate::api::ApiError::from(err).code(), ErrorCode::TokenExpired);
     assert_eq!(store.ln_totals().unwrap().bytes_expired, MIB);
 }
 
