@@ -10,9 +10,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bitcoin::hex::DisplayHex;
 use bitcoin::secp256k1::{Message, SecretKey};
 use bitmesh_common::wire::{
-    routes, CaptiveStatus, ChannelId, ChannelStatus, ClientEvent, CloseRequest, CloseResponse, ErrorBody, ErrorCode,
-    FundRequest, OpenRequest, OpenResponse, PaymentAck, PaymentUpdate, SignatureBytes, SignedAction, Terms,
-    AUTH_HEADER,
+    routes, CaptiveStatus, ChannelId, ChannelStatus, ClientEvent, CloseRequest,
+    CloseResponse, ErrorBody, ErrorCode, FundRequest, Invoice, InvoiceRequest, InvoiceStatus, OpenRequest,
+    OpenResponse, PaymentAck, PaymentUpdate, SignatureBytes, SignedAction, Terms, AUTH_HEADER,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -102,6 +102,16 @@ impl GatewayApi {
     /// `GET /captive-portal/api`.
     pub fn captive(&self) -> Result<CaptiveStatus, HttpError> {
         self.get(routes::CAPTIVE, None)
+    }
+
+    /// `POST /v1/invoices`: a Lightning invoice for a bundle or bytes.
+    pub fn invoice(&self, req: &InvoiceRequest) -> Result<Invoice, HttpError> {
+        self.post(routes::INVOICES, req)
+    }
+
+    /// `GET /v1/invoices/{payment_hash}`.
+    pub fn invoice_status(&self, payment_hash: &str) -> Result<InvoiceStatus, HttpError> {
+        self.get(&routes::invoice(payment_hash), None)
     }
 
     /// `POST /v1/channels`.

@@ -5,6 +5,7 @@
 //! * [`terms`]: the user's limits against the gateway's terms (pure);
 //! * [`tip`]: the gateway's chain tip (it sets the refund lock) against the agent's own;
 //! * [`policy`]: how much to sign next (pure): never above received + one chunk;
+//! * [`lightning`]: `bitmesh pay --lightning`, bundles bought with any Lightning wallet;
 //! * [`funding`]: build and sign the funding from given keys, or a BIP21 URI + QR;
 //! * [`meter`]: the agent's own byte count (interface counters);
 //! * [`state`]: durable channel state (0600, atomic, saved before each update);
@@ -19,6 +20,7 @@ pub mod discovery;
 pub mod events;
 pub mod funding;
 pub mod http;
+pub mod lightning;
 pub mod meter;
 pub mod policy;
 pub mod refund;

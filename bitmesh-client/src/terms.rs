@@ -281,6 +281,7 @@ pub(crate) mod tests {
             chunk_bytes: ByteCount::from_mib(1),
             min_first_payment: Amount::from_sat(700),
             tip_height: absolute::Height::from_consensus(500).unwrap(),
+            lightning: None,
         }
     }
 

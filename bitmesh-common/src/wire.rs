@@ -28,12 +28,17 @@ use crate::pricing::{ByteCount, PriceMsatPerMib};
 mod captive;
 mod events;
 mod limits;
+mod lightning;
 pub mod routes;
 mod signed;
 
 pub use captive::{CaptiveStatus, CAPTIVE_JSON};
 pub use events::{ClientEvent, UsageReport};
 pub use limits::ChannelLimits;
+pub use lightning::{
+    Bundle, DeviceCredit, Invoice, InvoiceRequest, InvoiceState, InvoiceStatus, LightningTerms, Rail, RestoreRequest,
+    RestoreResponse,
+};
 pub use signed::{SignedAction, SignedRequest};
 
 /// Version of this message set; bumped on any incompatible change.
@@ -126,6 +131,9 @@ pub struct Terms {
     pub min_first_payment: Amount,
     /// The gateway's view of the chain tip, to pick an expiry from.
     pub tip_height: absolute::Height,
+    /// Lightning bundles, when the gateway runs a Lightning node (`--lightning`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lightning: Option<LightningTerms>,
 }
 
 /// Ask the gateway for a channel key: the first step of opening.
@@ -420,6 +428,19 @@ pub enum ErrorCode {
     ChainUnavailable,
     /// Anything else on the gateway's side; retry later.
     Internal,
+    // --- Lightning ---
+    /// The gateway has no Lightning node running (`--lightning` off, or starting).
+    LightningUnavailable,
+    /// No bundle of that name in the terms.
+    UnknownBundle,
+    /// The bytes asked are below one full frame or above the largest bundle allowed.
+    BytesOutOfRange,
+    /// No invoice with this payment hash.
+    UnknownInvoice,
+    /// No purchase account with this token.
+    UnknownToken,
+    /// The token's credit has expired (`credit_ttl_secs` after its last purchase).
+    TokenExpired,
     /// A code this client version does not know.
     #[serde(other)]
     Unknown,
@@ -460,6 +481,12 @@ impl ErrorCode {
         ErrorCode::RateLimited,
         ErrorCode::ChainUnavailable,
         ErrorCode::Internal,
+        ErrorCode::LightningUnavailable,
+        ErrorCode::UnknownBundle,
+        ErrorCode::BytesOutOfRange,
+        ErrorCode::UnknownInvoice,
+        ErrorCode::UnknownToken,
+        ErrorCode::TokenExpired,
         ErrorCode::Unknown,
     ];
 
@@ -498,6 +525,12 @@ impl ErrorCode {
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::ChainUnavailable => "chain_unavailable",
             ErrorCode::Internal => "internal",
+            ErrorCode::LightningUnavailable => "lightning_unavailable",
+            ErrorCode::UnknownBundle => "unknown_bundle",
+            ErrorCode::BytesOutOfRange => "bytes_out_of_range",
+            ErrorCode::UnknownInvoice => "unknown_invoice",
+            ErrorCode::UnknownToken => "unknown_token",
+            ErrorCode::TokenExpired => "token_expired",
             ErrorCode::Unknown => "unknown",
         }
     }

@@ -262,6 +262,38 @@ pub struct RunArgs {
     /// How often the chain tip is polled, in seconds.
     #[arg(long, value_name = "SECS", default_value_t = 5)]
     pub chain_poll_secs: u64,
+
+    // --- Lightning (docs/operator.md, "Lightning") ---
+    /// Run the embedded Lightning node (data under --data-dir/lightning) and sell
+    /// bundles for Lightning payments. [default: off]
+    #[arg(long)]
+    pub lightning: bool,
+    /// Address the Lightning node accepts peers on.
+    #[arg(long, value_name = "ADDR:PORT", default_value = "0.0.0.0:9735")]
+    pub lightning_listen: String,
+    /// The Lightning node's alias (at most 32 bytes), also named in invoices.
+    #[arg(long, value_name = "NAME", default_value = "BitMesh")]
+    pub lightning_alias: String,
+    /// Bundles sold for Lightning, priced at --price-msat-per-mib (rounded up to a sat).
+    #[arg(long, value_name = "SIZES", default_value = "50MiB,200MiB,1GiB")]
+    pub bundles: String,
+    /// Lightning credit expires this long after the device's last purchase (e.g. 24h, 90m).
+    #[arg(long, value_name = "DURATION", default_value = "24h")]
+    pub lightning_credit_ttl: String,
+    /// LSPS2 liquidity provider: invoices ask it for a just-in-time channel, so a node
+    /// without inbound liquidity can be paid. [default: none]
+    #[arg(long, value_name = "NODE_ID@HOST:PORT")]
+    pub lsp: Option<String>,
+    /// Token the LSP asked for (with --lsp). [default: none]
+    #[arg(long, value_name = "TOKEN")]
+    pub lsp_token: Option<String>,
+    /// On-chain reserve kept per anchor channel for fee bumps at a force close, in sat
+    /// (a fresh node with no on-chain funds refuses inbound channels unless this is 0).
+    #[arg(long, value_name = "SAT", default_value_t = 0)]
+    pub lightning_anchor_reserve_sat: u64,
+    /// How long an invoice may be paid, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 3600)]
+    pub invoice_expiry_secs: u32,
 }
 
 impl RunArgs {

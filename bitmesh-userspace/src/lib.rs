@@ -15,3 +15,5 @@ pub mod api;
 pub mod admin;
 /// The controller: verify, persist, credit, ack.
 pub mod gateway;
+/// The Lightning rail: the embedded node, bundles, purchase tokens, its event loop.
+pub mod lightning;

@@ -61,6 +61,7 @@ mod tests {
             },
             min_first_payment: Amount::from_sat(700),
             tip_height: absolute::Height::from_consensus(200).unwrap(),
+            lightning: None,
         };
         let json = serde_json::to_value(&terms).unwrap();
         for (key, want) in [

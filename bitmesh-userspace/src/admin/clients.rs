@@ -129,6 +129,7 @@ pub fn client_rows(
                 capacity_sat: ch.and_then(|c| c.funding).map(|f| f.capacity.to_sat()),
                 close_reason: ch.and_then(|c| c.close_reason),
                 close_txid: close.map(|i| i.txid.clone()),
+                rail: None,
             }
         })
         .collect()

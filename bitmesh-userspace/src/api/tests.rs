@@ -57,6 +57,7 @@ impl ClientGateway for Fake {
             chunk_bytes: ByteCount(1 << 20),
             min_first_payment: Amount::from_sat(700),
             tip_height: absolute::Height::from_consensus(200).unwrap(),
+            lightning: None,
         })
     }
     async fn open(&self, _: IpAddr, _: OpenRequest) -> Result<OpenResponse, ApiError> {
@@ -111,6 +112,15 @@ impl ClientGateway for Fake {
             seconds_remaining: Some(600),
             can_extend_session: Some(true),
         })
+    }
+    async fn invoice(&self, _: IpAddr, _: bitmesh_common::wire::InvoiceRequest) -> Result<bitmesh_common::wire::Invoice, ApiError> {
+        Err(ApiError::LightningUnavailable)
+    }
+    async fn invoice_status(&self, _: String) -> Result<bitmesh_common::wire::InvoiceStatus, ApiError> {
+        Err(ApiError::LightningUnavailable)
+    }
+    async fn restore(&self, _: IpAddr, _: bitmesh_common::wire::RestoreRequest) -> Result<bitmesh_common::wire::RestoreResponse, ApiError> {
+        Err(ApiError::LightningUnavailable)
     }
 }
 

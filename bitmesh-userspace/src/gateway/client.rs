@@ -8,8 +8,9 @@ use bitcoin::{Amount, OutPoint, Transaction};
 use bitmesh_common::blocks::{mined_at, BlockCount};
 use bitmesh_common::pricing::{bytes_for_payment, ByteCount};
 use bitmesh_common::wire::{
-    ChannelId, ChannelState, ChannelStatus, CloseRequest, CloseResponse, FundRequest, OpenRequest,
-    OpenResponse, PaymentAck, PaymentUpdate, SignedRequest, Terms, CLIENT_AUTH_WINDOW_MS, PROTOCOL_VERSION,
+    ChannelId, ChannelState, ChannelStatus, CloseRequest, CloseResponse, FundRequest, Invoice, InvoiceRequest,
+    InvoiceStatus, OpenRequest, OpenResponse, PaymentAck, PaymentUpdate, RestoreRequest, RestoreResponse, SignedRequest,
+    Terms, CLIENT_AUTH_WINDOW_MS, PROTOCOL_VERSION,
 };
 use bitmesh_common::wire::{CaptiveStatus, ClientEvent, UsageReport};
 use tokio::sync::mpsc;
@@ -146,7 +147,8 @@ impl Gateway {
             // an older one falls through to verification: `amount_not_increasing`.
             if let Some(stored) = self.store.payment_with_total(rec.id, update.total_paid)? {
                 if stored.signature == update.signature.0 {
-                    self.with_meter(|m| m.raise_credit(rec.mac, stored.credited))?;
+                    let target = self.credit_target(rec.mac, stored.credited)?;
+                    self.with_meter(|m| m.raise_credit(rec.mac, target))?;
                     return Ok(self.ack(&rec, stored.paid_total, stored.credited));
                 }
             }
@@ -182,8 +184,10 @@ impl Gateway {
             AppendOutcome::Appended(r) | AppendOutcome::Duplicate(r) => r,
         };
 
-        // 3. credit
-        self.with_meter(|m| m.raise_credit(rec.mac, record.credited))?;
+        // 3. credit: the channel's total plus the device's Lightning part, if any
+        // (one kernel meter for both rails, docs/design.md section 5.7).
+        let target = self.credit_target(rec.mac, record.credited)?;
+        self.with_meter(|m| m.raise_credit(rec.mac, target))?;
 
         if verified.client_change == Amount::ZERO {
             // Nothing left to pay: settle now rather than at expiry.
@@ -328,7 +332,20 @@ impl ClientGateway for Gateway {
             limits: p.limits,
             min_first_payment: self.channel_policy().min_first_payment(),
             tip_height: self.tip(),
+            lightning: self.lightning_terms(),
         })
+    }
+
+    async fn invoice(&self, peer: IpAddr, req: InvoiceRequest) -> Result<Invoice, GatewayError> {
+        self.create_invoice(peer, req).await
+    }
+
+    async fn invoice_status(&self, payment_hash: String) -> Result<InvoiceStatus, GatewayError> {
+        Gateway::invoice_status(self, &payment_hash)
+    }
+
+    async fn restore(&self, peer: IpAddr, req: RestoreRequest) -> Result<RestoreResponse, GatewayError> {
+        Gateway::restore(self, peer, req).await
     }
 
     #[instrument(skip_all, fields(%peer, mac, channel))]
@@ -428,6 +445,9 @@ impl ClientGateway for Gateway {
         let height = mined_at(self.tip(), BlockCount(confirmations));
         let funding = Funding { outpoint: funded.outpoint, capacity: funded.capacity, height };
         let _serial = self.write_lock.lock().await;
+        // Usage so far is Lightning's: account it before the channel counts (usage
+        // after this point goes to the channel first, docs/design.md section 5.7).
+        self.settle_before_channel(rec.mac)?;
         let id = rec.id;
         // The store itself refuses a channel that is no longer offered (`NotOffered`).
         let rec = self.store_call(move |s| s.set_funding(id, funding)).await?;
@@ -436,15 +456,22 @@ impl ClientGateway for Gateway {
         }
         // The device's entries start fresh for this channel: no other channel of this
         // MAC is open, so anything still there is stale, and CREDIT must only ever be
-        // this channel's own credited total.
-        self.with_meter(|m| {
-            if m.usage(rec.mac)?.is_some() {
+        // this channel's own credited total. Unless the device holds Lightning credit:
+        // then its entries (and their count) go on, and the channel's credit is added
+        // on top as it is paid (docs/design.md section 5.7).
+        if self.has_live_lightning(rec.mac)? {
+            self.with_meter(|m| m.bind_source(rec.mac, rec.ip))?;
+        } else {
+            if self.with_meter(|m| m.usage(rec.mac))?.is_some() {
                 warn!(mac = %rec.mac, "removing stale kernel entries before metering the new channel");
-                m.remove_client(rec.mac)?;
+                self.with_meter(|m| m.remove_client(rec.mac))?;
             }
-            m.restore_client(rec.mac, Default::default())?;
-            m.bind_source(rec.mac, rec.ip)
-        })?;
+            self.store.ln_forget_meter(rec.mac).map_err(GatewayError::from)?;
+            self.with_meter(|m| {
+                m.restore_client(rec.mac, Default::default())?;
+                m.bind_source(rec.mac, rec.ip)
+            })?;
+        }
         info!(capacity_sat = funded.capacity.to_sat(), zero_conf = funded.zero_conf, "channel funded");
         Ok(self.status_of(&rec))
     }

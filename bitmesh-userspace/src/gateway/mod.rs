@@ -15,9 +15,12 @@ mod chain_guard;
 mod client;
 mod edge;
 mod exposure;
+mod lightning;
 mod ports;
 mod reconcile;
 mod settle;
+#[cfg(test)]
+mod lightning_tests;
 #[cfg(test)]
 mod tests;
 
@@ -42,6 +45,7 @@ use crate::meter::{ClientUsage, MeterError};
 use crate::store::{ChannelRecord, ChannelStage, CloseReason, Store, StoreError};
 
 pub use binding::SourceWatch;
+pub use lightning::LightningRail;
 pub use ports::{KernelNeighbours, MemoryMeter, MeterPort, Neighbours, StaticNeighbours};
 pub use reconcile::ReconcileReport;
 pub use settle::SettleReport;
@@ -100,6 +104,25 @@ pub enum GatewayError {
     UnconfirmedTotal { total: Amount, cap: Amount, confirmations: u32 },
     #[error("open channel {channel} has no kernel entries for {mac}: restart the controller to reconcile")]
     NoKernelEntries { channel: ChannelId, mac: Mac },
+    // --- Lightning (gateway/lightning.rs) ---
+    #[error("this gateway sells no Lightning bundles (no Lightning node running): open a channel instead")]
+    LightningUnavailable,
+    #[error("no bundle {0:?}: pick one of the bundles in GET /v1/terms")]
+    UnknownBundle(String),
+    #[error("bytes must be between {min} and {max}")]
+    BytesOutOfRange { min: u64, max: u64 },
+    #[error("name exactly one of bundle or bytes")]
+    BundleOrBytes,
+    #[error("{0:?} is not a payment hash (64 hex digits)")]
+    BadPaymentHash(String),
+    #[error("no invoice with this payment hash")]
+    UnknownInvoice,
+    #[error("no purchase with this token: check the code (letters A-Z and digits 2-7)")]
+    UnknownToken,
+    #[error("the credit of this token has expired")]
+    TokenExpired,
+    #[error(transparent)]
+    Lightning(#[from] crate::lightning::LightningError),
 }
 
 /// Everything `Gateway::new` needs.
@@ -149,6 +172,8 @@ pub struct Gateway {
     /// Offers whose funding transaction the gateway has already broadcast: one
     /// relay per offer (in memory: after a restart one more may be relayed).
     relayed: Mutex<std::collections::HashSet<ChannelId>>,
+    /// The Lightning rail, once `bitmesh run --lightning` has started its node.
+    lightning: std::sync::OnceLock<LightningRail>,
 }
 
 impl Gateway {
@@ -179,6 +204,7 @@ impl Gateway {
             auth_counters: Mutex::new(HashMap::new()),
             funding_lock: tokio::sync::Mutex::new(()),
             relayed: Mutex::new(std::collections::HashSet::new()),
+            lightning: std::sync::OnceLock::new(),
         }))
     }
 

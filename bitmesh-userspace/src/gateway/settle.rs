@@ -189,11 +189,19 @@ impl Gateway {
     }
 
     pub(super) fn stop_metering(&self, rec: &ChannelRecord) -> Result<(), GatewayError> {
+        if let Some(u) = self.with_meter(|m| m.usage(rec.mac))? {
+            if self.channel_ended_keep_lightning(rec.mac, rec.credited)? {
+                // Lightning credit keeps the device metered; its count goes on.
+                self.store.set_final_usage(rec.id, FinalUsage::of(&u.usage))?;
+                return Ok(());
+            }
+        }
         if let Some(u) = self.with_meter(|m| m.remove_client(rec.mac))? {
             // Kept for the operator (`bitmesh clients`): the maps forget it now.
             self.store.set_final_usage(rec.id, FinalUsage::of(&u.usage))?;
         }
         // The next channel of this device starts from zero, also after a reboot.
+        self.store.ln_forget_meter(rec.mac)?;
         self.store.save_usage(&[UsageSnapshot { mac: rec.mac, taken_at: crate::store::unix_now(), ..Default::default() }])?;
         Ok(())
     }

@@ -20,7 +20,7 @@ use crate::config::RunArgs;
 use bitmesh_common::kernel::Mac;
 
 #[derive(Default)]
-struct StandIn {
+pub(super) struct StandIn {
     txs: StdMutex<HashMap<Txid, Transaction>>,
 }
 

@@ -92,6 +92,7 @@ pub fn terms() -> Terms {
         chunk_bytes: ByteCount::from_mib(1),
         min_first_payment: Amount::from_sat(3),
         tip_height: absolute::Height::from_consensus(500).unwrap(),
+        lightning: None,
     }
 }
 
@@ -168,6 +169,15 @@ impl ClientGateway for Scripted {
     }
     async fn captive(&self, _: IpAddr) -> Result<CaptiveStatus, ApiError> {
         Ok(CaptiveStatus { captive: false, user_portal_url: None, bytes_remaining: None, seconds_remaining: None, can_extend_session: None })
+    }
+    async fn invoice(&self, _: IpAddr, _: InvoiceRequest) -> Result<Invoice, ApiError> {
+        Err(ApiError::LightningUnavailable)
+    }
+    async fn invoice_status(&self, _: String) -> Result<InvoiceStatus, ApiError> {
+        Err(ApiError::LightningUnavailable)
+    }
+    async fn restore(&self, _: IpAddr, _: RestoreRequest) -> Result<RestoreResponse, ApiError> {
+        Err(ApiError::LightningUnavailable)
     }
 }
 
