@@ -299,6 +299,13 @@ impl Gateway {
         })
     }
 
+    /// The requesting device's credit across both rails (`GET /v1/device`, the
+    /// portal page): its MAC from the neighbour table, then [`Self::device_credit`].
+    pub fn device_credit_of(&self, peer: IpAddr) -> Result<DeviceCredit, GatewayError> {
+        let mac = self.mac_of(peer)?;
+        self.device_credit(mac)
+    }
+
     /// One device's credit across both rails (for the portal page and `/v1/device`).
     pub fn device_credit(&self, mac: Mac) -> Result<DeviceCredit, GatewayError> {
         let (credited, used) = match self.with_meter(|m| m.usage(mac))? {
