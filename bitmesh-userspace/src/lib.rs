@@ -21,3 +21,7 @@ pub mod api;
 pub mod admin;
 /// The controller: verify, persist, credit, ack.
 pub mod gateway;
+/// systemd readiness notification (`Type=notify`): READY=1, STOPPING=1.
+pub mod notify;
+/// The capabilities `bitmesh run` needs (CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON).
+pub mod privileges;
