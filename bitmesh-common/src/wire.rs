@@ -28,9 +28,11 @@ use crate::pricing::{ByteCount, PriceMsatPerMib};
 mod captive;
 mod events;
 pub mod routes;
+mod signed;
 
 pub use captive::{CaptiveStatus, CAPTIVE_JSON};
 pub use events::{ClientEvent, UsageReport};
+pub use signed::{SignedAction, SignedRequest};
 
 /// Version of this message set; bumped on any incompatible change.
 pub const PROTOCOL_VERSION: u32 = 1;
