@@ -4,16 +4,15 @@
 //! (root's uid, as `User=root` with `CapabilityBoundingSet=`) and listens on the
 //! `$NOTIFY_SOCKET` datagram socket a service manager would.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::Duration;
 
-use bitmesh_tests::controller::{http, LoopbackRelay};
+use bitmesh_tests::chain::{Bitcoind, LoopbackRelay};
 use bitmesh_tests::env::{is_root, skip};
-use bitmesh_tests::netns::{in_netns_named, PinDir, Topology};
+use bitmesh_tests::http;
+use bitmesh_tests::network::{in_netns_named, PinDir, Topology};
 use bitmesh_tests::process::{bitmesh_bin_or_skip, spawn_logged};
 
 /// The capabilities the unit grants (CapabilityBoundingSet= and AmbientCapabilities=).
@@ -21,7 +20,7 @@ const UNIT_CAPS: &[&str] = &["bpf", "net_admin", "perfmon"];
 
 /// What a systemd-started controller has around it.
 struct Service {
-    node: bitmesh_tests::bitcoind::Bitcoind,
+    node: Bitcoind,
     relay: LoopbackRelay,
     topo: Topology,
     pins: PinDir,
@@ -41,7 +40,7 @@ impl Service {
             return None;
         }
         let bin = bitmesh_bin_or_skip()?;
-        let node = bitmesh_tests::bitcoind::Bitcoind::start()?;
+        let node = Bitcoind::start()?;
         let topo = Topology::new().unwrap();
         let relay = LoopbackRelay::start(&topo.gateway, 0, ([127, 0, 0, 1], node.rpc_port).into()).unwrap();
         let dir = tempfile::Builder::new().prefix("bitmesh-unit-").tempdir().unwrap();
