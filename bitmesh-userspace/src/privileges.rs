@@ -19,9 +19,9 @@ pub struct Capability {
 pub const CAP_BPF: Capability = Capability { name: "CAP_BPF", bit: 39, used_for: "create BPF maps, load and pin the meter programs" };
 /// CAP_NET_ADMIN: attach XDP and TC programs (tcx links, or clsact and cls_bpf).
 pub const CAP_NET_ADMIN: Capability = Capability { name: "CAP_NET_ADMIN", bit: 12, used_for: "attach the meter to the interface (XDP, tcx or clsact)" };
-/// CAP_PERFMON: the verifier treats the loader as trusted (no Spectre masking of
-/// map-value pointer arithmetic); the meter's programs need that.
-pub const CAP_PERFMON: Capability = Capability { name: "CAP_PERFMON", bit: 38, used_for: "let the verifier accept the meter's map-value accesses" };
+/// CAP_PERFMON: the meter subtracts packet pointers (frame lengths), which the
+/// verifier allows only for a loader with it ("pointer -= pointer prohibited").
+pub const CAP_PERFMON: Capability = Capability { name: "CAP_PERFMON", bit: 38, used_for: "let the verifier accept the meter's packet-pointer arithmetic" };
 /// CAP_SYS_ADMIN stands in for CAP_BPF and CAP_PERFMON on kernels before 5.8.
 pub const CAP_SYS_ADMIN: Capability = Capability { name: "CAP_SYS_ADMIN", bit: 21, used_for: "BPF on kernels before 5.8" };
 
