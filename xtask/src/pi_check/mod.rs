@@ -29,15 +29,10 @@ use apt::Apt;
 use guest::{Boot, Outcome};
 
 /// What runs in the guest: the kernel verdict tests (BPF_PROG_TEST_RUN) and the
-/// namespace metering tests, as test binaries of bitmesh-tests with libtest filters.
-/// Since the tests were grouped by layer they are modules of the `kernel` binary;
-/// before, each was a binary of its own.
+/// namespace metering tests, modules of bitmesh-tests' `kernel` test binary, chosen
+/// with libtest filters (the other modules are benchmarks and an unprivileged check).
 fn guest_suites() -> Vec<(&'static str, Vec<&'static str>)> {
-    if repo_root().join("tests/tests/kernel/main.rs").is_file() {
-        vec![("kernel", vec!["verdicts::", "netns_metering::"])]
-    } else {
-        vec![("kernel_verdicts", vec![]), ("netns_metering", vec![])]
-    }
+    vec![("kernel", vec!["verdicts::", "netns_metering::"])]
 }
 
 /// Kernel modules the tests need, loaded in this order (no `modules.dep` ships in
