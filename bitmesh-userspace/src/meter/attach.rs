@@ -318,6 +318,8 @@ impl Meter {
 
     /// Detach from the interface and remove the pinned attachments. The maps stay
     /// pinned (counters and credit survive); see [`Meter::remove_pinned_maps`].
+    /// Call it in the interface's network namespace, as [`Meter::attach`]: without
+    /// tcx the filters are found by interface name over netlink.
     pub fn detach(mut self) -> Result<(), MeterError> {
         self.detach_links()
     }

@@ -255,7 +255,9 @@ fn detach_removes_enforcement_and_pins_but_keeps_counters() {
     m.meter.meter.maps_mut().add_client(client_mac()).expect("add");
     let Metered { meter, net } = m;
     let bitmesh_tests::network::TestMeter { meter: inner, config, pins: pin_dir } = meter;
-    inner.detach().expect("detach");
+    // Inside the gateway's namespace, as the attach was (a controller runs in it):
+    // clsact filters are found by interface name over netlink.
+    in_netns(&net.gateway, || Ok(inner.detach()?)).expect("detach");
     let left: Vec<_> = std::fs::read_dir(&pins).expect("pins").filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().to_string()).collect();
     assert!(left.iter().all(|n| !n.starts_with("link_")), "links unpinned: {left:?}");
     assert!(left.contains(&"USAGE".to_string()), "maps stay pinned: {left:?}");
