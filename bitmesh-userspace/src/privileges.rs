@@ -45,7 +45,10 @@ pub fn missing(effective: u64) -> Vec<Capability> {
     let has = |c: Capability| effective & (1u64 << c.bit) != 0;
     NEEDED
         .into_iter()
-        .filter(|&c| !has(c) && !(c != CAP_NET_ADMIN && has(CAP_SYS_ADMIN)))
+        .filter(|&c| {
+            let covered_by_sys_admin = c != CAP_NET_ADMIN && has(CAP_SYS_ADMIN);
+            !(has(c) || covered_by_sys_admin)
+        })
         .collect()
 }
 
