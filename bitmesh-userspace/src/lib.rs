@@ -17,3 +17,7 @@ pub mod admin;
 pub mod gateway;
 /// The Lightning rail: the embedded node, bundles, purchase tokens, its event loop.
 pub mod lightning;
+/// systemd readiness notification (`Type=notify`): READY=1, STOPPING=1.
+pub mod notify;
+/// The capabilities `bitmesh run` needs (CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON).
+pub mod privileges;

@@ -183,13 +183,7 @@ fn run_command() -> Result<()> {
         Command::Run(_) => {
             let sub = matches.subcommand_matches("run").ok_or_else(|| anyhow!("run: no arguments"))?;
             let args = RunArgs::from_matches(sub)?;
-            tracing_subscriber::fmt()
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_default_env()
-                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-                )
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-                .init();
+            init_logging();
             rt.block_on(run(args))
         }
         Command::Clients { json, watch, socket } => rt.block_on(async {
@@ -275,6 +269,41 @@ fn run_command() -> Result<()> {
     }
 }
 
+/// Log records go to journald, each field its own journal field (`CHANNEL`, `MAC`,
+/// `TXID`, `ERROR`, ...; fields of an enclosing span as `S0_CHANNEL`, ...), when
+/// stderr is the journal (systemd sets `JOURNAL_STREAM` to its device and inode);
+/// else as text lines on stderr. `RUST_LOG` filters both (default `info`).
+fn init_logging() {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let filter = || {
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+    };
+    if stderr_is_journal() {
+        if let Ok(journald) = tracing_journald::layer() {
+            let journald = journald.with_field_prefix(None).with_syslog_identifier("bitmesh".to_string());
+            tracing_subscriber::registry().with(filter()).with(journald).init();
+            return;
+        }
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(filter())
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+/// Whether stderr is connected to journald (`JOURNAL_STREAM=<dev>:<inode>` names it).
+fn stderr_is_journal() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Some((dev, ino)) = std::env::var("JOURNAL_STREAM").ok().and_then(|v| {
+        let (d, i) = v.split_once(':')?;
+        Some((d.parse::<u64>().ok()?, i.parse::<u64>().ok()?))
+    }) else {
+        return false;
+    };
+    std::fs::metadata("/proc/self/fd/2").is_ok_and(|m| m.dev() == dev && m.ino() == ino)
+}
+
 fn iface_ipv4(iface: &str) -> Option<Ipv4Addr> {
     let addrs = nix::ifaddrs::getifaddrs().ok()?;
     for a in addrs {
@@ -308,9 +337,15 @@ async fn run(args: RunArgs) -> Result<()> {
     let policy_network = policy.network;
     let payout_flag = args.payout_script()?;
     let iface = args.iface()?.to_owned();
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        bail!("bitmesh run must run as root (it loads BPF programs and owns the admin socket): use sudo");
+    let missing = bitmesh::privileges::missing(bitmesh::privileges::effective().context("cannot read this process's capabilities")?);
+    if !missing.is_empty() {
+        let names: Vec<&str> = missing.iter().map(|c| c.name).collect();
+        let uses: Vec<&str> = missing.iter().map(|c| c.used_for).collect();
+        bail!(
+            "bitmesh run needs {} (to {}): run it as root (sudo), or add them to the unit's CapabilityBoundingSet and AmbientCapabilities",
+            names.join(" and "),
+            uses.join("; ")
+        );
     }
     if nix::net::if_::if_nametoindex(iface.as_str()).is_err() {
         bail!("interface {iface} not found: pass the client-facing interface with --iface (e.g. --iface wlan0)");
@@ -429,10 +464,10 @@ async fn run(args: RunArgs) -> Result<()> {
         info!(%addr, max_connections = conn_limits.max_connections, per_client = conn_limits.max_per_client, "client API listening");
         tokio::spawn(api::serve(listener, app.clone(), slots.clone(), keys.clone()));
     }
-    let admin_path = args.admin_socket.clone();
+    let admin_listener = admin::bind(&args.admin_socket)?;
     let admin_gw = gw.clone();
     tokio::spawn(async move {
-        if let Err(e) = admin::serve(admin_gw, &admin_path).await {
+        if let Err(e) = admin::serve_on(admin_gw, admin_listener).await {
             warn!(error = %e, "admin socket stopped");
         }
     });
@@ -490,9 +525,17 @@ async fn run(args: RunArgs) -> Result<()> {
     });
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    // The meter is attached and enforcing, the API and the admin socket listen:
+    // a Type=notify unit counts as started from here.
+    if let Err(e) = bitmesh::notify::notify(&format!("READY=1\nSTATUS=metering {iface} ({hook})")) {
+        warn!(error = %e, "could not tell systemd the controller is ready");
+    }
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+    if let Err(e) = bitmesh::notify::notify("STOPPING=1") {
+        warn!(error = %e, "could not tell systemd the controller is stopping");
     }
     if let Some(node) = ln_node {
         if let Err(e) = tokio::task::spawn_blocking(move || node.stop()).await {

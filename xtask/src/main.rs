@@ -6,8 +6,11 @@
 
 mod bitcoind;
 mod cache;
+mod cross;
+mod dist;
 mod ebpf;
 mod fuzz;
+mod pi_check;
 mod provision;
 mod run;
 
@@ -64,6 +67,27 @@ enum Command {
         #[arg(long, default_value_t = 60)]
         secs: u32,
     },
+    /// Build the release `bitmesh` binary (eBPF object embedded) for TARGET and package
+    /// it as target/dist/bitmesh_<version>_<arch>.deb with the systemd unit, the example
+    /// configs and the docs. Installs the Rust target and Debian's cross compilers.
+    Dist {
+        /// Rust target triple: x86_64-unknown-linux-gnu or aarch64-unknown-linux-gnu.
+        /// [default: the build host's]
+        #[arg(long)]
+        target: Option<String>,
+    },
+    /// Boot Debian 12's arm64 kernel under qemu-system-aarch64 (Cortex-A72, as in a
+    /// Pi 4) and run the kernel verdict and namespace metering tests there (the clsact
+    /// path); also on bookworm-backports' newer arm64 kernel (tcx) when apt offers one.
+    /// Prints a pass/fail table; exits non-zero on any failure or timeout.
+    PiCheck {
+        /// Only Debian 12's own kernel (skip the backports kernel).
+        #[arg(long)]
+        stable_only: bool,
+        /// Minutes one guest may run before it counts as hung.
+        #[arg(long, default_value_t = 30)]
+        timeout_mins: u64,
+    },
 }
 
 fn main() -> Result<()> {
@@ -83,6 +107,14 @@ fn main() -> Result<()> {
         Command::Demo => run::demo()?,
         Command::Bench { args } => run::bench(&args)?,
         Command::Load { clients, secs } => run::load(clients, secs)?,
+        Command::Dist { target } => {
+            let p = dist::dist(target.as_deref())?;
+            println!("{}", p.deb.display());
+            println!("  package: {} bytes ({:.1} MiB)", p.deb_bytes, p.deb_bytes as f64 / 1048576.0);
+            println!("  /usr/bin/bitmesh: {} bytes ({:.1} MiB)", p.binary_bytes, p.binary_bytes as f64 / 1048576.0);
+            println!("  Depends: {}", p.depends);
+        }
+        Command::PiCheck { stable_only, timeout_mins } => pi_check::pi_check(stable_only, timeout_mins)?,
     }
     Ok(())
 }

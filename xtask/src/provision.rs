@@ -145,3 +145,18 @@ pub fn bpf_linker() -> Result<PathBuf> {
     .context("building bpf-linker failed; see the cargo output above")?;
     Ok(bin)
 }
+
+/// Let dpkg and apt install and download packages of `arch` (multiarch), once.
+pub fn foreign_architecture(arch: &str) -> Result<()> {
+    let native = output(Command::new("dpkg").arg("--print-architecture"))?;
+    let foreign = output(Command::new("dpkg").arg("--print-foreign-architectures"))?;
+    if native.trim() == arch || foreign.lines().any(|l| l.trim() == arch) {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!("dpkg does not know the {arch} architecture yet; run: sudo dpkg --add-architecture {arch} && sudo apt-get update");
+    }
+    step(&format!("adding the {arch} architecture to dpkg (multiarch) and updating apt"));
+    run(Command::new("dpkg").args(["--add-architecture", arch]))?;
+    run(Command::new("apt-get").args(["update", "-qq"])).context("apt-get update failed; check the package mirror is reachable")
+}

@@ -357,6 +357,12 @@ async fn lightning(gw: &Gateway, req: AdminRequest) -> AdminResponse {
 
 /// Bind the admin socket with mode 0600 (root only) and serve it forever.
 pub async fn serve(gw: Arc<Gateway>, path: &Path) -> Result<(), AdminError> {
+    serve_on(gw, bind(path)?).await
+}
+
+/// Create the admin socket at `path` (mode 0600, replacing a stale one). Separate
+/// from [`serve_on`] so the controller can report ready only once it exists.
+pub fn bind(path: &Path) -> Result<UnixListener, AdminError> {
     let bind = |source| AdminError::Bind { path: path.to_owned(), source };
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(bind)?;
@@ -371,6 +377,11 @@ pub async fn serve(gw: Arc<Gateway>, path: &Path) -> Result<(), AdminError> {
     let listener = listener.map_err(bind)?;
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind)?;
+    Ok(listener)
+}
+
+/// Answer operator requests on `listener` until it fails.
+pub async fn serve_on(gw: Arc<Gateway>, listener: UnixListener) -> Result<(), AdminError> {
     let rates = Arc::new(RateSampler::default());
     loop {
         let (stream, _) = listener.accept().await?;

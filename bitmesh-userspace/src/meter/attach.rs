@@ -5,8 +5,8 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use aya::programs::links::{FdLink, LinkError, PinnedLink};
-use aya::programs::tc::{self, SchedClassifierLink, SchedClassifierLinkId, TcAttachType};
+use aya::programs::links::{FdLink, Link, LinkError, PinnedLink};
+use aya::programs::tc::{self, NlOptions, SchedClassifierLink, SchedClassifierLinkId, TcAttachOptions, TcAttachType, TcHandle};
 use aya::programs::xdp::{XdpLink, XdpLinkId};
 use aya::programs::{Program, ProgramError, SchedClassifier, Xdp, XdpMode};
 use aya::{Ebpf, EbpfError, EbpfLoader};
@@ -23,6 +23,15 @@ use super::object::EBPF_OBJECT;
 
 /// `BPF_FS_MAGIC` from statfs(2): the pin directory must live on a bpffs.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Kernels before 6.6 have no tcx: a TC program hangs on the clsact qdisc as a
+/// cls_bpf filter, which has no bpf_link to pin. Ours get this fixed identity
+/// (priority 1: the meter sees every frame before any other filter), so a restart
+/// replaces each filter in place, atomically, instead of adding a second one, and
+/// detach finds and removes them.
+const CLSACT_PRIORITY: u16 = 1;
+/// See [`CLSACT_PRIORITY`]; "b17" for BitMesh.
+const CLSACT_HANDLE: TcHandle = TcHandle::new(0, 0xb17);
 
 /// The programs of the object, for [`Meter::test_run`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -80,6 +89,8 @@ pub struct Meter {
     interface: Option<String>,
     upload_hook: Option<UploadHook>,
     attachments: Vec<Attachment>,
+    /// clsact filters attached on a kernel without tcx (see [`CLSACT_PRIORITY`]).
+    clsact: Vec<TcAttachType>,
 }
 
 impl Meter {
@@ -119,6 +130,7 @@ impl Meter {
             interface: None,
             upload_hook: None,
             attachments: Vec::new(),
+            clsact: Vec::new(),
         })
     }
 
@@ -175,6 +187,10 @@ impl Meter {
                 remove_pin(&self.link_pin(interface, stale_kind(stale)))?;
             }
         }
+        if stale_kind(hook) != stale_kind(UploadHook::Tc) && !tcx_kernel() {
+            // An ingress filter left by a run with the TC hook, on a kernel without tcx.
+            detach_clsact(interface, TcAttachType::Ingress);
+        }
         match hook {
             UploadHook::XdpNative => self.attach_xdp(interface, XdpMode::Driver, hook),
             UploadHook::XdpGeneric => self.attach_xdp(interface, XdpMode::Skb, hook),
@@ -199,14 +215,44 @@ impl Meter {
             TcAttachType::Egress => "download_tc",
             _ => "upload_tc",
         };
-        let tcx = aya::util::KernelVersion::current().map(|v| v >= aya::util::KernelVersion::new(6, 6, 0)).unwrap_or(false);
-        if !tcx {
-            // Legacy TC needs the clsact qdisc; it may exist already.
-            if let Err(e) = tc::qdisc_add_clsact(interface) {
-                tracing::debug!(interface, error = %e, "clsact qdisc not added (usually: exists already)");
-            }
+        if !tcx_kernel() {
+            return self.attach_clsact(interface, program, at);
         }
         self.attach_pinned::<SchedClassifier>(interface, program, kind, at, UploadHook::Tc)
+    }
+
+    /// TC on a kernel without tcx: a cls_bpf filter on the clsact qdisc with our fixed
+    /// identity. One left by a previous run is replaced in place (the kernel swaps the
+    /// program atomically: no window without enforcement, never two meters).
+    fn attach_clsact(&mut self, interface: &str, program: MeterProgram, at: TcAttachType) -> Result<(), MeterError> {
+        // The clsact qdisc may exist already.
+        if let Err(e) = tc::qdisc_add_clsact(interface) {
+            tracing::debug!(interface, error = %e, "clsact qdisc not added (usually: exists already)");
+        }
+        let name = program.name();
+        let prog: &mut SchedClassifier = program_mut(&mut self.ebpf, name)?;
+        let ours = SchedClassifierLink::attached(interface, at, CLSACT_PRIORITY, CLSACT_HANDLE, None)
+            .map_err(|_| MeterError::InterfaceNotFound { interface: interface.to_string() })?;
+        let id = match prog.attach_to_link(ours) {
+            Ok(id) => {
+                tracing::info!(interface, program = name, "clsact filter of a previous run taken over");
+                id
+            }
+            // No filter of ours there yet (ENOENT): add it.
+            Err(_) => prog
+                .attach_with_options(
+                    interface,
+                    at,
+                    TcAttachOptions::Netlink(NlOptions { priority: CLSACT_PRIORITY, handle: CLSACT_HANDLE, ..NlOptions::default() }),
+                )
+                .map_err(|source| attach_error(source, UploadHook::Tc, interface))?,
+        };
+        let link = prog.take_link(id).map_err(|source| MeterError::Program { operation: "take link", program: name, source: Box::new(source) })?;
+        // aya detaches a filter when its link value drops; this one must outlive the
+        // process, as a pinned link does. It is plain data (no descriptor): nothing leaks.
+        std::mem::forget(link);
+        self.clsact.push(at);
+        Ok(())
     }
 
     /// Attach `program` to `interface` at `target`, pinned as `link_<interface>_<kind>`:
@@ -272,6 +318,8 @@ impl Meter {
 
     /// Detach from the interface and remove the pinned attachments. The maps stay
     /// pinned (counters and credit survive); see [`Meter::remove_pinned_maps`].
+    /// Call it in the interface's network namespace, as [`Meter::attach`]: without
+    /// tcx the filters are found by interface name over netlink.
     pub fn detach(mut self) -> Result<(), MeterError> {
         self.detach_links()
     }
@@ -282,7 +330,11 @@ impl Meter {
             // Dropping the last reference to the link detaches it.
             drop(link);
         }
+        let clsact: Vec<TcAttachType> = self.clsact.drain(..).collect();
         if let Some(interface) = self.interface.take() {
+            for at in clsact {
+                detach_clsact(&interface, at);
+            }
             tracing::info!(interface, "meter detached");
         }
         Ok(())
@@ -345,6 +397,21 @@ macro_rules! pinnable_program {
 
 pinnable_program!(Xdp, XdpMode, XdpLink, XdpLinkId, "XDP");
 pinnable_program!(SchedClassifier, TcAttachType, SchedClassifierLink, SchedClassifierLinkId, "TC");
+
+/// Whether TC programs attach through tcx links (kernel 6.6 and later), as aya decides.
+fn tcx_kernel() -> bool {
+    aya::util::KernelVersion::current().map(|v| v >= aya::util::KernelVersion::new(6, 6, 0)).unwrap_or(false)
+}
+
+/// Remove our clsact filter at `at` on `interface`, if there is one.
+fn detach_clsact(interface: &str, at: TcAttachType) {
+    let removed = SchedClassifierLink::attached(interface, at, CLSACT_PRIORITY, CLSACT_HANDLE, None)
+        .map_err(|e| e.to_string())
+        .and_then(|link| link.detach().map_err(|e| e.to_string()));
+    if let Err(e) = removed {
+        tracing::debug!(interface, error = %e, "no clsact filter of ours to remove");
+    }
+}
 
 /// Group the upload hooks by program family: one pinned upload link per family.
 fn stale_kind(hook: UploadHook) -> &'static str {

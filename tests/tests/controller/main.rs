@@ -28,3 +28,4 @@ mod restart;
 mod session;
 mod settlement;
 mod smoke;
+mod systemd;

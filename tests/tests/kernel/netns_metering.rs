@@ -115,9 +115,16 @@ fn client_is_cut_off_at_its_credit_and_resumes_after_a_top_up() {
     if !can_run() {
         return;
     }
+    // Native XDP, and TC ingress (tcx, or clsact on kernels before 6.6: a Pi on Debian 12).
+    for hook in [UploadHook::XdpNative, UploadHook::Tc] {
+        cut_off_at_credit_and_resumed_by_a_top_up(hook);
+    }
+}
+
+fn cut_off_at_credit_and_resumed_by_a_top_up(hook: UploadHook) {
     const S: usize = 500;
     const FRAME: u64 = (S + 42) as u64;
-    let mut m = Metered::new(UploadHook::XdpNative).expect("topology");
+    let mut m = Metered::new(hook).expect("topology");
     // Credit for 10 frames and a bit: the 11th does not fit.
     let credit = 10 * FRAME + FRAME / 2;
     m.meter.meter.maps_mut().add_client(client_mac()).expect("meter the client");
@@ -237,14 +244,25 @@ fn detach_removes_enforcement_and_pins_but_keeps_counters() {
     let mut m = Metered::new(UploadHook::Tc).expect("topology");
     let pins = m.meter.pins.path().to_path_buf();
     let links: Vec<_> = std::fs::read_dir(&pins).expect("pins").filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().to_string()).filter(|n| n.starts_with("link_")).collect();
-    assert_eq!(links.len(), 2, "upload and download links pinned: {links:?}");
+    if tcx_kernel() {
+        assert_eq!(links.len(), 2, "upload and download links pinned: {links:?}");
+    } else {
+        // clsact filters have no link to pin: they stay attached by themselves.
+        assert!(links.is_empty(), "no links on clsact: {links:?}");
+        let iface = m.net.gateway_if();
+        assert_eq!((clsact_bpf_filters(&m.net, iface, "ingress"), clsact_bpf_filters(&m.net, iface, "egress")), (1, 1), "one clsact filter per direction");
+    }
     m.meter.meter.maps_mut().add_client(client_mac()).expect("add");
     let Metered { meter, net } = m;
     let bitmesh_tests::network::TestMeter { meter: inner, config, pins: pin_dir } = meter;
-    inner.detach().expect("detach");
+    // Inside the gateway's namespace, as the attach was (a controller runs in it):
+    // clsact filters are found by interface name over netlink.
+    in_netns(&net.gateway, || Ok(inner.detach()?)).expect("detach");
     let left: Vec<_> = std::fs::read_dir(&pins).expect("pins").filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().to_string()).collect();
     assert!(left.iter().all(|n| !n.starts_with("link_")), "links unpinned: {left:?}");
     assert!(left.contains(&"USAGE".to_string()), "maps stay pinned: {left:?}");
+    let iface = net.gateway_if();
+    assert_eq!((clsact_bpf_filters(&net, iface, "ingress"), clsact_bpf_filters(&net, iface, "egress")), (0, 0), "no filter left");
     // Without the meter, upstream traffic of an unpaid client flows again.
     let rx = in_netns(&net.gateway, || Ok(UdpSocket::bind((GW, UPSTREAM_PORT))?)).expect("rx");
     rx.set_read_timeout(Some(WAIT)).expect("timeout");
@@ -297,8 +315,28 @@ fn enforcement_and_counters_survive_a_controller_restart() {
     if !can_run() {
         return;
     }
+    for hook in [UploadHook::XdpNative, UploadHook::Tc] {
+        survives_a_restart(hook);
+    }
+}
+
+/// Whether TC programs attach through tcx (kernel 6.6 on), else through clsact.
+fn tcx_kernel() -> bool {
+    aya::util::KernelVersion::current().is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0))
+}
+
+/// BPF filters on `iface`'s clsact qdisc at `direction` (ingress or egress), as
+/// `tc filter show` lists them: one per attached cls_bpf program (tcx links are not
+/// filters and do not show).
+fn clsact_bpf_filters(net: &Topology, iface: &str, direction: &str) -> usize {
+    let out = net.gateway.exec("tc", &["filter", "show", "dev", iface, direction]).map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+    // No qdisc at all (tcx) makes tc fail: no filters.
+    out.map(|text| text.lines().filter(|l| l.contains(" bpf ") && l.contains(" handle ")).count()).unwrap_or(0)
+}
+
+fn survives_a_restart(hook: UploadHook) {
     const S: usize = 200;
-    let mut m = Metered::new(UploadHook::XdpNative).expect("topology");
+    let mut m = Metered::new(hook).expect("topology");
     m.meter.meter.maps_mut().add_client(client_mac()).expect("meter the client");
     m.meter.meter.maps_mut().raise_credit(client_mac(), ByteCount(1 << 20)).expect("credit");
     assert!(m.ping_gateway());
@@ -317,14 +355,23 @@ fn enforcement_and_counters_survive_a_controller_restart() {
     // The restarted controller takes the attachments over (no second program).
     let mut m = m;
     let iface = m.net.gateway_if().to_string();
-    in_netns(&m.net.gateway, || Ok(m.meter.meter.attach(&iface, UploadHook::XdpNative)?)).expect("re-attach");
+    in_netns(&m.net.gateway, || Ok(m.meter.meter.attach(&iface, hook)?)).expect("re-attach");
     assert_eq!(m.blast(&tx, to, &rx, 10, S).expect("blast"), 10);
     let u = m.usage();
-    assert_eq!((u.up_pkts, u.up_bytes), (30, 30 * (S as u64 + 42)), "each frame billed once, counters kept");
+    assert_eq!((u.up_pkts, u.up_bytes), (30, 30 * (S as u64 + 42)), "{hook}: each frame billed once, counters kept");
     // The download link was taken over too, not doubled: each frame billed once.
     let crx = m.udp(false, SocketAddrV4::new(CL, 6000)).expect("client rx");
     assert_eq!(m.blast(&rx, SocketAddrV4::new(CL, 6000), &crx, 10, S).expect("blast down"), 10);
-    assert_eq!(m.usage().down_pkts, 10, "download billed once per frame");
+    assert_eq!(m.usage().down_pkts, 10, "{hook}: download billed once per frame");
+    // Without tcx the programs are clsact filters: the restart replaced each in
+    // place instead of adding a second one behind it.
+    let (filters_in, filters_out) = (clsact_bpf_filters(&m.net, &iface, "ingress"), clsact_bpf_filters(&m.net, &iface, "egress"));
+    let tc_upload = usize::from(hook == UploadHook::Tc);
+    if tcx_kernel() {
+        assert_eq!((filters_in, filters_out), (0, 0), "{hook}: tcx links, no clsact filters");
+    } else {
+        assert_eq!((filters_in, filters_out), (tc_upload, 1), "{hook}: one clsact filter per TC program after a restart");
+    }
 }
 
 #[test]
