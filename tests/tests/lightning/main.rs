@@ -340,8 +340,12 @@ fn the_operator_opens_a_channel_from_the_gateway_node() {
     let out = ctl.cli_text(&["lightning", "withdraw", "--address", &dest, "--sat", "20000"]).unwrap();
     let txid = out.trim().rsplit(' ').next().unwrap().to_owned();
     assert!(out.contains("sent: txid"), "{out}");
-    let mempool = bed.node.rpc().call_raw("getrawmempool", &[]).unwrap();
-    assert!(mempool.as_array().unwrap().iter().any(|t| t == txid.as_str()), "{txid} not in {mempool}");
+    // ldk-node hands the transaction to its broadcaster queue and returns the txid at
+    // once; the broadcast itself follows asynchronously.
+    wait_for_true("the withdrawal reaches the node's mempool", Duration::from_secs(30), || {
+        let mempool = bed.node.rpc().call_raw("getrawmempool", &[]).ok();
+        mempool.and_then(|m| m.as_array().map(|a| a.iter().any(|t| t == txid.as_str()))).unwrap_or(false)
+    });
     // The seed can be exported (64 bytes, hex), and equals the 0600 file.
     let seed = ctl.cli_text(&["lightning", "export-seed"]).unwrap();
     assert_eq!(seed.trim().len(), 128);
