@@ -26,10 +26,12 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use crate::pricing::{ByteCount, PriceMsatPerMib};
 
 mod captive;
+mod device;
 mod events;
 pub mod routes;
 
 pub use captive::{CaptiveStatus, CAPTIVE_JSON};
+pub use device::DeviceStatus;
 pub use events::{ClientEvent, UsageReport};
 
 /// Version of this message set; bumped on any incompatible change.

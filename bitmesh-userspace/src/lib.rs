@@ -21,3 +21,6 @@ pub mod api;
 pub mod admin;
 /// The controller: verify, persist, credit, ack.
 pub mod gateway;
+
+/// The captive portal: redirect listener, nftables table, page, TLS.
+pub mod portal;

@@ -10,5 +10,6 @@ pub mod garden_attack;
 pub mod http;
 pub mod kernel_bench;
 pub mod netns;
+pub mod portal;
 pub mod process;
 pub mod world;

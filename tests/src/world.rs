@@ -175,6 +175,11 @@ impl World {
         Self::sysctl(gw, "net.ipv6.conf.all.disable_ipv6=1")?;
         Self::sysctl(gw, "net.ipv6.conf.default.disable_ipv6=1")?;
         Self::sysctl(gw, "net.ipv4.ip_forward=1")?;
+        // A bridge's IPv4 must reach netfilter after the meter's TC ingress (which
+        // marks captive-portal packets), not at the bridge layer (br_netfilter):
+        // `bitmesh run` refuses to intercept otherwise. Per namespace; absent without
+        // the br_netfilter module.
+        let _ = Self::sysctl(gw, "net.bridge.bridge-nf-call-iptables=0");
         gw.ip(&["link", "add", &self.bridge, "address", BRIDGE_MAC, "type", "bridge", "forward_delay", "0"])?;
         gw.ip(&["addr", "add", &format!("{GATEWAY_IP}/24"), "dev", &self.bridge])?;
         gw.ip(&["link", "set", &self.bridge, "up"])?;

@@ -16,6 +16,8 @@
 //! | POST | /v1/channels/{id}/close | `CloseRequest` -> `CloseResponse` |
 //! | GET  | /v1/channels/{id}/events | -> SSE stream of [`ClientEvent`] (signed header) |
 //! | GET  | /captive-portal/api | -> RFC 8908 [`CaptiveStatus`] |
+//! | GET  | /v1/device | -> `DeviceStatus` (the requester's device, by MAC) |
+//! | GET  | /portal/ | the captive-portal page (`crate::portal::page`) |
 
 mod captive;
 mod error;
@@ -39,7 +41,7 @@ use axum::routing::{get, post};
 use axum::{middleware, Json, Router};
 use bitmesh_common::wire::routes;
 use bitmesh_common::wire::{
-    ChannelId, ChannelStatus, CloseRequest, CloseResponse, FundRequest, OpenRequest, OpenResponse,
+    ChannelId, ChannelStatus, CloseRequest, CloseResponse, DeviceStatus, FundRequest, OpenRequest, OpenResponse,
     PaymentAck, PaymentUpdate, SignatureBytes, Terms,
 };
 use bitcoin::hex::FromHex;
@@ -51,7 +53,7 @@ pub use bitmesh_common::wire::{CaptiveStatus, ClientEvent, UsageReport, AUTH_HEA
 pub use error::ApiError;
 pub use extract::ApiJson;
 pub use limits::{ClientKey, ClientKeys, RateLimiter};
-pub use serve::{serve, ConnLimits, ConnPermit, ConnSlots, Refusal};
+pub use serve::{serve, serve_tls, ConnLimits, ConnPermit, ConnSlots, Refusal};
 
 /// A parsed [`AUTH_HEADER`]: the client's counter (milliseconds since the Unix
 /// epoch, strictly increasing per channel) and its signature over
@@ -87,6 +89,10 @@ pub trait ClientGateway: Send + Sync + 'static {
         auth: ClientAuth,
     ) -> impl Future<Output = Result<mpsc::Receiver<ClientEvent>, ApiError>> + Send;
     fn captive(&self, peer: IpAddr) -> impl Future<Output = Result<CaptiveStatus, ApiError>> + Send;
+    /// The requester's own device status (by its MAC), for the portal page.
+    fn device(&self, _peer: IpAddr) -> impl Future<Output = Result<DeviceStatus, ApiError>> + Send {
+        async { Err(ApiError::NoRoute) }
+    }
     /// Who limits count `peer` against (rate limits, connection caps): its MAC on
     /// the client interface when known. Called per connection and per request, so
     /// it must be cheap and must not block for long.
@@ -135,6 +141,11 @@ type St<G> = State<Arc<AppState<G>>>;
 /// The API router. Serve it with [`serve`] (or anything that inserts
 /// `ConnectInfo<SocketAddr>`: handlers need the peer address).
 pub fn router<G: ClientGateway>(gw: Arc<G>, limits: ApiLimits) -> Router {
+    router_with(gw, limits, Router::new())
+}
+
+/// [`router`] with `extra` routes (the portal page) under the same limits.
+pub fn router_with<G: ClientGateway>(gw: Arc<G>, limits: ApiLimits, extra: Router) -> Router {
     let keys = client_keys(gw.clone());
     let relay_limiter = RateLimiter::new(limits.relays_per_hour, Duration::from_secs(3600), keys.clone());
     let limiter = RateLimiter::new(limits.requests_per_min, Duration::from_secs(60), keys);
@@ -153,9 +164,11 @@ pub fn router<G: ClientGateway>(gw: Arc<G>, limits: ApiLimits) -> Router {
         .route(routes::CLOSE, post(close::<G>))
         .route(routes::EVENTS, get(events::<G>))
         .route(routes::CAPTIVE, get(captive::<G>))
+        .route(routes::DEVICE, get(device::<G>))
         .fallback(|| async { ApiError::NoRoute })
         .method_not_allowed_fallback(|| async { ApiError::NoRoute })
         .with_state(state)
+        .merge(extra)
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(middleware::from_fn_with_state(timeout, limits::timeout))
         .layer(middleware::from_fn_with_state(limiter, limits::rate_limit))
@@ -264,4 +277,14 @@ async fn captive<G: ClientGateway>(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
 ) -> Result<Response, ApiError> {
     Ok(captive::answer(s.gw.captive(peer.ip()).await?))
+}
+
+async fn device<G: ClientGateway>(
+    State(s): St<G>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+) -> Result<Response, ApiError> {
+    let mut r = Json(s.gw.device(peer.ip()).await?).into_response();
+    // Live figures: never cached.
+    r.headers_mut().insert(axum::http::header::CACHE_CONTROL, axum::http::HeaderValue::from_static("no-store"));
+    Ok(r)
 }
