@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use bitcoin::Amount;
 use bitmesh_tests::portal::{add_address, connect, get_as, Connect, Internet, PROBES};
-use bitmesh_tests::world::{preflight, AgentOpts, ControllerOpts, World, API_PORT, GATEWAY_IP, UPSTREAM_IP};
+use bitmesh_tests::world::{preflight, wait_until, AgentOpts, ControllerOpts, World, API_PORT, GATEWAY_IP, UPSTREAM_IP};
 
 /// The logging internet's address (next to the world's bulk HTTP server).
 const INTERNET: Ipv4Addr = Ipv4Addr::new(10, 89, 0, 3);
@@ -70,6 +70,19 @@ fn unpaid_http_is_answered_by_the_gateway_https_is_reset_paid_is_untouched_and_a
     let mut agent = world.start_agent(1, &AgentOpts::new(funding[0].file.clone(), 20_000)).unwrap();
     agent.wait_for("channel funded", Duration::from_secs(60)).unwrap();
     world.mine(1);
+    // The device is online once its first payment is credited: what the page polls.
+    let device = wait_until("client 1's first payment to be credited", Duration::from_secs(30), || {
+        let (code, body) = world.api_get(1, "/v1/device", WAIT).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        (code == 200 && v["captive"] == false).then_some(v)
+    });
+    assert_eq!(device["mac"], world.clients[1].mac, "{device}");
+    assert!(device["bytes_remaining"].as_u64().unwrap() > 1514 && device["channel"].is_string(), "{device}");
+    let (_, captive) = world.api_get(1, "/captive-portal/api", WAIT).unwrap();
+    let captive: serde_json::Value = serde_json::from_str(&captive).unwrap();
+    assert_eq!(captive["captive"], false, "{captive}");
+    assert_eq!(captive["user-portal-url"], portal_url().as_str());
+    assert!(captive["bytes-remaining"].as_u64().unwrap() > 0 && captive["seconds-remaining"].as_u64().unwrap() > 0, "{captive}");
     for (host, path, status, body) in PROBES {
         let a = get_as(paid, http_addr(INTERNET), host, &format!("{path}?from=paid"), WAIT).unwrap();
         assert_eq!(a.status, status, "{host}{path}: {a:?}\nagent:\n{}", agent.output());
