@@ -2,6 +2,7 @@
 //! veth pairs, regtest nodes and controller processes, and remove them on drop.
 
 pub mod bitcoind;
+pub mod browser;
 pub mod controller;
 pub mod controller_load;
 pub mod controller_memory;

@@ -17,7 +17,10 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Duration;
 
 use bitcoin::Amount;
+use bitmesh_tests::browser::{self, eventually, text_of, Browser};
 use bitmesh_tests::portal::{add_address, connect, get_as, Connect, Internet, PROBES};
+use anyhow::Context;
+use fantoccini::Locator;
 use bitmesh_tests::world::{preflight, wait_until, AgentOpts, ControllerOpts, World, API_PORT, GATEWAY_IP, UPSTREAM_IP};
 
 /// The logging internet's address (next to the world's bulk HTTP server).
@@ -108,4 +111,219 @@ fn unpaid_http_is_answered_by_the_gateway_https_is_reset_paid_is_untouched_and_a
     assert_eq!(a.status, 200, "{a:?}");
     drop(agent);
     drop(ctl);
+}
+
+/// Host names the browser may resolve: the upstream page and the four probes, all on
+/// the logging internet.
+fn browser_hosts() -> Vec<(&'static str, Ipv4Addr)> {
+    let mut hosts = vec![("upstream.example", INTERNET)];
+    hosts.extend(PROBES.iter().map(|(h, ..)| (*h, INTERNET)));
+    hosts
+}
+
+const VENUE: &str = "Café Sol";
+
+/// A phone-sized headless Chromium: unpaid, an upstream URL lands on the portal page
+/// (title asserted, English and Spanish), and so does a probe URL; then the real
+/// agent pays an on-chain channel from the same device and the page shows it
+/// connected with live figures, the browser loads upstream, and once the credit is
+/// used up the page says so and upstream is the portal again. Screenshots of each
+/// state go to target/portal-screenshots/.
+#[test]
+fn a_phone_browser_lands_on_the_portal_unpaid_and_sees_its_credit_when_paid() {
+    let Some(bin) = preflight() else { return };
+    if !browser::available() {
+        return;
+    }
+    let world = World::new(bin, 1).unwrap();
+    add_address(&world.upstream, UPSTREAM_IP, INTERNET).unwrap();
+    let internet = Internet::start(&world.upstream, INTERNET).unwrap();
+    let funding = world.fund(1, Amount::from_sat(100_000)).unwrap();
+    // The agent and the browser share the device here (a phone has no agent): room
+    // for Chrome's six connections per host next to the agent's two.
+    let extra = ["--venue", VENUE, "--api-max-connections-per-client", "16"].map(String::from).to_vec();
+    let opts = ControllerOpts { extra, ..ControllerOpts::default() };
+    let ctl = world.start_controller(&opts).unwrap();
+    let log = browser::screenshot_dir().join("chromedriver.log");
+    let _ = std::fs::remove_file(&log);
+    let phone = Browser::start(&world.clients[0].ns, &browser_hosts(), &[&GATEWAY_IP.to_string()], &log).unwrap();
+    let portal = portal_url();
+    let title_en = format!("{VENUE} · Internet access");
+    let (world, internet, funding) = (&world, &internet, &funding);
+
+    phone
+        .session(|b| async move {
+            // 1. Unpaid: an upstream URL lands on the portal page.
+            b.goto("http://upstream.example/page").await?;
+            let url = b.current_url().await?;
+            assert_eq!(url.as_str(), portal, "the redirect leads to the portal page");
+            assert_eq!(b.title().await?, title_en);
+            let status = eventually("the page to ask the gateway for the device", WAIT, || async {
+                let t = text_of(&b, "status-line").await;
+                t.starts_with("Not connected").then_some(t)
+            })
+            .await?;
+            assert_eq!(status, "Not connected. Buy data below to get online.");
+            let price = text_of(&b, "price").await;
+            assert_eq!(price, "1,000 sat per MiB · 953,674 sat per GB", "terms shown before paying");
+            assert!(!text_of(&b, "no-lightning").await.is_empty(), "no Lightning on this gateway: the page says so");
+            assert!(text_of(&b, "laptop-cmd").await.contains("bitmesh pay --gateway http://10.88.0.1:3141 --max-price 1000"));
+            // Keyboard and screen reader: every control has a name, every input a label,
+            // live regions for what changes.
+            let unnamed = b
+                .execute(
+                    "return [...document.querySelectorAll('a,button,input')].filter(e => e.offsetParent !== null)\
+                       .filter(e => !(e.innerText || '').trim() && !(e.labels && e.labels.length) && !e.getAttribute('aria-label'))\
+                       .map(e => e.outerHTML)",
+                    vec![],
+                )
+                .await?;
+            assert_eq!(unnamed, serde_json::json!([]), "controls without an accessible name");
+            let width = b.execute("return document.documentElement.scrollWidth", vec![]).await?;
+            assert!(width.as_u64().unwrap() <= 360, "no horizontal scrolling at 360 px: {width}");
+            browser::screenshot(&b, "1-unpaid-portal").await?;
+            // Spanish, by the page's switch.
+            b.find(Locator::Css("nav a[lang=es]")).await?.click().await?;
+            eventually("the Spanish page", WAIT, || async { b.title().await.ok().filter(|t| t.ends_with("Acceso a internet")) }).await?;
+            eventually("the Spanish status", WAIT, || async {
+                Some(text_of(&b, "status-line").await).filter(|t| t.starts_with("Sin conexión"))
+            })
+            .await?;
+            browser::screenshot(&b, "2-unpaid-portal-es").await?;
+            // An OS probe URL lands on the portal too.
+            b.goto("http://connectivitycheck.gstatic.com/generate_204").await?;
+            assert_eq!(b.current_url().await?.as_str(), portal);
+            assert_eq!(internet.http_connections(), 0, "an unpaid request reached upstream: {:?}", internet.requests());
+
+            // 2. The real agent pays from the same device (on-chain channel): the page
+            // shows the device's credit, whatever the rail.
+            let mut agent = world.start_agent(0, &AgentOpts::new(funding[0].file.clone(), 3_000))?;
+            agent.wait_for("channel funded", Duration::from_secs(60))?;
+            world.mine(1);
+            b.goto(&portal).await?;
+            eventually("the page to show the device connected", Duration::from_secs(30), || async {
+                Some(text_of(&b, "status-line").await).filter(|t| t == "Connected")
+            })
+            .await?;
+            let remaining = text_of(&b, "remaining").await;
+            assert!(remaining.ends_with("MiB"), "remaining bytes shown: {remaining:?}");
+            browser::screenshot(&b, "3-connected").await?;
+            b.goto("http://upstream.example/page").await?;
+            assert_eq!(b.title().await?, bitmesh_tests::portal::UPSTREAM_TITLE, "paid: the real upstream page");
+            browser::screenshot(&b, "4-upstream").await?;
+            // 3. The agent stops at its spending cap; a download eats the rest.
+            let f = world.fetch(0, 16 << 20, Duration::from_secs(3));
+            assert!(!f.complete, "the download must stop at the budget: {f:?}");
+            // A GSO aggregate that does not fit is dropped whole, so up to 64 KiB may be
+            // left: full-size pings (1514-byte frames) use it up, down to less than one
+            // frame, which is when the gateway calls the device captive.
+            for _ in 0..20 {
+                let (_, body) = world.api_get(0, "/v1/device", WAIT)?;
+                let d: serde_json::Value = serde_json::from_str(&body)?;
+                if d["captive"] == true {
+                    break;
+                }
+                let _ = world.clients[0].ns.exec("ping", &["-q", "-c", "50", "-i", "0.005", "-s", "1472", "-W", "1", &UPSTREAM_IP.to_string()]);
+            }
+            let device = world.api_get(0, "/v1/device", WAIT)?.1;
+            eprintln!("device after the download: {device}");
+            // The agent polls the API several times a second from this same device and
+            // spends its payment-port garden budget, which an exhausted device lives on:
+            // a phone has no agent, so take it off the air (kill -9: the channel stays
+            // open, the credit used up).
+            agent.kill9();
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            b.goto(&portal).await.context("the portal once used up")?;
+            let used_up = eventually("the page to say the data is used up", Duration::from_secs(15), || async {
+                Some(text_of(&b, "status-line").await).filter(|t| t.starts_with("Your data is used up"))
+            })
+            .await;
+            if used_up.is_err() {
+                browser::screenshot(&b, "failed-used-up").await?;
+                eprintln!("status line: {:?}", text_of(&b, "status-line").await);
+            }
+            used_up?;
+            browser::screenshot(&b, "5-used-up").await?;
+            b.goto("http://upstream.example/page").await.context("upstream once used up")?;
+            assert_eq!(b.current_url().await?.as_str(), portal, "used up: upstream is the portal again");
+            drop(agent);
+            Ok(())
+        })
+        .unwrap();
+    let unpaid_requests: Vec<_> = internet.requests().into_iter().filter(|r| r.line.contains("generate_204")).collect();
+    assert!(unpaid_requests.is_empty(), "the unpaid probe reached upstream: {unpaid_requests:?}");
+    drop(ctl);
+}
+
+/// `--tls-cert`/`--tls-key`: the API and the page answer HTTPS on the API port with the
+/// operator's certificate (self-signed here, trusted by the test's client), the
+/// RFC 8908 answer names the https portal URL on `--portal-host`, and plain HTTP on
+/// the same port keeps working for `bitmesh pay`.
+#[test]
+fn with_a_certificate_the_portal_and_api_answer_https_and_plain_http_still_works() {
+    use std::io::{Read, Write};
+    use std::sync::Arc;
+    let Some(bin) = preflight() else { return };
+    let world = World::new(bin, 1).unwrap();
+    let dir = world.dir.path();
+    let (cert, key) = (dir.join("portal.crt"), dir.join("portal.key"));
+    // A private CA and a leaf for portal.test signed by it (an operator would use a
+    // public CA, e.g. Let's Encrypt with a DNS challenge).
+    let ca = dir.join("ca.crt");
+    let openssl = |args: &[&str]| {
+        let out = std::process::Command::new("openssl").current_dir(dir).args(args).output().expect("openssl (Debian's openssl package)");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    openssl(&[&["req", "-x509"][..], &ec[..], &["-days", "2", "-subj", "/CN=BitMesh test CA", "-keyout", "ca.key", "-out", "ca.crt"][..]].concat());
+    openssl(&[&["req"][..], &ec[..], &["-subj", "/CN=portal.test", "-keyout", "portal.key", "-out", "portal.csr"][..]].concat());
+    std::fs::write(dir.join("ext.cnf"), "subjectAltName=DNS:portal.test\nbasicConstraints=critical,CA:FALSE\nextendedKeyUsage=serverAuth\n").unwrap();
+    openssl(&["x509", "-req", "-in", "portal.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2", "-extfile", "ext.cnf", "-out", "portal.crt"]);
+    let opts = ControllerOpts {
+        extra: ["--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap(), "--portal-host", "portal.test"]
+            .map(String::from)
+            .to_vec(),
+        ..ControllerOpts::default()
+    };
+    let _ctl = world.start_controller(&opts).unwrap();
+
+    let mut roots = rustls::RootCertStore::empty();
+    use rustls::pki_types::pem::PemObject;
+    roots.add(rustls::pki_types::CertificateDer::from_pem_file(&ca).unwrap()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    );
+    let https_get = |path: &str| -> (String, String) {
+        let (config, path) = (config.clone(), path.to_string());
+        bitmesh_tests::netns::in_netns(&world.clients[0].ns, move || {
+            let tcp = std::net::TcpStream::connect((GATEWAY_IP, API_PORT))?;
+            tcp.set_read_timeout(Some(WAIT))?;
+            let name = rustls::pki_types::ServerName::try_from("portal.test").unwrap();
+            let conn = rustls::ClientConnection::new(config, name)?;
+            let mut tls = rustls::StreamOwned::new(conn, tcp);
+            tls.write_all(format!("GET {path} HTTP/1.1\r\nHost: portal.test:{API_PORT}\r\nConnection: close\r\n\r\n").as_bytes())?;
+            let mut raw = Vec::new();
+            // A peer that closes without close_notify is fine for this check.
+            let _ = tls.read_to_end(&mut raw);
+            let text = String::from_utf8_lossy(&raw).to_string();
+            let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+            Ok((head.to_string(), body.to_string()))
+        })
+        .unwrap()
+    };
+    let (head, body) = https_get("/captive-portal/api");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["user-portal-url"], format!("https://portal.test:{API_PORT}/portal/"), "{v}");
+    assert_eq!(v["captive"], true);
+    let (head, body) = https_get("/portal/");
+    assert!(head.starts_with("HTTP/1.1 200") && body.contains("<title>BitMesh WiFi"), "{head}\n{body}");
+    // Plain HTTP on the same port: the laptop agent's way in.
+    let (code, body) = world.api_get(0, "/v1/terms", WAIT).unwrap();
+    assert_eq!(code, 200, "{body}");
 }

@@ -39,8 +39,10 @@ fn answer(method: &Method, portal_url: &str, body: String) -> Response {
     let mut r = (status, body).into_response();
     let h = r.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
-    // Never cached: once paid, the same URL must reach the real site.
+    // Never cached, and never reused: once paid, the same URL must reach the real
+    // site, not a kept-alive connection that conntrack still maps to this listener.
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(header::CONNECTION, HeaderValue::from_static("close"));
     if status == StatusCode::FOUND {
         if let Ok(v) = HeaderValue::from_str(portal_url) {
             h.insert(header::LOCATION, v);
@@ -75,6 +77,7 @@ mod tests {
             assert_eq!(r.status(), StatusCode::FOUND, "{host}{path}");
             assert_eq!(r.headers()["location"], "http://10.0.0.1:3141/portal/");
             assert_eq!(r.headers()["cache-control"], "no-store");
+            assert_eq!(r.headers()["connection"], "close");
         }
         assert_eq!(ask("HEAD", "/x", "a").await.status(), StatusCode::FOUND);
     }
