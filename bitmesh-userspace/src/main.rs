@@ -39,7 +39,7 @@ struct SocketArg {
 #[derive(Subcommand)]
 enum Command {
     /// Run the gateway controller (as root): meter, client API, settlement.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Per-client counters: MAC, IP, channel, paid, credited, up, down, remaining, rate, last seen.
     Clients {
         /// Print JSON instead of a table.
@@ -80,7 +80,7 @@ enum Command {
     },
     /// `pay` and `refund`: the client agent, defined in bitmesh-client.
     #[command(flatten)]
-    Client(bitmesh_client::ClientCommand),
+    Client(Box<bitmesh_client::ClientCommand>),
     /// Show, or set, the price for NEW channels in msat per MiB (open channels keep theirs).
     /// A price set here is kept in the store and overrides --price-msat-per-mib (flag or
     /// config file) at every start, until `bitmesh price --reset`.

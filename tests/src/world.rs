@@ -6,7 +6,7 @@
 //!  ...                           |   attaches here)      gateway namespace: controller,
 //!  client N-1            --veth--+                        regtest bitcoind on 127.0.0.1,
 //!                                                         NAT (nft masquerade) out of
-//!                                 uplink 10.89.0.1 --veth-- 10.89.0.2 upstream namespace:
+//!                                 uplink 10.89.0.1 --veth-- 10.89.0.2:8080 upstream namespace:
 //!                                                           HTTP server ("the internet")
 //! ```
 //!
@@ -52,8 +52,10 @@ pub const BRIDGE_MAC: &str = "02:b0:00:00:00:01";
 pub const UPLINK_GATEWAY_IP: Ipv4Addr = Ipv4Addr::new(10, 89, 0, 1);
 /// The "internet": the upstream HTTP server's address.
 pub const UPSTREAM_IP: Ipv4Addr = Ipv4Addr::new(10, 89, 0, 2);
-/// The upstream HTTP server's port.
-pub const UPSTREAM_PORT: u16 = 80;
+/// The upstream HTTP server's port. Not 80: an unpaid client's port 80 is answered by
+/// the gateway's captive portal (tests/tests/portal.rs), and these tests measure
+/// what the meter passes and drops on plain traffic.
+pub const UPSTREAM_PORT: u16 = 8080;
 /// The controller's client API port (the walled-garden port).
 pub const API_PORT: u16 = 3141;
 /// Clients the world can hold (addresses 10.88.0.10 ..= 10.88.0.249).

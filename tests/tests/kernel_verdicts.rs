@@ -617,7 +617,9 @@ fn a_bound_client_is_billed_only_for_frames_from_its_bound_address() {
 }
 
 /// One TC run with an `__sk_buff` context: verdict (by its stats slot), pass/drop,
-/// the mark the program left and the usage delta.
+/// the mark the program left and the usage delta. (One argument per column of the
+/// case tables below, like `check`.)
+#[allow(clippy::too_many_arguments)]
 fn check_skb(
     t: &TestMeter,
     name: &str,
