@@ -44,12 +44,12 @@ use bitmesh_common::pricing::ByteCount;
 /// A source of "bytes this device exchanged through the gateway" (monotonic).
 pub trait ByteMeter: Send {
     /// Bytes counted since the meter was created.
-    fn bytes(&mut self) -> Result<ByteCount, MeterError>;
+    fn bytes(&mut self) -> Result<ByteCount, ByteMeterError>;
 }
 
 /// The counters could not be read.
 #[derive(Debug, thiserror::Error)]
-pub enum MeterError {
+pub enum ByteMeterError {
     /// A counter file is missing or unreadable.
     #[error("cannot read {path}: {message}: pass --iface with the interface that reaches the gateway")]
     Read {
@@ -143,7 +143,7 @@ pub struct IfaceMeter {
 
 impl IfaceMeter {
     /// Start counting on `iface` from now.
-    pub fn new(iface: &str) -> Result<IfaceMeter, MeterError> {
+    pub fn new(iface: &str) -> Result<IfaceMeter, ByteMeterError> {
         let mut m = IfaceMeter { iface: iface.to_owned(), mtu: DEFAULT_MTU, base: Default::default(), last: 0 };
         m.mtu = m.read("mtu").unwrap_or(DEFAULT_MTU);
         m.base = m.raw()?;
@@ -155,15 +155,15 @@ impl IfaceMeter {
         &self.iface
     }
 
-    fn read(&self, name: &str) -> Result<u64, MeterError> {
+    fn read(&self, name: &str) -> Result<u64, ByteMeterError> {
         let path = PathBuf::from(format!("/sys/class/net/{}/{name}", self.iface));
         let text = std::fs::read_to_string(&path)
-            .map_err(|e| MeterError::Read { path: path.clone(), message: e.to_string() })?;
-        text.trim().parse().map_err(|e: std::num::ParseIntError| MeterError::Read { path, message: e.to_string() })
+            .map_err(|e| ByteMeterError::Read { path: path.clone(), message: e.to_string() })?;
+        text.trim().parse().map_err(|e: std::num::ParseIntError| ByteMeterError::Read { path, message: e.to_string() })
     }
 
     /// (rx, tx) counts now.
-    fn raw(&self) -> Result<(Counts, Counts), MeterError> {
+    fn raw(&self) -> Result<(Counts, Counts), ByteMeterError> {
         let v6 = ipv6_counters(&self.iface);
         let get = |key: &str| v6.iter().find(|(k, _)| k == key).map_or(0, |(_, v)| *v);
         let rx = Counts {
@@ -199,7 +199,7 @@ fn parse_snmp6(text: &str) -> Vec<(String, u64)> {
 }
 
 impl ByteMeter for IfaceMeter {
-    fn bytes(&mut self) -> Result<ByteCount, MeterError> {
+    fn bytes(&mut self) -> Result<ByteCount, ByteMeterError> {
         let (rx, tx) = self.raw()?;
         let now = wire_estimate(rx.since(self.base.0), self.mtu)
             .saturating_add(wire_estimate(tx.since(self.base.1), self.mtu));

@@ -10,7 +10,7 @@
 
 use bitcoin::{absolute, FeeRate, Transaction, Txid};
 
-use super::state::{ChannelRecord, Phase};
+use super::state::{SavedChannel, Phase};
 use crate::chain::{Chain, ChainError};
 use crate::channel::{build_refund, ChannelError};
 
@@ -47,7 +47,7 @@ pub enum RefundError {
 
 /// The decision, pure: given the tip and whether the funding output is still
 /// unspent, either an outcome without broadcasting, or `None`: broadcast now.
-pub fn plan(record: &ChannelRecord, tip: absolute::Height, funding_unspent: bool) -> Option<RefundOutcome> {
+pub fn plan(record: &SavedChannel, tip: absolute::Height, funding_unspent: bool) -> Option<RefundOutcome> {
     if record.funding.is_none() {
         return Some(RefundOutcome::NotFunded);
     }
@@ -61,7 +61,7 @@ pub fn plan(record: &ChannelRecord, tip: absolute::Height, funding_unspent: bool
 }
 
 /// The refund transaction: the pre-signed one, or re-signed at `fee_rate`.
-pub fn refund_tx(record: &ChannelRecord, fee_rate: Option<FeeRate>) -> Result<Option<Transaction>, RefundError> {
+pub fn refund_tx(record: &SavedChannel, fee_rate: Option<FeeRate>) -> Result<Option<Transaction>, RefundError> {
     let Some(channel) = record.channel() else { return Ok(None) };
     match (fee_rate, &record.refund_tx) {
         (None, Some(tx)) => Ok(Some(tx.clone())),
@@ -75,7 +75,7 @@ pub fn refund_tx(record: &ChannelRecord, fee_rate: Option<FeeRate>) -> Result<Op
 /// Check the chain and broadcast the refund if it is time. On success the record's
 /// phase becomes [`Phase::Refunded`] (the caller saves it).
 pub fn refund(
-    record: &mut ChannelRecord,
+    record: &mut SavedChannel,
     chain: &dyn Chain,
     fee_rate: Option<FeeRate>,
 ) -> Result<RefundOutcome, RefundError> {
@@ -108,7 +108,7 @@ mod tests {
         absolute::Height::from_consensus(n).unwrap()
     }
 
-    fn funded() -> ChannelRecord {
+    fn funded() -> SavedChannel {
         let mut r = record();
         let tx = Transaction {
             version: bitcoin::transaction::Version::TWO,
@@ -120,7 +120,7 @@ mod tests {
         r
     }
 
-    type Row = (&'static str, ChannelRecord, u32, bool, fn(&Option<RefundOutcome>) -> bool);
+    type Row = (&'static str, SavedChannel, u32, bool, fn(&Option<RefundOutcome>) -> bool);
 
     #[test]
     fn refund_plan_table() {

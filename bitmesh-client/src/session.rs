@@ -17,9 +17,9 @@ use bitmesh_common::wire::{ClientEvent, ErrorCode, FundRequest, OpenRequest, Ope
 
 use super::funding::{bip21_uri, qr_text, FundingError, FundingSource};
 use super::http::{GatewayApi, HttpError};
-use super::meter::{ByteMeter, MeterError};
+use super::meter::{ByteMeter, ByteMeterError};
 use super::policy::{next_payment, Hold, Next, PolicyLimits, PolicyState};
-use super::state::{ChannelRecord, FundingRecord, Phase, SignedState, StateDir, StateError, STATE_VERSION};
+use super::state::{SavedChannel, FundingRecord, Phase, SignedState, StateDir, StateError, STATE_VERSION};
 use super::terms::{check_terms, describe, TermsError, UserLimits};
 use super::tip::{check_tip, SeenTip, TipError, TipEvidence, TipLog};
 use crate::chain::{Chain, ChainError};
@@ -115,7 +115,7 @@ pub trait Ui {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Summary {
     /// The channel's state file.
-    pub record: ChannelRecord,
+    pub record: SavedChannel,
     /// The close transaction, if the gateway broadcast one.
     pub close_txid: Option<Txid>,
 }
@@ -140,7 +140,7 @@ pub enum SessionError {
     Funding(#[from] FundingError),
     /// Own meter failed.
     #[error(transparent)]
-    Meter(#[from] MeterError),
+    Meter(#[from] ByteMeterError),
     /// Signing failed.
     #[error(transparent)]
     Channel(#[from] ChannelError),
@@ -208,7 +208,7 @@ pub fn run(cfg: PayConfig, meter: &mut dyn ByteMeter, ui: &mut dyn Ui) -> Result
     Ok(Summary { record, close_txid })
 }
 
-fn open_channel(cfg: &PayConfig, api: &GatewayApi, ui: &mut dyn Ui) -> Result<ChannelRecord, SessionError> {
+fn open_channel(cfg: &PayConfig, api: &GatewayApi, ui: &mut dyn Ui) -> Result<SavedChannel, SessionError> {
     let terms = api.terms()?;
     let accepted = check_terms(&terms, &cfg.limits)?;
     let tips = TipLog::new(cfg.state.path());
@@ -241,7 +241,7 @@ fn open_channel(cfg: &PayConfig, api: &GatewayApi, ui: &mut dyn Ui) -> Result<Ch
     if let Err(e) = tips.record(terms.network, SeenTip { height: terms.tip_height.to_consensus_u32(), at_unix: evidence.now_unix }) {
         ui.note(&format!("could not remember the chain tip in {}: {e}", cfg.state.path().display()));
     }
-    let record = ChannelRecord {
+    let record = SavedChannel {
         version: STATE_VERSION,
         gateway: api.base().to_owned(),
         network: terms.network,
@@ -309,7 +309,7 @@ fn unix_now() -> u64 {
 fn fund_channel(
     cfg: &PayConfig,
     api: &GatewayApi,
-    record: &mut ChannelRecord,
+    record: &mut SavedChannel,
     ui: &mut dyn Ui,
 ) -> Result<(), SessionError> {
     let spk = record.script().script_pubkey();
@@ -357,7 +357,7 @@ fn fund_channel(
 }
 
 /// Record the funding and the pre-signed refund BEFORE the funding is submitted.
-fn set_funding(cfg: &PayConfig, record: &mut ChannelRecord, tx: Transaction, vout: u32) -> Result<(), SessionError> {
+fn set_funding(cfg: &PayConfig, record: &mut SavedChannel, tx: Transaction, vout: u32) -> Result<(), SessionError> {
     let spk = record.script().script_pubkey();
     let out = tx
         .output
@@ -377,7 +377,7 @@ fn set_funding(cfg: &PayConfig, record: &mut ChannelRecord, tx: Transaction, vou
 }
 
 fn wait_for_wallet(
-    record: &ChannelRecord,
+    record: &SavedChannel,
     chain: Option<&dyn Chain>,
     cfg: &PayConfig,
     ui: &mut dyn Ui,
@@ -422,7 +422,7 @@ const CHAIN_POLL_MIN: Duration = Duration::from_secs(2);
 /// found without the user pasting anything. `None` when the backend cannot look
 /// outputs up by script (then the user pastes), an error when the user stops.
 fn watch_chain(
-    record: &ChannelRecord,
+    record: &SavedChannel,
     chain: &dyn Chain,
     spk: &ScriptBuf,
     cfg: &PayConfig,
@@ -490,7 +490,7 @@ struct EventFeed {
 }
 
 impl EventFeed {
-    fn new(api: &GatewayApi, record: &ChannelRecord, poll: Duration) -> EventFeed {
+    fn new(api: &GatewayApi, record: &SavedChannel, poll: Duration) -> EventFeed {
         let now = Instant::now();
         EventFeed {
             api: api.clone(),
@@ -596,7 +596,7 @@ fn on_failure(e: &HttpError, quiet_until: &mut Option<Instant>, poll: Duration) 
 fn pay_loop(
     cfg: &PayConfig,
     api: &GatewayApi,
-    record: &mut ChannelRecord,
+    record: &mut SavedChannel,
     meter: &mut dyn ByteMeter,
     ui: &mut dyn Ui,
 ) -> Result<(), SessionError> {
@@ -768,7 +768,7 @@ enum Delivery {
 fn deliver(
     cfg: &PayConfig,
     api: &GatewayApi,
-    record: &mut ChannelRecord,
+    record: &mut SavedChannel,
     latest: &SignedState,
     view: &mut GatewayView,
     view_at: &mut Instant,
@@ -806,7 +806,7 @@ fn refused(
     failure
 }
 
-fn mark_acked(record: &mut ChannelRecord) {
+fn mark_acked(record: &mut SavedChannel) {
     if let Some(l) = record.latest.as_mut() {
         l.acked = true;
     }

@@ -64,7 +64,7 @@ pub struct SignedState {
 
 /// Everything the agent keeps about one channel.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ChannelRecord {
+pub struct SavedChannel {
     /// [`STATE_VERSION`].
     pub version: u32,
     /// The gateway's base URL.
@@ -115,7 +115,7 @@ pub struct ChannelRecord {
     pub close_txid: Option<Txid>,
 }
 
-impl ChannelRecord {
+impl SavedChannel {
     /// The channel's script parameters.
     pub fn script(&self) -> ChannelScript {
         ChannelScript { gateway: self.gateway_pubkey, client: self.client_pubkey, expiry: self.expiry }
@@ -227,7 +227,7 @@ impl StateDir {
     }
 
     /// Write `record` atomically (tmp + fsync + rename + fsync dir), mode 0600.
-    pub fn save(&self, record: &ChannelRecord) -> Result<(), StateError> {
+    pub fn save(&self, record: &SavedChannel) -> Result<(), StateError> {
         let path = self.file(&record.channel_id);
         let tmp = self.dir.join(format!(".{}.json.tmp", record.channel_id));
         let io = |p: &Path| {
@@ -248,7 +248,7 @@ impl StateDir {
     }
 
     /// Read one record, refusing a file others can read.
-    pub fn load_file(path: &Path) -> Result<ChannelRecord, StateError> {
+    pub fn load_file(path: &Path) -> Result<SavedChannel, StateError> {
         let io = |source| StateError::Io { path: path.to_owned(), source };
         let meta = fs::metadata(path).map_err(io)?;
         let mode = meta.permissions().mode() & 0o777;
@@ -260,7 +260,7 @@ impl StateDir {
     }
 
     /// Every channel record in the directory, oldest file first.
-    pub fn all(&self) -> Result<Vec<ChannelRecord>, StateError> {
+    pub fn all(&self) -> Result<Vec<SavedChannel>, StateError> {
         let io = |source| StateError::Io { path: self.dir.clone(), source };
         let mut files = Vec::new();
         for entry in fs::read_dir(&self.dir).map_err(io)? {
@@ -278,7 +278,7 @@ impl StateDir {
 
     /// The channel to resume with `gateway`: the newest one still open or awaiting
     /// funding.
-    pub fn resumable(&self, gateway: &str) -> Result<Option<ChannelRecord>, StateError> {
+    pub fn resumable(&self, gateway: &str) -> Result<Option<SavedChannel>, StateError> {
         Ok(self
             .all()?
             .into_iter()
@@ -292,7 +292,7 @@ pub(crate) mod tests {
     use super::*;
     use bitcoin::secp256k1::Secp256k1;
 
-    pub(crate) fn record() -> ChannelRecord {
+    pub(crate) fn record() -> SavedChannel {
         let secp = Secp256k1::new();
         let client_secret = SecretKey::from_slice(&[7; 32]).unwrap();
         let gw = SecretKey::from_slice(&[9; 32]).unwrap();
@@ -301,7 +301,7 @@ pub(crate) mod tests {
         let expiry = absolute::Height::from_consensus(600).unwrap();
         let script = ChannelScript { gateway: gateway_pubkey, client: client_pubkey, expiry };
         let change = ScriptBuf::new_p2wpkh(&client_pubkey.wpubkey_hash().unwrap());
-        ChannelRecord {
+        SavedChannel {
             version: STATE_VERSION,
             gateway: "http://10.0.0.1:3141".into(),
             network: Network::Regtest,
@@ -369,7 +369,7 @@ pub(crate) mod tests {
     fn closed_channels_are_not_resumed() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = StateDir::open(tmp.path()).unwrap();
-        let r = ChannelRecord { phase: Phase::CloseRequested, ..record() };
+        let r = SavedChannel { phase: Phase::CloseRequested, ..record() };
         dir.save(&r).unwrap();
         assert_eq!(dir.resumable(&r.gateway).unwrap(), None);
     }

@@ -29,10 +29,12 @@ mod captive;
 mod device;
 mod events;
 pub mod routes;
+mod signed;
 
 pub use captive::{CaptiveStatus, CAPTIVE_JSON};
 pub use device::DeviceStatus;
 pub use events::{ClientEvent, UsageReport};
+pub use signed::{SignedAction, SignedRequest};
 
 /// Version of this message set; bumped on any incompatible change.
 pub const PROTOCOL_VERSION: u32 = 1;

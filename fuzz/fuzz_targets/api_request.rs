@@ -17,8 +17,8 @@ use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::http::{Request, StatusCode};
 use axum::Router;
-use bitmesh::api::{self, ApiError, ApiLimits, CaptiveStatus, ClientAuth, ClientEvent, ClientGateway};
-use bitmesh_common::wire::{ChannelId, ChannelStatus, CloseRequest, CloseResponse, ErrorBody, FundRequest, OpenRequest, OpenResponse, PaymentAck, PaymentUpdate, Terms};
+use bitmesh::api::{self, ApiError, ApiLimits, CaptiveStatus, ClientEvent, ClientGateway};
+use bitmesh_common::wire::{ChannelId, ChannelStatus, CloseRequest, CloseResponse, ErrorBody, FundRequest, OpenRequest, OpenResponse, PaymentAck, PaymentUpdate, SignedRequest, Terms};
 use libfuzzer_sys::fuzz_target;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -40,6 +40,8 @@ fn no(id: ChannelId) -> ApiError {
 }
 
 impl ClientGateway for Stub {
+    type Error = ApiError;
+
     async fn terms(&self) -> Result<Terms, ApiError> {
         Err(ApiError::BadRequest("stub".into()))
     }
@@ -55,15 +57,15 @@ impl ClientGateway for Stub {
         round_trip(&u);
         Err(no(u.channel_id))
     }
-    async fn status(&self, _: IpAddr, id: ChannelId, _: ClientAuth) -> Result<ChannelStatus, ApiError> {
-        Err(no(id))
+    async fn status(&self, _: IpAddr, req: SignedRequest) -> Result<ChannelStatus, ApiError> {
+        Err(no(req.channel_id))
     }
     async fn close(&self, _: IpAddr, req: CloseRequest) -> Result<CloseResponse, ApiError> {
         round_trip(&req);
         Err(no(req.channel_id))
     }
-    async fn events(&self, _: IpAddr, id: ChannelId, _: ClientAuth) -> Result<mpsc::Receiver<ClientEvent>, ApiError> {
-        Err(no(id))
+    async fn events(&self, _: IpAddr, req: SignedRequest) -> Result<mpsc::Receiver<ClientEvent>, ApiError> {
+        Err(no(req.channel_id))
     }
     async fn captive(&self, _: IpAddr) -> Result<CaptiveStatus, ApiError> {
         Err(ApiError::BadRequest("stub".into()))

@@ -24,7 +24,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::json;
 
 use crate::env;
-use crate::netns::{in_netns, Netns};
+use crate::network::{in_netns, Netns};
 
 /// The browser binary (Debian `chromium-headless-shell`).
 pub const CHROMIUM: &str = "/usr/lib/chromium/chromium-headless-shell";
@@ -133,7 +133,7 @@ impl Browser {
     {
         let caps = self.capabilities();
         let name = self.ns.clone();
-        crate::netns::in_netns_named(&name, move || {
+        crate::network::in_netns_named(&name, move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(async move {
                 let client = fantoccini::ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::netns::{in_netns, Netns, ServerThread};
+use crate::network::{in_netns, Netns, ServerThread};
 
 /// What the attacker tries to push through port 53.
 pub const ATTACK_BYTES: u64 = 10 << 20;

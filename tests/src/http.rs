@@ -1,20 +1,22 @@
-//! A minimal blocking HTTP/1.1 client (`Connection: close`), enough for the JSON API
-//! and the captive-portal answers. Call it from a thread inside the client's namespace
-//! (`netns::in_netns`): the TCP socket is created in the calling thread's namespace.
-//! Used by the controller tests' scripted clients, the world's `api_get` and the
-//! controller guard's readiness check.
+//! The HTTP job of the harness, client side: a minimal blocking HTTP/1.1 client
+//! (`Connection: close`), enough for the JSON API and the captive-portal answers, and
+//! [`fetch`], a streaming download from the upstream server that measures bytes and
+//! the longest stall. Call the request functions from a thread inside the client's
+//! namespace (`network::in_netns`): the TCP socket is created in the calling thread's
+//! namespace. Used by the scripted clients, the testbed's `api_get` and `fetch`, and
+//! the controller guard's readiness check. The servers are in [`crate::upstream`].
 
 // Test harness: any failure here must fail the test loudly.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{SocketAddr, SocketAddrV4, TcpStream};
 use std::os::fd::AsRawFd;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::controller::ClientIdentity;
+use crate::network::{in_netns, ClientIdentity, Netns};
 
 /// How long a connect may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -204,4 +206,89 @@ fn dechunk(mut b: &[u8]) -> Vec<u8> {
         b = &b[(pos + 4 + len).min(b.len())..];
     }
     out
+}
+
+/// What a fetch got.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fetch {
+    /// Body bytes received.
+    pub bytes: u64,
+    /// Whether the whole body arrived.
+    pub complete: bool,
+    /// The longest gap between two reads once the body started (a stall).
+    pub longest_stall: Duration,
+    /// How long it took.
+    pub elapsed: Duration,
+    /// Why it stopped early, if it did.
+    pub error: Option<String>,
+}
+
+impl Fetch {
+    fn failed(error: String, start: Instant) -> Fetch {
+        Fetch {
+            bytes: 0,
+            complete: false,
+            longest_stall: Duration::ZERO,
+            elapsed: start.elapsed(),
+            error: Some(error),
+        }
+    }
+}
+
+/// GET `/<bytes>` from `server` (at most `bps` bytes per second if given), from a
+/// thread inside `ns`.
+pub fn fetch(ns: &Netns, server: SocketAddrV4, bytes: u64, bps: Option<u64>, timeout: Duration) -> Fetch {
+    let path = match bps {
+        Some(r) => format!("/{bytes}?bps={r}"),
+        None => format!("/{bytes}"),
+    };
+    let start = Instant::now();
+    let r = in_netns(ns, || {
+        let mut conn = match TcpStream::connect_timeout(&SocketAddr::V4(server), timeout) {
+            Ok(c) => c,
+            Err(e) => return Ok(Fetch::failed(format!("connect to {server}: {e}"), start)),
+        };
+        conn.set_read_timeout(Some(timeout))?;
+        conn.write_all(format!("GET {path} HTTP/1.1\r\nHost: {server}\r\nConnection: close\r\n\r\n").as_bytes())?;
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut head = Vec::new();
+        let mut body = 0u64;
+        let mut in_body = false;
+        let mut last = Instant::now();
+        let mut longest = Duration::ZERO;
+        loop {
+            let n = match conn.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) => {
+                    return Ok(Fetch {
+                        bytes: body,
+                        complete: false,
+                        longest_stall: longest.max(last.elapsed()),
+                        elapsed: start.elapsed(),
+                        error: Some(format!("read: {e}")),
+                    })
+                }
+            };
+            if in_body {
+                longest = longest.max(last.elapsed());
+                body += n as u64;
+            } else {
+                head.extend_from_slice(&buf[..n]);
+                if let Some(p) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                    in_body = true;
+                    body = (head.len() - p - 4) as u64;
+                }
+            }
+            last = Instant::now();
+        }
+        Ok(Fetch {
+            bytes: body,
+            complete: in_body && body == bytes,
+            longest_stall: longest,
+            elapsed: start.elapsed(),
+            error: (!(in_body && body == bytes)).then(|| "connection closed early".to_owned()),
+        })
+    });
+    r.unwrap_or_else(|e| Fetch::failed(e.to_string(), start))
 }

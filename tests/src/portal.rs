@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-use crate::netns::{in_netns, Netns, ServerThread};
+use crate::network::{in_netns, Netns, ServerThread};
 
 /// The four platforms' captive-portal probes: (host, path, what the real site answers).
 pub const PROBES: [(&str, &str, u16, &str); 4] = [

@@ -21,7 +21,11 @@ use bitmesh_tests::browser::{self, eventually, text_of, Browser};
 use bitmesh_tests::portal::{add_address, connect, get_as, Connect, Internet, PROBES};
 use anyhow::Context;
 use fantoccini::Locator;
-use bitmesh_tests::world::{preflight, wait_until, AgentOpts, ControllerOpts, World, API_PORT, GATEWAY_IP, UPSTREAM_IP};
+use bitmesh_tests::client::AgentOpts;
+use bitmesh_tests::controller::ControllerOpts;
+use bitmesh_tests::env::wait_until;
+use bitmesh_tests::network::{GATEWAY_IPV4 as GATEWAY_IP, UPSTREAM_IPV4 as UPSTREAM_IP};
+use bitmesh_tests::testbed::{Testbed, API_PORT};
 
 /// The logging internet's address (next to the world's bulk HTTP server).
 const INTERNET: Ipv4Addr = Ipv4Addr::new(10, 89, 0, 3);
@@ -38,21 +42,20 @@ fn http_addr(ip: Ipv4Addr) -> SocketAddrV4 {
 /// The probes, unpaid then paid, HTTPS, the upstream's log, and the missing rule.
 #[test]
 fn unpaid_http_is_answered_by_the_gateway_https_is_reset_paid_is_untouched_and_a_missing_rule_stays_closed() {
-    let Some(bin) = preflight() else { return };
-    let world = World::new(bin, 2).unwrap();
-    add_address(&world.upstream, UPSTREAM_IP, INTERNET).unwrap();
-    let internet = Internet::start(&world.upstream, INTERNET).unwrap();
+    let Some(world) = Testbed::start(2).unwrap() else { return };
+    add_address(&world.lan.upstream, UPSTREAM_IP, INTERNET).unwrap();
+    let internet = Internet::start(&world.lan.upstream, INTERNET).unwrap();
     let funding = world.fund(1, Amount::from_sat(100_000)).unwrap();
-    let ctl = world.start_controller(&ControllerOpts::default()).unwrap();
-    let unpaid = &world.clients[0].ns;
-    let paid = &world.clients[1].ns;
+    let ctl = world.start_controller(&ControllerOpts::story()).unwrap();
+    let unpaid = &world.lan.clients[0].ns;
+    let paid = &world.lan.clients[1].ns;
 
     // Unpaid: every probe, and any other host and path, gets the portal.
     for (host, path, _, _) in PROBES {
         let a = get_as(unpaid, http_addr(INTERNET), host, &format!("{path}?from=unpaid"), WAIT).unwrap_or_else(|e| {
-            let nft = world.gateway.exec("nft", &["list", "ruleset"]).map(|o| String::from_utf8_lossy(&o.stdout).to_string());
-            let ss = world.gateway.exec("ss", &["-tanp"]).map(|o| String::from_utf8_lossy(&o.stdout).to_string());
-            panic!("{host}{path}: {e}\n{nft:?}\n{ss:?}\n{}", ctl.log_tail(5))
+            let nft = world.lan.gateway.exec("nft", &["list", "ruleset"]).map(|o| String::from_utf8_lossy(&o.stdout).to_string());
+            let ss = world.lan.gateway.exec("ss", &["-tanp"]).map(|o| String::from_utf8_lossy(&o.stdout).to_string());
+            panic!("{host}{path}: {e}\n{nft:?}\n{ss:?}")
         });
         assert_eq!(a.status, 302, "{host}{path}: {a:?}");
         assert_eq!(a.location.as_deref(), Some(portal_url().as_str()), "{host}{path}");
@@ -79,7 +82,7 @@ fn unpaid_http_is_answered_by_the_gateway_https_is_reset_paid_is_untouched_and_a
         let v: serde_json::Value = serde_json::from_str(&body).ok()?;
         (code == 200 && v["captive"] == false).then_some(v)
     });
-    assert_eq!(device["mac"], world.clients[1].mac, "{device}");
+    assert_eq!(device["mac"], world.lan.clients[1].mac, "{device}");
     assert!(device["bytes_remaining"].as_u64().unwrap() > 1514 && device["channel"].is_string(), "{device}");
     let (_, captive) = world.api_get(1, "/captive-portal/api", WAIT).unwrap();
     let captive: serde_json::Value = serde_json::from_str(&captive).unwrap();
@@ -98,7 +101,7 @@ fn unpaid_http_is_answered_by_the_gateway_https_is_reset_paid_is_untouched_and_a
 
     // The rule goes missing: unpaid HTTP is no longer answered, and still nothing
     // reaches upstream (its SYN-ACK is dropped at egress: no handshake completes).
-    world.gateway.exec("nft", &["delete", "table", "ip", "bitmesh_portal"]).unwrap();
+    world.lan.gateway.exec("nft", &["delete", "table", "ip", "bitmesh_portal"]).unwrap();
     let conns = internet.http_connections();
     let short = Duration::from_secs(3);
     assert_eq!(connect(unpaid, http_addr(INTERNET), short), Connect::TimedOut);
@@ -131,22 +134,21 @@ const VENUE: &str = "Café Sol";
 /// state go to target/portal-screenshots/.
 #[test]
 fn a_phone_browser_lands_on_the_portal_unpaid_and_sees_its_credit_when_paid() {
-    let Some(bin) = preflight() else { return };
     if !browser::available() {
         return;
     }
-    let world = World::new(bin, 1).unwrap();
-    add_address(&world.upstream, UPSTREAM_IP, INTERNET).unwrap();
-    let internet = Internet::start(&world.upstream, INTERNET).unwrap();
+    let Some(world) = Testbed::start(1).unwrap() else { return };
+    add_address(&world.lan.upstream, UPSTREAM_IP, INTERNET).unwrap();
+    let internet = Internet::start(&world.lan.upstream, INTERNET).unwrap();
     let funding = world.fund(1, Amount::from_sat(100_000)).unwrap();
     // The agent and the browser share the device here (a phone has no agent): room
     // for Chrome's six connections per host next to the agent's two.
     let extra = ["--venue", VENUE, "--api-max-connections-per-client", "16"].map(String::from).to_vec();
-    let opts = ControllerOpts { extra, ..ControllerOpts::default() };
+    let opts = ControllerOpts { extra, ..ControllerOpts::story() };
     let ctl = world.start_controller(&opts).unwrap();
     let log = browser::screenshot_dir().join("chromedriver.log");
     let _ = std::fs::remove_file(&log);
-    let phone = Browser::start(&world.clients[0].ns, &browser_hosts(), &[&GATEWAY_IP.to_string()], &log).unwrap();
+    let phone = Browser::start(&world.lan.clients[0].ns, &browser_hosts(), &[&GATEWAY_IP.to_string()], &log).unwrap();
     let portal = portal_url();
     let title_en = format!("{VENUE} · Internet access");
     let (world, internet, funding) = (&world, &internet, &funding);
@@ -223,7 +225,7 @@ fn a_phone_browser_lands_on_the_portal_unpaid_and_sees_its_credit_when_paid() {
                 if d["captive"] == true {
                     break;
                 }
-                let _ = world.clients[0].ns.exec("ping", &["-q", "-c", "50", "-i", "0.005", "-s", "1472", "-W", "1", &UPSTREAM_IP.to_string()]);
+                let _ = world.lan.clients[0].ns.exec("ping", &["-q", "-c", "50", "-i", "0.005", "-s", "1472", "-W", "1", &UPSTREAM_IP.to_string()]);
             }
             let device = world.api_get(0, "/v1/device", WAIT)?.1;
             eprintln!("device after the download: {device}");
@@ -263,9 +265,8 @@ fn a_phone_browser_lands_on_the_portal_unpaid_and_sees_its_credit_when_paid() {
 fn with_a_certificate_the_portal_and_api_answer_https_and_plain_http_still_works() {
     use std::io::{Read, Write};
     use std::sync::Arc;
-    let Some(bin) = preflight() else { return };
-    let world = World::new(bin, 1).unwrap();
-    let dir = world.dir.path();
+    let Some(world) = Testbed::start(1).unwrap() else { return };
+    let dir = world.dir();
     let (cert, key) = (dir.join("portal.crt"), dir.join("portal.key"));
     // A private CA and a leaf for portal.test signed by it (an operator would use a
     // public CA, e.g. Let's Encrypt with a DNS challenge).
@@ -283,7 +284,7 @@ fn with_a_certificate_the_portal_and_api_answer_https_and_plain_http_still_works
         extra: ["--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap(), "--portal-host", "portal.test"]
             .map(String::from)
             .to_vec(),
-        ..ControllerOpts::default()
+        ..ControllerOpts::story()
     };
     let _ctl = world.start_controller(&opts).unwrap();
 
@@ -300,7 +301,7 @@ fn with_a_certificate_the_portal_and_api_answer_https_and_plain_http_still_works
     );
     let https_get = |path: &str| -> (String, String) {
         let (config, path) = (config.clone(), path.to_string());
-        bitmesh_tests::netns::in_netns(&world.clients[0].ns, move || {
+        bitmesh_tests::network::in_netns(&world.lan.clients[0].ns, move || {
             let tcp = std::net::TcpStream::connect((GATEWAY_IP, API_PORT))?;
             tcp.set_read_timeout(Some(WAIT))?;
             let name = rustls::pki_types::ServerName::try_from("portal.test").unwrap();

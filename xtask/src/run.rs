@@ -107,7 +107,7 @@ pub fn load(clients: u32, secs: u32) -> Result<()> {
     step(&format!("load: {clients} clients paying and transferring for {secs} s (release build)"));
     let mut cmd = Command::new("cargo");
     cmd.current_dir(repo_root())
-        .args(["test", "--release", "--package", "bitmesh-tests", "--test", "controller_load", "--", "--ignored", "--nocapture"])
+        .args(["test", "--release", "--package", "bitmesh-tests", "--test", "controller", "--", "--ignored", "--nocapture", "load::"])
         .env("BITMESH_LOAD_CLIENTS", clients.to_string())
         .env("BITMESH_LOAD_SECS", secs.to_string());
     prepared.apply(&mut cmd);

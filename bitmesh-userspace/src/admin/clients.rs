@@ -16,11 +16,11 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use bitmesh_common::kernel::{Mac, Usage};
-use bitmesh_common::pricing::ByteCount;
+use bitmesh_common::kernel::Mac;
 
 use super::ClientRow;
-use crate::store::{ChannelRecord, ChannelState};
+use crate::meter::ClientUsage;
+use crate::store::{ChannelRecord, ChannelStage};
 
 /// How long a closed client stays in `bitmesh clients` after its settlement was
 /// broadcast (a day).
@@ -44,14 +44,14 @@ pub struct Now {
 }
 
 /// The `state` column of a channel's client.
-fn state_name(s: ChannelState) -> Option<&'static str> {
+fn state_name(s: ChannelStage) -> Option<&'static str> {
     match s {
-        ChannelState::Offered => Some("awaiting_funding"),
-        ChannelState::Open => Some("open"),
-        ChannelState::Closing => Some("closing"),
-        ChannelState::Closed => Some("closed"),
-        ChannelState::DoubleSpent => Some("double_spent"),
-        ChannelState::Abandoned => None,
+        ChannelStage::Offered => Some("awaiting_funding"),
+        ChannelStage::Open => Some("open"),
+        ChannelStage::Closing => Some("closing"),
+        ChannelStage::Closed => Some("closed"),
+        ChannelStage::DoubleSpent => Some("double_spent"),
+        ChannelStage::Abandoned => None,
     }
 }
 
@@ -59,13 +59,13 @@ fn state_name(s: ChannelState) -> Option<&'static str> {
 /// listed at all.
 fn rank(c: &ChannelRecord, close: Option<&CloseInfo>, now: Now) -> Option<u8> {
     match c.state {
-        ChannelState::Open => Some(4),
-        ChannelState::Offered => Some(3),
-        ChannelState::Closing => Some(2),
-        ChannelState::Closed => close.filter(|i| now.unix.saturating_sub(i.broadcast_at) <= RECENTLY_CLOSED_SECS).map(|_| 1),
+        ChannelStage::Open => Some(4),
+        ChannelStage::Offered => Some(3),
+        ChannelStage::Closing => Some(2),
+        ChannelStage::Closed => close.filter(|i| now.unix.saturating_sub(i.broadcast_at) <= RECENTLY_CLOSED_SECS).map(|_| 1),
         // Shown until the device opens another channel: the operator should see it.
-        ChannelState::DoubleSpent => Some(1),
-        ChannelState::Abandoned => None,
+        ChannelStage::DoubleSpent => Some(1),
+        ChannelStage::Abandoned => None,
     }
 }
 
@@ -77,12 +77,12 @@ fn close_info<'a>(c: &ChannelRecord, closes: &'a HashMap<i64, CloseInfo>) -> Opt
 /// caller samples it for metered rows).
 ///
 /// * `channels`: every channel, oldest first (as the store lists them);
-/// * `metered`: (MAC, CREDIT, USAGE) of every client in the kernel maps;
+/// * `metered`: CREDIT and USAGE of every client in the kernel maps;
 /// * `ips`: the IP each MAC was last seen with;
 /// * `closes`: settlement facts of closing and closed channels, by settlement id.
 pub fn client_rows(
     channels: &[ChannelRecord],
-    metered: &[(Mac, ByteCount, Usage)],
+    metered: &[ClientUsage],
     ips: &HashMap<Mac, String>,
     closes: &HashMap<i64, CloseInfo>,
     now: Now,
@@ -96,7 +96,7 @@ pub fn client_rows(
             chosen.insert(c.mac, (r, c));
         }
     }
-    let kernel: HashMap<Mac, (ByteCount, Usage)> = metered.iter().map(|(m, c, u)| (*m, (*c, *u))).collect();
+    let kernel: HashMap<Mac, &ClientUsage> = metered.iter().map(|c| (c.mac, c)).collect();
     let mut macs: Vec<Mac> = chosen.keys().copied().chain(kernel.keys().copied()).collect();
     macs.sort();
     macs.dedup();
@@ -105,11 +105,11 @@ pub fn client_rows(
             let ch = chosen.get(&mac).map(|(_, c)| *c);
             let k = kernel.get(&mac);
             let (up, down) = match (k, ch.and_then(|c| c.final_usage)) {
-                (Some((_, u)), _) => (u.up_bytes, u.down_bytes),
+                (Some(k), _) => (k.usage.up_bytes, k.usage.down_bytes),
                 (None, Some(f)) => (f.up.0, f.down.0),
                 (None, None) => (0, 0),
             };
-            let credited = k.map_or(0, |(c, _)| c.0);
+            let credited = k.map_or(0, |k| k.credited.0);
             let close = ch.and_then(close_of);
             ClientRow {
                 mac: mac.to_string(),
@@ -123,11 +123,11 @@ pub fn client_rows(
                 remaining_bytes: credited.saturating_sub(up.saturating_add(down)),
                 rate_bps: 0.0,
                 last_seen_secs_ago: k
-                    .filter(|(_, u)| u.last_seen_ns > 0)
-                    .map(|(_, u)| now.boot_ns.saturating_sub(u.last_seen_ns) / 1_000_000_000),
+                    .filter(|k| k.usage.last_seen_ns > 0)
+                    .map(|k| now.boot_ns.saturating_sub(k.usage.last_seen_ns) / 1_000_000_000),
                 metered: k.is_some(),
                 capacity_sat: ch.and_then(|c| c.funding).map(|f| f.capacity.to_sat()),
-                close_reason: ch.and_then(|c| c.close_reason.clone()),
+                close_reason: ch.and_then(|c| c.close_reason),
                 close_txid: close.map(|i| i.txid.clone()),
             }
         })
@@ -143,12 +143,18 @@ mod tests {
     use bitmesh_common::wire::ChannelId;
 
     use super::*;
-    use crate::store::{FinalUsage, Funding};
+    use crate::store::{CloseReason, FinalUsage, Funding};
+    use bitmesh_common::kernel::Usage;
+    use bitmesh_common::pricing::ByteCount;
 
     const NOW: Now = Now { unix: 1_000_000, boot_ns: 50_000_000_000 };
 
     fn mac(n: u8) -> Mac {
         Mac([2, 0, 0, 0, 0, n])
+    }
+
+    fn metered(n: u8, credited: u64, usage: Usage) -> ClientUsage {
+        ClientUsage { mac: mac(n), credited: ByteCount(credited), usage }
     }
 
     fn key() -> PublicKey {
@@ -157,8 +163,8 @@ mod tests {
     }
 
     /// A channel of `mac` in `state`, number `n` (its id and age), paid `paid` sat.
-    fn channel(n: u8, m: Mac, state: ChannelState, paid: u64) -> ChannelRecord {
-        let funded = !matches!(state, ChannelState::Offered);
+    fn channel(n: u8, m: Mac, state: ChannelStage, paid: u64) -> ChannelRecord {
+        let funded = !matches!(state, ChannelStage::Offered);
         ChannelRecord {
             id: ChannelId([n; 32]),
             mac: m,
@@ -173,8 +179,8 @@ mod tests {
             min_first_payment: Amount::from_sat(500),
             state,
             funding: funded.then(|| Funding { outpoint: OutPoint::null(), capacity: Amount::from_sat(20_000), height: None }),
-            close_reason: matches!(state, ChannelState::Closing | ChannelState::Closed).then(|| "client".to_string()),
-            settlement_id: matches!(state, ChannelState::Closing | ChannelState::Closed).then_some(n as i64),
+            close_reason: matches!(state, ChannelStage::Closing | ChannelStage::Closed).then_some(CloseReason::Client),
+            settlement_id: matches!(state, ChannelStage::Closing | ChannelStage::Closed).then_some(n as i64),
             opened_at: n as i64,
             last_activity_at: n as i64,
             paid_total: Amount::from_sat(paid),
@@ -198,16 +204,16 @@ mod tests {
 
     #[test]
     fn every_client_with_a_live_or_recent_channel_is_listed_with_its_state() {
-        let mut closing = channel(3, mac(3), ChannelState::Closing, 900);
+        let mut closing = channel(3, mac(3), ChannelStage::Closing, 900);
         closing.final_usage = Some(FinalUsage { up: ByteCount(100), down: ByteCount(4000) });
         let channels = vec![
-            channel(1, mac(1), ChannelState::Offered, 0),
-            channel(2, mac(2), ChannelState::Open, 0),
+            channel(1, mac(1), ChannelStage::Offered, 0),
+            channel(2, mac(2), ChannelStage::Open, 0),
             closing,
-            channel(4, mac(4), ChannelState::Closed, 700),
-            channel(5, mac(5), ChannelState::Open, 600),
+            channel(4, mac(4), ChannelStage::Closed, 700),
+            channel(5, mac(5), ChannelStage::Open, 600),
         ];
-        let metered = vec![(mac(2), ByteCount(0), Usage::default()), (mac(5), ByteCount(600_000), usage(1000, 9000, 3))];
+        let metered = vec![metered(2, 0, Usage::default()), metered(5, 600_000, usage(1000, 9000, 3))];
         let closes = HashMap::from([close(3, 60), close(4, 3600)]);
         let rows = client_rows(&channels, &metered, &HashMap::new(), &closes, NOW);
         let states: Vec<(&str, &str)> = rows.iter().map(|r| (&r.mac[15..], r.state.as_str())).collect();
@@ -224,7 +230,7 @@ mod tests {
         assert_eq!((closing.paid_sat, closing.credited_bytes, closing.remaining_bytes), (900, 0, 0));
         assert_eq!((closing.up_bytes, closing.down_bytes), (100, 4000), "what the kernel counted when metering stopped");
         assert_eq!(closing.close_txid.as_deref(), Some("tx3"));
-        assert_eq!(closing.close_reason.as_deref(), Some("client"));
+        assert_eq!(closing.close_reason, Some(CloseReason::Client));
         let closed = row(&rows, mac(4));
         assert_eq!((closed.paid_sat, closed.credited_bytes, closed.metered), (700, 0, false));
         let paying = row(&rows, mac(5));
@@ -238,13 +244,13 @@ mod tests {
     fn one_row_per_mac_following_the_channel_that_matters_most() {
         let m = mac(9);
         // An old closed channel, then a new one awaiting funding: the new one shows.
-        let channels = vec![channel(1, m, ChannelState::Closed, 500), channel(2, m, ChannelState::Offered, 0)];
+        let channels = vec![channel(1, m, ChannelStage::Closed, 500), channel(2, m, ChannelStage::Offered, 0)];
         let rows = client_rows(&channels, &[], &HashMap::new(), &HashMap::from([close(1, 10)]), NOW);
         assert_eq!(rows.len(), 1, "{rows:?}");
         assert_eq!((rows[0].state.as_str(), rows[0].channel), ("awaiting_funding", Some(ChannelId([2; 32]))));
 
         // Two closed channels: the newer one.
-        let channels = vec![channel(1, m, ChannelState::Closed, 500), channel(2, m, ChannelState::Closed, 800)];
+        let channels = vec![channel(1, m, ChannelStage::Closed, 500), channel(2, m, ChannelStage::Closed, 800)];
         let rows = client_rows(&channels, &[], &HashMap::new(), &HashMap::from([close(1, 10), close(2, 10)]), NOW);
         assert_eq!((rows.len(), rows[0].paid_sat), (1, 800));
     }
@@ -252,11 +258,11 @@ mod tests {
     #[test]
     fn old_closes_and_abandoned_offers_are_not_listed_but_metered_strangers_are() {
         let channels = vec![
-            channel(1, mac(1), ChannelState::Closed, 500),
-            channel(2, mac(2), ChannelState::Abandoned, 0),
+            channel(1, mac(1), ChannelStage::Closed, 500),
+            channel(2, mac(2), ChannelStage::Abandoned, 0),
         ];
         let closes = HashMap::from([close(1, RECENTLY_CLOSED_SECS + 1)]);
-        let metered = vec![(mac(7), ByteCount(0), usage(60, 60, 1))];
+        let metered = vec![metered(7, 0, usage(60, 60, 1))];
         let ips = HashMap::from([(mac(7), "10.0.0.77".to_string())]);
         let rows = client_rows(&channels, &metered, &ips, &closes, NOW);
         assert_eq!(rows.len(), 1, "{rows:?}");

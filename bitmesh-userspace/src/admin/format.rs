@@ -85,7 +85,7 @@ pub fn channels_table(rows: &[ChannelRow]) -> String {
                     bytes(r.credited_bytes),
                     r.payments.to_string(),
                     r.expiry.to_string(),
-                    r.close_reason.clone().unwrap_or_else(|| "-".into()),
+                    r.close_reason.map_or_else(|| "-".into(), |c| c.to_string()),
                     r.close_txid.as_ref().map(short).unwrap_or_else(|| "-".into()),
                 ]
             })
@@ -129,6 +129,7 @@ pub fn earnings_text(e: &Earnings) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::CloseReason;
 
     #[test]
     fn price_line_says_when_bitmesh_price_overrides_the_flag() {
@@ -194,7 +195,7 @@ mod tests {
             last_seen_secs_ago: None,
             metered: false,
             capacity_sat: Some(20_000),
-            close_reason: Some("client".into()),
+            close_reason: Some(CloseReason::Client),
             close_txid: Some("ab".into()),
         };
         let t = clients_table(&[row]);

@@ -10,7 +10,7 @@ use axum::routing::get;
 use axum::Router;
 
 use crate::gateway::Gateway;
-use crate::store::ChannelState;
+use crate::store::ChannelStage;
 
 /// Render the metrics.
 pub fn render(gw: &Gateway) -> String {
@@ -23,12 +23,12 @@ pub fn render(gw: &Gateway) -> String {
     };
     let (counts, payments) = gw.store().channel_counts().unwrap_or_default();
     let states = [
-        ChannelState::Offered,
-        ChannelState::Open,
-        ChannelState::Closing,
-        ChannelState::Closed,
-        ChannelState::Abandoned,
-        ChannelState::DoubleSpent,
+        ChannelStage::Offered,
+        ChannelStage::Open,
+        ChannelStage::Closing,
+        ChannelStage::Closed,
+        ChannelStage::Abandoned,
+        ChannelStage::DoubleSpent,
     ];
     gauge(
         "bitmesh_channels",
@@ -55,14 +55,14 @@ pub fn render(gw: &Gateway) -> String {
     gauge(
         "bitmesh_credited_bytes",
         "Bytes credited, all metered clients.",
-        vec![(String::new(), metered.iter().map(|(_, c, _)| c.0).sum())],
+        vec![(String::new(), metered.iter().map(|c| c.credited.0).sum())],
     );
     gauge(
         "bitmesh_used_bytes",
         "Bytes billed by the kernel, by direction.",
         vec![
-            ("{direction=\"up\"}".into(), metered.iter().map(|(_, _, u)| u.up_bytes).sum()),
-            ("{direction=\"down\"}".into(), metered.iter().map(|(_, _, u)| u.down_bytes).sum()),
+            ("{direction=\"up\"}".into(), metered.iter().map(|c| c.usage.up_bytes).sum()),
+            ("{direction=\"down\"}".into(), metered.iter().map(|c| c.usage.down_bytes).sum()),
         ],
     );
     gauge(

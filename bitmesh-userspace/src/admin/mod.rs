@@ -20,7 +20,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
 use crate::gateway::{Gateway, GatewayError};
-use crate::store::{unix_now, ChannelRecord, ChannelState, Earnings};
+use crate::store::{unix_now, ChannelRecord, ChannelStage, CloseReason, Earnings};
 
 /// Errors of the admin socket and its client.
 #[derive(Debug, thiserror::Error)]
@@ -106,9 +106,9 @@ pub struct ClientRow {
     /// The channel's funded capacity.
     #[serde(default)]
     pub capacity_sat: Option<u64>,
-    /// Why the channel is closing or closed (client, idle, expiry, fully_paid, operator).
+    /// Why the channel is closing or closed.
     #[serde(default)]
-    pub close_reason: Option<String>,
+    pub close_reason: Option<CloseReason>,
     /// The settlement transaction of a closing or closed channel.
     #[serde(default)]
     pub close_txid: Option<String>,
@@ -125,7 +125,7 @@ pub struct ChannelRow {
     pub credited_bytes: u64,
     pub payments: u64,
     pub expiry: u32,
-    pub close_reason: Option<String>,
+    pub close_reason: Option<CloseReason>,
     pub close_txid: Option<String>,
 }
 
@@ -191,7 +191,7 @@ fn channel_row(gw: &Gateway, c: &ChannelRecord) -> ChannelRow {
         credited_bytes: c.credited.0,
         payments: c.payments,
         expiry: c.expiry.to_consensus_u32(),
-        close_reason: c.close_reason.clone(),
+        close_reason: c.close_reason,
         close_txid: c.settlement_id.and_then(|s| gw.store().settlement(s).ok().flatten()).map(|s| s.txid.to_string()),
     }
 }
@@ -205,7 +205,7 @@ fn client_list(gw: &Gateway, rates: &RateSampler) -> Result<Vec<ClientRow>, Gate
     let ips: HashMap<Mac, String> =
         store.client_bindings().unwrap_or_default().into_iter().map(|b| (b.mac, b.ip.to_string())).collect();
     let mut closes = HashMap::new();
-    let settled = channels.iter().filter(|c| matches!(c.state, ChannelState::Closing | ChannelState::Closed));
+    let settled = channels.iter().filter(|c| matches!(c.state, ChannelStage::Closing | ChannelStage::Closed));
     for id in settled.filter_map(|c| c.settlement_id) {
         if closes.contains_key(&id) {
             continue;

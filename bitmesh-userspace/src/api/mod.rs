@@ -33,18 +33,17 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, State};
-use axum::http::HeaderMap;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{middleware, Json, Router};
 use bitmesh_common::wire::routes;
 use bitmesh_common::wire::{
-    ChannelId, ChannelStatus, CloseRequest, CloseResponse, DeviceStatus, FundRequest, OpenRequest, OpenResponse,
-    PaymentAck, PaymentUpdate, SignatureBytes, Terms,
+    ChannelStatus, CloseRequest, CloseResponse, DeviceStatus, FundRequest, OpenRequest, OpenResponse, PaymentAck,
+    PaymentUpdate, SignedRequest, Terms,
 };
-use bitcoin::hex::FromHex;
+use extract::{ChannelJson, Signed};
 use tokio::sync::mpsc;
 
 // The wire types the gateway trait's signatures name, and the signed-request header,
@@ -55,43 +54,33 @@ pub use extract::ApiJson;
 pub use limits::{ClientKey, ClientKeys, RateLimiter};
 pub use serve::{serve, serve_tls, ConnLimits, ConnPermit, ConnSlots, Refusal};
 
-/// A parsed [`AUTH_HEADER`]: the client's counter (milliseconds since the Unix
-/// epoch, strictly increasing per channel) and its signature over
-/// `client_request_digest(action, channel_id, counter)`. The gateway accepts each
-/// counter once per (channel, action), and only within 120 s of its clock.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ClientAuth {
-    /// The signed counter.
-    pub counter: u64,
-    /// DER ECDSA signature by the channel's client key.
-    pub signature: SignatureBytes,
-}
-
 /// What the API needs from the controller. `peer` is the TCP peer address of the
 /// request: the gateway resolves it to the device's MAC on the client interface.
+///
+/// The gateway answers in its own error type; the handlers turn it into an
+/// [`ApiError`] (code and HTTP status) with `?`, through its one `From` impl.
 pub trait ClientGateway: Send + Sync + 'static {
-    fn terms(&self) -> impl Future<Output = Result<Terms, ApiError>> + Send;
-    fn open(&self, peer: IpAddr, req: OpenRequest) -> impl Future<Output = Result<OpenResponse, ApiError>> + Send;
-    fn fund(&self, peer: IpAddr, req: FundRequest) -> impl Future<Output = Result<ChannelStatus, ApiError>> + Send;
+    /// The gateway's own error.
+    type Error: Send;
+    fn terms(&self) -> impl Future<Output = Result<Terms, Self::Error>> + Send;
+    fn open(&self, peer: IpAddr, req: OpenRequest) -> impl Future<Output = Result<OpenResponse, Self::Error>> + Send;
+    fn fund(&self, peer: IpAddr, req: FundRequest) -> impl Future<Output = Result<ChannelStatus, Self::Error>> + Send;
     /// Verify, persist (synced), credit, then return the ack. Nothing else.
-    fn pay(&self, peer: IpAddr, update: PaymentUpdate) -> impl Future<Output = Result<PaymentAck, ApiError>> + Send;
-    fn status(
-        &self,
-        peer: IpAddr,
-        id: ChannelId,
-        auth: ClientAuth,
-    ) -> impl Future<Output = Result<ChannelStatus, ApiError>> + Send;
-    fn close(&self, peer: IpAddr, req: CloseRequest) -> impl Future<Output = Result<CloseResponse, ApiError>> + Send;
+    fn pay(&self, peer: IpAddr, update: PaymentUpdate) -> impl Future<Output = Result<PaymentAck, Self::Error>> + Send;
+    /// `req` is parsed, not yet verified (action `status`).
+    fn status(&self, peer: IpAddr, req: SignedRequest) -> impl Future<Output = Result<ChannelStatus, Self::Error>> + Send;
+    fn close(&self, peer: IpAddr, req: CloseRequest) -> impl Future<Output = Result<CloseResponse, Self::Error>> + Send;
+    /// `req` is parsed, not yet verified (action `events`).
     fn events(
         &self,
         peer: IpAddr,
-        id: ChannelId,
-        auth: ClientAuth,
-    ) -> impl Future<Output = Result<mpsc::Receiver<ClientEvent>, ApiError>> + Send;
-    fn captive(&self, peer: IpAddr) -> impl Future<Output = Result<CaptiveStatus, ApiError>> + Send;
-    /// The requester's own device status (by its MAC), for the portal page.
-    fn device(&self, _peer: IpAddr) -> impl Future<Output = Result<DeviceStatus, ApiError>> + Send {
-        async { Err(ApiError::NoRoute) }
+        req: SignedRequest,
+    ) -> impl Future<Output = Result<mpsc::Receiver<ClientEvent>, Self::Error>> + Send;
+    fn captive(&self, peer: IpAddr) -> impl Future<Output = Result<CaptiveStatus, Self::Error>> + Send;
+    /// The requester's own device status (by its MAC), for the portal page; `None`
+    /// from a gateway that does not report devices (the route answers `bad_request`).
+    fn device(&self, _peer: IpAddr) -> impl Future<Output = Result<Option<DeviceStatus>, Self::Error>> + Send {
+        async { Ok(None) }
     }
     /// Who limits count `peer` against (rate limits, connection caps): its MAC on
     /// the client interface when known. Called per connection and per request, so
@@ -140,12 +129,18 @@ type St<G> = State<Arc<AppState<G>>>;
 
 /// The API router. Serve it with [`serve`] (or anything that inserts
 /// `ConnectInfo<SocketAddr>`: handlers need the peer address).
-pub fn router<G: ClientGateway>(gw: Arc<G>, limits: ApiLimits) -> Router {
+pub fn router<G: ClientGateway>(gw: Arc<G>, limits: ApiLimits) -> Router
+where
+    ApiError: From<G::Error>,
+{
     router_with(gw, limits, Router::new())
 }
 
 /// [`router`] with `extra` routes (the portal page) under the same limits.
-pub fn router_with<G: ClientGateway>(gw: Arc<G>, limits: ApiLimits, extra: Router) -> Router {
+pub fn router_with<G: ClientGateway>(gw: Arc<G>, limits: ApiLimits, extra: Router) -> Router
+where
+    ApiError: From<G::Error>,
+{
     let keys = client_keys(gw.clone());
     let relay_limiter = RateLimiter::new(limits.relays_per_hour, Duration::from_secs(3600), keys.clone());
     let limiter = RateLimiter::new(limits.requests_per_min, Duration::from_secs(60), keys);
@@ -174,30 +169,13 @@ pub fn router_with<G: ClientGateway>(gw: Arc<G>, limits: ApiLimits, extra: Route
         .layer(middleware::from_fn_with_state(limiter, limits::rate_limit))
 }
 
-fn channel_id(s: &str) -> Result<ChannelId, ApiError> {
-    s.parse().map_err(|_| ApiError::BadRequest(format!("{s:?} is not a channel id (64 hex digits)")))
-}
+// Each handler extracts a decoded, checked request and makes one gateway call; the
+// gateway's error becomes an `ApiError` at the `?`.
 
-fn same_channel(path: ChannelId, body: ChannelId) -> Result<(), ApiError> {
-    if path != body {
-        return Err(ApiError::BadRequest(format!("channel_id {body} in the body differs from {path} in the path")));
-    }
-    Ok(())
-}
-
-fn auth_header(headers: &HeaderMap) -> Result<ClientAuth, ApiError> {
-    let v = headers
-        .get(AUTH_HEADER)
-        .ok_or_else(|| ApiError::Unauthorized(format!("missing {AUTH_HEADER} header: sign the request with the channel's client key")))?;
-    let malformed = || ApiError::Unauthorized(format!("{AUTH_HEADER} is not <counter>.<hex signature>"));
-    let s = v.to_str().map_err(|_| malformed())?;
-    let (counter, sig) = s.trim().split_once('.').ok_or_else(malformed)?;
-    let counter = counter.parse::<u64>().map_err(|_| malformed())?;
-    let signature = Vec::<u8>::from_hex(sig).map(SignatureBytes).map_err(|_| malformed())?;
-    Ok(ClientAuth { counter, signature })
-}
-
-async fn terms<G: ClientGateway>(State(s): St<G>) -> Result<Json<Terms>, ApiError> {
+async fn terms<G: ClientGateway>(State(s): St<G>) -> Result<Json<Terms>, ApiError>
+where
+    ApiError: From<G::Error>,
+{
     Ok(Json(s.gw.terms().await?))
 }
 
@@ -205,17 +183,21 @@ async fn open<G: ClientGateway>(
     State(s): St<G>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     ApiJson(req): ApiJson<OpenRequest>,
-) -> Result<Json<OpenResponse>, ApiError> {
+) -> Result<Json<OpenResponse>, ApiError>
+where
+    ApiError: From<G::Error>,
+{
     Ok(Json(s.gw.open(peer.ip(), req).await?))
 }
 
 async fn fund<G: ClientGateway>(
     State(s): St<G>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    Path(id): Path<String>,
-    ApiJson(req): ApiJson<FundRequest>,
-) -> Result<Json<ChannelStatus>, ApiError> {
-    same_channel(channel_id(&id)?, req.channel_id)?;
+    ChannelJson(req): ChannelJson<FundRequest>,
+) -> Result<Json<ChannelStatus>, ApiError>
+where
+    ApiError: From<G::Error>,
+{
     let size = bitcoin::consensus::serialize(&req.funding_tx).len();
     if size > s.limits.relay_max_tx_bytes {
         return Err(ApiError::BadRequest(format!(
@@ -229,41 +211,45 @@ async fn fund<G: ClientGateway>(
 async fn pay<G: ClientGateway>(
     State(s): St<G>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    Path(id): Path<String>,
-    ApiJson(update): ApiJson<PaymentUpdate>,
-) -> Result<Json<PaymentAck>, ApiError> {
-    same_channel(channel_id(&id)?, update.channel_id)?;
+    ChannelJson(update): ChannelJson<PaymentUpdate>,
+) -> Result<Json<PaymentAck>, ApiError>
+where
+    ApiError: From<G::Error>,
+{
     Ok(Json(s.gw.pay(peer.ip(), update).await?))
 }
 
 async fn status<G: ClientGateway>(
     State(s): St<G>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-) -> Result<Json<ChannelStatus>, ApiError> {
-    let id = channel_id(&id)?;
-    Ok(Json(s.gw.status(peer.ip(), id, auth_header(&headers)?).await?))
+    Signed(req, _): Signed<extract::ForStatus>,
+) -> Result<Json<ChannelStatus>, ApiError>
+where
+    ApiError: From<G::Error>,
+{
+    Ok(Json(s.gw.status(peer.ip(), req).await?))
 }
 
 async fn close<G: ClientGateway>(
     State(s): St<G>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    Path(id): Path<String>,
-    ApiJson(req): ApiJson<CloseRequest>,
-) -> Result<Json<CloseResponse>, ApiError> {
-    same_channel(channel_id(&id)?, req.channel_id)?;
+    ChannelJson(req): ChannelJson<CloseRequest>,
+) -> Result<Json<CloseResponse>, ApiError>
+where
+    ApiError: From<G::Error>,
+{
     Ok(Json(s.gw.close(peer.ip(), req).await?))
 }
 
 async fn events<G: ClientGateway>(
     State(s): St<G>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    let id = channel_id(&id)?;
-    let rx = s.gw.events(peer.ip(), id, auth_header(&headers)?).await?;
+    Signed(req, _): Signed<extract::ForEvents>,
+) -> Result<Response, ApiError>
+where
+    ApiError: From<G::Error>,
+{
+    let rx = s.gw.events(peer.ip(), req).await?;
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
         let ev = rx.recv().await?;
         let sse = Event::default().event(ev.name()).json_data(&ev).unwrap_or_else(|_| Event::default());
@@ -275,15 +261,22 @@ async fn events<G: ClientGateway>(
 async fn captive<G: ClientGateway>(
     State(s): St<G>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-) -> Result<Response, ApiError> {
+) -> Result<Response, ApiError>
+where
+    ApiError: From<G::Error>,
+{
     Ok(captive::answer(s.gw.captive(peer.ip()).await?))
 }
 
 async fn device<G: ClientGateway>(
     State(s): St<G>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-) -> Result<Response, ApiError> {
-    let mut r = Json(s.gw.device(peer.ip()).await?).into_response();
+) -> Result<Response, ApiError>
+where
+    ApiError: From<G::Error>,
+{
+    let device = s.gw.device(peer.ip()).await?.ok_or(ApiError::NoRoute)?;
+    let mut r = Json(device).into_response();
     // Live figures: never cached.
     r.headers_mut().insert(axum::http::header::CACHE_CONTROL, axum::http::HeaderValue::from_static("no-store"));
     Ok(r)

@@ -8,7 +8,7 @@ use axum::extract::connect_info::MockConnectInfo;
 use axum::http::{Request, StatusCode};
 use bitcoin::{absolute, Amount, FeeRate, Network};
 use bitmesh_common::pricing::{ByteCount, PriceMsatPerMib};
-use bitmesh_common::wire::{ChannelState, ErrorBody, ErrorCode};
+use bitmesh_common::wire::{ChannelId, ChannelState, ErrorBody, ErrorCode};
 use tower::ServiceExt;
 
 use super::*;
@@ -35,6 +35,8 @@ fn status_of(id: ChannelId) -> ChannelStatus {
 }
 
 impl ClientGateway for Fake {
+    type Error = ApiError;
+
     async fn terms(&self) -> Result<Terms, ApiError> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         Ok(Terms {
@@ -75,18 +77,18 @@ impl ClientGateway for Fake {
             used_bytes: ByteCount(0),
         })
     }
-    async fn status(&self, _: IpAddr, id: ChannelId, _: ClientAuth) -> Result<ChannelStatus, ApiError> {
+    async fn status(&self, _: IpAddr, req: SignedRequest) -> Result<ChannelStatus, ApiError> {
         self.calls.fetch_add(1, Ordering::SeqCst);
-        Ok(status_of(id))
+        Ok(status_of(req.channel_id))
     }
     async fn close(&self, _: IpAddr, r: CloseRequest) -> Result<CloseResponse, ApiError> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         Err(ApiError::UnknownChannel(r.channel_id))
     }
-    async fn events(&self, _: IpAddr, id: ChannelId, _: ClientAuth) -> Result<mpsc::Receiver<ClientEvent>, ApiError> {
+    async fn events(&self, _: IpAddr, req: SignedRequest) -> Result<mpsc::Receiver<ClientEvent>, ApiError> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         let (tx, rx) = mpsc::channel(4);
-        let r = UsageReport { channel_id: id, credited_bytes: ByteCount(10), used_bytes: ByteCount(9), remaining_bytes: ByteCount(1) };
+        let r = UsageReport { channel_id: req.channel_id, credited_bytes: ByteCount(10), used_bytes: ByteCount(9), remaining_bytes: ByteCount(1) };
         tx.send(ClientEvent::LowWater(r)).await.unwrap();
         Ok(rx)
     }
@@ -147,6 +149,7 @@ async fn terms_are_served_as_json() {
 async fn hostile_requests_get_their_code_and_never_reach_the_gateway() {
     let (fake, r) = app(ApiLimits { max_body_bytes: 512, ..ApiLimits::default() });
     let pay = |id: &str| format!(r#"{{"channel_id":"{id}","total_paid_sat":5,"signature":"300183"}}"#);
+    let close = |id: &str| format!(r#"{{"channel_id":"{id}","counter":1,"signature":"300183"}}"#);
     let big = format!(r#"{{"channel_id":"{ID}","total_paid_sat":5,"signature":"{}"}}"#, "ab".repeat(600));
     let cases: Vec<(&str, &str, String, String, StatusCode, ErrorCode)> = vec![
         ("malformed json", "POST", format!("/v1/channels/{ID}/payments"), "{not json".into(), StatusCode::BAD_REQUEST, ErrorCode::BadRequest),
@@ -155,6 +158,10 @@ async fn hostile_requests_get_their_code_and_never_reach_the_gateway() {
         ("body above limit", "POST", format!("/v1/channels/{ID}/payments"), big, StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::BadRequest),
         ("path and body disagree", "POST", format!("/v1/channels/{OTHER}/payments"), pay(ID), StatusCode::BAD_REQUEST, ErrorCode::BadRequest),
         ("channel id not hex", "POST", "/v1/channels/xyz/payments".into(), pay(ID), StatusCode::BAD_REQUEST, ErrorCode::BadRequest),
+        ("close: path and body disagree", "POST", format!("/v1/channels/{OTHER}/close"), close(ID), StatusCode::BAD_REQUEST, ErrorCode::BadRequest),
+        ("close: channel id not hex", "POST", "/v1/channels/xyz/close".into(), close(ID), StatusCode::BAD_REQUEST, ErrorCode::BadRequest),
+        ("status: channel id not hex (before the missing signature)", "GET", "/v1/channels/xyz".into(), String::new(), StatusCode::BAD_REQUEST, ErrorCode::BadRequest),
+        ("events: channel id not hex", "GET", "/v1/channels/xyz/events".into(), String::new(), StatusCode::BAD_REQUEST, ErrorCode::BadRequest),
         ("unknown route", "GET", "/v1/nothing".into(), String::new(), StatusCode::NOT_FOUND, ErrorCode::BadRequest),
         ("wrong method", "DELETE", "/v1/terms".into(), String::new(), StatusCode::NOT_FOUND, ErrorCode::BadRequest),
         ("negative amount", "POST", format!("/v1/channels/{ID}/payments"), pay(ID).replace(":5", ":-5"), StatusCode::BAD_REQUEST, ErrorCode::BadRequest),

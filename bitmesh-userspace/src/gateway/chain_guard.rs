@@ -18,38 +18,37 @@ use tracing::{info, warn};
 
 use super::exposure::is_unconfirmed;
 use super::{Gateway, GatewayError};
-use crate::api::ApiError;
-use crate::store::{ChannelRecord, ChannelState};
+use crate::store::{ChannelRecord, ChannelStage};
 
 impl Gateway {
     /// Refuse with `chain_unavailable` when the tip was not read for too long.
-    pub(super) fn ensure_chain_fresh(&self) -> Result<(), ApiError> {
+    pub(super) fn ensure_chain_fresh(&self) -> Result<(), GatewayError> {
         let age = match self.tip_read_at.lock() {
             Ok(at) => at.elapsed(),
-            Err(_) => return Err(ApiError::Internal("tip clock lock poisoned".into())),
+            Err(_) => return Err(GatewayError::Poisoned("tip clock")),
         };
         if age > self.policy().chain_stale_after {
             warn!(age_secs = age.as_secs(), "chain tip is stale: refusing payments and opens until the backend answers");
-            return Err(ApiError::ChainUnavailable);
+            return Err(GatewayError::ChainStale);
         }
         Ok(())
     }
 
     /// Every chain check a payment of `rec` for `total` needs before it is verified
     /// and journaled. Runs under the payment lock.
-    pub(super) async fn admit_payment(&self, rec: &ChannelRecord, total: Amount) -> Result<(), ApiError> {
-        if rec.state == ChannelState::DoubleSpent {
-            return Err(ApiError::FundingDoubleSpent(rec.id));
+    pub(super) async fn admit_payment(&self, rec: &ChannelRecord, total: Amount) -> Result<(), GatewayError> {
+        if rec.state == ChannelStage::DoubleSpent {
+            return Err(GatewayError::FundingDoubleSpent(rec.id));
         }
         self.ensure_chain_fresh()?;
         let required = self.policy().confirmations;
-        if rec.state != ChannelState::Open || !is_unconfirmed(rec, self.tip(), required) {
+        if rec.state != ChannelStage::Open || !is_unconfirmed(rec, self.tip(), required) {
             return Ok(());
         }
         match self.funding_confirmations(rec).await? {
             None => {
                 self.withdraw_double_spent(rec)?;
-                Err(ApiError::FundingDoubleSpent(rec.id))
+                Err(GatewayError::FundingDoubleSpent(rec.id))
             }
             // Confirmed since the last tick: the cap no longer applies.
             Some(confs) if confs >= required.max(1) => Ok(()),
@@ -80,7 +79,7 @@ impl Gateway {
     pub(super) async fn watch_unconfirmed(&self) -> Result<(), GatewayError> {
         let _serial = self.write_lock.lock().await;
         let required = self.policy().confirmations;
-        for rec in self.store.channels_in(&[ChannelState::Open])? {
+        for rec in self.store.channels_in(&[ChannelStage::Open])? {
             if !is_unconfirmed(&rec, self.tip(), required) {
                 continue;
             }

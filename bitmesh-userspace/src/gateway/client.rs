@@ -7,17 +7,16 @@ use bitcoin::secp256k1::{ecdsa, Message, Secp256k1};
 use bitcoin::{Amount, OutPoint, Transaction};
 use bitmesh_common::pricing::{bytes_for_payment, ByteCount};
 use bitmesh_common::wire::{
-    client_request_digest, ChannelId, ChannelState as WireState, ChannelStatus, CloseRequest, CloseResponse,
-    FundRequest, OpenRequest, OpenResponse, PaymentAck, PaymentUpdate, Terms, CLIENT_AUTH_WINDOW_MS,
-    PROTOCOL_VERSION,
+    ChannelId, ChannelState, ChannelStatus, CloseRequest, CloseResponse, FundRequest, OpenRequest,
+    OpenResponse, PaymentAck, PaymentUpdate, SignedRequest, Terms, CLIENT_AUTH_WINDOW_MS, PROTOCOL_VERSION,
 };
 use tokio::sync::mpsc;
 use tracing::{info, instrument, warn};
 
 use super::{script_of, Gateway, GatewayError};
-use crate::api::{ApiError, CaptiveStatus, ClientAuth, ClientEvent, ClientGateway, ClientKey, UsageReport};
+use crate::api::{CaptiveStatus, ClientEvent, ClientGateway, ClientKey, UsageReport};
 use crate::channel::{check_open, verify_funding, verify_update, FundingCheck};
-use crate::store::{AppendOutcome, ChannelRecord, ChannelState, Funding, NewChannel, NewPayment};
+use crate::store::{AppendOutcome, ChannelRecord, ChannelStage, CloseReason, Funding, NewChannel, NewPayment, StoreError};
 
 /// Largest untagged Ethernet frame (1500 + 14): below this budget, RFC 8908 says captive.
 pub(super) const FULL_FRAME_BYTES: u64 = 1514;
@@ -29,69 +28,53 @@ pub(super) const SECS_PER_BLOCK: u64 = 600;
 /// reconnect before the old stream is noticed dead).
 pub const MAX_EVENT_STREAMS_PER_CHANNEL: usize = 3;
 
-fn wire_state(s: ChannelState) -> WireState {
+fn wire_state(s: ChannelStage) -> ChannelState {
     match s {
-        ChannelState::Offered => WireState::AwaitingFunding,
-        ChannelState::Open => WireState::Open,
-        ChannelState::Closing => WireState::Closing,
-        ChannelState::Closed => WireState::Closed,
-        ChannelState::Abandoned => WireState::Expired,
-        ChannelState::DoubleSpent => WireState::Closed,
+        ChannelStage::Offered => ChannelState::AwaitingFunding,
+        ChannelStage::Open => ChannelState::Open,
+        ChannelStage::Closing => ChannelState::Closing,
+        ChannelStage::Closed => ChannelState::Closed,
+        ChannelStage::Abandoned => ChannelState::Expired,
+        ChannelStage::DoubleSpent => ChannelState::Closed,
     }
-}
-
-pub(super) fn not_open(s: ChannelState) -> ApiError {
-    let hint = match s {
-        ChannelState::Offered => "fund it first (POST /v1/channels/{id}/funding)",
-        ChannelState::Open => "it is open",
-        ChannelState::Closing | ChannelState::Closed => "it is closing or closed: open a new channel",
-        ChannelState::Abandoned => "it expired unfunded or unpaid: open a new channel",
-        ChannelState::DoubleSpent => "its funding output was double-spent before it confirmed",
-    };
-    ApiError::ChannelNotOpen { state: s.as_str(), hint }
 }
 
 impl Gateway {
-    fn channel_record(&self, id: ChannelId) -> Result<ChannelRecord, ApiError> {
-        self.store.channel(id).map_err(GatewayError::from)?.ok_or(ApiError::UnknownChannel(id))
+    fn channel_record(&self, id: ChannelId) -> Result<ChannelRecord, GatewayError> {
+        Ok(self.store.channel(id)?.ok_or(StoreError::UnknownChannel(id))?)
     }
 
-    /// Check a signed request (`status`, `events` GETs, the `close` body): the signature over
-    /// `client_request_digest(action, id, counter)`, then the counter: within
-    /// ±120 s of our clock and above the last one accepted for (channel, action).
-    /// Only a verified, fresh counter is recorded, so a forger cannot push it up.
-    fn check_client_request(&self, rec: &ChannelRecord, action: &'static str, auth: &ClientAuth) -> Result<(), ApiError> {
-        let refuse = || ApiError::Unauthorized(format!("signature does not verify: sign client_request_digest(\"{action}\", channel_id, counter) with the channel's client key (DER)"));
-        let sig = ecdsa::Signature::from_der(&auth.signature.0).map_err(|_| refuse())?;
-        let msg = Message::from_digest(client_request_digest(action, &rec.id, auth.counter));
+    /// The channel a signed request (`status`, `events` GETs, the `close` body) is
+    /// about, once the request checks out: the signature over its digest with the
+    /// channel's client key, then the counter: within ±120 s of our clock and above
+    /// the last one accepted for (channel, action). Only a verified, fresh counter is
+    /// recorded, so a forger cannot push it up.
+    fn signed_channel(&self, req: &SignedRequest) -> Result<ChannelRecord, GatewayError> {
+        let rec = self.channel_record(req.channel_id)?;
+        let refuse = || GatewayError::RequestSignature(req.action);
+        let sig = ecdsa::Signature::from_der(&req.signature.0).map_err(|_| refuse())?;
+        let msg = Message::from_digest(req.digest());
         Secp256k1::verification_only().verify_ecdsa(&msg, &sig, &rec.client_pubkey.inner).map_err(|_| refuse())?;
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-            .map_err(|_| ApiError::Internal("system clock is before the Unix epoch".into()))?;
-        if auth.counter.abs_diff(now_ms) > CLIENT_AUTH_WINDOW_MS {
-            return Err(ApiError::AuthReplayed(format!(
-                "request counter {} is more than {} s from the gateway clock ({now_ms} ms): sign again with the current time in ms",
-                auth.counter,
-                CLIENT_AUTH_WINDOW_MS / 1000
-            )));
+            .map_err(|_| GatewayError::ClockBeforeEpoch)?;
+        if req.counter.abs_diff(now_ms) > CLIENT_AUTH_WINDOW_MS {
+            return Err(GatewayError::CounterOutsideWindow { counter: req.counter, now_ms });
         }
-        let mut seen = self.auth_counters.lock().map_err(|_| ApiError::Internal("auth counter lock poisoned".into()))?;
-        let last = seen.entry((rec.id, action)).or_insert(0);
-        if auth.counter <= *last {
-            return Err(ApiError::AuthReplayed(format!(
-                "request counter {} is not above the last accepted ({}): a signed request is single-use, sign again with a higher counter",
-                auth.counter, *last
-            )));
+        let mut seen = self.auth_counters.lock().map_err(|_| GatewayError::Poisoned("auth counter"))?;
+        let last = seen.entry((rec.id, req.action)).or_insert(0);
+        if req.counter <= *last {
+            return Err(GatewayError::CounterReused { counter: req.counter, last: *last });
         }
-        *last = auth.counter;
-        Ok(())
+        *last = req.counter;
+        Ok(rec)
     }
 
     /// Budget figures of a channel from the kernel (falling back to the store).
     fn report(&self, rec: &ChannelRecord) -> UsageReport {
         let used = match self.with_meter(|m| m.usage(rec.mac)) {
-            Ok(Some((_, u))) if rec.state == ChannelState::Open => ByteCount(u.used_bytes()),
+            Ok(Some(u)) if rec.state == ChannelStage::Open => u.used(),
             _ => ByteCount::ZERO,
         };
         UsageReport {
@@ -125,7 +108,7 @@ impl Gateway {
     fn ack(&self, rec: &ChannelRecord, total: Amount, credited: ByteCount) -> PaymentAck {
         let capacity = rec.funding.map(|f| f.capacity).unwrap_or(Amount::ZERO);
         let used = match self.with_meter(|m| m.usage(rec.mac)) {
-            Ok(Some((_, u))) => ByteCount(u.used_bytes()),
+            Ok(Some(u)) => u.used(),
             _ => ByteCount::ZERO,
         };
         PaymentAck {
@@ -150,7 +133,7 @@ impl Gateway {
     /// an older channel of the same device, is refused before it is looked up, so a
     /// replay sniffed off the air can never bring credit back.
     #[instrument(skip_all, fields(channel = %update.channel_id, total_sat = update.total_paid.to_sat(), mac))]
-    pub async fn pay(&self, update: PaymentUpdate) -> Result<PaymentAck, ApiError> {
+    pub async fn pay(&self, update: PaymentUpdate) -> Result<PaymentAck, GatewayError> {
         let _serial = self.write_lock.lock().await;
         let rec = self.channel_record(update.channel_id)?;
         tracing::Span::current().record("mac", tracing::field::display(rec.mac));
@@ -159,15 +142,15 @@ impl Gateway {
         if update.total_paid == rec.paid_total && rec.payments > 0 {
             // Only the latest total is answered idempotently (e.g. the ack was lost);
             // an older one falls through to verification: `amount_not_increasing`.
-            if let Some(stored) = self.store.payment_with_total(rec.id, update.total_paid).map_err(GatewayError::from)? {
+            if let Some(stored) = self.store.payment_with_total(rec.id, update.total_paid)? {
                 if stored.signature == update.signature.0 {
                     self.with_meter(|m| m.raise_credit(rec.mac, stored.credited))?;
                     return Ok(self.ack(&rec, stored.paid_total, stored.credited));
                 }
             }
         }
-        let channel = Self::channel_of(&rec).ok_or_else(|| not_open(rec.state))?;
-        let key = self.seed.channel_key(rec.gateway_key_index).map_err(GatewayError::from)?;
+        let channel = Self::channel_of(&rec).ok_or(GatewayError::NotOpen(rec.state))?;
+        let key = self.seed.channel_key(rec.gateway_key_index)?;
 
         // 1. verify
         let verified = verify_update(
@@ -192,8 +175,7 @@ impl Gateway {
         };
         let outcome = tokio::task::spawn_blocking(move || store.append_payment(&entry))
             .await
-            .map_err(|e| GatewayError::Task(e.to_string()))?
-            .map_err(GatewayError::from)?;
+            .map_err(|e| GatewayError::Task(e.to_string()))??;
         let record = match outcome {
             AppendOutcome::Appended(r) | AppendOutcome::Duplicate(r) => r,
         };
@@ -204,7 +186,7 @@ impl Gateway {
         if verified.client_change == Amount::ZERO {
             // Nothing left to pay: settle now rather than at expiry.
             let id = rec.id;
-            self.store_call(move |s| s.request_close(id, "fully_paid")).await?;
+            self.store_call(move |s| s.request_close(id, CloseReason::FullyPaid)).await?;
         }
         self.low_water_reset(rec.id);
         info!(credited = record.credited.0, sequence = record.sequence, "payment credited");
@@ -216,22 +198,19 @@ impl Gateway {
     /// Refuse unless `rec` is open AND is the open channel of its MAC, whose CREDIT
     /// it owns, AND the kernel meters that MAC (its entries were created when the
     /// channel was funded). Checked before anything is journaled or credited.
-    fn current_channel(&self, rec: &ChannelRecord) -> Result<(), ApiError> {
-        if rec.state != ChannelState::Open {
-            return Err(not_open(rec.state));
+    fn current_channel(&self, rec: &ChannelRecord) -> Result<(), GatewayError> {
+        if rec.state != ChannelStage::Open {
+            return Err(GatewayError::NotOpen(rec.state));
         }
-        let current = self.store.live_channel_for_mac(rec.mac).map_err(GatewayError::from)?;
+        let current = self.store.live_channel_for_mac(rec.mac)?;
         if current.as_ref().map(|c| c.id) != Some(rec.id) {
             // Cannot happen while one open channel per MAC holds (open() refuses a
             // second); if it ever did, CREDIT belongs to the other channel.
             warn!(channel = %rec.id, mac = %rec.mac, "update for a channel that is not its device's current channel");
-            return Err(not_open(ChannelState::Abandoned));
+            return Err(GatewayError::NotOpen(ChannelStage::Abandoned));
         }
         if self.with_meter(|m| m.usage(rec.mac))?.is_none() {
-            return Err(ApiError::Internal(format!(
-                "open channel {} has no kernel entries for {}: restart the controller to reconcile",
-                rec.id, rec.mac
-            )));
+            return Err(GatewayError::NoKernelEntries { channel: rec.id, mac: rec.mac });
         }
         Ok(())
     }
@@ -253,7 +232,7 @@ impl Gateway {
         for id in ids {
             let Ok(Some(rec)) = self.store.channel(id) else { continue };
             let mut events = Vec::new();
-            if rec.state == ChannelState::Open {
+            if rec.state == ChannelStage::Open {
                 let r = self.report(&rec);
                 events.push(ClientEvent::Usage(r));
                 let low = r.remaining_bytes < low_water;
@@ -267,7 +246,7 @@ impl Gateway {
                 if first_crossing {
                     events.push(ClientEvent::LowWater(r));
                 }
-            } else if rec.state != ChannelState::Offered {
+            } else if rec.state != ChannelStage::Offered {
                 events.push(ClientEvent::Closed { channel_id: id });
             }
             if let Ok(mut subs) = self.subscribers.lock() {
@@ -285,16 +264,14 @@ impl Gateway {
     /// Confirmations of a funding transaction, broadcasting it first if the node does
     /// not know it. The gateway relays at most one transaction per offer: a client
     /// cannot make it push an endless series of transactions for one free offer.
-    async fn relay_once(&self, offer: ChannelId, tx: &Transaction) -> Result<u32, ApiError> {
+    async fn relay_once(&self, offer: ChannelId, tx: &Transaction) -> Result<u32, GatewayError> {
         let txid = tx.compute_txid();
         if let Some(status) = self.chain_call(move |c| c.transaction(&txid)).await? {
             return Ok(status.confirmations);
         }
-        let first = self.relayed.lock().map_err(|_| ApiError::Internal("relay lock poisoned".into()))?.insert(offer);
+        let first = self.relayed.lock().map_err(|_| GatewayError::Poisoned("relay"))?.insert(offer);
         if !first {
-            return Err(ApiError::FundingNotFound(
-                "the gateway relays one funding transaction per offer and has relayed one for this offer already: broadcast this transaction yourself, or open a new channel".into(),
-            ));
+            return Err(GatewayError::RelayedOnce);
         }
         let t = tx.clone();
         let txid = self.chain_call(move |c| c.broadcast(&t)).await?;
@@ -326,7 +303,7 @@ impl Gateway {
     fn offer_matches(&self, offer: &ChannelRecord, req: &OpenRequest) -> bool {
         let p = self.policy();
         let age = crate::store::unix_now().saturating_sub(offer.opened_at);
-        offer.state == ChannelState::Offered
+        offer.state == ChannelStage::Offered
             && offer.client_pubkey == req.client_pubkey
             && offer.expiry == req.expiry
             && offer.client_change_script == req.client_change_script
@@ -337,7 +314,9 @@ impl Gateway {
 }
 
 impl ClientGateway for Gateway {
-    async fn terms(&self) -> Result<Terms, ApiError> {
+    type Error = GatewayError;
+
+    async fn terms(&self) -> Result<Terms, GatewayError> {
         let p = self.policy();
         Ok(Terms {
             protocol_version: PROTOCOL_VERSION,
@@ -358,21 +337,16 @@ impl ClientGateway for Gateway {
     }
 
     #[instrument(skip_all, fields(%peer, mac, channel))]
-    async fn open(&self, peer: IpAddr, req: OpenRequest) -> Result<OpenResponse, ApiError> {
+    async fn open(&self, peer: IpAddr, req: OpenRequest) -> Result<OpenResponse, GatewayError> {
         self.ensure_chain_fresh()?;
         let mac = self.mac_of(peer)?;
         tracing::Span::current().record("mac", tracing::field::display(mac));
         let cpolicy = self.channel_policy();
         check_open(&req.client_pubkey, req.expiry, &req.client_change_script, self.tip(), &cpolicy)?;
         let _serial = self.write_lock.lock().await;
-        if let Some(live) = self.store.live_channel_for_mac(mac).map_err(GatewayError::from)? {
+        if let Some(live) = self.store.live_channel_for_mac(mac)? {
             match live.state {
-                ChannelState::Open => {
-                    return Err(ApiError::BadRequest(format!(
-                        "this device already has open channel {}: keep paying on it or close it first",
-                        live.id
-                    )))
-                }
+                ChannelStage::Open => return Err(GatewayError::DeviceHasOpenChannel(live.id)),
                 // The same request again (e.g. the answer was lost): the same offer,
                 // not one more durable row.
                 _ if self.offer_matches(&live, &req) => {
@@ -386,8 +360,8 @@ impl ClientGateway for Gateway {
                 }
             }
         }
-        let index = self.store.next_key_index().map_err(GatewayError::from)?;
-        let key = self.seed.channel_key(index).map_err(GatewayError::from)?;
+        let index = self.store.next_key_index()?;
+        let key = self.seed.channel_key(index)?;
         let p = self.policy();
         let gateway_pubkey = key.public;
         let rec = NewChannel {
@@ -419,29 +393,28 @@ impl ClientGateway for Gateway {
     }
 
     #[instrument(skip_all, fields(%peer, channel = %req.channel_id, txid = %req.funding_tx.compute_txid()))]
-    async fn fund(&self, peer: IpAddr, req: FundRequest) -> Result<ChannelStatus, ApiError> {
+    async fn fund(&self, peer: IpAddr, req: FundRequest) -> Result<ChannelStatus, GatewayError> {
         let rec = self.channel_record(req.channel_id)?;
         // Relay only for the device the channel was offered to.
         if self.mac_of(peer)? != rec.mac {
-            return Err(ApiError::Unauthorized("this channel was offered to another device".into()));
+            return Err(GatewayError::OtherDevice);
         }
         // One funding call at a time, and the record read again under the lock: of two
         // transactions sent at once, the second finds the channel open and is refused.
         let _funding = self.funding_lock.lock().await;
         let rec = self.channel_record(req.channel_id)?;
         let outpoint = OutPoint { txid: req.funding_tx.compute_txid(), vout: req.funding_vout };
-        if rec.state == ChannelState::Open && rec.funding.map(|f| f.outpoint) == Some(outpoint) {
+        if rec.state == ChannelStage::Open && rec.funding.map(|f| f.outpoint) == Some(outpoint) {
             return Ok(self.status_of(&rec)); // already accepted: idempotent
         }
-        if rec.state != ChannelState::Offered {
-            return Err(not_open(rec.state));
+        if rec.state != ChannelStage::Offered {
+            return Err(GatewayError::NotOpen(rec.state));
         }
         let cpolicy = self.channel_policy();
         let script = script_of(&rec);
         let in_use = self
             .store
-            .channel_by_outpoint(outpoint)
-            .map_err(GatewayError::from)?
+            .channel_by_outpoint(outpoint)?
             .is_some_and(|c| c.id != rec.id);
         // Check everything but confirmations BEFORE relaying: the gateway broadcasts
         // only a transaction that funds the channel it offered to this client.
@@ -486,25 +459,23 @@ impl ClientGateway for Gateway {
         Ok(self.status_of(&rec))
     }
 
-    async fn pay(&self, _peer: IpAddr, update: PaymentUpdate) -> Result<PaymentAck, ApiError> {
+    async fn pay(&self, _peer: IpAddr, update: PaymentUpdate) -> Result<PaymentAck, GatewayError> {
         // The update signature authenticates the payer; the credit always goes to
         // the MAC the channel is bound to, whoever delivers the update.
         Gateway::pay(self, update).await
     }
 
-    async fn status(&self, _peer: IpAddr, id: ChannelId, auth: ClientAuth) -> Result<ChannelStatus, ApiError> {
-        let rec = self.channel_record(id)?;
-        self.check_client_request(&rec, "status", &auth)?;
+    async fn status(&self, _peer: IpAddr, req: SignedRequest) -> Result<ChannelStatus, GatewayError> {
+        let rec = self.signed_channel(&req)?;
         Ok(self.status_of(&rec))
     }
 
     #[instrument(skip_all, fields(channel = %req.channel_id))]
-    async fn close(&self, _peer: IpAddr, req: CloseRequest) -> Result<CloseResponse, ApiError> {
-        let rec = self.channel_record(req.channel_id)?;
-        self.check_client_request(&rec, "close", &ClientAuth { counter: req.counter, signature: req.signature.clone() })?;
-        if rec.state == ChannelState::Open {
+    async fn close(&self, _peer: IpAddr, req: CloseRequest) -> Result<CloseResponse, GatewayError> {
+        let rec = self.signed_channel(&req.signed())?;
+        if rec.state == ChannelStage::Open {
             let id = rec.id;
-            self.store_call(move |s| s.request_close(id, "client")).await?;
+            self.store_call(move |s| s.request_close(id, CloseReason::Client)).await?;
             if let Err(e) = self.settle_due().await {
                 warn!(error = %e, "settlement after a client close failed; it is retried each block");
             }
@@ -521,25 +492,20 @@ impl ClientGateway for Gateway {
         })
     }
 
-    async fn events(
-        &self,
-        _peer: IpAddr,
-        id: ChannelId,
-        auth: ClientAuth,
-    ) -> Result<mpsc::Receiver<ClientEvent>, ApiError> {
-        let rec = self.channel_record(id)?;
-        self.check_client_request(&rec, "events", &auth)?;
+    async fn events(&self, _peer: IpAddr, req: SignedRequest) -> Result<mpsc::Receiver<ClientEvent>, GatewayError> {
+        let rec = self.signed_channel(&req)?;
+        let id = rec.id;
         // Streams are long-lived connections: only a paying (open) channel gets
         // them, and only a few, or an unfunded offer could hold sockets for free.
-        if rec.state != ChannelState::Open {
-            return Err(not_open(rec.state));
+        if rec.state != ChannelStage::Open {
+            return Err(GatewayError::NotOpen(rec.state));
         }
         let first = ClientEvent::Usage(self.report(&rec));
-        let mut subs = self.subscribers.lock().map_err(|_| ApiError::Internal("subscriber lock poisoned".into()))?;
+        let mut subs = self.subscribers.lock().map_err(|_| GatewayError::Poisoned("subscriber"))?;
         let list = subs.entry(id).or_default();
         list.retain(|tx| !tx.is_closed());
         if list.len() >= MAX_EVENT_STREAMS_PER_CHANNEL {
-            return Err(ApiError::TooManyStreams { max: MAX_EVENT_STREAMS_PER_CHANNEL });
+            return Err(GatewayError::TooManyStreams { max: MAX_EVENT_STREAMS_PER_CHANNEL });
         }
         let (tx, rx) = mpsc::channel(16);
         let _ = tx.try_send(first);
@@ -555,11 +521,11 @@ impl ClientGateway for Gateway {
         }
     }
 
-    async fn captive(&self, peer: IpAddr) -> Result<CaptiveStatus, ApiError> {
+    async fn captive(&self, peer: IpAddr) -> Result<CaptiveStatus, GatewayError> {
         self.captive_of_peer(peer) // device.rs
     }
 
-    async fn device(&self, peer: IpAddr) -> Result<bitmesh_common::wire::DeviceStatus, ApiError> {
-        self.device_of_peer(peer) // device.rs
+    async fn device(&self, peer: IpAddr) -> Result<Option<bitmesh_common::wire::DeviceStatus>, GatewayError> {
+        self.device_of_peer(peer).map(Some) // device.rs
     }
 }

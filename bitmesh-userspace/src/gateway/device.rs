@@ -10,22 +10,17 @@ use bitmesh_common::wire::{CaptiveStatus, DeviceStatus};
 
 use super::client::{FULL_FRAME_BYTES, SECS_PER_BLOCK};
 use super::{crediting_ends_at, Gateway, GatewayError};
-use crate::api::ApiError;
-use crate::store::ChannelState;
+use crate::store::ChannelStage;
 
 impl Gateway {
     /// The status of `mac` now.
-    pub fn device_status(&self, mac: Mac) -> Result<DeviceStatus, ApiError> {
+    pub fn device_status(&self, mac: Mac) -> Result<DeviceStatus, GatewayError> {
         let (credited, used) = match self.with_meter(|m| m.usage(mac))? {
-            Some((credited, usage)) => (credited.0, usage.used_bytes()),
+            Some(u) => (u.credited.0, u.used().0),
             None => (0, 0),
         };
         let remaining = credited.saturating_sub(used);
-        let channel = self
-            .store
-            .live_channel_for_mac(mac)
-            .map_err(GatewayError::from)?
-            .filter(|r| r.state == ChannelState::Open);
+        let channel = self.store.live_channel_for_mac(mac)?.filter(|r| r.state == ChannelStage::Open);
         let seconds_remaining = channel.as_ref().map(|rec| {
             let ends = crediting_ends_at(rec, self.policy().close_margin_blocks).to_consensus_u32();
             u64::from(ends.saturating_sub(self.tip().to_consensus_u32())) * SECS_PER_BLOCK
@@ -46,13 +41,13 @@ impl Gateway {
 
     /// `GET /v1/device`: the requester's own status, by the MAC its address has on
     /// the client interface.
-    pub(super) fn device_of_peer(&self, peer: IpAddr) -> Result<DeviceStatus, ApiError> {
+    pub(super) fn device_of_peer(&self, peer: IpAddr) -> Result<DeviceStatus, GatewayError> {
         self.device_status(self.mac_of(peer)?)
     }
 
     /// The RFC 8908 answer for `peer`: captive unless its device has at least one
     /// full frame of budget, from any rail. A peer whose MAC is not visible is captive.
-    pub(super) fn captive_of_peer(&self, peer: IpAddr) -> Result<CaptiveStatus, ApiError> {
+    pub(super) fn captive_of_peer(&self, peer: IpAddr) -> Result<CaptiveStatus, GatewayError> {
         let mut out = CaptiveStatus {
             captive: true,
             user_portal_url: Some(self.portal_url.clone()),

@@ -20,9 +20,8 @@ use bitmesh_common::pricing::payment_for_bytes;
 use bitmesh_common::wire::ChannelId;
 
 use super::{Gateway, GatewayError};
-use crate::api::ApiError;
 use crate::channel::VerifiedFunding;
-use crate::store::{ChannelRecord, ChannelState};
+use crate::store::{ChannelRecord, ChannelStage};
 
 /// A reservation made at funding is kept this long even before the store shows the
 /// channel open (the funding call is still finishing).
@@ -60,7 +59,7 @@ pub(super) struct ZeroConfBook {
 impl Gateway {
     /// Called when a funding passed every check: a zero-conf funding is accepted only
     /// while the unconfirmed exposure of all channels stays under the cap.
-    pub(super) fn admit_funding(&self, rec: &ChannelRecord, funded: &VerifiedFunding) -> Result<(), ApiError> {
+    pub(super) fn admit_funding(&self, rec: &ChannelRecord, funded: &VerifiedFunding) -> Result<(), GatewayError> {
         self.ensure_chain_fresh()?;
         if !funded.zero_conf {
             return Ok(());
@@ -71,23 +70,21 @@ impl Gateway {
         // Channels the store already shows open and unconfirmed, with their caps.
         let open: HashMap<ChannelId, Amount> = self
             .store
-            .channels_in(&[ChannelState::Open])
-            .map_err(GatewayError::from)?
+            .channels_in(&[ChannelStage::Open])?
             .into_iter()
             .filter(|c| c.id != rec.id && is_unconfirmed(c, tip, p.confirmations))
             .map(|c| (c.id, unconfirmed_total_cap(&c)))
             .collect();
-        let mut book = self.zero_conf_book.reserved.lock().map_err(|_| ApiError::Internal("zero-conf book poisoned".into()))?;
+        let mut book = self.zero_conf_book.reserved.lock().map_err(|_| GatewayError::Poisoned("zero-conf book"))?;
         book.retain(|id, (_, at)| open.contains_key(id) || at.elapsed() < RESERVATION_GRACE);
         let pending: Amount = book.iter().filter(|(id, _)| **id != rec.id && !open.contains_key(id)).map(|(_, (a, _))| *a).sum();
         let used = open.values().copied().sum::<Amount>() + pending;
         if used + mine > p.zero_conf_exposure {
-            return Err(ApiError::ZeroConfLimit(format!(
-                "the gateway already credits {} sat on unconfirmed funding (cap {} sat): wait for {} confirmation(s) and send the funding again",
-                used.to_sat(),
-                p.zero_conf_exposure.to_sat(),
-                p.confirmations.max(1)
-            )));
+            return Err(GatewayError::ZeroConfExposure {
+                used,
+                cap: p.zero_conf_exposure,
+                confirmations: p.confirmations.max(1),
+            });
         }
         book.insert(rec.id, (mine, Instant::now()));
         Ok(())
@@ -95,17 +92,12 @@ impl Gateway {
 
     /// The per-channel cap on a payment of an open channel whose funding has not
     /// confirmed: refuse totals above [`unconfirmed_total_cap`].
-    pub(super) fn check_unconfirmed_total(&self, rec: &ChannelRecord, total: Amount) -> Result<(), ApiError> {
+    pub(super) fn check_unconfirmed_total(&self, rec: &ChannelRecord, total: Amount) -> Result<(), GatewayError> {
         let cap = unconfirmed_total_cap(rec);
         // Above the capacity: verification refuses it with its own code.
         let capacity = rec.funding.map_or(Amount::MAX, |f| f.capacity);
         if total > cap && total <= capacity {
-            return Err(ApiError::ZeroConfLimit(format!(
-                "total {} sat is above the {} sat this channel may pay before its funding confirms: re-send it after {} confirmation(s)",
-                total.to_sat(),
-                cap.to_sat(),
-                self.policy().confirmations.max(1)
-            )));
+            return Err(GatewayError::UnconfirmedTotal { total, cap, confirmations: self.policy().confirmations.max(1) });
         }
         Ok(())
     }

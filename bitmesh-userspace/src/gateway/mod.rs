@@ -13,6 +13,7 @@ mod batch;
 mod chain_guard;
 mod client;
 mod device;
+mod edge;
 mod exposure;
 mod ports;
 mod reconcile;
@@ -26,17 +27,18 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use bitcoin::absolute::Height;
-use bitcoin::ScriptBuf;
+use bitcoin::{Amount, ScriptBuf};
+use bitmesh_common::kernel::Mac;
 use bitmesh_common::pricing::PriceMsatPerMib;
-use bitmesh_common::wire::ChannelId;
+use bitmesh_common::wire::{ChannelId, SignedAction, CLIENT_AUTH_WINDOW_MS};
 use tokio::sync::mpsc;
 
-use crate::api::{ApiError, ClientEvent};
+use crate::api::ClientEvent;
 use crate::chain::{Chain, ChainError};
 use crate::channel::{self, Channel, ChannelError, ChannelPolicy, ChannelScript, GatewaySeed, KeysError};
 use crate::config::Policy;
-use crate::meter::MeterError;
-use crate::store::{ChannelRecord, Store, StoreError};
+use crate::meter::{ClientUsage, MeterError};
+use crate::store::{ChannelRecord, ChannelStage, CloseReason, Store, StoreError};
 
 pub use binding::SourceWatch;
 pub use ports::{KernelNeighbours, MemoryMeter, MeterPort, Neighbours, StaticNeighbours};
@@ -46,7 +48,8 @@ pub use settle::SettleReport;
 /// Store key of the runtime price for new channels.
 const PRICE_SETTING: &str = "price_msat_per_mib";
 
-/// Failures inside the controller. Mapped to client error codes in [`ApiError`].
+/// Failures inside the controller, and the client requests it refuses. Turned into
+/// the client API's error (code and HTTP status) in one place, `edge.rs`.
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
     #[error(transparent)]
@@ -61,31 +64,41 @@ pub enum GatewayError {
     Channel(#[from] ChannelError),
     #[error("a background task failed: {0}")]
     Task(String),
-    #[error("the meter lock was poisoned by a panic; restart the controller")]
-    Poisoned,
-}
-
-impl From<GatewayError> for ApiError {
-    fn from(e: GatewayError) -> ApiError {
-        match e {
-            GatewayError::Channel(e) => ApiError::Channel(e),
-            GatewayError::Store(StoreError::UnknownChannel(id)) => ApiError::UnknownChannel(id),
-            GatewayError::Store(StoreError::NotOffered { state, .. }) => client::not_open(state),
-            GatewayError::Store(StoreError::OutpointInUse(op)) => ApiError::Channel(ChannelError::DuplicateOutpoint(op)),
-            GatewayError::Store(StoreError::NotIncreasing { offered_sat, last_sat, .. }) => {
-                ApiError::Channel(ChannelError::AmountNotIncreasing {
-                    total: bitcoin::Amount::from_sat(offered_sat),
-                    last: bitcoin::Amount::from_sat(last_sat),
-                })
-            }
-            GatewayError::Chain(ChainError::Rejected { reason, .. }) => ApiError::FundingNotFound(reason),
-            GatewayError::Chain(e) => {
-                tracing::warn!(error = %e, "chain backend call failed");
-                ApiError::ChainUnavailable
-            }
-            other => ApiError::Internal(other.to_string()),
-        }
-    }
+    #[error("the {0} lock was poisoned by a panic; restart the controller")]
+    Poisoned(&'static str),
+    #[error("the system clock is before the Unix epoch")]
+    ClockBeforeEpoch,
+    /// The peer's MAC is not in the neighbour table of the client interface.
+    #[error("the gateway cannot see your device's MAC address on its client interface: connect through the gateway's WiFi")]
+    NotOnLink,
+    #[error("this channel was offered to another device")]
+    OtherDevice,
+    #[error("signature does not verify: sign client_request_digest(\"{0}\", channel_id, counter) with the channel's client key (DER)")]
+    RequestSignature(SignedAction),
+    #[error("request counter {counter} is more than {} s from the gateway clock ({now_ms} ms): sign again with the current time in ms", CLIENT_AUTH_WINDOW_MS / 1000)]
+    CounterOutsideWindow { counter: u64, now_ms: u64 },
+    #[error("request counter {counter} is not above the last accepted ({last}): a signed request is single-use, sign again with a higher counter")]
+    CounterReused { counter: u64, last: u64 },
+    /// The channel is not in the state the request needs.
+    #[error("channel is {}", .0.as_str())]
+    NotOpen(ChannelStage),
+    #[error("this device already has open channel {0}: keep paying on it or close it first")]
+    DeviceHasOpenChannel(ChannelId),
+    #[error("this channel already has {max} open event streams: close one and retry")]
+    TooManyStreams { max: usize },
+    #[error("the gateway relays one funding transaction per offer and has relayed one for this offer already: broadcast this transaction yourself, or open a new channel")]
+    RelayedOnce,
+    /// The tip was not read for longer than `--chain-stale-after`.
+    #[error("the chain tip is stale: the backend has not answered")]
+    ChainStale,
+    #[error("the funding output of channel {0} was double-spent (or dropped) before it confirmed")]
+    FundingDoubleSpent(ChannelId),
+    #[error("the gateway already credits {} sat on unconfirmed funding (cap {} sat): wait for {confirmations} confirmation(s) and send the funding again", .used.to_sat(), .cap.to_sat())]
+    ZeroConfExposure { used: Amount, cap: Amount, confirmations: u32 },
+    #[error("total {} sat is above the {} sat this channel may pay before its funding confirms: re-send it after {confirmations} confirmation(s)", .total.to_sat(), .cap.to_sat())]
+    UnconfirmedTotal { total: Amount, cap: Amount, confirmations: u32 },
+    #[error("open channel {channel} has no kernel entries for {mac}: restart the controller to reconcile")]
+    NoKernelEntries { channel: ChannelId, mac: Mac },
 }
 
 /// Everything `Gateway::new` needs.
@@ -131,7 +144,7 @@ pub struct Gateway {
     low_water_sent: Mutex<HashMap<ChannelId, bool>>,
     /// Last signed request counter accepted per (channel, action): a signed GET is
     /// single-use. In memory only: after a restart the 120 s window alone protects.
-    auth_counters: Mutex<HashMap<(ChannelId, &'static str), u64>>,
+    auth_counters: Mutex<HashMap<(ChannelId, SignedAction), u64>>,
     /// Serializes funding calls: check offered, relay, record, meter, as one step,
     /// so two funding transactions sent at once cannot both be accepted.
     funding_lock: tokio::sync::Mutex<()>,
@@ -250,7 +263,7 @@ impl Gateway {
     }
 
     fn with_meter<T>(&self, f: impl FnOnce(&mut dyn MeterPort) -> Result<T, MeterError>) -> Result<T, GatewayError> {
-        let mut m = self.meter.lock().map_err(|_| GatewayError::Poisoned)?;
+        let mut m = self.meter.lock().map_err(|_| GatewayError::Poisoned("meter"))?;
         Ok(f(m.as_mut())?)
     }
 
@@ -291,8 +304,8 @@ impl Gateway {
     }
 
     /// Resolve a request's peer to the MAC the kernel sees, or refuse.
-    fn mac_of(&self, peer: IpAddr) -> Result<bitmesh_common::kernel::Mac, ApiError> {
-        self.neighbours.mac_of(peer).ok_or(ApiError::NotOnLink)
+    fn mac_of(&self, peer: IpAddr) -> Result<Mac, GatewayError> {
+        self.neighbours.mac_of(peer).ok_or(GatewayError::NotOnLink)
     }
 }
 
@@ -317,7 +330,7 @@ use channel::fee_for_weight;
 /// Operator-facing queries and actions (used by the admin socket and metrics).
 impl Gateway {
     /// (MAC, credited, usage) of every client the kernel meters.
-    pub fn metered_clients(&self) -> Result<Vec<(bitmesh_common::kernel::Mac, bitmesh_common::pricing::ByteCount, bitmesh_common::kernel::Usage)>, GatewayError> {
+    pub fn metered_clients(&self) -> Result<Vec<ClientUsage>, GatewayError> {
         self.with_meter(|m| m.all_usage())
     }
 
@@ -328,10 +341,10 @@ impl Gateway {
         let _serial = self.write_lock.lock().await;
         let targets = match ids {
             Some(ids) => ids,
-            None => self.store.channels_in(&[crate::store::ChannelState::Open])?.into_iter().map(|c| c.id).collect(),
+            None => self.store.channels_in(&[ChannelStage::Open])?.into_iter().map(|c| c.id).collect(),
         };
         for id in targets {
-            self.store.request_close(id, "operator")?;
+            self.store.request_close(id, CloseReason::Operator)?;
         }
         self.settle_due_locked().await
     }

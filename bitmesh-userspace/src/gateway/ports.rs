@@ -8,7 +8,7 @@ use std::path::Path;
 use bitmesh_common::kernel::{Mac, Usage};
 use bitmesh_common::pricing::ByteCount;
 
-use crate::meter::{MeterError, MeterMaps};
+use crate::meter::{ClientUsage, MeterError, MeterMaps};
 
 /// What the controller does to the kernel maps.
 pub trait MeterPort: Send {
@@ -17,12 +17,13 @@ pub trait MeterPort: Send {
     /// Raise CREDIT to `total`: never lowers it (`CreditDecrease`) and never creates
     /// a client (`NotMetered`: only [`Self::restore_client`] does, when a channel opens).
     fn raise_credit(&mut self, mac: Mac, total: ByteCount) -> Result<(), MeterError>;
-    /// (credited, usage) of a client, if metered.
-    fn usage(&self, mac: Mac) -> Result<Option<(ByteCount, Usage)>, MeterError>;
+    /// Budget and counters of a client, if metered.
+    fn usage(&self, mac: Mac) -> Result<Option<ClientUsage>, MeterError>;
     /// Every metered client.
-    fn all_usage(&self) -> Result<Vec<(Mac, ByteCount, Usage)>, MeterError>;
-    /// Stop metering (the client becomes unpaid); its final usage, if it was metered.
-    fn remove_client(&mut self, mac: Mac) -> Result<Option<Usage>, MeterError>;
+    fn all_usage(&self) -> Result<Vec<ClientUsage>, MeterError>;
+    /// Stop metering (the client becomes unpaid); its final budget and counters, if
+    /// it was metered.
+    fn remove_client(&mut self, mac: Mac) -> Result<Option<ClientUsage>, MeterError>;
     /// Bind a metered client to the source address it paid from (MAC-cloning defence).
     fn bind_source(&mut self, _mac: Mac, _ip: IpAddr) -> Result<(), MeterError> {
         Ok(())
@@ -41,14 +42,14 @@ impl MeterPort for MeterMaps {
     fn raise_credit(&mut self, m: Mac, total: ByteCount) -> Result<(), MeterError> {
         MeterMaps::raise_credit(self, m, total).map(|_| ())
     }
-    fn usage(&self, m: Mac) -> Result<Option<(ByteCount, Usage)>, MeterError> {
-        Ok(MeterMaps::usage(self, m)?.map(|u| (u.credited, u.usage)))
+    fn usage(&self, m: Mac) -> Result<Option<ClientUsage>, MeterError> {
+        MeterMaps::usage(self, m)
     }
-    fn all_usage(&self) -> Result<Vec<(Mac, ByteCount, Usage)>, MeterError> {
-        Ok(MeterMaps::all_usage(self)?.into_iter().map(|u| (u.mac, u.credited, u.usage)).collect())
+    fn all_usage(&self) -> Result<Vec<ClientUsage>, MeterError> {
+        MeterMaps::all_usage(self)
     }
-    fn remove_client(&mut self, m: Mac) -> Result<Option<Usage>, MeterError> {
-        Ok(MeterMaps::remove_client(self, m)?.map(|u| u.usage))
+    fn remove_client(&mut self, m: Mac) -> Result<Option<ClientUsage>, MeterError> {
+        MeterMaps::remove_client(self, m)
     }
     fn bind_source(&mut self, m: Mac, ip: IpAddr) -> Result<(), MeterError> {
         MeterMaps::bind_source(self, m, ip)
@@ -65,31 +66,33 @@ impl MeterPort for MeterMaps {
 /// An in-memory meter (unit tests, and `--dry-run`-style diagnostics).
 #[derive(Default)]
 pub struct MemoryMeter {
-    pub clients: HashMap<Mac, (ByteCount, Usage)>,
+    pub clients: HashMap<Mac, ClientUsage>,
 }
 
 impl MeterPort for MemoryMeter {
     fn restore_client(&mut self, mac: Mac, usage: Usage) -> Result<(), MeterError> {
-        self.clients.entry(mac).or_insert((ByteCount::ZERO, usage));
+        self.clients.entry(mac).or_insert(ClientUsage { mac, credited: ByteCount::ZERO, usage });
         Ok(())
     }
     fn raise_credit(&mut self, mac: Mac, total: ByteCount) -> Result<(), MeterError> {
         // Like the kernel maps: never creates a client, never lowers credit.
         let e = self.clients.get_mut(&mac).ok_or(MeterError::NotMetered { mac })?;
-        if total < e.0 {
-            return Err(MeterError::CreditDecrease { mac, current: e.0 .0, requested: total.0 });
+        if total < e.credited {
+            return Err(MeterError::CreditDecrease { mac, current: e.credited.0, requested: total.0 });
         }
-        e.0 = total;
+        e.credited = total;
         Ok(())
     }
-    fn usage(&self, mac: Mac) -> Result<Option<(ByteCount, Usage)>, MeterError> {
+    fn usage(&self, mac: Mac) -> Result<Option<ClientUsage>, MeterError> {
         Ok(self.clients.get(&mac).copied())
     }
-    fn all_usage(&self) -> Result<Vec<(Mac, ByteCount, Usage)>, MeterError> {
-        Ok(self.clients.iter().map(|(m, (c, u))| (*m, *c, *u)).collect())
+    fn all_usage(&self) -> Result<Vec<ClientUsage>, MeterError> {
+        let mut all: Vec<ClientUsage> = self.clients.values().copied().collect();
+        all.sort_by_key(|u| u.mac);
+        Ok(all)
     }
-    fn remove_client(&mut self, mac: Mac) -> Result<Option<Usage>, MeterError> {
-        Ok(self.clients.remove(&mac).map(|(_, u)| u))
+    fn remove_client(&mut self, mac: Mac) -> Result<Option<ClientUsage>, MeterError> {
+        Ok(self.clients.remove(&mac))
     }
 }
 
@@ -160,13 +163,13 @@ impl MeterPort for crate::meter::Meter {
     fn raise_credit(&mut self, m: Mac, total: ByteCount) -> Result<(), MeterError> {
         MeterPort::raise_credit(self.maps_mut(), m, total)
     }
-    fn usage(&self, m: Mac) -> Result<Option<(ByteCount, Usage)>, MeterError> {
+    fn usage(&self, m: Mac) -> Result<Option<ClientUsage>, MeterError> {
         MeterPort::usage(self.maps(), m)
     }
-    fn all_usage(&self) -> Result<Vec<(Mac, ByteCount, Usage)>, MeterError> {
+    fn all_usage(&self) -> Result<Vec<ClientUsage>, MeterError> {
         MeterPort::all_usage(self.maps())
     }
-    fn remove_client(&mut self, m: Mac) -> Result<Option<Usage>, MeterError> {
+    fn remove_client(&mut self, m: Mac) -> Result<Option<ClientUsage>, MeterError> {
         MeterPort::remove_client(self.maps_mut(), m)
     }
     fn bind_source(&mut self, m: Mac, ip: IpAddr) -> Result<(), MeterError> {
@@ -191,7 +194,7 @@ mod tests {
         m.raise_credit(mac, ByteCount(10)).unwrap();
         m.raise_credit(mac, ByteCount(10)).unwrap();
         assert!(matches!(m.raise_credit(mac, ByteCount(9)), Err(MeterError::CreditDecrease { .. })));
-        assert_eq!(m.usage(mac).unwrap().map(|(c, _)| c), Some(ByteCount(10)));
+        assert_eq!(m.usage(mac).unwrap().map(|u| u.credited), Some(ByteCount(10)));
     }
 
     #[test]

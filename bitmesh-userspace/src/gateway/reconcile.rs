@@ -12,12 +12,11 @@
 use std::collections::{HashMap, HashSet};
 
 use bitmesh_common::kernel::{Mac, Usage};
-use bitmesh_common::pricing::ByteCount;
 use bitmesh_common::wire::ChannelId;
 use tracing::{info, warn};
 
 use super::{Gateway, GatewayError};
-use crate::store::{unix_now, ChannelState, UsageSnapshot};
+use crate::store::{unix_now, ChannelStage, UsageSnapshot};
 
 /// What reconciliation did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -37,17 +36,12 @@ impl Gateway {
         let snaps: HashMap<Mac, UsageSnapshot> =
             self.store.usage_snapshots()?.into_iter().map(|s| (s.mac, s)).collect();
         let mut report = ReconcileReport { maps_were_pinned, ..Default::default() };
-        for rec in self.store.channels_in(&[ChannelState::Open])? {
+        for rec in self.store.channels_in(&[ChannelStage::Open])? {
             let usage = match (maps_were_pinned, snaps.get(&rec.mac)) {
                 (false, Some(s)) => {
                     report.usage_restored += 1;
-                    Usage {
-                        up_bytes: s.up.0,
-                        down_bytes: s.down.0,
-                        up_pkts: s.up_pkts,
-                        down_pkts: s.down_pkts,
-                        last_seen_ns: 0,
-                    }
+                    // The boot clock restarted: the old last-seen time means nothing now.
+                    Usage { last_seen_ns: 0, ..s.usage }
                 }
                 _ => Usage::default(),
             };
@@ -75,7 +69,7 @@ impl Gateway {
             info!(offers = expired.len(), "unfunded offers expired");
         }
         let offered: std::collections::HashSet<ChannelId> =
-            self.store.channels_in(&[ChannelState::Offered])?.into_iter().map(|c| c.id).collect();
+            self.store.channels_in(&[ChannelStage::Offered])?.into_iter().map(|c| c.id).collect();
         if let Ok(mut r) = self.relayed.lock() {
             r.retain(|id| offered.contains(id));
         }
@@ -94,14 +88,15 @@ impl Gateway {
         // Kernel first, then the store: a channel funded in between is in the store
         // read, so its fresh entries are never taken for stale.
         let metered = self.with_meter(|m| m.all_usage())?;
-        let open: HashSet<Mac> = self.store.channels_in(&[ChannelState::Open])?.into_iter().map(|c| c.mac).collect();
+        let open: HashSet<Mac> = self.store.channels_in(&[ChannelStage::Open])?.into_iter().map(|c| c.mac).collect();
         let mut removed = 0;
-        for (mac, credited, _) in metered {
+        for client in metered {
+            let mac = client.mac;
             if open.contains(&mac) {
                 continue;
             }
             self.with_meter(|m| m.remove_client(mac))?;
-            warn!(%mac, credited = credited.0, "removed kernel entries of a device with no open channel");
+            warn!(%mac, credited = client.credited.0, "removed kernel entries of a device with no open channel");
             removed += 1;
         }
         Ok(removed)
@@ -110,21 +105,13 @@ impl Gateway {
     /// Save the kernel counters of every open channel's client (one synced write).
     pub fn snapshot_usage(&self) -> Result<usize, GatewayError> {
         let live: HashMap<Mac, ()> =
-            self.store.channels_in(&[ChannelState::Open])?.into_iter().map(|c| (c.mac, ())).collect();
+            self.store.channels_in(&[ChannelStage::Open])?.into_iter().map(|c| (c.mac, ())).collect();
         let now = unix_now();
         let snaps: Vec<UsageSnapshot> = self
             .with_meter(|m| m.all_usage())?
             .into_iter()
-            .filter(|(mac, _, _)| live.contains_key(mac))
-            .map(|(mac, _, u)| UsageSnapshot {
-                mac,
-                up: ByteCount(u.up_bytes),
-                down: ByteCount(u.down_bytes),
-                up_pkts: u.up_pkts,
-                down_pkts: u.down_pkts,
-                last_seen_ns: u.last_seen_ns,
-                taken_at: now,
-            })
+            .filter(|c| live.contains_key(&c.mac))
+            .map(|c| UsageSnapshot { mac: c.mac, usage: c.usage, taken_at: now })
             .collect();
         self.store.save_usage(&snaps)?;
         Ok(snaps.len())

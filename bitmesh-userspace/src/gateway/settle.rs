@@ -13,7 +13,8 @@ use super::{crediting_ends_at, fee_for_weight, Gateway, GatewayError};
 use crate::chain::ChainError;
 use crate::channel::{build_close, ChannelKey, CloseInput, CloseTx, VerifiedUpdate};
 use crate::store::{
-    ByteCount, ChannelRecord, ChannelState, FinalUsage, NewSettlement, SettlementRecord, SettlementState, UsageSnapshot,
+    ChannelRecord, ChannelStage, CloseReason, FinalUsage, NewSettlement, SettlementRecord, SettlementState,
+    UsageSnapshot,
 };
 
 /// What one settlement pass did.
@@ -58,22 +59,22 @@ impl Gateway {
     }
 
     /// Why `rec` must close now, if it must.
-    fn due_reason(&self, rec: &ChannelRecord, tip: Height) -> Option<String> {
-        if let Some(r) = &rec.close_reason {
-            return Some(r.clone());
+    fn due_reason(&self, rec: &ChannelRecord, tip: Height) -> Option<CloseReason> {
+        if let Some(r) = rec.close_reason {
+            return Some(r);
         }
         let p = self.policy();
         if tip >= crediting_ends_at(rec, p.close_margin_blocks) {
-            return Some("expiry".into());
+            return Some(CloseReason::Expiry);
         }
         let idle = p.idle_timeout.as_secs();
         let paid_ago = crate::store::unix_now().saturating_sub(rec.last_activity_at) as u64;
         let seen_ago = match self.with_meter(|m| m.usage(rec.mac)) {
-            Ok(Some((_, u))) if u.last_seen_ns > 0 => boottime_secs().saturating_sub(u.last_seen_ns / 1_000_000_000),
+            Ok(Some(u)) if u.usage.last_seen_ns > 0 => boottime_secs().saturating_sub(u.usage.last_seen_ns / 1_000_000_000),
             _ => u64::MAX,
         };
         if paid_ago.min(seen_ago) > idle {
-            return Some("idle".into());
+            return Some(CloseReason::Idle);
         }
         None
     }
@@ -91,7 +92,7 @@ impl Gateway {
         let tip = self.tip();
         let mut report = SettleReport::default();
         let mut due = Vec::new();
-        for rec in self.store.channels_in(&[ChannelState::Open])? {
+        for rec in self.store.channels_in(&[ChannelStage::Open])? {
             let Some(reason) = self.due_reason(&rec, tip) else { continue };
             if rec.payments == 0 {
                 // Nothing signed to claim: the client takes it all back by refund.
@@ -101,7 +102,7 @@ impl Gateway {
                 report.abandoned.push(rec.id);
                 continue;
             }
-            let rec = self.store.request_close(rec.id, &reason)?;
+            let rec = self.store.request_close(rec.id, reason)?;
             due.push(rec);
         }
         if due.is_empty() {
@@ -189,7 +190,7 @@ impl Gateway {
     pub(super) fn stop_metering(&self, rec: &ChannelRecord) -> Result<(), GatewayError> {
         if let Some(u) = self.with_meter(|m| m.remove_client(rec.mac))? {
             // Kept for the operator (`bitmesh clients`): the maps forget it now.
-            self.store.set_final_usage(rec.id, FinalUsage { up: ByteCount(u.up_bytes), down: ByteCount(u.down_bytes) })?;
+            self.store.set_final_usage(rec.id, FinalUsage::of(&u.usage))?;
         }
         // The next channel of this device starts from zero, also after a reboot.
         self.store.save_usage(&[UsageSnapshot { mac: rec.mac, taken_at: crate::store::unix_now(), ..Default::default() }])?;
@@ -237,7 +238,7 @@ impl Gateway {
         let mut recs = Vec::new();
         for id in &s.channels {
             if let Some(r) = self.store.channel(*id)? {
-                if r.state == ChannelState::Closing && r.settlement_id == Some(s.id) {
+                if r.state == ChannelStage::Closing && r.settlement_id == Some(s.id) {
                     recs.push(r);
                 }
             }

@@ -13,7 +13,7 @@ use bitmesh_common::wire::{ErrorCode, FundRequest, OpenRequest, PaymentUpdate};
 use clap::{CommandFactory, FromArgMatches, Parser};
 
 use super::*;
-use crate::api::ClientGateway;
+use crate::api::{ApiError, ClientGateway};
 use crate::chain::{MempoolAcceptance, OutputStatus, TxStatus};
 use crate::channel::sign_update;
 use crate::config::RunArgs;
@@ -86,7 +86,7 @@ fn gateway(store: Arc<Store>) -> Arc<Gateway> {
 }
 
 fn credit_of(gw: &Gateway) -> Option<u64> {
-    gw.metered_clients().unwrap().into_iter().find(|(m, _, _)| *m == MAC).map(|(_, c, _)| c.0)
+    gw.metered_clients().unwrap().into_iter().find(|c| c.mac == MAC).map(|c| c.credited.0)
 }
 
 #[tokio::test]
@@ -137,11 +137,11 @@ async fn payment_is_journaled_then_credited_and_resubmission_returns_the_same_ac
     assert_eq!(again, ack, "re-sent update gets the stored ack");
     assert_eq!(store.payments(open.channel_id).unwrap().len(), 1, "nothing journaled twice");
 
-    let err = crate::api::ApiError::from(GatewayError::from(
+    let err = ApiError::from(GatewayError::from(
         crate::channel::ChannelError::SignatureInvalid,
     ));
     assert_eq!(err.code(), ErrorCode::SignatureInvalid);
-    let lower = gw.pay(update(first - Amount::from_sat(50))).await.unwrap_err();
+    let lower = gw.pay(update(first - Amount::from_sat(50))).await.map_err(ApiError::from).unwrap_err();
     assert_eq!(lower.code(), ErrorCode::AmountNotIncreasing);
 
     // Durable round trips (verify + synced journal + credit), measured.
@@ -213,7 +213,7 @@ async fn replayed_updates_credit_only_the_current_open_channel_and_stale_entries
     let credit = credit_of(&gw);
 
     // An older update, re-sent: refused as not increasing, nothing changes.
-    let err = gw.pay(u1).await.unwrap_err();
+    let err = gw.pay(u1).await.map_err(ApiError::from).unwrap_err();
     assert_eq!(err.code(), ErrorCode::AmountNotIncreasing, "{err}");
     assert_eq!((store.payments(id).unwrap().len(), credit_of(&gw)), (2, credit));
     assert_eq!(gw.pay(u2.clone()).await.unwrap(), ack2, "the latest one is answered from the journal");
@@ -221,7 +221,7 @@ async fn replayed_updates_credit_only_the_current_open_channel_and_stale_entries
     // Closed: a replay is refused and creates no kernel entry.
     gw.settle_now(None).await.unwrap();
     assert_eq!(credit_of(&gw), None);
-    let err = gw.pay(u2.clone()).await.unwrap_err();
+    let err = gw.pay(u2.clone()).await.map_err(ApiError::from).unwrap_err();
     assert_eq!(err.code(), ErrorCode::ChannelNotOpen, "{err}");
     assert_eq!(credit_of(&gw), None, "a replay after close re-created CREDIT");
 
@@ -229,7 +229,7 @@ async fn replayed_updates_credit_only_the_current_open_channel_and_stale_entries
     let (channel_b, sk_b, id_b) = funded(&gw, &store, 4).await;
     let b1 = PaymentUpdate { channel_id: id_b, total_paid: channel_b.min_first_payment, signature: sign_update(&channel_b, channel_b.min_first_payment, &sk_b).unwrap() };
     let ack_b = gw.pay(b1).await.unwrap();
-    assert_eq!(gw.pay(u2).await.unwrap_err().code(), ErrorCode::ChannelNotOpen);
+    assert_eq!(gw.pay(u2).await.map_err(ApiError::from).unwrap_err().code(), ErrorCode::ChannelNotOpen);
     assert_eq!(credit_of(&gw), Some(ack_b.credited_bytes.0), "CREDIT is channel B's own total");
 
     // Leftover entries of a device with no open channel are removed by reconcile.
@@ -273,7 +273,7 @@ async fn concurrent_funding_calls_record_one_outpoint_and_refuse_the_other() {
     let (ra, rb) = (ra.await.unwrap(), rb.await.unwrap());
     assert!(ra.is_ok() != rb.is_ok(), "exactly one funding call wins: {ra:?} {rb:?}");
     let (won, lost) = if ra.is_ok() { (&a, rb) } else { (&b, ra) };
-    assert_eq!(lost.unwrap_err().code(), ErrorCode::ChannelNotOpen);
+    assert_eq!(ApiError::from(lost.unwrap_err()).code(), ErrorCode::ChannelNotOpen);
     let rec = store.channel(open.channel_id).unwrap().unwrap();
     assert_eq!(rec.funding.unwrap().outpoint, OutPoint { txid: won.compute_txid(), vout: 0 });
 }
@@ -310,7 +310,7 @@ async fn unconfirmed_channel_is_capped_and_loses_its_credit_when_its_funding_van
     let cap = super::exposure::unconfirmed_total_cap(&rec);
     gw.pay(update(open.min_first_payment)).await.unwrap();
     gw.pay(update(cap)).await.unwrap();
-    let over = gw.pay(update(cap + Amount::from_sat(1))).await.unwrap_err();
+    let over = gw.pay(update(cap + Amount::from_sat(1))).await.map_err(ApiError::from).unwrap_err();
     assert_eq!(over.code(), ErrorCode::FundingUnconfirmed);
     assert_eq!(credit_of(&gw), Some(bytes_for_payment(cap, rec.price).0));
 
@@ -340,15 +340,15 @@ async fn unconfirmed_channel_is_capped_and_loses_its_credit_when_its_funding_van
     .unwrap();
     gw.reconcile(false).unwrap();
     assert!(credit_of(&gw).is_some());
-    let err = gw.pay(update(cap)).await.unwrap_err();
+    let err = gw.pay(update(cap)).await.map_err(ApiError::from).unwrap_err();
     assert_eq!(err.code(), ErrorCode::FundingDoubleSpent);
     assert_eq!(credit_of(&gw), None, "credit withdrawn");
-    assert_eq!(store.channel(open.channel_id).unwrap().unwrap().state, crate::store::ChannelState::DoubleSpent);
+    assert_eq!(store.channel(open.channel_id).unwrap().unwrap().state, crate::store::ChannelStage::DoubleSpent);
     let rep = gw.settle_now(None).await.unwrap();
     assert!(rep.closed.is_empty() && rep.broadcast.is_empty(), "never settled: {rep:?}");
 
     // A tip not refreshed for longer than the bound stops opens and payments.
     *gw.tip_read_at.lock().unwrap() = Instant::now() - gw.policy().chain_stale_after - std::time::Duration::from_secs(1);
     let req = OpenRequest { client_pubkey: client_pk, expiry: absolute::Height::from_consensus(700).unwrap(), client_change_script: ScriptBuf::new_p2wpkh(&client_pk.wpubkey_hash().unwrap()) };
-    assert_eq!(ClientGateway::open(&*gw, peer, req).await.unwrap_err().code(), ErrorCode::ChainUnavailable);
+    assert_eq!(ClientGateway::open(&*gw, peer, req).await.map_err(ApiError::from).unwrap_err().code(), ErrorCode::ChainUnavailable);
 }

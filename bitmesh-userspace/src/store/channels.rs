@@ -5,16 +5,17 @@ use std::net::IpAddr;
 use bitcoin::absolute::Height;
 use bitcoin::{Amount, OutPoint, PublicKey, ScriptBuf, Txid};
 use rusqlite::{params, Connection, OptionalExtension, Row};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use bitmesh_common::kernel::Mac;
+use bitmesh_common::kernel::{Mac, Usage};
 
 use super::{col_err, corrupt, unix_now, ByteCount, ChannelId, PriceMsatPerMib, Store, StoreError};
 
-/// Where a channel is in its life.
+/// Where a channel is in its life, as the gateway records it (what a client is
+/// shown is `wire::ChannelState`, mapped from this).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum ChannelState {
+pub enum ChannelStage {
     /// Script handed to the client; no accepted funding yet.
     Offered,
     /// Funding accepted (confirmed, or unconfirmed within the zero-conf cap); payments credited.
@@ -31,31 +32,75 @@ pub enum ChannelState {
     DoubleSpent,
 }
 
-impl ChannelState {
+impl ChannelStage {
     pub fn as_str(self) -> &'static str {
         match self {
-            ChannelState::Offered => "offered",
-            ChannelState::Open => "open",
-            ChannelState::Closing => "closing",
-            ChannelState::Closed => "closed",
-            ChannelState::Abandoned => "abandoned",
-            ChannelState::DoubleSpent => "double_spent",
+            ChannelStage::Offered => "offered",
+            ChannelStage::Open => "open",
+            ChannelStage::Closing => "closing",
+            ChannelStage::Closed => "closed",
+            ChannelStage::Abandoned => "abandoned",
+            ChannelStage::DoubleSpent => "double_spent",
         }
     }
     fn parse(s: &str) -> Option<Self> {
         Some(match s {
-            "offered" => ChannelState::Offered,
-            "open" => ChannelState::Open,
-            "closing" => ChannelState::Closing,
-            "closed" => ChannelState::Closed,
-            "abandoned" => ChannelState::Abandoned,
-            "double_spent" => ChannelState::DoubleSpent,
+            "offered" => ChannelStage::Offered,
+            "open" => ChannelStage::Open,
+            "closing" => ChannelStage::Closing,
+            "closed" => ChannelStage::Closed,
+            "abandoned" => ChannelStage::Abandoned,
+            "double_spent" => ChannelStage::DoubleSpent,
             _ => return None,
         })
     }
 }
 
-impl std::fmt::Display for ChannelState {
+impl std::fmt::Display for ChannelStage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a channel was marked for settlement (stored as its snake_case name).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CloseReason {
+    /// The client asked (`POST /v1/channels/{id}/close`).
+    Client,
+    /// No payment and no metered frame for longer than `--idle-timeout-secs`.
+    Idle,
+    /// The tip reached `expiry - close_margin`.
+    Expiry,
+    /// Nothing left for the client: the whole capacity is paid.
+    FullyPaid,
+    /// `bitmesh settle`.
+    Operator,
+}
+
+impl CloseReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::Client => "client",
+            CloseReason::Idle => "idle",
+            CloseReason::Expiry => "expiry",
+            CloseReason::FullyPaid => "fully_paid",
+            CloseReason::Operator => "operator",
+        }
+    }
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "client" => CloseReason::Client,
+            "idle" => CloseReason::Idle,
+            "expiry" => CloseReason::Expiry,
+            "fully_paid" => CloseReason::FullyPaid,
+            "operator" => CloseReason::Operator,
+            _ => return None,
+        })
+    }
+}
+
+impl std::fmt::Display for CloseReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
     }
@@ -71,11 +116,19 @@ pub struct Funding {
     pub height: Option<Height>,
 }
 
-/// What the kernel had billed a channel's client when metering stopped.
+/// What the kernel had billed a channel's client when metering stopped: the byte
+/// counters of its last [`Usage`] (the store keeps no more of it).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct FinalUsage {
     pub up: ByteCount,
     pub down: ByteCount,
+}
+
+impl FinalUsage {
+    /// The billed bytes of the kernel's last counters.
+    pub fn of(usage: &Usage) -> FinalUsage {
+        FinalUsage { up: ByteCount(usage.up_bytes), down: ByteCount(usage.down_bytes) }
+    }
 }
 
 /// What the gateway decided at open; everything the channel's script and close
@@ -112,10 +165,10 @@ pub struct ChannelRecord {
     pub price: PriceMsatPerMib,
     pub chunk: ByteCount,
     pub min_first_payment: Amount,
-    pub state: ChannelState,
+    pub state: ChannelStage,
     pub funding: Option<Funding>,
-    /// Why a close was requested (client, idle, expiry, fully_paid, operator), once it was.
-    pub close_reason: Option<String>,
+    /// Why a close was requested, once it was.
+    pub close_reason: Option<CloseReason>,
     pub settlement_id: Option<i64>,
     pub opened_at: i64,
     pub last_activity_at: i64,
@@ -190,9 +243,12 @@ fn from_row(row: &Row) -> rusqlite::Result<ChannelRecord> {
         client_change_script: ScriptBuf::from_bytes(row.get(18)?),
         price: PriceMsatPerMib::new(row.get::<_, i64>(7)? as u64).map_err(|e| col_err(7, e))?,
         chunk: ByteCount(row.get::<_, i64>(8)? as u64),
-        state: ChannelState::parse(&state).ok_or_else(|| col_err(9, corrupt("state", &state)))?,
+        state: ChannelStage::parse(&state).ok_or_else(|| col_err(9, corrupt("state", &state)))?,
         funding,
-        close_reason: row.get(14)?,
+        close_reason: match row.get::<_, Option<String>>(14)? {
+            Some(r) => Some(CloseReason::parse(&r).ok_or_else(|| col_err(14, corrupt("close_reason", &r)))?),
+            None => None,
+        },
         settlement_id: row.get(15)?,
         opened_at: row.get(16)?,
         last_activity_at: row.get(17)?,
@@ -269,7 +325,7 @@ impl Store {
 
     /// Channels in any of `states`, oldest first. Selected in SQL through the state
     /// index: periodic work reads the few live channels, never every row ever offered.
-    pub fn channels_in(&self, states: &[ChannelState]) -> Result<Vec<ChannelRecord>, StoreError> {
+    pub fn channels_in(&self, states: &[ChannelStage]) -> Result<Vec<ChannelRecord>, StoreError> {
         if states.is_empty() {
             return Ok(Vec::new());
         }
@@ -281,14 +337,14 @@ impl Store {
 
     /// How many channels are in each state, and how many payments the journal holds
     /// (metrics): counted in SQL, without reading every row.
-    pub fn channel_counts(&self) -> Result<(Vec<(ChannelState, u64)>, u64), StoreError> {
+    pub fn channel_counts(&self) -> Result<(Vec<(ChannelStage, u64)>, u64), StoreError> {
         let conn = self.conn()?;
         let mut stmt = conn.prepare("SELECT state, COUNT(*) FROM channels GROUP BY state")?;
         let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
         let mut by_state = Vec::new();
         for row in rows {
             let (state, n) = row?;
-            let state = ChannelState::parse(&state).ok_or_else(|| corrupt("state", &state))?;
+            let state = ChannelStage::parse(&state).ok_or_else(|| corrupt("state", &state))?;
             by_state.push((state, n as u64));
         }
         let payments: i64 = conn.query_row("SELECT COUNT(*) FROM payments", [], |r| r.get(0))?;
@@ -374,11 +430,11 @@ impl Store {
     }
 
     /// Mark a channel as due for settlement. The first reason wins; later calls are no-ops.
-    pub fn request_close(&self, id: ChannelId, reason: &str) -> Result<ChannelRecord, StoreError> {
+    pub fn request_close(&self, id: ChannelId, reason: CloseReason) -> Result<ChannelRecord, StoreError> {
         let conn = self.conn()?;
         conn.execute(
             "UPDATE channels SET close_reason = COALESCE(close_reason, ?2) WHERE id = ?1",
-            params![id.to_string(), reason],
+            params![id.to_string(), reason.as_str()],
         )?;
         get(&conn, id)?.ok_or(StoreError::UnknownChannel(id))
     }

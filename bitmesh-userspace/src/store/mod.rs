@@ -21,7 +21,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::Connection;
 
-pub use channels::{ChannelRecord, ChannelState, FinalUsage, Funding, NewChannel};
+pub use channels::{ChannelRecord, ChannelStage, CloseReason, FinalUsage, Funding, NewChannel};
 pub use payments::{AppendOutcome, NewPayment, PaymentRecord};
 pub use schema::SCHEMA_VERSION;
 pub use settlements::{Earnings, NewSettlement, SettlementRecord, SettlementState};
@@ -55,7 +55,7 @@ pub enum StoreError {
     #[error("channel {channel}: paid total {offered_sat} sat is not above the last stored total {last_sat} sat")]
     NotIncreasing { channel: ChannelId, offered_sat: u64, last_sat: u64 },
     #[error("channel {channel} is {state}: only an offered channel can be funded")]
-    NotOffered { channel: ChannelId, state: ChannelState },
+    NotOffered { channel: ChannelId, state: ChannelStage },
     #[error("funding outpoint {0} already belongs to another channel")]
     OutpointInUse(bitcoin::OutPoint),
     #[error("settlement {0} is not in the store")]

@@ -6,7 +6,7 @@ use bitcoin::absolute::Height;
 use bitcoin::secp256k1::{Secp256k1, SecretKey};
 use bitcoin::PublicKey;
 use bitcoin::{Amount, OutPoint, Txid};
-use bitmesh_common::kernel::Mac;
+use bitmesh_common::kernel::{Mac, Usage};
 
 use super::*;
 
@@ -93,7 +93,7 @@ fn acknowledged_payment_survives_a_crash_without_close() {
 
     let store = Store::open(&path).unwrap();
     let got = store.channel(ch.id).unwrap().unwrap();
-    assert_eq!(got.state, ChannelState::Open);
+    assert_eq!(got.state, ChannelStage::Open);
     assert_eq!(got.paid_total, Amount::from_sat(5_000));
     assert_eq!(got.credited, ByteCount(5_000_000));
     assert_eq!(got.payments, 1);
@@ -156,7 +156,7 @@ fn one_channel_per_funding_outpoint() {
     store.set_funding(a.id, f).unwrap();
     assert!(matches!(store.set_funding(b.id, f), Err(StoreError::OutpointInUse(_))));
     assert_eq!(store.channel_by_outpoint(f.outpoint).unwrap().unwrap().id, a.id);
-    assert_eq!(store.channel(b.id).unwrap().unwrap().state, ChannelState::Offered);
+    assert_eq!(store.channel(b.id).unwrap().unwrap().state, ChannelStage::Offered);
 }
 
 #[test]
@@ -212,7 +212,7 @@ fn settlement_lifecycle_moves_money_from_held_to_pending_to_settled() {
     assert_eq!((e.held_open, e.pending), (Amount::ZERO, Amount::from_sat(9_400)));
 
     store.mark_settlement_confirmed(bumped.id, Height::from_consensus(404).unwrap()).unwrap();
-    assert_eq!(store.channel(a.id).unwrap().unwrap().state, ChannelState::Closed);
+    assert_eq!(store.channel(a.id).unwrap().unwrap().state, ChannelStage::Closed);
     let e = store.earnings().unwrap();
     assert_eq!((e.settled, e.pending), (Amount::from_sat(9_400), Amount::ZERO));
 }
@@ -222,12 +222,12 @@ fn usage_snapshot_keeps_the_latest_per_mac() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&Store::path_in(dir.path())).unwrap();
     let mac = Mac([2, 0, 0, 0, 0, 9]);
-    let snap = |up| UsageSnapshot { mac, up: ByteCount(up), down: ByteCount(7), up_pkts: 1, down_pkts: 1, last_seen_ns: 5, taken_at: 1 };
+    let snap = |up| UsageSnapshot { mac, usage: Usage { up_bytes: up, down_bytes: 7, up_pkts: 1, down_pkts: 1, last_seen_ns: 5 }, taken_at: 1 };
     store.save_usage(&[snap(10)]).unwrap();
     store.save_usage(&[snap(20)]).unwrap();
     let got = store.usage_snapshots().unwrap();
     assert_eq!(got, vec![snap(20)]);
-    assert_eq!(got[0].used(), ByteCount(27));
+    assert_eq!(got[0].usage.used_bytes(), 27);
 }
 
 #[test]
@@ -272,11 +272,11 @@ fn only_an_offered_channel_can_be_funded_and_its_outpoint_never_changes() {
     store.set_funding(ch.id, first).unwrap();
     let second = Funding { outpoint: outpoint(2), ..first };
     let err = store.set_funding(ch.id, second).unwrap_err();
-    assert!(matches!(err, StoreError::NotOffered { state: ChannelState::Open, .. }), "{err}");
+    assert!(matches!(err, StoreError::NotOffered { state: ChannelStage::Open, .. }), "{err}");
     assert_eq!(store.channel(ch.id).unwrap().unwrap().funding, Some(first), "the recorded outpoint is unchanged");
     let gone = new_channel(&store, 8);
     store.abandon(gone.id).unwrap();
-    assert!(matches!(store.set_funding(gone.id, second), Err(StoreError::NotOffered { state: ChannelState::Abandoned, .. })));
+    assert!(matches!(store.set_funding(gone.id, second), Err(StoreError::NotOffered { state: ChannelStage::Abandoned, .. })));
     assert!(matches!(store.set_funding(random_id(), second), Err(StoreError::UnknownChannel(_))));
 }
 
@@ -287,16 +287,16 @@ fn channels_are_selected_by_state_and_old_offers_expire() {
     let open = new_channel(&store, 1);
     store.set_funding(open.id, Funding { outpoint: outpoint(1), capacity: Amount::from_sat(100_000), height: None }).unwrap();
     let offered = new_channel(&store, 2);
-    let ids = |states: &[ChannelState]| store.channels_in(states).unwrap().into_iter().map(|c| c.id).collect::<Vec<_>>();
-    assert_eq!(ids(&[ChannelState::Open]), vec![open.id]);
-    assert_eq!(ids(&[ChannelState::Offered]), vec![offered.id]);
-    assert_eq!(ids(&[ChannelState::Open, ChannelState::Offered]).len(), 2);
+    let ids = |states: &[ChannelStage]| store.channels_in(states).unwrap().into_iter().map(|c| c.id).collect::<Vec<_>>();
+    assert_eq!(ids(&[ChannelStage::Open]), vec![open.id]);
+    assert_eq!(ids(&[ChannelStage::Offered]), vec![offered.id]);
+    assert_eq!(ids(&[ChannelStage::Open, ChannelStage::Offered]).len(), 2);
     assert!(ids(&[]).is_empty());
     // Offers made before the cutoff expire; funded channels are untouched.
     assert!(store.expire_offers(offered.opened_at).unwrap().is_empty(), "not older than the cutoff");
     assert_eq!(store.expire_offers(offered.opened_at + 1).unwrap(), vec![offered.id]);
-    assert_eq!(store.channel(offered.id).unwrap().unwrap().state, ChannelState::Abandoned);
-    assert_eq!(store.channel(open.id).unwrap().unwrap().state, ChannelState::Open);
+    assert_eq!(store.channel(offered.id).unwrap().unwrap().state, ChannelStage::Abandoned);
+    assert_eq!(store.channel(open.id).unwrap().unwrap().state, ChannelStage::Open);
     assert!(store.expire_offers(i64::MAX).unwrap().is_empty());
 }
 

@@ -5,28 +5,18 @@ use std::net::IpAddr;
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 
-use bitmesh_common::kernel::Mac;
+use bitmesh_common::kernel::{Mac, Usage};
 
-use super::{col_err, unix_now, ByteCount, Store, StoreError};
+use super::{col_err, unix_now, Store, StoreError};
 
 /// The kernel's USAGE entry for a MAC at some moment.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct UsageSnapshot {
     pub mac: Mac,
-    pub up: ByteCount,
-    pub down: ByteCount,
-    pub up_pkts: u64,
-    pub down_pkts: u64,
-    /// Kernel monotonic nanoseconds of the last metered frame (0 = never).
-    pub last_seen_ns: u64,
+    /// The counters as the kernel held them.
+    pub usage: Usage,
     /// Unix seconds when the snapshot was taken.
     pub taken_at: i64,
-}
-
-impl UsageSnapshot {
-    pub fn used(&self) -> ByteCount {
-        ByteCount(self.up.0.saturating_add(self.down.0))
-    }
 }
 
 /// The IP a MAC was last seen with.
@@ -51,11 +41,11 @@ impl Store {
                    last_seen_ns = excluded.last_seen_ns, taken_at = excluded.taken_at",
                 params![
                     s.mac.to_string(),
-                    s.up.0 as i64,
-                    s.down.0 as i64,
-                    s.up_pkts as i64,
-                    s.down_pkts as i64,
-                    s.last_seen_ns as i64,
+                    s.usage.up_bytes as i64,
+                    s.usage.down_bytes as i64,
+                    s.usage.up_pkts as i64,
+                    s.usage.down_pkts as i64,
+                    s.usage.last_seen_ns as i64,
                     s.taken_at
                 ],
             )?;
@@ -74,11 +64,13 @@ impl Store {
             let mac: String = r.get(0)?;
             Ok(UsageSnapshot {
                 mac: mac.parse().map_err(|e| col_err(0, e))?,
-                up: ByteCount(r.get::<_, i64>(1)? as u64),
-                down: ByteCount(r.get::<_, i64>(2)? as u64),
-                up_pkts: r.get::<_, i64>(3)? as u64,
-                down_pkts: r.get::<_, i64>(4)? as u64,
-                last_seen_ns: r.get::<_, i64>(5)? as u64,
+                usage: Usage {
+                    up_bytes: r.get::<_, i64>(1)? as u64,
+                    down_bytes: r.get::<_, i64>(2)? as u64,
+                    up_pkts: r.get::<_, i64>(3)? as u64,
+                    down_pkts: r.get::<_, i64>(4)? as u64,
+                    last_seen_ns: r.get::<_, i64>(5)? as u64,
+                },
                 taken_at: r.get(6)?,
             })
         })?;

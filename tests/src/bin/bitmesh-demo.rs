@@ -1,7 +1,7 @@
 //! `cargo xtask demo`: the whole BitMesh story on one machine, narrated, with the
 //! operator's view (`bitmesh clients`, `channels`, `earnings`) printed as it goes.
 //!
-//! The network is the harness's namespace world (docs/design.md section 8): a gateway with
+//! The network is the harness's testbed (docs/design.md section 8): a gateway with
 //! one client-facing bridge standing in for wlan0, three clients, an upstream HTTP
 //! server standing in for the internet, a regtest node. Everything it creates is a
 //! guard: it is removed on success, on failure and on Ctrl-C (the handler only sets a
@@ -15,9 +15,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use bitcoin::Amount;
-use bitmesh_tests::world::{
-    bitmesh_bin, gateway_url, Agent, AgentOpts, Controller, ControllerOpts, Fetch, World, UPSTREAM_IP, UPSTREAM_PORT,
-};
+use bitmesh_tests::client::{Agent, AgentOpts};
+use bitmesh_tests::controller::{Controller, ControllerOpts};
+use bitmesh_tests::http::Fetch;
+use bitmesh_tests::network::{GATEWAY_IPV4, UPSTREAM_IPV4 as UPSTREAM_IP};
+use bitmesh_tests::process::bitmesh_bin;
+use bitmesh_tests::testbed::{Testbed, UPSTREAM_HTTP_PORT};
 use serde_json::Value;
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -145,7 +148,7 @@ fn main() -> std::process::ExitCode {
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
     }
     // Ctrl-C must reach only the demo, which then stops everything in order.
-    bitmesh_tests::world::use_own_process_groups();
+    bitmesh_tests::process::use_own_process_groups();
     let started = Instant::now();
     let result = run();
     let secs = started.elapsed().as_secs_f64();
@@ -170,37 +173,40 @@ fn run() -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("the demo creates network namespaces and loads BPF programs: run it as root (sudo cargo xtask demo)");
     }
-    let bin = bitmesh_bin().context("no bitmesh binary: run `cargo xtask demo`, which builds it")?;
-    if !bitmesh_tests::bitcoind::binaries().0.exists() {
+    bitmesh_bin().context("no bitmesh binary: run `cargo xtask demo`, which builds it")?;
+    if !bitmesh_tests::chain::binaries().0.exists() {
         bail!("no regtest bitcoind: run `cargo xtask demo`, which builds it (about 8 minutes, once)");
     }
 
     heading(0, "The stage");
-    let world = World::new(bin, 3)?;
+    let world = Testbed::start(3)?.context("the testbed cannot run here (the line above says why)")?;
     let names = ["A", "B", "C"];
     say(&format!(
         "gateway namespace {}: bridge {} at {} stands in for wlan0; NAT to the upstream",
-        world.gateway.name(),
-        world.bridge,
-        bitmesh_tests::world::GATEWAY_IP
+        world.gateway().name(),
+        world.gateway_if(),
+        GATEWAY_IPV4
     ));
-    for c in &world.clients {
+    for c in &world.lan.clients {
         say(&format!("client {} : namespace {}, {} {} on a bridge port", names[c.index], c.ns.name(), c.ip, c.mac));
     }
-    say(&format!("the internet: an HTTP server at {UPSTREAM_IP}:{UPSTREAM_PORT} (downloads paced at {}/s, like WiFi)", mib(LINK_BPS)));
-    say(&format!("regtest bitcoind in the gateway namespace, tip at height {}", world.tip()));
+    say(&format!("the internet: an HTTP server at {UPSTREAM_IP}:{UPSTREAM_HTTP_PORT} (downloads paced at {}/s, like WiFi)", mib(LINK_BPS)));
+    say(&format!("regtest bitcoind, reached from the gateway namespace on 127.0.0.1, tip at height {}", world.tip()));
     let funding = world.fund(3, Amount::from_sat(100_000))?;
     say("each client holds one confirmed 100,000 sat output (its wallet)");
     check()?;
 
-    let opts = ControllerOpts { idle_timeout_secs: IDLE_SECS, ..ControllerOpts::default() };
+    let opts = ControllerOpts { idle_timeout_secs: Some(IDLE_SECS), ..ControllerOpts::story() };
     let ctl = world.start_controller(&opts)?;
     say(&format!(
         "controller: bitmesh run --iface {} --network regtest --price-msat-per-mib {} --chunk-bytes {} \
          --low-water-bytes {} --idle-timeout-secs {IDLE_SECS} ...",
-        world.bridge, opts.price_msat_per_mib, opts.chunk_bytes, opts.low_water_bytes
+        world.gateway_if(),
+        opts.price_msat_per_mib.unwrap_or_default(),
+        opts.chunk_bytes.unwrap_or_default(),
+        opts.low_water_bytes.unwrap_or_default()
     ));
-    let log = std::fs::read_to_string(&ctl.log).unwrap_or_default();
+    let log = ctl.log();
     if let Some(line) = log.lines().find(|l| l.contains("meter attached")) {
         // e.g. `... meter attached iface=br1x2 hook=tc pinned=false`
         let fields: Vec<&str> = line.split_whitespace().filter(|w| w.contains('=')).collect();
@@ -210,7 +216,7 @@ fn run() -> Result<()> {
     // 1. Unpaid: only the walled garden.
     heading(1, "A joins the WiFi and has not paid: only the walled garden is open");
     let f = world.fetch(0, MIB, Duration::from_secs(3));
-    say(&format!("A $ fetch http://{UPSTREAM_IP}:{UPSTREAM_PORT}/1MiB   -> {}", if f.bytes == 0 { "BLOCKED (dropped in the kernel: no budget)".into() } else { describe_fetch(&f, MIB) }));
+    say(&format!("A $ fetch http://{UPSTREAM_IP}:{UPSTREAM_HTTP_PORT}/1MiB   -> {}", if f.bytes == 0 { "BLOCKED (dropped in the kernel: no budget)".into() } else { describe_fetch(&f, MIB) }));
     if f.bytes != 0 {
         bail!("an unpaid client reached the internet: {f:?}");
     }
@@ -218,7 +224,7 @@ fn run() -> Result<()> {
     let terms: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
     say(&format!(
         "A $ GET {}/v1/terms -> {code}: price {} sat/MiB, chunk {}, network {}",
-        gateway_url(),
+        world.gateway_url(),
         terms["price_msat_per_mib"].as_u64().unwrap_or(0) / 1000,
         mib(terms["chunk_bytes"].as_u64().unwrap_or(0)),
         terms["network"].as_str().unwrap_or("?")
@@ -234,7 +240,7 @@ fn run() -> Result<()> {
     let mut a = world.start_agent(0, &AgentOpts::new(funding[0].file.clone(), 30_000))?;
     say(&format!(
         "A $ bitmesh pay --gateway {} --max-price 1000 --max-spend 30000 --capacity 40000 --fund-from wallet.json --yes",
-        gateway_url()
+        world.gateway_url()
     ));
     funded(&mut a)?;
     // Until its funding confirms, a channel is credited at most one chunk past its
@@ -251,8 +257,8 @@ fn run() -> Result<()> {
         operator(&ctl, &["clients"])?;
         Ok(dl.join().expect("download thread"))
     })?;
-    say(&format!("A $ fetch http://{UPSTREAM_IP}:{UPSTREAM_PORT}/12MiB  -> {}", describe_fetch(&f, want)));
-    if let Some(ch) = ctl.channel(&world.clients[0].mac) {
+    say(&format!("A $ fetch http://{UPSTREAM_IP}:{UPSTREAM_HTTP_PORT}/12MiB  -> {}", describe_fetch(&f, want)));
+    if let Some(ch) = ctl.channel(&world.lan.clients[0].mac) {
         say(&format!(
             "{} payment updates so far, {} sat paid: each sent at the low-water mark, before the budget ran out",
             ch["payments"], ch["paid_sat"]
@@ -270,11 +276,11 @@ fn run() -> Result<()> {
     funded(&mut b)?;
     let want = 8 * MIB;
     let f = world.fetch_paced(1, want, LINK_BPS, Duration::from_secs(4));
-    say(&format!("B $ fetch http://{UPSTREAM_IP}:{UPSTREAM_PORT}/8MiB   -> {}", describe_fetch(&f, want)));
+    say(&format!("B $ fetch http://{UPSTREAM_IP}:{UPSTREAM_HTTP_PORT}/8MiB   -> {}", describe_fetch(&f, want)));
     if let Some(st) = agent_status(&b) {
         say(&format!("B agent> {st}"));
     }
-    if let Some(row) = ctl.client(&world.clients[1].mac) {
+    if let Some(row) = ctl.client(&world.lan.clients[1].mac) {
         let used = row["up_bytes"].as_u64().unwrap_or(0) + row["down_bytes"].as_u64().unwrap_or(0);
         let budget = row["credited_bytes"].as_u64().unwrap_or(0);
         say(&format!(
@@ -299,11 +305,11 @@ fn run() -> Result<()> {
     let mut c = world.start_agent(2, &AgentOpts::new(funding[2].file.clone(), 10_000))?;
     funded(&mut c)?;
     let f = world.fetch_paced(2, MIB, LINK_BPS, Duration::from_secs(5));
-    say(&format!("C $ fetch http://{UPSTREAM_IP}:{UPSTREAM_PORT}/1MiB   -> {}", describe_fetch(&f, MIB)));
+    say(&format!("C $ fetch http://{UPSTREAM_IP}:{UPSTREAM_HTTP_PORT}/1MiB   -> {}", describe_fetch(&f, MIB)));
     let idle_from = Instant::now();
     say("C sends nothing more; B, cut off, sends nothing either. The controller closes idle channels:");
-    let mac_b = world.clients[1].mac.clone();
-    let mac_c = world.clients[2].mac.clone();
+    let mac_b = world.lan.clients[1].mac.clone();
+    let mac_c = world.lan.clients[2].mac.clone();
     wait_for("the idle channels of B and C to close", Duration::from_secs(IDLE_SECS + 45), || {
         let b = ctl.channel(&mac_b)?;
         let c = ctl.channel(&mac_c)?;
@@ -329,7 +335,7 @@ fn run() -> Result<()> {
     })?;
     let mut shown = std::collections::BTreeSet::new();
     for (mac, txid) in &txids {
-        let who = world.clients.iter().find(|c| &c.mac == mac).map_or("?", |c| names[c.index]);
+        let who = world.lan.clients.iter().find(|c| &c.mac == mac).map_or("?", |c| names[c.index]);
         let conf = txid.parse().ok().and_then(|t| world.confirmations(&t));
         let dup = if shown.insert(txid.clone()) { "" } else { " (same batch)" };
         say(&format!("{who}: settlement {txid}: {} confirmation(s){dup}", conf.unwrap_or(0)));
@@ -340,6 +346,6 @@ fn run() -> Result<()> {
     operator(&ctl, &["clients"])?;
     say("(every channel is settled: each client shows as closed, with what it paid and used)");
     operator(&ctl, &["earnings"])?;
-    ctl.stop();
+    ctl.shut_down();
     Ok(())
 }

@@ -1,10 +1,10 @@
 //! Controller figures from a real `bitmesh run` on a regtest node, measured by
-//! `bitmesh_tests::controller::measure_controller`: durable payment updates over HTTP
+//! `bitmesh_tests::bench::latency::measure_controller`: durable payment updates over HTTP
 //! (round trip p50/p99, and the updates per second that gives one client) and the
 //! time from a top-up's acknowledgement to traffic passing again after a stall.
 
 use anyhow::Result;
-use bitmesh_tests::controller::measure_controller;
+use bitmesh_tests::bench::latency::measure_controller;
 
 use crate::report::Report;
 
@@ -18,7 +18,7 @@ pub fn run(report: &mut Report, quick: bool) -> Result<()> {
     );
     let (payments, stalls) = if quick { (100, 5) } else { (500, 20) };
     let Some(m) = measure_controller(payments, stalls)? else {
-        report.note("Skipped", "controller: the lab could not start here (see the skip notice above)");
+        report.note("Skipped", "controller: the testbed could not start here (see the skip notice above)");
         return Ok(());
     };
     let per_sec = if m.payment_p50.as_secs_f64() > 0.0 { 1.0 / m.payment_p50.as_secs_f64() } else { f64::NAN };
@@ -47,8 +47,8 @@ pub fn run(report: &mut Report, quick: bool) -> Result<()> {
 /// each client on its own MAC and IP, opened, funded and paid once).
 pub fn memory(report: &mut Report, quick: bool) -> Result<()> {
     let clients = if quick { 100 } else { 1_000 };
-    let Some(m) = bitmesh_tests::controller_memory::measure_memory(clients)? else {
-        report.note("Skipped", "controller memory: the lab could not start here (see the skip notice above)");
+    let Some(m) = bitmesh_tests::bench::memory::measure_memory(clients)? else {
+        report.note("Skipped", "controller memory: the testbed could not start here (see the skip notice above)");
         return Ok(());
     };
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);

@@ -16,7 +16,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use bitmesh::meter::{Mac, UploadHook};
 use bitmesh_common::pricing::ByteCount;
-use bitmesh_tests::netns::{in_netns, Netns, TestMeter, VethPair};
+use bitmesh_tests::network::{in_netns, Netns, TestMeter, VethPair};
 
 use crate::report::Report;
 

@@ -1,9 +1,9 @@
 //! Kernel cost per frame: each meter path against the empty program of the same hook
 //! type, same frame, same run, at 10 and 10,000 clients (measured by
-//! `bitmesh_tests::kernel_bench`, which the ignored `kernel_bench` test also prints).
+//! `bitmesh_tests::bench::kernel`, which the ignored kernel `bench` test also prints).
 
 use anyhow::Result;
-use bitmesh_tests::kernel_bench::kernel_cost_per_frame;
+use bitmesh_tests::bench::kernel::kernel_cost_per_frame;
 
 use crate::report::Report;
 
