@@ -200,3 +200,22 @@ pub async fn text_of(client: &fantoccini::Client, id: &str) -> String {
         Err(_) => String::new(),
     }
 }
+
+/// Run `f` on a thread in the process's own network namespace (the main thread's),
+/// from inside a [`Browser::session`] scenario (which runs in the client's): for calls
+/// that reach the test's own services, such as the regtest node's RPC.
+pub fn outside<T: Send>(f: impl FnOnce() -> T + Send) -> Result<T> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let file = std::fs::File::open("/proc/self/ns/net").context("opening /proc/self/ns/net")?;
+            // SAFETY: setns on a valid namespace fd affects only this thread.
+            let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
+            if rc != 0 {
+                bail!("setns into the test's own namespace: {}", std::io::Error::last_os_error());
+            }
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("thread in the test's namespace panicked"))?
+    })
+}

@@ -169,7 +169,8 @@ fn a_phone_browser_lands_on_the_portal_unpaid_and_sees_its_credit_when_paid() {
             let price = text_of(&b, "price").await;
             assert_eq!(price, "1,000 sat per MiB · 953,674 sat per GB", "terms shown before paying");
             assert!(!text_of(&b, "no-lightning").await.is_empty(), "no Lightning on this gateway: the page says so");
-            assert!(text_of(&b, "laptop-cmd").await.contains("bitmesh pay --gateway http://10.88.0.1:3141 --max-price 1000"));
+            let laptop = text_of(&b, "laptop-cmd").await;
+            assert!(laptop.contains(&format!("bitmesh pay --gateway http://{GATEWAY_IP}:{API_PORT} --max-price 1000")), "{laptop}");
             // Keyboard and screen reader: every control has a name, every input a label,
             // live regions for what changes.
             let unnamed = b
@@ -201,7 +202,7 @@ fn a_phone_browser_lands_on_the_portal_unpaid_and_sees_its_credit_when_paid() {
             // shows the device's credit, whatever the rail.
             let mut agent = world.start_agent(0, &AgentOpts::new(funding[0].file.clone(), 3_000))?;
             agent.wait_for("channel funded", Duration::from_secs(60))?;
-            world.mine(1);
+            browser::outside(|| world.mine(1))?; // the node's RPC is in the test's namespace
             b.goto(&portal).await?;
             eventually("the page to show the device connected", Duration::from_secs(30), || async {
                 Some(text_of(&b, "status-line").await).filter(|t| t == "Connected")
