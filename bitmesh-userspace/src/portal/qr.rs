@@ -94,7 +94,7 @@ mod tests {
         let mut grid = vec![Color::Light; w * w];
         let (mut x, mut y) = (0i64, 0i64);
         let mut tokens = d.chars().peekable();
-        let mut num = |t: &mut std::iter::Peekable<std::str::Chars<'_>>| -> f64 {
+        let num = |t: &mut std::iter::Peekable<std::str::Chars<'_>>| -> f64 {
             let mut s = String::new();
             while let Some(c) = t.peek().copied().filter(|c| c.is_ascii_digit() || *c == '.') {
                 s.push(c);
