@@ -256,7 +256,7 @@ pub fn portal(report: &mut Report, quick: bool) -> Result<()> {
     let meter = &mut test_meter.meter;
     in_netns(&topo.gateway, || Ok(meter.attach(&iface, UploadHook::Tc)?))?;
     // Several rounds, alternating, so drift on a shared machine hits both alike.
-    let rounds = if quick { 1 } else { 3 };
+    let rounds = if quick { 1 } else { 5 };
     let mut sums = [[0.0; 2]; 2]; // [without, with][direction]
     for _ in 0..rounds {
         for (d, (_, download)) in directions.iter().enumerate() {
