@@ -329,3 +329,85 @@ fn with_a_certificate_the_portal_and_api_answer_https_and_plain_http_still_works
     let (code, body) = world.api_get(0, "/v1/terms", WAIT).unwrap();
     assert_eq!(code, 200, "{body}");
 }
+
+/// Measurement for the report (ignored: run with `--ignored`): time from a payment
+/// being acknowledged by the gateway (an on-chain channel's first payment, sent by a
+/// scripted client from the phone's device) to the portal page, already open in the
+/// phone's browser, showing "Connected", and to the first byte of an upstream page
+/// the browser then opens (its `responseStart`), over 20 runs. Between runs the
+/// channel is closed and the page is back to "Not connected".
+#[test]
+#[ignore]
+fn measure_paid_to_connected_and_to_first_upstream_byte() {
+    use std::time::Instant;
+    const RUNS: usize = 20;
+    if !browser::available() {
+        return;
+    }
+    let Some(world) = Testbed::start(1).unwrap() else { return };
+    add_address(&world.lan.upstream, UPSTREAM_IP, INTERNET).unwrap();
+    let _internet = Internet::start(&world.lan.upstream, INTERNET).unwrap();
+    let mut wallet = bitmesh_tests::chain::CoinbaseWallet::fund(&world.node, RUNS as u32 + 2, 0);
+    // One device funds 20 channels: above the default 10 funding calls per hour.
+    let _ctl = world.start_controller(&ControllerOpts::story().with(&["--relay-limit-per-hour", "100"])).unwrap();
+    let log = browser::screenshot_dir().join("chromedriver-measure.log");
+    let phone = Browser::start(&world.lan.clients[0].ns, &browser_hosts(), &[&GATEWAY_IP.to_string()], &log).unwrap();
+    let portal = portal_url();
+    let (world, wallet) = (&world, &mut wallet);
+    let (connected, first_byte) = phone
+        .session(|b| async move {
+            let (mut connected, mut first_byte) = (Vec::new(), Vec::new());
+            for run in 0..RUNS {
+                b.goto(&portal).await?;
+                eventually("the page to show the device offline", WAIT, || async {
+                    Some(text_of(&b, "status-line").await).filter(|t| t.starts_with("Not connected"))
+                })
+                .await?;
+                let mut client = world.scripted_client();
+                client.open(60)?;
+                // Confirmed funding (the zero-conf exposure cap would stop 20 channels).
+                let tx = browser::outside(|| -> anyhow::Result<_> {
+                    let tx = client.funding_tx(wallet, Amount::from_sat(20_000));
+                    bitmesh::chain::Chain::broadcast(world.node.rpc(), &tx)?;
+                    world.node.mine(1);
+                    world.wait_synced()?;
+                    Ok(tx)
+                })??;
+                client.fund_with(&tx, 0)?;
+                let first = client.terms()?.min_first_payment;
+                client.pay(first)?;
+                let paid = Instant::now();
+                eventually("the page to show the device connected", WAIT, || async {
+                    Some(text_of(&b, "status-line").await).filter(|t| t == "Connected")
+                })
+                .await?;
+                connected.push(paid.elapsed());
+                // The user opens a page right away: the first upstream byte is the
+                // navigation's start (offset from `paid`) plus its responseStart.
+                let nav_start = paid.elapsed();
+                b.goto("http://upstream.example/page").await?;
+                assert_eq!(b.title().await?, bitmesh_tests::portal::UPSTREAM_TITLE, "run {run}");
+                let response_start = b
+                    .execute("return performance.getEntriesByType('navigation')[0].responseStart", vec![])
+                    .await?
+                    .as_f64()
+                    .unwrap_or(0.0);
+                first_byte.push(nav_start + Duration::from_secs_f64(response_start / 1000.0));
+                client.close()?;
+            }
+            Ok((connected, first_byte))
+        })
+        .unwrap();
+    let pct = |v: &[Duration], p: f64| {
+        let mut s = v.to_vec();
+        s.sort();
+        s[((s.len() as f64 - 1.0) * p).round() as usize]
+    };
+    println!(
+        "paid -> page shows connected: p50 {:?} p99 {:?}; paid -> first upstream byte in the browser: p50 {:?} p99 {:?} ({RUNS} runs)",
+        pct(&connected, 0.5),
+        pct(&connected, 0.99),
+        pct(&first_byte, 0.5),
+        pct(&first_byte, 0.99)
+    );
+}
