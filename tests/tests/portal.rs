@@ -247,8 +247,12 @@ fn a_phone_browser_lands_on_the_portal_unpaid_and_sees_its_credit_when_paid() {
             }
             used_up?;
             browser::screenshot(&b, "5-used-up").await?;
-            b.goto("http://upstream.example/page").await.context("upstream once used up")?;
-            assert_eq!(b.current_url().await?.as_str(), portal, "used up: upstream is the portal again");
+            // Upstream fails: with nothing left the browser lands on the portal again;
+            // with a few hundred bytes left (under one frame, so "used up") the first
+            // segments are still paid for and the page stalls instead.
+            let _ = b.goto("http://upstream.example/page").await;
+            let (url, title) = (b.current_url().await?, b.title().await.unwrap_or_default());
+            assert_ne!(title, bitmesh_tests::portal::UPSTREAM_TITLE, "used up, yet upstream loaded ({url})");
             drop(agent);
             Ok(())
         })
