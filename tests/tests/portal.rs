@@ -237,8 +237,11 @@ fn a_phone_browser_lands_on_the_portal_unpaid_and_sees_its_credit_when_paid() {
             agent.kill9();
             tokio::time::sleep(Duration::from_secs(2)).await;
             b.goto(&portal).await.context("the portal once used up")?;
-            let used_up = eventually("the page to say the data is used up", Duration::from_secs(15), || async {
-                Some(text_of(&b, "status-line").await).filter(|t| t.starts_with("Your data is used up"))
+            // The device lives on its garden budget again (4 KiB/s after the burst the
+            // agent spent): the page may take a few seconds to load all of it.
+            let used_up = eventually("the page to say the data is used up", Duration::from_secs(20), || async {
+                let status = Some(text_of(&b, "status-line").await).filter(|t| t.starts_with("Your data is used up"))?;
+                (!text_of(&b, "price").await.is_empty()).then_some(status)
             })
             .await;
             if used_up.is_err() {
