@@ -5,6 +5,8 @@ use std::time::{Duration, Instant};
 use bitcoin::hashes::Hash;
 use bitcoin::secp256k1::SecretKey;
 use bitcoin::{absolute, Amount, FeeRate, Network, OutPoint, PublicKey, ScriptBuf, Txid};
+use bitmesh_common::blocks::BlockCount;
+use bitmesh_common::wire::ChannelLimits;
 
 use super::{
     secp, sign_update, verify_update, Channel, ChannelError, ChannelPolicy, ChannelScript,
@@ -30,14 +32,16 @@ pub fn verify_update_median(iterations: u32) -> Result<Duration, ChannelError> {
             .map_err(|e| ChannelError::Sighash(e.to_string()))?,
     );
     let policy = ChannelPolicy {
-        min_capacity: Amount::from_sat(10_000),
-        max_capacity: Amount::from_sat(100_000_000),
-        zero_conf_cap: Amount::ZERO,
-        confirmations_required: 1,
-        min_expiry_blocks: 1,
-        max_expiry_blocks: 10_000,
-        close_margin_blocks: 6,
-        close_fee_rate: FeeRate::from_sat_per_vb_u32(2),
+        limits: ChannelLimits {
+            min_capacity: Amount::from_sat(10_000),
+            max_capacity: Amount::from_sat(100_000_000),
+            zero_conf_cap: Amount::ZERO,
+            confirmations_required: 1,
+            min_expiry_blocks: BlockCount(1),
+            max_expiry_blocks: BlockCount(10_000),
+            close_margin_blocks: BlockCount(6),
+            close_fee_rate: FeeRate::from_sat_per_vb_u32(2),
+        },
         gateway_payout_script: payout,
     };
     let channel = Channel {

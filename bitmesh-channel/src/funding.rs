@@ -1,6 +1,7 @@
 //! Opening checks: keys and expiry at open, the funding transaction at fund time.
 
 use bitcoin::{absolute, Amount, OutPoint, PublicKey, Script, Transaction};
+use bitmesh_common::blocks::BlockCount;
 use bitmesh_common::wire::OpenResponse;
 
 use super::{ChannelError, ChannelPolicy, ChannelScript};
@@ -63,22 +64,23 @@ pub(crate) fn check_expiry(
     tip: absolute::Height,
     policy: &ChannelPolicy,
 ) -> Result<(), ChannelError> {
-    let (e, t) = (expiry.to_consensus_u32(), tip.to_consensus_u32());
-    if e <= t {
+    if expiry <= tip {
         return Err(ChannelError::ExpiryInPast { expiry, tip });
     }
-    if e - t < policy.min_expiry_blocks {
+    let window = BlockCount::between(tip, expiry);
+    let limits = &policy.limits;
+    if window < limits.min_expiry_blocks {
         return Err(ChannelError::ExpiryTooClose {
             expiry,
             tip,
-            min_blocks: policy.min_expiry_blocks,
+            min_blocks: limits.min_expiry_blocks,
         });
     }
-    if e - t > policy.max_expiry_blocks {
+    if window > limits.max_expiry_blocks {
         return Err(ChannelError::ExpiryTooFar {
             expiry,
             tip,
-            max_blocks: policy.max_expiry_blocks,
+            max_blocks: limits.max_expiry_blocks,
         });
     }
     Ok(())
@@ -106,11 +108,12 @@ pub fn verify_funding(
         });
     }
     let value = output.value;
-    if value < policy.min_capacity || value > policy.max_capacity {
+    let limits = &policy.limits;
+    if value < limits.min_capacity || value > limits.max_capacity {
         return Err(ChannelError::CapacityOutOfRange {
             value,
-            min: policy.min_capacity,
-            max: policy.max_capacity,
+            min: limits.min_capacity,
+            max: limits.max_capacity,
         });
     }
     let outpoint = OutPoint {
@@ -134,13 +137,13 @@ pub fn verify_funding(
     }
     // Re-checked here (not only at open): the client may fund long after opening.
     check_expiry(script.expiry, check.tip, policy)?;
-    let confirmed = check.confirmations >= policy.confirmations_required;
-    if !confirmed && value > policy.zero_conf_cap {
+    let confirmed = check.confirmations >= limits.confirmations_required;
+    if !confirmed && value > limits.zero_conf_cap {
         return Err(ChannelError::FundingUnconfirmed {
             confirmations: check.confirmations,
-            required: policy.confirmations_required,
+            required: limits.confirmations_required,
             value,
-            cap: policy.zero_conf_cap,
+            cap: limits.zero_conf_cap,
         });
     }
     Ok(VerifiedFunding {

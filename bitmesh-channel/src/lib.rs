@@ -15,7 +15,8 @@ use std::sync::OnceLock;
 
 use bitcoin::secp256k1::{All, Secp256k1};
 use bitcoin::{absolute, transaction, Amount, FeeRate, OutPoint, ScriptBuf, Sequence, Weight};
-use bitmesh_common::wire::ErrorCode;
+use bitmesh_common::blocks::{BlockCount, HeightExt};
+use bitmesh_common::wire::{ChannelLimits, ErrorCode};
 
 pub mod bench;
 /// The chain trait and its backends (Bitcoin Core RPC, Esplora).
@@ -64,35 +65,18 @@ pub struct Channel {
 impl Channel {
     /// Last height at which the gateway still credits: `expiry - close_margin - 1`;
     /// from `expiry - close_margin` on it closes instead.
-    pub fn crediting_ends_at(&self, close_margin_blocks: u32) -> absolute::Height {
-        let end = self
-            .script
-            .expiry
-            .to_consensus_u32()
-            .saturating_sub(close_margin_blocks);
-        absolute::Height::from_consensus(end).unwrap_or(absolute::Height::ZERO)
+    pub fn crediting_ends_at(&self, close_margin_blocks: BlockCount) -> absolute::Height {
+        self.script.expiry.minus(close_margin_blocks)
     }
 }
 
 /// The gateway's rules for accepting channels and updates (from its terms).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChannelPolicy {
-    /// Smallest accepted capacity.
-    pub min_capacity: Amount,
-    /// Largest accepted capacity.
-    pub max_capacity: Amount,
-    /// Unconfirmed (or under-confirmed) funding is accepted up to this value.
-    pub zero_conf_cap: Amount,
-    /// Confirmations that make funding above the cap acceptable.
-    pub confirmations_required: u32,
-    /// Expiry at least this many blocks above the tip at open.
-    pub min_expiry_blocks: u32,
-    /// Expiry at most this many blocks above the tip at open.
-    pub max_expiry_blocks: u32,
-    /// Stop crediting and close at `expiry - close_margin_blocks`.
-    pub close_margin_blocks: u32,
-    /// Fee rate the close is planned at (the "after fee" dust check uses it).
-    pub close_fee_rate: FeeRate,
+    /// Capacity range, zero-conf cap, expiry window, close margin and the fee rate
+    /// the close is planned at (the "after fee" dust check uses it): the limits the
+    /// gateway's terms announce.
+    pub limits: ChannelLimits,
     /// The gateway's payout script (its dust limit and size enter the checks).
     pub gateway_payout_script: ScriptBuf,
 }
@@ -101,7 +85,7 @@ impl ChannelPolicy {
     /// What the first payment must cover: the fee of a one-channel close with client
     /// change at [`Self::close_fee_rate`], plus the dust limit of the gateway output.
     pub fn min_first_payment(&self) -> Amount {
-        let fee = close::single_close_fee(true, &self.gateway_payout_script, self.close_fee_rate);
+        let fee = close::single_close_fee(true, &self.gateway_payout_script, self.limits.close_fee_rate);
         fee + self.gateway_payout_script.minimal_non_dust()
     }
 }
@@ -134,7 +118,7 @@ pub enum ChannelError {
         /// Current tip.
         tip: absolute::Height,
         /// Required distance.
-        min_blocks: u32,
+        min_blocks: BlockCount,
     },
     /// Expiry too far.
     #[error("expiry {expiry} is more than {max_blocks} blocks above the tip {tip}: pick an earlier expiry")]
@@ -144,7 +128,7 @@ pub enum ChannelError {
         /// Current tip.
         tip: absolute::Height,
         /// Allowed distance.
-        max_blocks: u32,
+        max_blocks: BlockCount,
     },
     /// No output at the given index.
     #[error("funding transaction has no output {vout}: send the index of the channel output")]

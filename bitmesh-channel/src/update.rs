@@ -113,7 +113,7 @@ pub fn verify_update(
     total_paid: Amount,
     signature: &SignatureBytes,
 ) -> Result<VerifiedUpdate, ChannelError> {
-    let ends_at = channel.crediting_ends_at(policy.close_margin_blocks);
+    let ends_at = channel.crediting_ends_at(policy.limits.close_margin_blocks);
     if tip >= ends_at {
         return Err(ChannelError::ChannelExpired { ends_at, tip });
     }
@@ -169,7 +169,7 @@ pub fn verify_update(
             update: &update,
         }],
         &policy.gateway_payout_script,
-        policy.close_fee_rate,
+        policy.limits.close_fee_rate,
     )?;
     verify_with_core(&close)?;
     Ok(update)

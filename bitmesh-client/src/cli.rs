@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use bitcoin::address::NetworkUnchecked;
 use bitcoin::{Address, Amount, FeeRate, Network};
+use bitmesh_common::blocks::BlockCount;
 use bitmesh_common::pricing::{ByteCount, PriceMsatPerMib, MIB};
 use bitmesh_common::wire::ChannelId;
 use clap::Args;
@@ -22,7 +23,7 @@ use super::refund::{refund as do_refund, RefundOutcome};
 use super::session::{self, FundingMode, PayConfig, Status, Ui};
 use super::state::{Phase, StateDir};
 use super::terms::{parse_sat_per_mib, UserLimits};
-use crate::chain::{BitcoindAuth, BitcoindRpc, Chain, Esplora};
+use bitmesh_channel::chain::{BitcoindAuth, BitcoindRpc, Chain, Esplora};
 
 /// A chain backend for the client (refund broadcast, txid lookup).
 #[derive(Debug, Clone, Args)]
@@ -126,6 +127,14 @@ pub struct PayArgs {
     /// of asking the gateway to close.
     #[arg(long)]
     pub keep_open: bool,
+    /// Buy the gateway's Lightning bundles instead of opening a channel: each invoice
+    /// is printed (text and QR) for any Lightning wallet; the next is asked for when
+    /// half the bundle is used, within --max-spend and --max-price.
+    #[arg(long)]
+    pub lightning: bool,
+    /// With --lightning: the bundle to buy (as in the gateway's terms). [default: the smallest]
+    #[arg(long, value_name = "NAME", requires = "lightning")]
+    pub bundle: Option<String>,
     /// Chain backend to check the gateway's chain tip (it sets your refund lock)
     /// and, with BIP21 funding, to find the wallet's payment by itself (else the
     /// funding transaction is pasted).
@@ -196,6 +205,9 @@ pub fn pay(args: PayArgs) -> anyhow::Result<()> {
     };
     let mut meter = IfaceMeter::new(&iface)?;
     eprintln!("counting own traffic on {iface} (rx + tx, as the wire frames the gateway bills)");
+    if args.lightning {
+        return pay_lightning(&args, &gateway, &mut meter);
+    }
 
     // One backend: it checks the gateway's tip, and finds a BIP21 payment.
     let (funding, tip_chain) = match &args.fund_from {
@@ -219,8 +231,8 @@ pub fn pay(args: PayArgs) -> anyhow::Result<()> {
         limits: UserLimits {
             max_price: args.max_price,
             network: args.network,
-            min_expiry_blocks: args.min_expiry_blocks,
-            max_expiry_blocks: args.max_expiry_blocks,
+            min_expiry_blocks: BlockCount(args.min_expiry_blocks),
+            max_expiry_blocks: BlockCount(args.max_expiry_blocks),
             max_spend: Amount::from_sat(args.max_spend),
             capacity: args.capacity.map(Amount::from_sat),
             max_chunk: ByteCount::from_mib(args.max_chunk_mib),
@@ -254,6 +266,51 @@ pub fn pay(args: PayArgs) -> anyhow::Result<()> {
         println!("channel left open; `bitmesh pay` resumes it");
     }
     println!("if the gateway never closes, run `bitmesh refund` from height {}", r.expiry.to_consensus_u32());
+    Ok(())
+}
+
+/// `bitmesh pay --lightning`.
+fn pay_lightning(args: &PayArgs, gateway: &str, meter: &mut IfaceMeter) -> anyhow::Result<()> {
+    use crate::lightning::{run, LightningLimits, LightningUi};
+    use bitmesh_common::wire::{Bundle, Invoice};
+    struct Term;
+    impl LightningUi for Term {
+        fn show_invoice(&mut self, bundle: &Bundle, inv: &Invoice, qr: Option<&str>) {
+            eprintln!();
+            if let Some(qr) = qr {
+                eprintln!("{qr}");
+            }
+            eprintln!("pay {} sat for {} ({} bytes) with any Lightning wallet:", inv.amount_msat.div_ceil(1000), bundle.name, inv.bytes);
+            println!("{}", inv.bolt11);
+            eprintln!("your purchase token (moves the credit to a new MAC): {}", inv.token);
+        }
+        fn paid(&mut self, inv: &Invoice, bytes: u64) {
+            eprintln!("paid: {bytes} bytes credited (invoice {})", inv.payment_hash);
+        }
+        fn expired(&mut self, inv: &Invoice) {
+            eprintln!("invoice {} expired unpaid", inv.payment_hash);
+        }
+        fn status(&mut self, remaining: u64, spent_msat: u64) {
+            eprint!("\r{:.2} MiB left, {} sat spent   ", mib(remaining), spent_msat / 1000);
+            let _ = std::io::stderr().flush();
+        }
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    install_signal_handlers(stop.clone())?;
+    let limits = LightningLimits {
+        max_price: args.max_price,
+        max_spend_sat: args.max_spend,
+        bundle: args.bundle.clone(),
+        poll: Duration::from_millis(args.poll_ms.max(50)),
+        exit_when_spent: args.exit_when_spent,
+    };
+    let api = crate::http::GatewayApi::new(gateway);
+    let sum = run(&api, &limits, meter, &stop, &mut Term)?;
+    eprintln!();
+    println!("bought {} bundle(s), {} bytes, for {} sat", sum.bundles, sum.bytes, sum.spent_msat.div_ceil(1000));
+    if let Some(t) = sum.token {
+        println!("purchase token: {t}");
+    }
     Ok(())
 }
 

@@ -116,7 +116,7 @@ impl FundingSource {
     }
 
     fn keys(&self, network: Network) -> Result<Vec<(PrivateKey, CompressedPublicKey)>, FundingError> {
-        let secp = crate::channel::secp();
+        let secp = bitmesh_channel::secp();
         self.keys
             .iter()
             .enumerate()
@@ -207,7 +207,7 @@ impl FundingSource {
             tx.output[1].value = change;
         }
 
-        let secp = crate::channel::secp();
+        let secp = bitmesh_channel::secp();
         let mut witnesses = Vec::with_capacity(chosen.len());
         {
             let mut cache = SighashCache::new(&tx);
@@ -237,7 +237,7 @@ fn fee_with_witnesses(tx: &Transaction, fee_rate: FeeRate) -> Amount {
         w.push([0u8; 33]);
         input.witness = w;
     }
-    crate::channel::fee_for_weight(fee_rate, sized.weight())
+    bitmesh_channel::fee_for_weight(fee_rate, sized.weight())
 }
 
 /// The BIP21 URI paying `amount` to `address`.
@@ -261,7 +261,7 @@ mod tests {
 
     fn source(amounts: &[u64]) -> (FundingSource, ScriptBuf) {
         let key = PrivateKey::new(SecretKey::from_slice(&[3; 32]).unwrap(), Network::Regtest);
-        let public = CompressedPublicKey::from_private_key(crate::channel::secp(), &key).unwrap();
+        let public = CompressedPublicKey::from_private_key(bitmesh_channel::secp(), &key).unwrap();
         let spk = ScriptBuf::new_p2wpkh(&public.wpubkey_hash());
         let utxos = amounts
             .iter()
@@ -290,7 +290,7 @@ mod tests {
         assert_eq!(f.tx.output[1].value, Amount::from_sat(100_000) - Amount::from_sat(50_000) - f.fee);
         assert!(f.tx.input.iter().all(|i| !i.witness.is_empty()), "every input is segwit");
         // Fee at least the rate over the signed size.
-        assert!(f.fee >= crate::channel::fee_for_weight(rate, f.tx.weight()));
+        assert!(f.fee >= bitmesh_channel::fee_for_weight(rate, f.tx.weight()));
     }
 
     #[test]

@@ -10,9 +10,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bitcoin::hex::DisplayHex;
 use bitcoin::secp256k1::{Message, SecretKey};
 use bitmesh_common::wire::{
-    client_request_digest, routes, CaptiveStatus, ChannelId, ChannelStatus, ClientEvent, CloseRequest,
-    CloseResponse, ErrorBody, ErrorCode, FundRequest, OpenRequest, OpenResponse, PaymentAck, PaymentUpdate,
-    SignatureBytes, Terms, AUTH_HEADER,
+    routes, CaptiveStatus, ChannelId, ChannelStatus, ClientEvent, CloseRequest,
+    CloseResponse, ErrorBody, ErrorCode, FundRequest, Invoice, InvoiceRequest, InvoiceStatus, OpenRequest,
+    OpenResponse, PaymentAck, PaymentUpdate, SignatureBytes, SignedAction, Terms, AUTH_HEADER,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -104,6 +104,16 @@ impl GatewayApi {
         self.get(routes::CAPTIVE, None)
     }
 
+    /// `POST /v1/invoices`: a Lightning invoice for a bundle or bytes.
+    pub fn invoice(&self, req: &InvoiceRequest) -> Result<Invoice, HttpError> {
+        self.post(routes::INVOICES, req)
+    }
+
+    /// `GET /v1/invoices/{payment_hash}`.
+    pub fn invoice_status(&self, payment_hash: &str) -> Result<InvoiceStatus, HttpError> {
+        self.get(&routes::invoice(payment_hash), None)
+    }
+
     /// `POST /v1/channels`.
     pub fn open(&self, req: &OpenRequest) -> Result<OpenResponse, HttpError> {
         self.post(routes::CHANNELS, req)
@@ -121,12 +131,12 @@ impl GatewayApi {
 
     /// `GET /v1/channels/{id}`, signed with the channel's client key.
     pub fn status(&self, id: &ChannelId, key: &SecretKey) -> Result<ChannelStatus, HttpError> {
-        self.get(&routes::channel(id), Some(auth_header("status", id, key)))
+        self.get(&routes::channel(id), Some(auth_header(SignedAction::Status, id, key)))
     }
 
     /// `POST /v1/channels/{id}/close`, signed with the channel's client key.
     pub fn close(&self, id: &ChannelId, key: &SecretKey) -> Result<CloseResponse, HttpError> {
-        let (counter, signature) = signed_request("close", id, key);
+        let (counter, signature) = signed_request(SignedAction::Close, id, key);
         let req = CloseRequest { channel_id: *id, counter, signature };
         self.post(&routes::close(id), &req)
     }
@@ -136,7 +146,7 @@ impl GatewayApi {
         let path = routes::events(id);
         let url = format!("{}{path}", self.base);
         let resp = bitreq::get(url.as_str())
-            .with_header(AUTH_HEADER, auth_header("events", id, key))
+            .with_header(AUTH_HEADER, auth_header(SignedAction::Events, id, key))
             .with_header("Accept", "text/event-stream")
             .send_lazy()
             .map_err(|e| HttpError::Unreachable { url: url.clone(), message: e.to_string() })?;
@@ -225,20 +235,20 @@ pub fn next_counter() -> u64 {
 }
 
 /// The [`AUTH_HEADER`] value of a channel-scoped GET: `<counter>.<hex DER signature>`,
-/// the signature over `client_request_digest(action, id, counter)` with a fresh
+/// the signature over [`SignedAction::digest`]`(id, counter)` with a fresh
 /// [`next_counter`] (the gateway takes each counter once, within 120 s of its clock).
-pub fn auth_header(action: &str, id: &ChannelId, key: &SecretKey) -> String {
+pub fn auth_header(action: SignedAction, id: &ChannelId, key: &SecretKey) -> String {
     let (counter, sig) = signed_request(action, id, key);
     format!("{counter}.{}", sig.0.to_lower_hex_string())
 }
 
 /// A fresh [`next_counter`] and the DER signature over
-/// `client_request_digest(action, id, counter)` with the channel's client key (a
-/// signed GET's header, a close request's body): each is single-use at the gateway.
-pub fn signed_request(action: &str, id: &ChannelId, key: &SecretKey) -> (u64, SignatureBytes) {
+/// [`SignedAction::digest`]`(id, counter)` with the channel's client key (a signed
+/// GET's header, a close request's body): each is single-use at the gateway.
+pub fn signed_request(action: SignedAction, id: &ChannelId, key: &SecretKey) -> (u64, SignatureBytes) {
     let counter = next_counter();
-    let msg = Message::from_digest(client_request_digest(action, id, counter));
-    let sig = crate::channel::secp().sign_ecdsa(&msg, key);
+    let msg = Message::from_digest(action.digest(id, counter));
+    let sig = bitmesh_channel::secp().sign_ecdsa(&msg, key);
     (counter, SignatureBytes(sig.serialize_der().to_vec()))
 }
 

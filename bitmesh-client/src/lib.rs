@@ -5,6 +5,7 @@
 //! * [`terms`]: the user's limits against the gateway's terms (pure);
 //! * [`tip`]: the gateway's chain tip (it sets the refund lock) against the agent's own;
 //! * [`policy`]: how much to sign next (pure): never above received + one chunk;
+//! * [`lightning`]: `bitmesh pay --lightning`, bundles bought with any Lightning wallet;
 //! * [`funding`]: build and sign the funding from given keys, or a BIP21 URI + QR;
 //! * [`meter`]: the agent's own byte count (interface counters);
 //! * [`state`]: durable channel state (0600, atomic, saved before each update);
@@ -13,17 +14,13 @@
 //! * [`cli`]: the `pay` and `refund` flags and everything printed;
 //! * [`command`]: the `pay`/`refund` subcommands both binaries (`bitmesh-client`, `bitmesh`) run.
 
-// The channel library under the paths this code used inside bitmesh-userspace
-// (`crate::channel::…`, `crate::chain::…`), so the move needed no edits in these files.
-use bitmesh_channel as channel;
-use bitmesh_channel::chain;
-
 pub mod cli;
 pub mod command;
 pub mod discovery;
 pub mod events;
 pub mod funding;
 pub mod http;
+pub mod lightning;
 pub mod meter;
 pub mod policy;
 pub mod refund;

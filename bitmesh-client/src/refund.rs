@@ -11,8 +11,8 @@
 use bitcoin::{absolute, FeeRate, Transaction, Txid};
 
 use super::state::{SavedChannel, Phase};
-use crate::chain::{Chain, ChainError};
-use crate::channel::{build_refund, ChannelError};
+use bitmesh_channel::chain::{Chain, ChainError};
+use bitmesh_channel::{build_refund, ChannelError};
 
 /// What `refund` did.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -22,8 +22,8 @@ use super::policy::{next_payment, Hold, Next, PolicyLimits, PolicyState};
 use super::state::{SavedChannel, FundingRecord, Phase, SignedState, StateDir, StateError, STATE_VERSION};
 use super::terms::{check_terms, describe, TermsError, UserLimits};
 use super::tip::{check_tip, SeenTip, TipError, TipEvidence, TipLog};
-use crate::chain::{Chain, ChainError};
-use crate::channel::{build_refund, sign_update, ChannelError};
+use bitmesh_channel::chain::{Chain, ChainError};
+use bitmesh_channel::{build_refund, sign_update, ChannelError};
 
 /// How the channel gets funded.
 pub enum FundingMode {
@@ -231,7 +231,7 @@ fn open_channel(cfg: &PayConfig, api: &GatewayApi, ui: &mut dyn Ui) -> Result<Sa
         (None, FundingMode::Bip21 { .. }) => return Err(SessionError::NoRefundAddress),
     };
     let client_secret = SecretKey::new(&mut rand::thread_rng());
-    let client_pubkey = PublicKey::new(client_secret.public_key(crate::channel::secp()));
+    let client_pubkey = PublicKey::new(client_secret.public_key(bitmesh_channel::secp()));
     let req = OpenRequest { client_pubkey, expiry: accepted.expiry, client_change_script: refund_script.clone() };
     let resp = api.open(&req)?;
     check_open_response(&req, &resp, terms.network)?;
@@ -255,7 +255,7 @@ fn open_channel(cfg: &PayConfig, api: &GatewayApi, ui: &mut dyn Ui) -> Result<Sa
         price: terms.price_msat_per_mib,
         chunk: accepted.chunk,
         min_first_payment: terms.min_first_payment,
-        close_margin_blocks: terms.close_margin_blocks,
+        close_margin_blocks: terms.limits.close_margin_blocks,
         max_spend: accepted.max_spend,
         planned_capacity: accepted.capacity,
         funding: None,
@@ -273,10 +273,10 @@ fn open_channel(cfg: &PayConfig, api: &GatewayApi, ui: &mut dyn Ui) -> Result<Sa
 
 /// docs/design.md section 4, client rules: check the script, gateway key and expiry before
 /// funding. Everything is rebuilt from the three values; nothing the gateway sends
-/// is trusted. The check is the channel library's [`crate::channel::check_offer`], against the
+/// is trusted. The check is the channel library's [`bitmesh_channel::check_offer`], against the
 /// request's own key and expiry and the confirmed terms' network.
 pub fn check_open_response(req: &OpenRequest, resp: &OpenResponse, network: Network) -> Result<(), SessionError> {
-    match crate::channel::check_offer(resp, &req.client_pubkey, req.expiry, network) {
+    match bitmesh_channel::check_offer(resp, &req.client_pubkey, req.expiry, network) {
         Ok(_) => Ok(()),
         Err(ChannelError::OfferMismatch { what }) => Err(SessionError::ScriptMismatch(what)),
         Err(e) => Err(e.into()),
@@ -289,8 +289,8 @@ pub fn check_open_response(req: &OpenRequest, resp: &OpenResponse, network: Netw
 pub fn check_open_terms(terms: &bitmesh_common::wire::Terms, resp: &OpenResponse) -> Result<(), SessionError> {
     let rows = [
         ("first payment", terms.min_first_payment, resp.min_first_payment),
-        ("minimum capacity", terms.min_capacity, resp.min_capacity),
-        ("maximum capacity", terms.max_capacity, resp.max_capacity),
+        ("minimum capacity", terms.limits.min_capacity, resp.min_capacity),
+        ("maximum capacity", terms.limits.max_capacity, resp.max_capacity),
     ];
     for (term, confirmed, offered) in rows {
         if confirmed != offered {
@@ -832,10 +832,11 @@ fn spawn_events(api: GatewayApi, id: bitmesh_common::wire::ChannelId, key: Secre
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::channel::ChannelScript;
+    use bitmesh_channel::ChannelScript;
+    use bitmesh_common::wire::ChannelLimits;
 
     fn pair() -> (OpenRequest, OpenResponse) {
-        let secp = crate::channel::secp();
+        let secp = bitmesh_channel::secp();
         let c = SecretKey::from_slice(&[5; 32]).unwrap();
         let g = SecretKey::from_slice(&[6; 32]).unwrap();
         let client = PublicKey::new(c.public_key(secp));
@@ -870,8 +871,11 @@ mod tests {
         let (_, good) = pair();
         let terms = bitmesh_common::wire::Terms {
             min_first_payment: good.min_first_payment,
-            min_capacity: good.min_capacity,
-            max_capacity: good.max_capacity,
+            limits: ChannelLimits {
+                min_capacity: good.min_capacity,
+                max_capacity: good.max_capacity,
+                ..crate::terms::tests::terms().limits
+            },
             ..crate::terms::tests::terms()
         };
         check_open_terms(&terms, &good).unwrap();

@@ -14,11 +14,12 @@ use std::path::{Path, PathBuf};
 
 use bitcoin::secp256k1::SecretKey;
 use bitcoin::{absolute, Amount, Network, OutPoint, PublicKey, ScriptBuf, Transaction, Txid};
+use bitmesh_common::blocks::BlockCount;
 use bitmesh_common::pricing::{ByteCount, PriceMsatPerMib};
 use bitmesh_common::wire::{tx_hex, ChannelId, SignatureBytes};
 use serde::{Deserialize, Serialize};
 
-use crate::channel::{Channel, ChannelScript};
+use bitmesh_channel::{Channel, ChannelScript};
 
 /// Format version of the state file.
 pub const STATE_VERSION: u32 = 1;
@@ -93,7 +94,7 @@ pub struct SavedChannel {
     #[serde(with = "bitcoin::amount::serde::as_sat", rename = "min_first_payment_sat")]
     pub min_first_payment: Amount,
     /// Blocks before expiry at which the gateway stops crediting.
-    pub close_margin_blocks: u32,
+    pub close_margin_blocks: BlockCount,
     /// The user's spending cap for this channel.
     #[serde(with = "bitcoin::amount::serde::as_sat", rename = "max_spend_sat")]
     pub max_spend: Amount,
@@ -315,7 +316,7 @@ pub(crate) mod tests {
             price: PriceMsatPerMib::from_sat_per_mib(1).unwrap(),
             chunk: ByteCount::from_mib(1),
             min_first_payment: Amount::from_sat(700),
-            close_margin_blocks: 6,
+            close_margin_blocks: BlockCount(6),
             max_spend: Amount::from_sat(10_000),
             planned_capacity: Amount::from_sat(20_000),
             funding: None,

@@ -6,10 +6,11 @@
 
 use bitcoin::{absolute, Amount, Network};
 use bitmesh_common::pricing::{bytes_for_payment, ByteCount, PriceMsatPerMib, MIB, MSAT_PER_SAT};
+use bitmesh_common::blocks::{BlockCount, HeightExt};
 use bitmesh_common::wire::{Terms, PROTOCOL_VERSION};
 
 /// Blocks added above the common minimum expiry (see [`check_terms`]).
-pub const EXPIRY_SLACK_BLOCKS: u32 = 3;
+pub const EXPIRY_SLACK_BLOCKS: BlockCount = BlockCount(3);
 
 /// Default `--max-chunk-mib`: the most the agent pays ahead of use, in bytes,
 /// whatever chunk the gateway asks for (the controller's default chunk is 4 MiB).
@@ -29,9 +30,9 @@ pub struct UserLimits {
     pub network: Network,
     /// The user's expiry window: the money may be locked at least this many blocks
     /// (the agent picks the shortest lock both sides accept)...
-    pub min_expiry_blocks: u32,
+    pub min_expiry_blocks: BlockCount,
     /// ...and at most this many blocks.
-    pub max_expiry_blocks: u32,
+    pub max_expiry_blocks: BlockCount,
     /// The most the user will pay in this session (`--max-spend`).
     pub max_spend: Amount,
     /// Channel capacity asked for (`--capacity`); `None` = enough for `max_spend`.
@@ -87,13 +88,13 @@ pub enum TermsError {
     #[error("gateway wants an expiry {gw_min}..={gw_max} blocks ahead, you accept {user_min}..={user_max}: widen --min-expiry-blocks/--max-expiry-blocks")]
     ExpiryWindow {
         /// Gateway minimum.
-        gw_min: u32,
+        gw_min: BlockCount,
         /// Gateway maximum.
-        gw_max: u32,
+        gw_max: BlockCount,
         /// User minimum.
-        user_min: u32,
+        user_min: BlockCount,
         /// User maximum.
-        user_max: u32,
+        user_max: BlockCount,
     },
     /// Capacity out of range.
     #[error("channel capacity {wanted} is outside the gateway's range {min}..={max}: pass --capacity inside it")]
@@ -144,32 +145,31 @@ pub fn check_terms(terms: &Terms, user: &UserLimits) -> Result<AcceptedTerms, Te
     }
     // The gateway closes `close_margin` blocks before expiry, so a lock shorter than
     // that margin would be useless; the gateway's own minimum already covers it.
-    let lo = terms.min_expiry_blocks.max(user.min_expiry_blocks);
-    let hi = terms.max_expiry_blocks.min(user.max_expiry_blocks);
-    if lo > hi || lo == 0 {
+    let lo = terms.limits.min_expiry_blocks.max(user.min_expiry_blocks);
+    let hi = terms.limits.max_expiry_blocks.min(user.max_expiry_blocks);
+    if lo > hi || lo == BlockCount::ZERO {
         return Err(TermsError::ExpiryWindow {
-            gw_min: terms.min_expiry_blocks,
-            gw_max: terms.max_expiry_blocks,
+            gw_min: terms.limits.min_expiry_blocks,
+            gw_max: terms.limits.max_expiry_blocks,
             user_min: user.min_expiry_blocks,
             user_max: user.max_expiry_blocks,
         });
     }
     // A few blocks of slack: the gateway re-checks the window when the funding
     // arrives, and the tip may move between terms, open and funding.
-    let blocks = lo + (hi - lo).min(EXPIRY_SLACK_BLOCKS);
-    let expiry = absolute::Height::from_consensus(terms.tip_height.to_consensus_u32().saturating_add(blocks))
-        .map_err(|_| TermsError::ExpiryWindow {
-            gw_min: terms.min_expiry_blocks,
-            gw_max: terms.max_expiry_blocks,
+    let blocks = lo + hi.saturating_sub(lo).min(EXPIRY_SLACK_BLOCKS);
+    let expiry = terms.tip_height.checked_plus(blocks).ok_or(TermsError::ExpiryWindow {
+            gw_min: terms.limits.min_expiry_blocks,
+            gw_max: terms.limits.max_expiry_blocks,
             user_min: user.min_expiry_blocks,
             user_max: user.max_expiry_blocks,
         })?;
     let capacity = match user.capacity {
         Some(c) => c,
-        None => user.max_spend.max(terms.min_capacity).min(terms.max_capacity),
+        None => user.max_spend.max(terms.limits.min_capacity).min(terms.limits.max_capacity),
     };
-    if capacity < terms.min_capacity || capacity > terms.max_capacity {
-        return Err(TermsError::Capacity { wanted: capacity, min: terms.min_capacity, max: terms.max_capacity });
+    if capacity < terms.limits.min_capacity || capacity > terms.limits.max_capacity {
+        return Err(TermsError::Capacity { wanted: capacity, min: terms.limits.min_capacity, max: terms.limits.max_capacity });
     }
     let max_spend = user.max_spend.min(capacity);
     if terms.min_first_payment > max_spend {
@@ -237,8 +237,8 @@ pub fn describe(terms: &Terms, accepted: &AcceptedTerms) -> Vec<String> {
         format!(
             "channel:        {} sat (gateway accepts {}..={} sat), spend at most {} sat",
             accepted.capacity.to_sat(),
-            terms.min_capacity.to_sat(),
-            terms.max_capacity.to_sat(),
+            terms.limits.min_capacity.to_sat(),
+            terms.limits.max_capacity.to_sat(),
             accepted.max_spend.to_sat()
         ),
         format!(
@@ -249,8 +249,8 @@ pub fn describe(terms: &Terms, accepted: &AcceptedTerms) -> Vec<String> {
         ),
         format!(
             "funding:        unconfirmed up to {} sat, else {} confirmation(s); network {}",
-            terms.zero_conf_cap.to_sat(),
-            terms.confirmations_required,
+            terms.limits.zero_conf_cap.to_sat(),
+            terms.limits.confirmations_required,
             terms.network
         ),
     ]
@@ -261,23 +261,27 @@ pub(crate) mod tests {
     use super::*;
     use bitcoin::FeeRate;
     use bitmesh_common::pricing::ByteCount;
+    use bitmesh_common::wire::ChannelLimits;
 
     pub(crate) fn terms() -> Terms {
         Terms {
+            limits: ChannelLimits {
+                min_capacity: Amount::from_sat(10_000),
+                max_capacity: Amount::from_sat(1_000_000),
+                zero_conf_cap: Amount::from_sat(100_000),
+                confirmations_required: 1,
+                min_expiry_blocks: BlockCount(20),
+                max_expiry_blocks: BlockCount(2000),
+                close_margin_blocks: BlockCount(6),
+                close_fee_rate: FeeRate::from_sat_per_vb_u32(2),
+            },
             protocol_version: PROTOCOL_VERSION,
             network: Network::Regtest,
             price_msat_per_mib: PriceMsatPerMib::from_sat_per_mib(2).unwrap(),
             chunk_bytes: ByteCount::from_mib(1),
-            min_capacity: Amount::from_sat(10_000),
-            max_capacity: Amount::from_sat(1_000_000),
             min_first_payment: Amount::from_sat(700),
-            zero_conf_cap: Amount::from_sat(100_000),
-            confirmations_required: 1,
-            min_expiry_blocks: 20,
-            max_expiry_blocks: 2000,
-            close_margin_blocks: 6,
-            close_fee_rate: FeeRate::from_sat_per_vb_u32(2),
             tip_height: absolute::Height::from_consensus(500).unwrap(),
+            lightning: None,
         }
     }
 
@@ -285,8 +289,8 @@ pub(crate) mod tests {
         UserLimits {
             max_price: PriceMsatPerMib::from_sat_per_mib(5).unwrap(),
             network: Network::Regtest,
-            min_expiry_blocks: 10,
-            max_expiry_blocks: 144,
+            min_expiry_blocks: BlockCount(10),
+            max_expiry_blocks: BlockCount(144),
             max_spend: Amount::from_sat(50_000),
             capacity: None,
             max_chunk: DEFAULT_MAX_CHUNK,
@@ -314,8 +318,8 @@ pub(crate) mod tests {
             ("price above the limit", Terms { price_msat_per_mib: price(6), ..t.clone() }, u, |e| matches!(e, TermsError::PriceAboveLimit { .. })),
             ("other network", Terms { network: Network::Bitcoin, ..t.clone() }, u, |e| matches!(e, TermsError::Network { .. })),
             ("newer protocol", Terms { protocol_version: 99, ..t.clone() }, u, |e| matches!(e, TermsError::Protocol { found: 99 })),
-            ("gateway wants a longer lock than the user accepts", Terms { min_expiry_blocks: 200, ..t.clone() }, u, |e| matches!(e, TermsError::ExpiryWindow { .. })),
-            ("user wants a longer lock than the gateway allows", t.clone(), UserLimits { min_expiry_blocks: 3000, max_expiry_blocks: 4000, ..u }, |e| matches!(e, TermsError::ExpiryWindow { .. })),
+            ("gateway wants a longer lock than the user accepts", Terms { limits: ChannelLimits { min_expiry_blocks: BlockCount(200), ..t.limits }, ..t.clone() }, u, |e| matches!(e, TermsError::ExpiryWindow { .. })),
+            ("user wants a longer lock than the gateway allows", t.clone(), UserLimits { min_expiry_blocks: BlockCount(3000), max_expiry_blocks: BlockCount(4000), ..u }, |e| matches!(e, TermsError::ExpiryWindow { .. })),
             ("capacity above the gateway maximum", t.clone(), UserLimits { capacity: Some(Amount::from_sat(2_000_000)), ..u }, |e| matches!(e, TermsError::Capacity { .. })),
             ("first payment above the spending cap", t.clone(), UserLimits { max_spend: Amount::from_sat(500), ..u }, |e| matches!(e, TermsError::FirstPaymentAboveCap { .. })),
             ("first payment above the prepaid cap", Terms { min_first_payment: Amount::from_sat(20_000), ..t.clone() }, u, |e| matches!(e, TermsError::FirstPaymentAbovePrepaidCap { .. })),

@@ -19,7 +19,7 @@
 use bitcoin::address::NetworkUnchecked;
 use bitcoin::hashes::{sha256, Hash, HashEngine};
 use bitcoin::hex::{DisplayHex, FromHex};
-use bitcoin::{absolute, Address, Amount, FeeRate, Network, OutPoint, PublicKey, ScriptBuf};
+use bitcoin::{absolute, Address, Amount, Network, OutPoint, PublicKey, ScriptBuf};
 use bitcoin::{Transaction, Txid};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -28,12 +28,19 @@ use crate::pricing::{ByteCount, PriceMsatPerMib};
 mod captive;
 mod device;
 mod events;
+mod limits;
+mod lightning;
 pub mod routes;
 mod signed;
 
 pub use captive::{CaptiveStatus, CAPTIVE_JSON};
 pub use device::DeviceStatus;
 pub use events::{ClientEvent, UsageReport};
+pub use limits::ChannelLimits;
+pub use lightning::{
+    Bundle, DeviceCredit, Invoice, InvoiceRequest, InvoiceState, InvoiceStatus, LightningTerms, Rail, RestoreRequest,
+    RestoreResponse,
+};
 pub use signed::{SignedAction, SignedRequest};
 
 /// Version of this message set; bumped on any incompatible change.
@@ -114,34 +121,21 @@ pub struct Terms {
     pub price_msat_per_mib: PriceMsatPerMib,
     /// How many bytes one prepaid update should buy ahead of use.
     pub chunk_bytes: ByteCount,
-    /// Smallest channel capacity accepted.
-    #[serde(with = "bitcoin::amount::serde::as_sat", rename = "min_capacity_sat")]
-    pub min_capacity: Amount,
-    /// Largest channel capacity accepted.
-    #[serde(with = "bitcoin::amount::serde::as_sat", rename = "max_capacity_sat")]
-    pub max_capacity: Amount,
+    /// Capacity, expiry window, confirmations and close fee rate (flattened: its
+    /// fields sit at the top level of the JSON object).
+    #[serde(flatten)]
+    pub limits: ChannelLimits,
     /// The first update must pay at least this (close fee at the planning rate + dust).
     #[serde(
         with = "bitcoin::amount::serde::as_sat",
         rename = "min_first_payment_sat"
     )]
     pub min_first_payment: Amount,
-    /// Unconfirmed funding is accepted only up to this capacity.
-    #[serde(with = "bitcoin::amount::serde::as_sat", rename = "zero_conf_cap_sat")]
-    pub zero_conf_cap: Amount,
-    /// Confirmations needed for funding above the zero-conf cap.
-    pub confirmations_required: u32,
-    /// Expiry must be at least this many blocks above the tip at open.
-    pub min_expiry_blocks: u32,
-    /// Expiry must be at most this many blocks above the tip at open.
-    pub max_expiry_blocks: u32,
-    /// The gateway stops crediting (and closes) at `expiry - close_margin_blocks`.
-    pub close_margin_blocks: u32,
-    /// Fee rate the gateway plans its close at, in sat per 1000 weight units.
-    #[serde(rename = "close_fee_rate_sat_per_kwu")]
-    pub close_fee_rate: FeeRate,
     /// The gateway's view of the chain tip, to pick an expiry from.
     pub tip_height: absolute::Height,
+    /// Lightning bundles, when the gateway runs a Lightning node (`--lightning`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lightning: Option<LightningTerms>,
 }
 
 /// Ask the gateway for a channel key: the first step of opening.
@@ -436,6 +430,19 @@ pub enum ErrorCode {
     ChainUnavailable,
     /// Anything else on the gateway's side; retry later.
     Internal,
+    // --- Lightning ---
+    /// The gateway has no Lightning node running (`--lightning` off, or starting).
+    LightningUnavailable,
+    /// No bundle of that name in the terms.
+    UnknownBundle,
+    /// The bytes asked are below one full frame or above the largest bundle allowed.
+    BytesOutOfRange,
+    /// No invoice with this payment hash.
+    UnknownInvoice,
+    /// No purchase account with this token.
+    UnknownToken,
+    /// The token's credit has expired (`credit_ttl_secs` after its last purchase).
+    TokenExpired,
     /// A code this client version does not know.
     #[serde(other)]
     Unknown,
@@ -476,6 +483,12 @@ impl ErrorCode {
         ErrorCode::RateLimited,
         ErrorCode::ChainUnavailable,
         ErrorCode::Internal,
+        ErrorCode::LightningUnavailable,
+        ErrorCode::UnknownBundle,
+        ErrorCode::BytesOutOfRange,
+        ErrorCode::UnknownInvoice,
+        ErrorCode::UnknownToken,
+        ErrorCode::TokenExpired,
         ErrorCode::Unknown,
     ];
 
@@ -514,6 +527,12 @@ impl ErrorCode {
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::ChainUnavailable => "chain_unavailable",
             ErrorCode::Internal => "internal",
+            ErrorCode::LightningUnavailable => "lightning_unavailable",
+            ErrorCode::UnknownBundle => "unknown_bundle",
+            ErrorCode::BytesOutOfRange => "bytes_out_of_range",
+            ErrorCode::UnknownInvoice => "unknown_invoice",
+            ErrorCode::UnknownToken => "unknown_token",
+            ErrorCode::TokenExpired => "token_expired",
             ErrorCode::Unknown => "unknown",
         }
     }

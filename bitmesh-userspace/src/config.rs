@@ -15,7 +15,9 @@ use std::path::{Path, PathBuf};
 
 use bitcoin::address::NetworkUnchecked;
 use bitcoin::{Address, Amount, FeeRate, Network, ScriptBuf};
+use bitmesh_common::blocks::BlockCount;
 use bitmesh_common::pricing::{ByteCount, PriceMsatPerMib};
+use bitmesh_common::wire::ChannelLimits;
 use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, FromArgMatches, ValueEnum};
 use serde::{Deserialize, Serialize};
@@ -290,6 +292,38 @@ pub struct RunArgs {
     /// How often the chain tip is polled, in seconds.
     #[arg(long, value_name = "SECS", default_value_t = 5)]
     pub chain_poll_secs: u64,
+
+    // --- Lightning (docs/operator.md, "Lightning") ---
+    /// Run the embedded Lightning node (data under --data-dir/lightning) and sell
+    /// bundles for Lightning payments. [default: off]
+    #[arg(long)]
+    pub lightning: bool,
+    /// Address the Lightning node accepts peers on.
+    #[arg(long, value_name = "ADDR:PORT", default_value = "0.0.0.0:9735")]
+    pub lightning_listen: String,
+    /// The Lightning node's alias (at most 32 bytes), also named in invoices.
+    #[arg(long, value_name = "NAME", default_value = "BitMesh")]
+    pub lightning_alias: String,
+    /// Bundles sold for Lightning, priced at --price-msat-per-mib (rounded up to a sat).
+    #[arg(long, value_name = "SIZES", default_value = "50MiB,200MiB,1GiB")]
+    pub bundles: String,
+    /// Lightning credit expires this long after the device's last purchase (e.g. 24h, 90m).
+    #[arg(long, value_name = "DURATION", default_value = "24h")]
+    pub lightning_credit_ttl: String,
+    /// LSPS2 liquidity provider: invoices ask it for a just-in-time channel, so a node
+    /// without inbound liquidity can be paid. [default: none]
+    #[arg(long, value_name = "NODE_ID@HOST:PORT")]
+    pub lsp: Option<String>,
+    /// Token the LSP asked for (with --lsp). [default: none]
+    #[arg(long, value_name = "TOKEN")]
+    pub lsp_token: Option<String>,
+    /// On-chain reserve kept per anchor channel for fee bumps at a force close, in sat
+    /// (a fresh node with no on-chain funds refuses inbound channels unless this is 0).
+    #[arg(long, value_name = "SAT", default_value_t = 0)]
+    pub lightning_anchor_reserve_sat: u64,
+    /// How long an invoice may be paid, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 3600)]
+    pub invoice_expiry_secs: u32,
 }
 
 impl RunArgs {
@@ -362,20 +396,22 @@ impl RunArgs {
             price,
             chunk: ByteCount(self.chunk_bytes),
             low_water: ByteCount(self.low_water_bytes),
-            min_capacity: Amount::from_sat(self.min_channel_sat),
-            max_capacity: Amount::from_sat(self.max_channel_sat),
-            min_expiry_blocks: self.min_expiry_blocks,
-            max_expiry_blocks: self.max_expiry_blocks,
-            close_margin_blocks: self.close_margin_blocks,
-            confirmations: self.confirmations,
-            zero_conf_cap: Amount::from_sat(self.zero_conf_cap_sat),
+            limits: ChannelLimits {
+                min_capacity: Amount::from_sat(self.min_channel_sat),
+                max_capacity: Amount::from_sat(self.max_channel_sat),
+                zero_conf_cap: Amount::from_sat(self.zero_conf_cap_sat),
+                confirmations_required: self.confirmations,
+                min_expiry_blocks: BlockCount(self.min_expiry_blocks),
+                max_expiry_blocks: BlockCount(self.max_expiry_blocks),
+                close_margin_blocks: BlockCount(self.close_margin_blocks),
+                close_fee_rate: fee("close-fee-rate-sat-vb", self.close_fee_rate_sat_vb)?,
+            },
             zero_conf_exposure: Amount::from_sat(self.zero_conf_exposure_sat),
             chain_stale_after: chain_stale_after(self.chain_poll_secs),
             idle_timeout: std::time::Duration::from_secs(self.idle_timeout_secs),
             offer_ttl: std::time::Duration::from_secs(self.offer_ttl_secs),
-            close_fee_rate: fee("close-fee-rate-sat-vb", self.close_fee_rate_sat_vb)?,
             max_fee_rate: fee("max-fee-rate-sat-vb", self.max_fee_rate_sat_vb)?,
-            bump_after_blocks: self.bump_after_blocks,
+            bump_after_blocks: BlockCount(self.bump_after_blocks),
         })
     }
 
@@ -470,13 +506,8 @@ pub struct Policy {
     pub price: PriceMsatPerMib,
     pub chunk: ByteCount,
     pub low_water: ByteCount,
-    pub min_capacity: Amount,
-    pub max_capacity: Amount,
-    pub min_expiry_blocks: u32,
-    pub max_expiry_blocks: u32,
-    pub close_margin_blocks: u32,
-    pub confirmations: u32,
-    pub zero_conf_cap: Amount,
+    /// The channel limits the terms announce and the channel library checks.
+    pub limits: ChannelLimits,
     /// Cap on what all unconfirmed channels together may be credited.
     pub zero_conf_exposure: Amount,
     /// A chain tip older than this stops payments and opens (`chain_unavailable`).
@@ -484,9 +515,8 @@ pub struct Policy {
     pub idle_timeout: std::time::Duration,
     /// How long an unfunded offer stays valid (`--offer-ttl-secs`).
     pub offer_ttl: std::time::Duration,
-    pub close_fee_rate: FeeRate,
     pub max_fee_rate: FeeRate,
-    pub bump_after_blocks: u32,
+    pub bump_after_blocks: BlockCount,
 }
 
 /// How old the last successful tip read may be before payments and opens stop:

@@ -12,10 +12,11 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use bitmesh::admin::{self, format, AdminRequest, AdminResponse};
 use bitmesh::api::{self, ApiLimits};
-use bitmesh::chain::{BitcoindAuth, BitcoindRpc, Chain, Esplora};
-use bitmesh::channel::GatewaySeed;
+use bitmesh_channel::chain::{BitcoindAuth, BitcoindRpc, Chain, Esplora};
+use bitmesh_channel::GatewaySeed;
 use bitmesh::config::{ChainChoice, HookChoice, RunArgs};
-use bitmesh::gateway::{Gateway, GatewayParts, KernelNeighbours};
+use bitmesh::gateway::{Gateway, GatewayParts, KernelNeighbours, LightningRail};
+use bitmesh::lightning::{self, LightningSettings};
 use bitmesh::meter::{Meter, MeterConfig, UploadHook};
 use bitmesh::store::Store;
 use bitmesh_common::wire::ChannelId;
@@ -36,6 +37,8 @@ struct SocketArg {
     admin_socket: PathBuf,
 }
 
+// Parsed once per process: the size of `Run`'s flags does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run the gateway controller (as root): meter, client API, settlement.
@@ -78,6 +81,17 @@ enum Command {
         #[command(flatten)]
         socket: SocketArg,
     },
+    /// The Lightning node: node id, balances, deposit address, channels, pending
+    /// invoices; or one of its actions.
+    Lightning {
+        #[command(subcommand)]
+        action: Option<LightningCmd>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
     /// `pay` and `refund`: the client agent, defined in bitmesh-client.
     #[command(flatten)]
     Client(Box<bitmesh_client::ClientCommand>),
@@ -94,6 +108,36 @@ enum Command {
         #[command(flatten)]
         socket: SocketArg,
     },
+}
+
+#[derive(Subcommand)]
+enum LightningCmd {
+    /// Open a channel of SAT satoshis to a peer, from the node's on-chain funds.
+    OpenChannel {
+        /// The peer, NODE_ID@HOST:PORT.
+        target: String,
+        /// Channel size in satoshis.
+        sat: u64,
+    },
+    /// Connect to a peer (it can then open a channel to the gateway).
+    Connect {
+        /// The peer, NODE_ID@HOST:PORT.
+        target: String,
+    },
+    /// Send on-chain funds to an address, or pay out over Lightning to an invoice.
+    Withdraw {
+        /// On-chain destination.
+        #[arg(long, required_unless_present = "invoice", conflicts_with = "invoice")]
+        address: Option<String>,
+        /// Amount in satoshis. [default: everything spendable]
+        #[arg(long, requires = "address")]
+        sat: Option<u64>,
+        /// A BOLT11 invoice to pay from the node's channels.
+        #[arg(long)]
+        invoice: Option<String>,
+    },
+    /// Print the node's seed (hex): keep it offline, with a backup of --data-dir/lightning.
+    ExportSeed,
 }
 
 /// Every expected failure ends here: one line on stderr (the chain of causes, `{:#}`)
@@ -202,6 +246,23 @@ fn run_command() -> Result<()> {
                 _ => bail!("unexpected answer from the controller"),
             }
         }),
+        Command::Lightning { action, json, socket } => rt.block_on(async {
+            let req = match action {
+                None => AdminRequest::Lightning,
+                Some(LightningCmd::OpenChannel { target, sat }) => AdminRequest::LightningOpenChannel { target, sat },
+                Some(LightningCmd::Connect { target }) => AdminRequest::LightningConnect { target },
+                Some(LightningCmd::Withdraw { address, sat, invoice }) => AdminRequest::LightningWithdraw { address, sat, invoice },
+                Some(LightningCmd::ExportSeed) => AdminRequest::LightningExportSeed,
+            };
+            match admin::request(&socket.admin_socket, &req).await? {
+                AdminResponse::Lightning { info } if json => println!("{}", serde_json::to_string_pretty(&info)?),
+                AdminResponse::Lightning { info } => print!("{}", format::lightning_text(&info)),
+                AdminResponse::LightningDone { message } => println!("{message}"),
+                AdminResponse::LightningSeed { seed_hex } => println!("{seed_hex}"),
+                _ => bail!("unexpected answer from the controller"),
+            }
+            Ok(())
+        }),
         Command::Price { msat_per_mib, reset, socket } => rt.block_on(async {
             match admin::request(&socket.admin_socket, &AdminRequest::Price { set_msat_per_mib: msat_per_mib, reset }).await? {
                 AdminResponse::Price(p) => {
@@ -244,6 +305,7 @@ fn chain_backend(args: &RunArgs) -> Result<Arc<dyn Chain>> {
 
 async fn run(args: RunArgs) -> Result<()> {
     let policy = args.policy()?;
+    let policy_network = policy.network;
     let payout_flag = args.payout_script()?;
     let iface = args.iface()?.to_owned();
     // SAFETY: geteuid has no preconditions.
@@ -337,6 +399,9 @@ async fn run(args: RunArgs) -> Result<()> {
         tip,
     )?;
     gw.reconcile(maps_were_pinned)?;
+    // The Lightning node, after the chain probe above: ldk-node starts "successfully"
+    // even when bitcoind is down or the password is wrong, so that check comes first.
+    let ln_node = start_lightning(&args, &gw, policy_network).await?;
     // A price set with `bitmesh price` beats the flag and the file: say so at start.
     let price = admin::PriceSetting::of(&gw)?;
     if price.set_at_runtime && Some(price.msat_per_mib) != price.configured_msat_per_mib {
@@ -375,7 +440,7 @@ async fn run(args: RunArgs) -> Result<()> {
     }
     info!(url = %portal_url, https = tls.is_some(), venue = %args.venue, "captive portal page");
     // Captive-portal interception: the redirect listener first, then the nftables
-    // table that sends intercepted port 80 to it (docs/design.md section 5.7).
+    // table that sends intercepted port 80 to it (docs/design.md section 5.8).
     let mut portal_table = None;
     if args.portal {
         if matches!(hook, UploadHook::XdpNative | UploadHook::XdpGeneric) {
@@ -457,12 +522,50 @@ async fn run(args: RunArgs) -> Result<()> {
             warn!(error = %e, "removing the captive-portal nftables table failed");
         }
     }
+    if let Some(node) = ln_node {
+        if let Err(e) = tokio::task::spawn_blocking(move || node.stop()).await {
+            warn!(error = %e, "stopping the Lightning node failed");
+        }
+    }
     // Programs and maps stay pinned: the kernel keeps enforcing budgets while we are down.
     if let Err(e) = gw.snapshot_usage() {
         warn!(error = %e, "final usage snapshot failed");
     }
     info!("controller stopped; the kernel keeps enforcing paid budgets");
     Ok(())
+}
+
+/// Start the embedded Lightning node when `--lightning` is on, attach it to the
+/// gateway and run its event loop; `None` when off.
+async fn start_lightning(
+    args: &RunArgs,
+    gw: &Arc<Gateway>,
+    network: bitcoin::Network,
+) -> Result<Option<Arc<ldk_node::Node>>> {
+    let Some(settings) = LightningSettings::from_args(args)? else { return Ok(None) };
+    let chain = match args.chain {
+        ChainChoice::Bitcoind => {
+            let user_pass = match (&args.rpc_user, &args.rpc_password) {
+                (Some(u), Some(p)) => Some((u.clone(), p.clone())),
+                _ => None,
+            };
+            lightning::NodeChain::bitcoind(&args.rpc_url, args.rpc_cookie.as_deref(), user_pass)?
+        }
+        ChainChoice::Esplora => lightning::NodeChain::Esplora { url: args.esplora_url.clone() },
+    };
+    let spec = lightning::NodeSpec { data_dir: args.data_dir.clone(), network, chain, settings: settings.clone() };
+    let handle = tokio::runtime::Handle::current();
+    let (node, token_key) = tokio::task::spawn_blocking(move || lightning::start(spec, handle)).await??;
+    let via_lsp = settings.lsp.is_some();
+    info!(node_id = %node.node_id(), listen = %settings.listen, lsp = via_lsp, "Lightning node running");
+    gw.attach_lightning(LightningRail {
+        invoices: Arc::new(lightning::LdkInvoices { node: node.clone(), via_lsp }),
+        settings,
+        token_key,
+        node: Some(node.clone()),
+    });
+    tokio::spawn(lightning::run_event_loop(node.clone(), gw.clone()));
+    Ok(Some(node))
 }
 
 /// A listening socket for the client API on `addr`, bound to `device` if given.

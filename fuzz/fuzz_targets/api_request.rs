@@ -17,8 +17,8 @@ use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::http::{Request, StatusCode};
 use axum::Router;
-use bitmesh::api::{self, ApiError, ApiLimits, CaptiveStatus, ClientEvent, ClientGateway};
-use bitmesh_common::wire::{ChannelId, ChannelStatus, CloseRequest, CloseResponse, ErrorBody, FundRequest, OpenRequest, OpenResponse, PaymentAck, PaymentUpdate, SignedRequest, Terms};
+use bitmesh::api::{self, ApiError, ApiLimits, ClientGateway};
+use bitmesh_common::wire::{CaptiveStatus, ChannelId, ClientEvent, ChannelStatus, CloseRequest, CloseResponse, ErrorBody, FundRequest, OpenRequest, OpenResponse, PaymentAck, PaymentUpdate, SignedRequest, Terms};
 use libfuzzer_sys::fuzz_target;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -109,7 +109,7 @@ fuzz_target!(|data: &[u8]| {
     // Header bytes axum would never see (not a valid header value) are left out,
     // as hyper would have refused the request before the router.
     if let Ok(value) = axum::http::HeaderValue::from_bytes(header) {
-        req = req.header(api::AUTH_HEADER, value);
+        req = req.header(bitmesh_common::wire::AUTH_HEADER, value);
     }
     if route & 8 == 0 {
         req = req.header("content-type", "application/json");

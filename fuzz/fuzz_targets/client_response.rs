@@ -20,6 +20,7 @@ use bitmesh_client::http::{clock_offset_ms, decode_parts, parse_event, HttpError
 use bitmesh_client::session::{check_open_response, check_open_terms};
 use bitmesh_client::terms::{check_terms, describe, UserLimits, DEFAULT_MAX_CHUNK, DEFAULT_MAX_PREPAID};
 use bitmesh_client::tip::{check_tip, TipEvidence};
+use bitmesh_common::blocks::BlockCount;
 use bitmesh_common::pricing::{payment_for_bytes, PriceMsatPerMib};
 use bitmesh_common::wire::{CaptiveStatus, ChannelStatus, CloseResponse, OpenRequest, OpenResponse, PaymentAck, Terms};
 use libfuzzer_sys::fuzz_target;
@@ -28,8 +29,8 @@ fn user() -> UserLimits {
     UserLimits {
         max_price: PriceMsatPerMib::new(5_000).expect("price"),
         network: Network::Regtest,
-        min_expiry_blocks: 6,
-        max_expiry_blocks: 1008,
+        min_expiry_blocks: BlockCount(6),
+        max_expiry_blocks: BlockCount(1008),
         max_spend: Amount::from_sat(50_000),
         capacity: None,
         max_chunk: DEFAULT_MAX_CHUNK,

@@ -13,8 +13,9 @@ use std::sync::OnceLock;
 use bitcoin::hashes::Hash;
 use bitcoin::secp256k1::SecretKey;
 use bitcoin::{absolute, Amount, FeeRate, Network, OutPoint, PublicKey, ScriptBuf, Txid};
-use bitmesh::channel::{sign_update, verify_update, Channel, ChannelKey, ChannelPolicy, ChannelScript, GatewaySeed};
-use bitmesh_common::wire::SignatureBytes;
+use bitmesh_channel::{sign_update, verify_update, Channel, ChannelKey, ChannelPolicy, ChannelScript, GatewaySeed};
+use bitmesh_common::blocks::BlockCount;
+use bitmesh_common::wire::{ChannelLimits, SignatureBytes};
 use libfuzzer_sys::fuzz_target;
 
 /// A 100,000 sat channel expiring at 1,000 (crediting ends at 994).
@@ -34,14 +35,16 @@ fn fixed() -> &'static Fixed {
         let stranger = SecretKey::from_slice(&[3; 32]).expect("other key");
         let client_pk = PublicKey::new(client.public_key(&bitcoin::secp256k1::Secp256k1::new()));
         let policy = ChannelPolicy {
-            min_capacity: Amount::from_sat(10_000),
-            max_capacity: Amount::from_sat(1_000_000),
-            zero_conf_cap: Amount::ZERO,
-            confirmations_required: 1,
-            min_expiry_blocks: 1,
-            max_expiry_blocks: 10_000,
-            close_margin_blocks: 6,
-            close_fee_rate: FeeRate::from_sat_per_vb_u32(2),
+            limits: ChannelLimits {
+                min_capacity: Amount::from_sat(10_000),
+                max_capacity: Amount::from_sat(1_000_000),
+                zero_conf_cap: Amount::ZERO,
+                confirmations_required: 1,
+                min_expiry_blocks: BlockCount(1),
+                max_expiry_blocks: BlockCount(10_000),
+                close_margin_blocks: BlockCount(6),
+                close_fee_rate: FeeRate::from_sat_per_vb_u32(2),
+            },
             gateway_payout_script: ScriptBuf::new_p2wpkh(&gateway.public.wpubkey_hash().expect("compressed")),
         };
         let channel = Channel {

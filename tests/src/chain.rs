@@ -24,7 +24,7 @@ use bitcoin::{absolute, ecdsa, transaction, Address, Amount, Block, CompressedPu
 use bitcoin::{
     Network, OutPoint, PublicKey, ScriptBuf, Sequence, Transaction, TxIn, TxOut, Witness,
 };
-use bitmesh::chain::{BitcoindAuth, BitcoindRpc, Chain};
+use bitmesh_channel::chain::{BitcoindAuth, BitcoindRpc, Chain};
 use serde_json::json;
 
 use crate::env;

@@ -81,9 +81,26 @@ pub struct ControllerProcess {
     api_port: u16,
     admin_socket: PathBuf,
     log: PathBuf,
+    /// Extra environment of the next starts ([`Self::set_env`]).
+    env: Vec<(String, String)>,
 }
 
 impl ControllerProcess {
+    /// Add `run` flags for the next start (e.g. a flag naming something the test
+    /// made after the first start).
+    pub fn add_args(&mut self, args: &[&str]) {
+        self.args.extend(args.iter().map(OsString::from));
+    }
+
+    /// Set (or with `None` remove) an environment variable for the next start, e.g.
+    /// `BITMESH_FAULT` to stop the controller at a named point of a money path.
+    pub fn set_env(&mut self, key: &str, value: Option<&str>) {
+        self.env.retain(|(k, _)| k != key);
+        if let Some(v) = value {
+            self.env.push((key.to_owned(), v.to_owned()));
+        }
+    }
+
     /// Start `bitmesh run` as `spec` says and wait until it is ready
     /// ([`Self::wait_ready`], 30 s).
     pub fn start(spec: RunSpec) -> Result<ControllerProcess> {
@@ -113,6 +130,7 @@ impl ControllerProcess {
             api_port: spec.api_port,
             admin_socket: spec.admin_socket,
             log: spec.log,
+            env: Vec::new(),
         };
         p.spawn()?;
         Ok(p)
@@ -127,7 +145,8 @@ impl ControllerProcess {
         cmd.args(&self.args)
             .env("RUST_LOG", std::env::var("BITMESH_LOG").unwrap_or_else(|_| "info".into()))
             // A log file, not a terminal: no colour codes.
-            .env("NO_COLOR", "1");
+            .env("NO_COLOR", "1")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         let log = self.log.clone();
         let child = in_netns_named(&self.netns, || spawn_logged(&mut cmd, &log))?;
         self.child = Some(child);

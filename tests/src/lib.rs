@@ -24,6 +24,7 @@ pub mod controller;
 pub mod env;
 pub mod garden_attack;
 pub mod http;
+pub mod lightning;
 pub mod network;
 pub mod portal;
 pub mod process;

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use bitcoin::secp256k1::{rand, Secp256k1, SecretKey};
 use bitcoin::{Amount, CompressedPublicKey, Network, PrivateKey, ScriptBuf, Txid};
-use bitmesh::chain::Chain;
+use bitmesh_channel::chain::Chain;
 use bitmesh::meter::{ClientUsage, MeterMaps};
 use serde_json::json;
 

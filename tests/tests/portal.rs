@@ -1,4 +1,4 @@
-//! Captive portal, end to end (docs/design.md sections 3.1 and 5.7): the real
+//! Captive portal, end to end (docs/design.md sections 3.1 and 5.8): the real
 //! controller and kernel meter in the namespace world, an upstream "internet" that
 //! logs every request, raw HTTP clients and headless Chromium in client namespaces.
 //!

@@ -4,6 +4,8 @@
 use bitcoin::hashes::Hash;
 use bitcoin::secp256k1::SecretKey;
 use bitcoin::{absolute, Amount, FeeRate, Network, OutPoint, PublicKey, ScriptBuf, Txid};
+use bitmesh_common::blocks::BlockCount;
+use bitmesh_common::wire::ChannelLimits;
 
 use crate::*;
 
@@ -22,14 +24,16 @@ fn fixture() -> Fixture {
     let client_pk = PublicKey::new(client.public_key(secp()));
     let payout = ScriptBuf::new_p2wpkh(&gateway.public.wpubkey_hash().unwrap());
     let policy = ChannelPolicy {
-        min_capacity: Amount::from_sat(10_000),
-        max_capacity: Amount::from_sat(10_000_000),
-        zero_conf_cap: Amount::from_sat(100_000),
-        confirmations_required: 1,
-        min_expiry_blocks: 20,
-        max_expiry_blocks: 1000,
-        close_margin_blocks: 6,
-        close_fee_rate: FeeRate::from_sat_per_vb_u32(2),
+        limits: ChannelLimits {
+            min_capacity: Amount::from_sat(10_000),
+            max_capacity: Amount::from_sat(10_000_000),
+            zero_conf_cap: Amount::from_sat(100_000),
+            confirmations_required: 1,
+            min_expiry_blocks: BlockCount(20),
+            max_expiry_blocks: BlockCount(1000),
+            close_margin_blocks: BlockCount(6),
+            close_fee_rate: FeeRate::from_sat_per_vb_u32(2),
+        },
         gateway_payout_script: payout,
     };
     let channel = Channel {
@@ -85,7 +89,7 @@ fn client_signed_update_verifies_and_builds_a_valid_close() {
             update: &u,
         }],
         &f.policy.gateway_payout_script,
-        f.policy.close_fee_rate,
+        f.policy.limits.close_fee_rate,
     )
     .unwrap();
     assert_eq!(close.tx.output[0].value, Amount::from_sat(95_000));

@@ -26,6 +26,17 @@ pub const PAYMENTS: &str = "/v1/channels/{id}/payments";
 pub const CLOSE: &str = "/v1/channels/{id}/close";
 /// GET: server-sent events (signed header, action `events`).
 pub const EVENTS: &str = "/v1/channels/{id}/events";
+/// POST: a Lightning invoice for a bundle or a number of bytes.
+pub const INVOICES: &str = "/v1/invoices";
+/// GET: one invoice's status, by payment hash (hex).
+pub const INVOICE: &str = "/v1/invoices/{payment_hash}";
+/// POST: move a purchase token's Lightning credit to the requesting MAC.
+pub const RESTORE: &str = "/v1/restore";
+
+/// [`INVOICE`] of one payment hash (hex).
+pub fn invoice(payment_hash_hex: &str) -> String {
+    INVOICE.replace("{payment_hash}", payment_hash_hex)
+}
 
 fn fill(template: &str, id: &ChannelId) -> String {
     template.replace(ID, &id.to_string())

@@ -129,6 +129,7 @@ pub fn client_rows(
                 capacity_sat: ch.and_then(|c| c.funding).map(|f| f.capacity.to_sat()),
                 close_reason: ch.and_then(|c| c.close_reason),
                 close_txid: close.map(|i| i.txid.clone()),
+                rail: None,
             }
         })
         .collect()
@@ -143,7 +144,7 @@ mod tests {
     use bitmesh_common::wire::ChannelId;
 
     use super::*;
-    use crate::store::{CloseReason, FinalUsage, Funding};
+    use crate::store::{CloseReason, FinalUsage, Funding, NewChannel};
     use bitmesh_common::kernel::Usage;
     use bitmesh_common::pricing::ByteCount;
 
@@ -166,17 +167,19 @@ mod tests {
     fn channel(n: u8, m: Mac, state: ChannelStage, paid: u64) -> ChannelRecord {
         let funded = !matches!(state, ChannelStage::Offered);
         ChannelRecord {
-            id: ChannelId([n; 32]),
-            mac: m,
-            ip: format!("10.0.0.{n}").parse().unwrap(),
-            client_pubkey: key(),
-            gateway_key_index: n as u32,
-            gateway_pubkey: key(),
-            expiry: Height::from_consensus(500).unwrap(),
-            client_change_script: ScriptBuf::new(),
-            price: PriceMsatPerMib::new(1_000_000).unwrap(),
-            chunk: ByteCount(1 << 20),
-            min_first_payment: Amount::from_sat(500),
+            offer: NewChannel {
+                id: ChannelId([n; 32]),
+                mac: m,
+                ip: format!("10.0.0.{n}").parse().unwrap(),
+                client_pubkey: key(),
+                gateway_key_index: n as u32,
+                gateway_pubkey: key(),
+                expiry: Height::from_consensus(500).unwrap(),
+                client_change_script: ScriptBuf::new(),
+                price: PriceMsatPerMib::new(1_000_000).unwrap(),
+                chunk: ByteCount(1 << 20),
+                min_first_payment: Amount::from_sat(500),
+            },
             state,
             funding: funded.then(|| Funding { outpoint: OutPoint::null(), capacity: Amount::from_sat(20_000), height: None }),
             close_reason: matches!(state, ChannelStage::Closing | ChannelStage::Closed).then_some(CloseReason::Client),

@@ -79,7 +79,7 @@ pub fn channels_table(rows: &[ChannelRow]) -> String {
                 vec![
                     short(&r.id),
                     r.mac.clone(),
-                    r.state.clone(),
+                    r.state.to_string(),
                     r.capacity_sat.map(|c| format!("{c} sat")).unwrap_or_else(|| "-".into()),
                     format!("{} sat", r.paid_sat),
                     bytes(r.credited_bytes),
@@ -118,12 +118,49 @@ pub fn price_line(p: &PriceSetting) -> String {
 
 /// `bitmesh earnings`.
 pub fn earnings_text(e: &Earnings) -> String {
-    format!(
+    let mut s = format!(
         "settled (confirmed):        {:>12} sat\npending (broadcast):        {:>12} sat\nheld in open channels:      {:>12} sat\n",
         e.settled.to_sat(),
         e.pending.to_sat(),
         e.held_open.to_sat()
-    )
+    );
+    if e.lightning_receipts > 0 {
+        s.push_str(&format!(
+            "received over Lightning:    {:>12} sat ({} payments)\n",
+            e.lightning_received_msat / 1000,
+            e.lightning_receipts
+        ));
+    }
+    s
+}
+
+/// `bitmesh lightning`: the node, its balances and channels, pending invoices.
+pub fn lightning_text(i: &crate::lightning::operator::LightningInfo) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(out, "node id:          {}", i.node_id);
+    let _ = writeln!(out, "listening on:     {}", if i.listening.is_empty() { "-".into() } else { i.listening.join(", ") });
+    let _ = writeln!(out, "on-chain:         {} sat ({} spendable, {} anchor reserve)", i.onchain_total_sat, i.onchain_spendable_sat, i.anchor_reserve_sat);
+    let _ = writeln!(out, "deposit address:  {}", i.deposit_address);
+    let _ = writeln!(out, "in channels:      {} sat", i.lightning_balance_sat);
+    let _ = writeln!(out, "channels ({}):", i.channels.len());
+    for c in &i.channels {
+        let _ = writeln!(
+            out,
+            "  {}  peer {}  {} sat  outbound {} sat  inbound {} sat  {}",
+            c.channel_id,
+            c.counterparty,
+            c.capacity_sat,
+            c.outbound_msat / 1000,
+            c.inbound_msat / 1000,
+            if c.usable { "usable" } else if c.ready { "ready" } else { "pending" }
+        );
+    }
+    let _ = writeln!(out, "pending invoices ({}):", i.pending_invoices.len());
+    for p in &i.pending_invoices {
+        let _ = writeln!(out, "  {}  {}  {} bytes  {} msat  expires {}", p.payment_hash, p.mac, p.bytes, p.amount_msat, p.expires_at);
+    }
+    out
 }
 
 #[cfg(test)]
@@ -168,6 +205,7 @@ mod tests {
             capacity_sat: None,
             close_reason: None,
             close_txid: None,
+            rail: None,
         };
         let t = clients_table(&[row]);
         let lines: Vec<&str> = t.lines().collect();
@@ -197,6 +235,7 @@ mod tests {
             capacity_sat: Some(20_000),
             close_reason: Some(CloseReason::Client),
             close_txid: Some("ab".into()),
+            rail: None,
         };
         let t = clients_table(&[row]);
         let line = t.lines().nth(1).unwrap();
@@ -204,3 +243,4 @@ mod tests {
         assert!(!line.contains("never") && !line.contains("/s"), "{line}");
     }
 }
+

@@ -71,6 +71,28 @@ pub fn render(gw: &Gateway) -> String {
         vec![(String::new(), gw.second_source_frames())],
     );
     gauge("bitmesh_chain_tip_height", "Chain tip as last seen.", vec![(String::new(), gw.tip().to_consensus_u32() as u64)]);
+    if gw.lightning().is_some() {
+        let t = gw.store().ln_totals().unwrap_or_default();
+        gauge("bitmesh_lightning_receipts_total", "Lightning payments journaled.", vec![(String::new(), t.receipts)]);
+        gauge("bitmesh_lightning_received_msat_total", "Lightning payments received, msat.", vec![(String::new(), t.received_msat)]);
+        gauge("bitmesh_lightning_credit_live_bytes", "Lightning bytes on accounts, not yet used, moved or expired.", vec![(String::new(), t.bytes_live)]);
+        gauge("bitmesh_lightning_credit_expired_bytes_total", "Lightning bytes lost at expiry.", vec![(String::new(), t.bytes_expired)]);
+        gauge("bitmesh_lightning_accounts_live", "Devices with live Lightning credit.", vec![(String::new(), t.accounts_live)]);
+        if let Some(node) = gw.lightning().and_then(|r| r.node.as_ref()) {
+            let b = node.list_balances();
+            let ch = node.list_channels();
+            gauge("bitmesh_lightning_onchain_sat", "The Lightning node's on-chain balance.", vec![(String::new(), b.total_onchain_balance_sats)]);
+            gauge("bitmesh_lightning_channels", "The Lightning node's channels.", vec![(String::new(), ch.len() as u64)]);
+            gauge(
+                "bitmesh_lightning_capacity_msat",
+                "Capacity of the Lightning node's channels, by direction.",
+                vec![
+                    ("{direction=\"inbound\"}".into(), ch.iter().map(|c| c.inbound_capacity_msat).sum()),
+                    ("{direction=\"outbound\"}".into(), ch.iter().map(|c| c.outbound_capacity_msat).sum()),
+                ],
+            );
+        }
+    }
     out
 }
 

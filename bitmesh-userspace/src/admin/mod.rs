@@ -53,6 +53,23 @@ pub enum AdminRequest {
         #[serde(default)]
         reset: bool,
     },
+    /// The Lightning node: balances, channels, pending invoices.
+    Lightning,
+    /// Lightning: open a channel from the node's on-chain funds.
+    LightningOpenChannel { target: String, sat: u64 },
+    /// Lightning: connect to a peer (it may then open a channel to the gateway).
+    LightningConnect { target: String },
+    /// Lightning: send on-chain funds (`sat` None = all spendable) or pay an invoice.
+    LightningWithdraw {
+        #[serde(default)]
+        address: Option<String>,
+        #[serde(default)]
+        sat: Option<u64>,
+        #[serde(default)]
+        invoice: Option<String>,
+    },
+    /// Lightning: the node's seed, hex (back it up).
+    LightningExportSeed,
 }
 
 /// The price for new channels and where it comes from. A price set with
@@ -112,6 +129,9 @@ pub struct ClientRow {
     /// The settlement transaction of a closing or closed channel.
     #[serde(default)]
     pub close_txid: Option<String>,
+    /// How the device pays now: `channel`, `lightning` or `channel+lightning`.
+    #[serde(default)]
+    pub rail: Option<String>,
 }
 
 /// One row of `bitmesh channels`.
@@ -119,7 +139,7 @@ pub struct ClientRow {
 pub struct ChannelRow {
     pub id: ChannelId,
     pub mac: String,
-    pub state: String,
+    pub state: ChannelStage,
     pub capacity_sat: Option<u64>,
     pub paid_sat: u64,
     pub credited_bytes: u64,
@@ -143,6 +163,10 @@ pub enum AdminResponse {
     Earnings { earnings: Earnings },
     Settled { closed: Vec<ChannelId>, txids: Vec<String> },
     Price(PriceSetting),
+    Lightning { info: crate::lightning::operator::LightningInfo },
+    /// A Lightning action's result (txid, payment id, channel id).
+    LightningDone { message: String },
+    LightningSeed { seed_hex: String },
     Error { message: String },
 }
 
@@ -185,7 +209,7 @@ fn channel_row(gw: &Gateway, c: &ChannelRecord) -> ChannelRow {
     ChannelRow {
         id: c.id,
         mac: c.mac.to_string(),
-        state: c.state.to_string(),
+        state: c.state,
         capacity_sat: c.funding.map(|f| f.capacity.to_sat()),
         paid_sat: c.paid_total.to_sat(),
         credited_bytes: c.credited.0,
@@ -216,6 +240,24 @@ fn client_list(gw: &Gateway, rates: &RateSampler) -> Result<Vec<ClientRow>, Gate
     }
     let now = clients::Now { unix: unix_now(), boot_ns: boottime_ns() };
     let mut rows = clients::client_rows(&channels, &metered, &ips, &closes, now);
+    // The rail of each device (docs/design.md section 5.7): a Lightning-only device
+    // is metered without a channel, so its state says `lightning`, not `unpaid`.
+    let lightning: std::collections::HashSet<Mac> =
+        store.ln_live_accounts()?.into_iter().filter_map(|a| a.mac).collect();
+    for r in rows.iter_mut() {
+        let Ok(mac) = r.mac.parse::<Mac>() else { continue };
+        let ln = lightning.contains(&mac);
+        let ch = r.state == "open";
+        r.rail = match (ch, ln) {
+            (true, true) => Some("channel+lightning".into()),
+            (true, false) => Some("channel".into()),
+            (false, true) => Some("lightning".into()),
+            (false, false) => None,
+        };
+        if ln && r.state == "unpaid" {
+            r.state = "lightning".into();
+        }
+    }
     for r in rows.iter_mut().filter(|r| r.metered) {
         if let Ok(mac) = r.mac.parse::<Mac>() {
             r.rate_bps = rates.sample(mac, r.up_bytes.saturating_add(r.down_bytes));
@@ -244,6 +286,11 @@ pub async fn handle(gw: &Gateway, rates: &RateSampler, req: AdminRequest) -> Adm
             Ok(r) => AdminResponse::Settled { closed: r.closed, txids: r.broadcast.iter().map(|t| t.to_string()).collect() },
             Err(e) => err(&e),
         },
+        req @ (AdminRequest::Lightning
+        | AdminRequest::LightningOpenChannel { .. }
+        | AdminRequest::LightningConnect { .. }
+        | AdminRequest::LightningWithdraw { .. }
+        | AdminRequest::LightningExportSeed) => lightning(gw, req).await,
         AdminRequest::Price { set_msat_per_mib, reset } => {
             if reset {
                 if let Err(e) = gw.reset_price() {
@@ -264,6 +311,47 @@ pub async fn handle(gw: &Gateway, rates: &RateSampler, req: AdminRequest) -> Adm
                 Err(e) => err(&e),
             }
         }
+    }
+}
+
+/// The Lightning commands: each runs the node call on a blocking thread.
+async fn lightning(gw: &Gateway, req: AdminRequest) -> AdminResponse {
+    use crate::lightning::operator as op;
+    let err = |e: &dyn std::fmt::Display| AdminResponse::Error { message: e.to_string() };
+    let Some(node) = gw.lightning().and_then(|r| r.node.clone()) else {
+        return err(&"the controller runs no Lightning node: start `bitmesh run` with --lightning");
+    };
+    let store = gw.store().clone();
+    let network = gw.policy().network;
+    let seed_path = crate::lightning::seed_path(store.path().parent().unwrap_or(std::path::Path::new(".")));
+    let joined = tokio::task::spawn_blocking(move || -> Result<AdminResponse, crate::lightning::LightningError> {
+        use crate::lightning::LightningError as E;
+        Ok(match req {
+            AdminRequest::Lightning => AdminResponse::Lightning { info: op::info(&node, &store)? },
+            AdminRequest::LightningOpenChannel { target, sat } => {
+                AdminResponse::LightningDone { message: format!("channel {} opening", op::open_channel(&node, &target, sat)?) }
+            }
+            AdminRequest::LightningConnect { target } => {
+                op::connect(&node, &target)?;
+                AdminResponse::LightningDone { message: format!("connected to {target}") }
+            }
+            AdminRequest::LightningWithdraw { address, sat, invoice } => match (address, invoice) {
+                (Some(a), None) => AdminResponse::LightningDone { message: format!("sent: txid {}", op::withdraw_onchain(&node, network, &a, sat)?) },
+                (None, Some(i)) => AdminResponse::LightningDone { message: format!("paid: payment {}", op::withdraw_invoice(&node, &i)?) },
+                _ => return Err(E::Node("give exactly one of --address or --invoice".into())),
+            },
+            AdminRequest::LightningExportSeed => {
+                let seed = std::fs::read(&seed_path).map_err(|e| E::Node(format!("cannot read {}: {e}", seed_path.display())))?;
+                AdminResponse::LightningSeed { seed_hex: bitcoin::hex::DisplayHex::to_lower_hex_string(&seed[..]) }
+            }
+            _ => return Err(E::Node("not a Lightning command".into())),
+        })
+    })
+    .await;
+    match joined {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => err(&e),
+        Err(e) => err(&e),
     }
 }
 

@@ -6,7 +6,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bitmesh_common::wire::{ChannelId, ErrorBody, ErrorCode};
 
-use crate::channel::ChannelError;
+use bitmesh_channel::ChannelError;
 
 /// A refused or failed client request.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +55,19 @@ pub enum ApiError {
     ZeroConfLimit(String),
     #[error("request took longer than {secs} s: retry")]
     Timeout { secs: u64 },
+    /// No Lightning node runs on this gateway (or it is still starting).
+    #[error("this gateway sells no Lightning bundles (no Lightning node running): open a channel instead")]
+    LightningUnavailable,
+    #[error("no bundle {0:?}: pick one of the bundles in GET /v1/terms")]
+    UnknownBundle(String),
+    #[error("bytes must be between {min} and {max}")]
+    BytesOutOfRange { min: u64, max: u64 },
+    #[error("no invoice with this payment hash")]
+    UnknownInvoice,
+    #[error("no purchase with this token: check the code (letters A-Z and digits 2-7)")]
+    UnknownToken,
+    #[error("the credit of this token has expired")]
+    TokenExpired,
     /// Anything else; the detail is logged, not sent.
     #[error("internal error on the gateway: retry later")]
     Internal(String),
@@ -76,6 +89,12 @@ impl ApiError {
             ApiError::FundingDoubleSpent(_) => ErrorCode::FundingDoubleSpent,
             ApiError::ZeroConfLimit(_) => ErrorCode::FundingUnconfirmed,
             ApiError::Timeout { .. } | ApiError::Internal(_) => ErrorCode::Internal,
+            ApiError::LightningUnavailable => ErrorCode::LightningUnavailable,
+            ApiError::UnknownBundle(_) => ErrorCode::UnknownBundle,
+            ApiError::BytesOutOfRange { .. } => ErrorCode::BytesOutOfRange,
+            ApiError::UnknownInvoice => ErrorCode::UnknownInvoice,
+            ApiError::UnknownToken => ErrorCode::UnknownToken,
+            ApiError::TokenExpired => ErrorCode::TokenExpired,
         }
     }
 
@@ -99,6 +118,10 @@ impl ApiError {
             ApiError::FundingDoubleSpent(_) | ApiError::ZeroConfLimit(_) => StatusCode::CONFLICT,
             ApiError::Timeout { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::LightningUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::UnknownBundle(_) | ApiError::BytesOutOfRange { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::UnknownInvoice | ApiError::UnknownToken => StatusCode::NOT_FOUND,
+            ApiError::TokenExpired => StatusCode::GONE,
         }
     }
 

@@ -18,6 +18,9 @@
 //! | GET  | /captive-portal/api | -> RFC 8908 [`CaptiveStatus`] |
 //! | GET  | /v1/device | -> `DeviceStatus` (the requester's device, by MAC) |
 //! | GET  | /portal/ | the captive-portal page (`crate::portal::page`) |
+//! | POST | /v1/invoices | `InvoiceRequest` -> 201 `Invoice` (Lightning) |
+//! | GET  | /v1/invoices/{payment_hash} | -> `InvoiceStatus` |
+//! | POST | /v1/restore | `RestoreRequest` -> `RestoreResponse` |
 
 mod captive;
 mod error;
@@ -33,22 +36,20 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, State};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{middleware, Json, Router};
 use bitmesh_common::wire::routes;
 use bitmesh_common::wire::{
-    ChannelStatus, CloseRequest, CloseResponse, DeviceStatus, FundRequest, OpenRequest, OpenResponse, PaymentAck,
-    PaymentUpdate, SignedRequest, Terms,
+    CaptiveStatus, ChannelStatus, ClientEvent, CloseRequest, CloseResponse, DeviceStatus, FundRequest, Invoice,
+    InvoiceRequest, InvoiceStatus, OpenRequest, OpenResponse, PaymentAck, PaymentUpdate, RestoreRequest,
+    RestoreResponse, SignedRequest, Terms,
 };
 use extract::{ChannelJson, Signed};
 use tokio::sync::mpsc;
 
-// The wire types the gateway trait's signatures name, and the signed-request header,
-// are defined once in `bitmesh_common::wire` (shared with the client agent).
-pub use bitmesh_common::wire::{CaptiveStatus, ClientEvent, UsageReport, AUTH_HEADER};
 pub use error::ApiError;
 pub use extract::ApiJson;
 pub use limits::{ClientKey, ClientKeys, RateLimiter};
@@ -82,6 +83,12 @@ pub trait ClientGateway: Send + Sync + 'static {
     fn device(&self, _peer: IpAddr) -> impl Future<Output = Result<Option<DeviceStatus>, Self::Error>> + Send {
         async { Ok(None) }
     }
+    /// A Lightning invoice for the requesting device (recorded before it is returned).
+    fn invoice(&self, peer: IpAddr, req: InvoiceRequest) -> impl Future<Output = Result<Invoice, Self::Error>> + Send;
+    /// An invoice's status, by hex payment hash.
+    fn invoice_status(&self, payment_hash: String) -> impl Future<Output = Result<InvoiceStatus, Self::Error>> + Send;
+    /// Move a purchase token's Lightning credit to the requesting device.
+    fn restore(&self, peer: IpAddr, req: RestoreRequest) -> impl Future<Output = Result<RestoreResponse, Self::Error>> + Send;
     /// Who limits count `peer` against (rate limits, connection caps): its MAC on
     /// the client interface when known. Called per connection and per request, so
     /// it must be cheap and must not block for long.
@@ -160,6 +167,9 @@ where
         .route(routes::EVENTS, get(events::<G>))
         .route(routes::CAPTIVE, get(captive::<G>))
         .route(routes::DEVICE, get(device::<G>))
+        .route(routes::INVOICES, post(invoice::<G>))
+        .route(routes::INVOICE, get(invoice_status::<G>))
+        .route(routes::RESTORE, post(restore::<G>))
         .fallback(|| async { ApiError::NoRoute })
         .method_not_allowed_fallback(|| async { ApiError::NoRoute })
         .with_state(state)
@@ -280,4 +290,36 @@ where
     // Live figures: never cached.
     r.headers_mut().insert(axum::http::header::CACHE_CONTROL, axum::http::HeaderValue::from_static("no-store"));
     Ok(r)
+}
+
+async fn invoice<G: ClientGateway>(
+    State(s): St<G>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ApiJson(req): ApiJson<InvoiceRequest>,
+) -> Result<(axum::http::StatusCode, Json<Invoice>), ApiError>
+where
+    ApiError: From<G::Error>,
+{
+    Ok((axum::http::StatusCode::CREATED, Json(s.gw.invoice(peer.ip(), req).await?)))
+}
+
+async fn invoice_status<G: ClientGateway>(
+    State(s): St<G>,
+    Path(payment_hash): Path<String>,
+) -> Result<Json<InvoiceStatus>, ApiError>
+where
+    ApiError: From<G::Error>,
+{
+    Ok(Json(s.gw.invoice_status(payment_hash).await?))
+}
+
+async fn restore<G: ClientGateway>(
+    State(s): St<G>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ApiJson(req): ApiJson<RestoreRequest>,
+) -> Result<Json<RestoreResponse>, ApiError>
+where
+    ApiError: From<G::Error>,
+{
+    Ok(Json(s.gw.restore(peer.ip(), req).await?))
 }

@@ -8,11 +8,12 @@ use axum::extract::connect_info::MockConnectInfo;
 use axum::http::{Request, StatusCode};
 use bitcoin::{absolute, Amount, FeeRate, Network};
 use bitmesh_common::pricing::{ByteCount, PriceMsatPerMib};
-use bitmesh_common::wire::{ChannelId, ChannelState, ErrorBody, ErrorCode};
+use bitmesh_common::blocks::BlockCount;
+use bitmesh_common::wire::{ChannelId, ChannelLimits, ChannelState, ErrorBody, ErrorCode, UsageReport, AUTH_HEADER};
 use tower::ServiceExt;
 
 use super::*;
-use crate::channel::ChannelError;
+use bitmesh_channel::ChannelError;
 
 #[derive(Default)]
 struct Fake {
@@ -41,19 +42,22 @@ impl ClientGateway for Fake {
         self.calls.fetch_add(1, Ordering::SeqCst);
         Ok(Terms {
             protocol_version: 1,
+            limits: ChannelLimits {
+                min_capacity: Amount::from_sat(10_000),
+                max_capacity: Amount::from_sat(1_000_000),
+                zero_conf_cap: Amount::from_sat(50_000),
+                confirmations_required: 1,
+                min_expiry_blocks: BlockCount(144),
+                max_expiry_blocks: BlockCount(4032),
+                close_margin_blocks: BlockCount(36),
+                close_fee_rate: FeeRate::from_sat_per_kwu(500),
+            },
             network: Network::Regtest,
             price_msat_per_mib: PriceMsatPerMib::new(1000).unwrap(),
             chunk_bytes: ByteCount(1 << 20),
-            min_capacity: Amount::from_sat(10_000),
-            max_capacity: Amount::from_sat(1_000_000),
             min_first_payment: Amount::from_sat(700),
-            zero_conf_cap: Amount::from_sat(50_000),
-            confirmations_required: 1,
-            min_expiry_blocks: 144,
-            max_expiry_blocks: 4032,
-            close_margin_blocks: 36,
-            close_fee_rate: FeeRate::from_sat_per_kwu(500),
             tip_height: absolute::Height::from_consensus(200).unwrap(),
+            lightning: None,
         })
     }
     async fn open(&self, _: IpAddr, _: OpenRequest) -> Result<OpenResponse, ApiError> {
@@ -109,6 +113,15 @@ impl ClientGateway for Fake {
             seconds_remaining: Some(600),
             can_extend_session: Some(true),
         })
+    }
+    async fn invoice(&self, _: IpAddr, _: bitmesh_common::wire::InvoiceRequest) -> Result<bitmesh_common::wire::Invoice, ApiError> {
+        Err(ApiError::LightningUnavailable)
+    }
+    async fn invoice_status(&self, _: String) -> Result<bitmesh_common::wire::InvoiceStatus, ApiError> {
+        Err(ApiError::LightningUnavailable)
+    }
+    async fn restore(&self, _: IpAddr, _: bitmesh_common::wire::RestoreRequest) -> Result<bitmesh_common::wire::RestoreResponse, ApiError> {
+        Err(ApiError::LightningUnavailable)
     }
 }
 

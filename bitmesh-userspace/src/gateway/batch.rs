@@ -18,8 +18,8 @@ use tracing::warn;
 
 use super::exposure::is_unconfirmed;
 use super::{Gateway, GatewayError};
-use crate::chain::ChainError;
-use crate::channel::{verify_with_core, CloseTx};
+use bitmesh_channel::chain::ChainError;
+use bitmesh_channel::{verify_with_core, CloseTx};
 use crate::store::ChannelRecord;
 
 /// Heaviest settlement transaction built, in weight units: a quarter of the 400,000
@@ -55,7 +55,7 @@ impl Gateway {
                 live.push(rec);
             }
         }
-        let (tip, required) = (self.tip(), self.policy().confirmations);
+        let (tip, required) = (self.tip(), self.policy().limits.confirmations_required);
         let (unconfirmed, confirmed): (Vec<_>, Vec<_>) = live.into_iter().partition(|r| is_unconfirmed(r, tip, required));
         let mut stack: Vec<Vec<ChannelRecord>> = [confirmed, unconfirmed].into_iter().filter(|g| !g.is_empty()).collect();
         while let Some(mut group) = stack.pop() {

@@ -14,6 +14,7 @@
 //! so a restart (reconcile restores `open` channels only) cannot bring it back.
 
 use bitcoin::Amount;
+use bitmesh_common::blocks::{mined_at, BlockCount};
 use tracing::{info, warn};
 
 use super::exposure::is_unconfirmed;
@@ -41,7 +42,7 @@ impl Gateway {
             return Err(GatewayError::FundingDoubleSpent(rec.id));
         }
         self.ensure_chain_fresh()?;
-        let required = self.policy().confirmations;
+        let required = self.policy().limits.confirmations_required;
         if rec.state != ChannelStage::Open || !is_unconfirmed(rec, self.tip(), required) {
             return Ok(());
         }
@@ -62,10 +63,8 @@ impl Gateway {
         let Some(f) = rec.funding else { return Ok(Some(0)) };
         let outpoint = f.outpoint;
         let Some(out) = self.chain_call(move |c| c.unspent_output(&outpoint)).await? else { return Ok(None) };
-        if out.confirmations > 0 && f.height.is_none() {
-            let tip = self.tip().to_consensus_u32();
-            let at = tip.saturating_add(1).saturating_sub(out.confirmations);
-            if let Ok(h) = bitcoin::absolute::Height::from_consensus(at) {
+        if f.height.is_none() {
+            if let Some(h) = mined_at(self.tip(), BlockCount(out.confirmations)) {
                 self.store.set_funding_height(rec.id, h)?;
                 info!(channel = %rec.id, txid = %outpoint.txid, height = %h, "funding confirmed");
             }
@@ -78,7 +77,7 @@ impl Gateway {
     /// payment of a channel being withdrawn raises its credit again.
     pub(super) async fn watch_unconfirmed(&self) -> Result<(), GatewayError> {
         let _serial = self.write_lock.lock().await;
-        let required = self.policy().confirmations;
+        let required = self.policy().limits.confirmations_required;
         for rec in self.store.channels_in(&[ChannelStage::Open])? {
             if !is_unconfirmed(&rec, self.tip(), required) {
                 continue;

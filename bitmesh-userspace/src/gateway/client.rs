@@ -5,17 +5,20 @@ use std::net::IpAddr;
 
 use bitcoin::secp256k1::{ecdsa, Message, Secp256k1};
 use bitcoin::{Amount, OutPoint, Transaction};
+use bitmesh_common::blocks::{mined_at, BlockCount};
 use bitmesh_common::pricing::{bytes_for_payment, ByteCount};
 use bitmesh_common::wire::{
-    ChannelId, ChannelState, ChannelStatus, CloseRequest, CloseResponse, FundRequest, OpenRequest,
-    OpenResponse, PaymentAck, PaymentUpdate, SignedRequest, Terms, CLIENT_AUTH_WINDOW_MS, PROTOCOL_VERSION,
+    ChannelId, ChannelState, ChannelStatus, CloseRequest, CloseResponse, FundRequest, Invoice, InvoiceRequest,
+    InvoiceStatus, OpenRequest, OpenResponse, PaymentAck, PaymentUpdate, RestoreRequest, RestoreResponse, SignedRequest,
+    Terms, CLIENT_AUTH_WINDOW_MS, PROTOCOL_VERSION,
 };
+use bitmesh_common::wire::{CaptiveStatus, ClientEvent, UsageReport};
 use tokio::sync::mpsc;
 use tracing::{info, instrument, warn};
 
 use super::{script_of, Gateway, GatewayError};
-use crate::api::{CaptiveStatus, ClientEvent, ClientGateway, ClientKey, UsageReport};
-use crate::channel::{check_open, verify_funding, verify_update, FundingCheck};
+use crate::api::{ClientGateway, ClientKey};
+use bitmesh_channel::{check_open, verify_funding, verify_update, FundingCheck};
 use crate::store::{AppendOutcome, ChannelRecord, ChannelStage, CloseReason, Funding, NewChannel, NewPayment, StoreError};
 
 /// Largest untagged Ethernet frame (1500 + 14): below this budget, RFC 8908 says captive.
@@ -144,7 +147,8 @@ impl Gateway {
             // an older one falls through to verification: `amount_not_increasing`.
             if let Some(stored) = self.store.payment_with_total(rec.id, update.total_paid)? {
                 if stored.signature == update.signature.0 {
-                    self.with_meter(|m| m.raise_credit(rec.mac, stored.credited))?;
+                    let target = self.credit_target(rec.mac, stored.credited)?;
+                    self.with_meter(|m| m.raise_credit(rec.mac, target))?;
                     return Ok(self.ack(&rec, stored.paid_total, stored.credited));
                 }
             }
@@ -180,8 +184,10 @@ impl Gateway {
             AppendOutcome::Appended(r) | AppendOutcome::Duplicate(r) => r,
         };
 
-        // 3. credit
-        self.with_meter(|m| m.raise_credit(rec.mac, record.credited))?;
+        // 3. credit: the channel's total plus the device's Lightning part, if any
+        // (one kernel meter for both rails, docs/design.md section 5.7).
+        let target = self.credit_target(rec.mac, record.credited)?;
+        self.with_meter(|m| m.raise_credit(rec.mac, target))?;
 
         if verified.client_change == Amount::ZERO {
             // Nothing left to pay: settle now rather than at expiry.
@@ -291,8 +297,8 @@ impl Gateway {
             witness_script: script.witness_script(),
             funding_script_pubkey: script.script_pubkey(),
             funding_address: script.address(p.network).as_unchecked().clone(),
-            min_capacity: p.min_capacity,
-            max_capacity: p.max_capacity,
+            min_capacity: p.limits.min_capacity,
+            max_capacity: p.limits.max_capacity,
             min_first_payment: rec.min_first_payment,
         }
     }
@@ -323,17 +329,23 @@ impl ClientGateway for Gateway {
             network: p.network,
             price_msat_per_mib: p.price,
             chunk_bytes: p.chunk,
-            min_capacity: p.min_capacity,
-            max_capacity: p.max_capacity,
+            limits: p.limits,
             min_first_payment: self.channel_policy().min_first_payment(),
-            zero_conf_cap: p.zero_conf_cap,
-            confirmations_required: p.confirmations,
-            min_expiry_blocks: p.min_expiry_blocks,
-            max_expiry_blocks: p.max_expiry_blocks,
-            close_margin_blocks: p.close_margin_blocks,
-            close_fee_rate: p.close_fee_rate,
             tip_height: self.tip(),
+            lightning: self.lightning_terms(),
         })
+    }
+
+    async fn invoice(&self, peer: IpAddr, req: InvoiceRequest) -> Result<Invoice, GatewayError> {
+        self.create_invoice(peer, req).await
+    }
+
+    async fn invoice_status(&self, payment_hash: String) -> Result<InvoiceStatus, GatewayError> {
+        Gateway::invoice_status(self, &payment_hash)
+    }
+
+    async fn restore(&self, peer: IpAddr, req: RestoreRequest) -> Result<RestoreResponse, GatewayError> {
+        Gateway::restore(self, peer, req).await
     }
 
     #[instrument(skip_all, fields(%peer, mac, channel))]
@@ -377,7 +389,7 @@ impl ClientGateway for Gateway {
             chunk: p.chunk,
             min_first_payment: cpolicy.min_first_payment(),
         };
-        let script = crate::channel::ChannelScript { gateway: gateway_pubkey, client: req.client_pubkey, expiry: req.expiry };
+        let script = bitmesh_channel::ChannelScript { gateway: gateway_pubkey, client: req.client_pubkey, expiry: req.expiry };
         let rec = NewChannel { id: script.channel_id(), ..rec };
         tracing::Span::current().record("channel", tracing::field::display(rec.id));
         // Durable before the client sees the key: the key index is never reused.
@@ -430,14 +442,12 @@ impl ClientGateway for Gateway {
         let check = FundingCheck { confirmations, ..precheck };
         let funded = verify_funding(&script, check, &cpolicy)?;
         self.admit_funding(&rec, &funded)?; // exposure.rs: fresh tip, zero-conf exposure cap
-        let height = if confirmations > 0 {
-            let t = self.tip().to_consensus_u32() + 1 - confirmations.min(self.tip().to_consensus_u32() + 1);
-            bitcoin::absolute::Height::from_consensus(t).ok()
-        } else {
-            None
-        };
+        let height = mined_at(self.tip(), BlockCount(confirmations));
         let funding = Funding { outpoint: funded.outpoint, capacity: funded.capacity, height };
         let _serial = self.write_lock.lock().await;
+        // Usage so far is Lightning's: account it before the channel counts (usage
+        // after this point goes to the channel first, docs/design.md section 5.7).
+        self.settle_before_channel(rec.mac)?;
         let id = rec.id;
         // The store itself refuses a channel that is no longer offered (`NotOffered`).
         let rec = self.store_call(move |s| s.set_funding(id, funding)).await?;
@@ -446,15 +456,22 @@ impl ClientGateway for Gateway {
         }
         // The device's entries start fresh for this channel: no other channel of this
         // MAC is open, so anything still there is stale, and CREDIT must only ever be
-        // this channel's own credited total.
-        self.with_meter(|m| {
-            if m.usage(rec.mac)?.is_some() {
+        // this channel's own credited total. Unless the device holds Lightning credit:
+        // then its entries (and their count) go on, and the channel's credit is added
+        // on top as it is paid (docs/design.md section 5.7).
+        if self.has_live_lightning(rec.mac)? {
+            self.with_meter(|m| m.bind_source(rec.mac, rec.ip))?;
+        } else {
+            if self.with_meter(|m| m.usage(rec.mac))?.is_some() {
                 warn!(mac = %rec.mac, "removing stale kernel entries before metering the new channel");
-                m.remove_client(rec.mac)?;
+                self.with_meter(|m| m.remove_client(rec.mac))?;
             }
-            m.restore_client(rec.mac, Default::default())?;
-            m.bind_source(rec.mac, rec.ip)
-        })?;
+            self.store.ln_forget_meter(rec.mac).map_err(GatewayError::from)?;
+            self.with_meter(|m| {
+                m.restore_client(rec.mac, Default::default())?;
+                m.bind_source(rec.mac, rec.ip)
+            })?;
+        }
         info!(capacity_sat = funded.capacity.to_sat(), zero_conf = funded.zero_conf, "channel funded");
         Ok(self.status_of(&rec))
     }

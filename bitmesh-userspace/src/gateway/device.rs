@@ -13,29 +13,34 @@ use super::{crediting_ends_at, Gateway, GatewayError};
 use crate::store::ChannelStage;
 
 impl Gateway {
-    /// The status of `mac` now.
+    /// The status of `mac` now: the combined credit across rails
+    /// ([`Gateway::device_credit`], the kernel's CREDIT and USAGE split into rails),
+    /// and when it stops being usable (the channel's end, or the Lightning credit's
+    /// expiry, whichever comes first).
     pub fn device_status(&self, mac: Mac) -> Result<DeviceStatus, GatewayError> {
-        let (credited, used) = match self.with_meter(|m| m.usage(mac))? {
-            Some(u) => (u.credited.0, u.used().0),
-            None => (0, 0),
-        };
-        let remaining = credited.saturating_sub(used);
+        let credit = self.device_credit(mac)?;
         let channel = self.store.live_channel_for_mac(mac)?.filter(|r| r.state == ChannelStage::Open);
-        let seconds_remaining = channel.as_ref().map(|rec| {
-            let ends = crediting_ends_at(rec, self.policy().close_margin_blocks).to_consensus_u32();
+        let channel_secs = channel.as_ref().map(|rec| {
+            let ends = crediting_ends_at(rec, self.policy().limits.close_margin_blocks).to_consensus_u32();
             u64::from(ends.saturating_sub(self.tip().to_consensus_u32())) * SECS_PER_BLOCK
         });
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let lightning_secs = credit.lightning_expires_at.filter(|_| credit.lightning_bytes_remaining > 0).map(|at| at.saturating_sub(now));
+        let seconds_remaining = match (channel_secs, lightning_secs) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
         Ok(DeviceStatus {
             mac: mac.to_string(),
             // Less than one full Ethernet frame left: bulk traffic is already cut.
-            captive: remaining < FULL_FRAME_BYTES,
-            bytes_credited: credited,
-            bytes_used: used,
-            bytes_remaining: remaining,
+            captive: credit.bytes_remaining < FULL_FRAME_BYTES,
+            bytes_credited: credit.bytes_credited_total,
+            bytes_used: credit.bytes_used,
+            bytes_remaining: credit.bytes_remaining,
             seconds_remaining,
-            channel: channel.map(|c| c.id),
-            lightning_bytes_remaining: None,
-            lightning_expires_at: None,
+            channel: credit.channel,
+            lightning_bytes_remaining: (credit.lightning_bytes_remaining > 0).then_some(credit.lightning_bytes_remaining),
+            lightning_expires_at: credit.lightning_expires_at,
         })
     }
 

@@ -6,8 +6,8 @@ use bitcoin::Amount;
 
 use super::GatewayError;
 use crate::api::ApiError;
-use crate::chain::ChainError;
-use crate::channel::ChannelError;
+use bitmesh_channel::chain::ChainError;
+use bitmesh_channel::ChannelError;
 use crate::store::{ChannelStage, StoreError};
 
 impl From<GatewayError> for ApiError {
@@ -41,7 +41,15 @@ impl From<GatewayError> for ApiError {
             e @ (GatewayError::ZeroConfExposure { .. } | GatewayError::UnconfirmedTotal { .. }) => {
                 ApiError::ZeroConfLimit(e.to_string())
             }
-            other @ (GatewayError::Store(_)
+            GatewayError::LightningUnavailable => ApiError::LightningUnavailable,
+            GatewayError::UnknownBundle(name) => ApiError::UnknownBundle(name),
+            GatewayError::BytesOutOfRange { min, max } => ApiError::BytesOutOfRange { min, max },
+            e @ (GatewayError::BundleOrBytes | GatewayError::BadPaymentHash(_)) => ApiError::BadRequest(e.to_string()),
+            GatewayError::UnknownInvoice => ApiError::UnknownInvoice,
+            GatewayError::UnknownToken => ApiError::UnknownToken,
+            GatewayError::TokenExpired => ApiError::TokenExpired,
+            other @ (GatewayError::Lightning(_)
+            | GatewayError::Store(_)
             | GatewayError::Meter(_)
             | GatewayError::Keys(_)
             | GatewayError::Task(_)
@@ -97,6 +105,13 @@ mod tests {
             (GatewayError::Store(StoreError::OutpointInUse(bitcoin::OutPoint::new(bitcoin::Txid::all_zeros(), 0))), StatusCode::CONFLICT, ErrorCode::DuplicateOutpoint),
             (GatewayError::NoKernelEntries { channel: id, mac: Mac([2, 0, 0, 0, 0, 1]) }, StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal),
             (GatewayError::Poisoned("meter"), StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal),
+            (GatewayError::LightningUnavailable, StatusCode::SERVICE_UNAVAILABLE, ErrorCode::LightningUnavailable),
+            (GatewayError::UnknownBundle("3GiB".into()), StatusCode::UNPROCESSABLE_ENTITY, ErrorCode::UnknownBundle),
+            (GatewayError::BytesOutOfRange { min: 1, max: 2 }, StatusCode::UNPROCESSABLE_ENTITY, ErrorCode::BytesOutOfRange),
+            (GatewayError::BundleOrBytes, StatusCode::BAD_REQUEST, ErrorCode::BadRequest),
+            (GatewayError::UnknownInvoice, StatusCode::NOT_FOUND, ErrorCode::UnknownInvoice),
+            (GatewayError::UnknownToken, StatusCode::NOT_FOUND, ErrorCode::UnknownToken),
+            (GatewayError::TokenExpired, StatusCode::GONE, ErrorCode::TokenExpired),
         ];
         for (err, status, code) in cases {
             let name = format!("{err:?}");

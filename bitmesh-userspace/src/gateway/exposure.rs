@@ -16,11 +16,12 @@ use std::time::{Duration, Instant};
 
 use bitcoin::absolute::Height;
 use bitcoin::Amount;
+use bitmesh_common::blocks::BlockCount;
 use bitmesh_common::pricing::payment_for_bytes;
 use bitmesh_common::wire::ChannelId;
 
 use super::{Gateway, GatewayError};
-use crate::channel::VerifiedFunding;
+use bitmesh_channel::VerifiedFunding;
 use crate::store::{ChannelRecord, ChannelStage};
 
 /// A reservation made at funding is kept this long even before the store shows the
@@ -41,10 +42,7 @@ pub(super) fn is_unconfirmed(rec: &ChannelRecord, tip: Height, required: u32) ->
         None => false,
         Some(f) => match f.height {
             None => true,
-            Some(h) => {
-                let confs = tip.to_consensus_u32().saturating_add(1).saturating_sub(h.to_consensus_u32());
-                confs < required.max(1)
-            }
+            Some(h) => BlockCount::confirmations(h, tip) < BlockCount(required.max(1)),
         },
     }
 }
@@ -72,7 +70,7 @@ impl Gateway {
             .store
             .channels_in(&[ChannelStage::Open])?
             .into_iter()
-            .filter(|c| c.id != rec.id && is_unconfirmed(c, tip, p.confirmations))
+            .filter(|c| c.id != rec.id && is_unconfirmed(c, tip, p.limits.confirmations_required))
             .map(|c| (c.id, unconfirmed_total_cap(&c)))
             .collect();
         let mut book = self.zero_conf_book.reserved.lock().map_err(|_| GatewayError::Poisoned("zero-conf book"))?;
@@ -83,7 +81,7 @@ impl Gateway {
             return Err(GatewayError::ZeroConfExposure {
                 used,
                 cap: p.zero_conf_exposure,
-                confirmations: p.confirmations.max(1),
+                confirmations: p.limits.confirmations_required.max(1),
             });
         }
         book.insert(rec.id, (mine, Instant::now()));
@@ -97,7 +95,7 @@ impl Gateway {
         // Above the capacity: verification refuses it with its own code.
         let capacity = rec.funding.map_or(Amount::MAX, |f| f.capacity);
         if total > cap && total <= capacity {
-            return Err(GatewayError::UnconfirmedTotal { total, cap, confirmations: self.policy().confirmations.max(1) });
+            return Err(GatewayError::UnconfirmedTotal { total, cap, confirmations: self.policy().limits.confirmations_required.max(1) });
         }
         Ok(())
     }

@@ -7,6 +7,7 @@
 //! * `settle.rs`: the settlement engine, driven by block height.
 //! * `reconcile.rs`: restart reconciliation and periodic usage snapshots.
 //! * `ports.rs`: the narrow kernel/link interfaces (real and in-memory).
+//! * `edge.rs`: the one conversion of a [`GatewayError`] into the client API's error.
 
 mod binding;
 mod batch;
@@ -15,9 +16,12 @@ mod client;
 mod device;
 mod edge;
 mod exposure;
+mod lightning;
 mod ports;
 mod reconcile;
 mod settle;
+#[cfg(test)]
+mod lightning_tests;
 #[cfg(test)]
 mod tests;
 
@@ -28,19 +32,21 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use bitcoin::absolute::Height;
 use bitcoin::{Amount, ScriptBuf};
+use bitmesh_common::blocks::{BlockCount, HeightExt};
 use bitmesh_common::kernel::Mac;
 use bitmesh_common::pricing::PriceMsatPerMib;
 use bitmesh_common::wire::{ChannelId, SignedAction, CLIENT_AUTH_WINDOW_MS};
 use tokio::sync::mpsc;
 
-use crate::api::ClientEvent;
-use crate::chain::{Chain, ChainError};
-use crate::channel::{self, Channel, ChannelError, ChannelPolicy, ChannelScript, GatewaySeed, KeysError};
+use bitmesh_common::wire::ClientEvent;
+use bitmesh_channel::chain::{Chain, ChainError};
+use bitmesh_channel::{Channel, ChannelError, ChannelPolicy, ChannelScript, GatewaySeed, KeysError};
 use crate::config::Policy;
 use crate::meter::{ClientUsage, MeterError};
 use crate::store::{ChannelRecord, ChannelStage, CloseReason, Store, StoreError};
 
 pub use binding::SourceWatch;
+pub use lightning::LightningRail;
 pub use ports::{KernelNeighbours, MemoryMeter, MeterPort, Neighbours, StaticNeighbours};
 pub use reconcile::ReconcileReport;
 pub use settle::SettleReport;
@@ -99,6 +105,25 @@ pub enum GatewayError {
     UnconfirmedTotal { total: Amount, cap: Amount, confirmations: u32 },
     #[error("open channel {channel} has no kernel entries for {mac}: restart the controller to reconcile")]
     NoKernelEntries { channel: ChannelId, mac: Mac },
+    // --- Lightning (gateway/lightning.rs) ---
+    #[error("this gateway sells no Lightning bundles (no Lightning node running): open a channel instead")]
+    LightningUnavailable,
+    #[error("no bundle {0:?}: pick one of the bundles in GET /v1/terms")]
+    UnknownBundle(String),
+    #[error("bytes must be between {min} and {max}")]
+    BytesOutOfRange { min: u64, max: u64 },
+    #[error("name exactly one of bundle or bytes")]
+    BundleOrBytes,
+    #[error("{0:?} is not a payment hash (64 hex digits)")]
+    BadPaymentHash(String),
+    #[error("no invoice with this payment hash")]
+    UnknownInvoice,
+    #[error("no purchase with this token: check the code (letters A-Z and digits 2-7)")]
+    UnknownToken,
+    #[error("the credit of this token has expired")]
+    TokenExpired,
+    #[error(transparent)]
+    Lightning(#[from] crate::lightning::LightningError),
 }
 
 /// Everything `Gateway::new` needs.
@@ -151,6 +176,8 @@ pub struct Gateway {
     /// Offers whose funding transaction the gateway has already broadcast: one
     /// relay per offer (in memory: after a restart one more may be relayed).
     relayed: Mutex<std::collections::HashSet<ChannelId>>,
+    /// The Lightning rail, once `bitmesh run --lightning` has started its node.
+    lightning: std::sync::OnceLock<LightningRail>,
 }
 
 impl Gateway {
@@ -182,6 +209,7 @@ impl Gateway {
             auth_counters: Mutex::new(HashMap::new()),
             funding_lock: tokio::sync::Mutex::new(()),
             relayed: Mutex::new(std::collections::HashSet::new()),
+            lightning: std::sync::OnceLock::new(),
         }))
     }
 
@@ -249,17 +277,7 @@ impl Gateway {
     /// The channel library's policy for the current terms.
     fn channel_policy(&self) -> ChannelPolicy {
         let p = self.policy();
-        ChannelPolicy {
-            min_capacity: p.min_capacity,
-            max_capacity: p.max_capacity,
-            zero_conf_cap: p.zero_conf_cap,
-            confirmations_required: p.confirmations,
-            min_expiry_blocks: p.min_expiry_blocks,
-            max_expiry_blocks: p.max_expiry_blocks,
-            close_margin_blocks: p.close_margin_blocks,
-            close_fee_rate: p.close_fee_rate,
-            gateway_payout_script: self.payout_script.clone(),
-        }
+        ChannelPolicy { limits: p.limits, gateway_payout_script: self.payout_script.clone() }
     }
 
     fn with_meter<T>(&self, f: impl FnOnce(&mut dyn MeterPort) -> Result<T, MeterError>) -> Result<T, GatewayError> {
@@ -319,13 +337,9 @@ fn script_of(rec: &ChannelRecord) -> ChannelScript {
 }
 
 /// Last height at which the channel is still credited (see `Channel::crediting_ends_at`).
-fn crediting_ends_at(rec: &ChannelRecord, margin: u32) -> Height {
-    let end = rec.expiry.to_consensus_u32().saturating_sub(margin);
-    Height::from_consensus(end).unwrap_or(Height::ZERO)
+fn crediting_ends_at(rec: &ChannelRecord, margin: BlockCount) -> Height {
+    rec.expiry.minus(margin)
 }
-
-// Keep the channel module's fee helper reachable for settle.rs without a long path.
-use channel::fee_for_weight;
 
 /// Operator-facing queries and actions (used by the admin socket and metrics).
 impl Gateway {

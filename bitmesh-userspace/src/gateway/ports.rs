@@ -17,6 +17,10 @@ pub trait MeterPort: Send {
     /// Raise CREDIT to `total`: never lowers it (`CreditDecrease`) and never creates
     /// a client (`NotMetered`: only [`Self::restore_client`] does, when a channel opens).
     fn raise_credit(&mut self, mac: Mac, total: ByteCount) -> Result<(), MeterError>;
+    /// Set CREDIT to exactly `total`, lower too. Only for a MAC whose credit has a
+    /// Lightning part (moved away or expired: docs/design.md section 5.7); the
+    /// client must be metered.
+    fn set_credit(&mut self, mac: Mac, total: ByteCount) -> Result<(), MeterError>;
     /// Budget and counters of a client, if metered.
     fn usage(&self, mac: Mac) -> Result<Option<ClientUsage>, MeterError>;
     /// Every metered client.
@@ -41,6 +45,9 @@ impl MeterPort for MeterMaps {
     }
     fn raise_credit(&mut self, m: Mac, total: ByteCount) -> Result<(), MeterError> {
         MeterMaps::raise_credit(self, m, total).map(|_| ())
+    }
+    fn set_credit(&mut self, m: Mac, total: ByteCount) -> Result<(), MeterError> {
+        MeterMaps::set_credit(self, m, total)
     }
     fn usage(&self, m: Mac) -> Result<Option<ClientUsage>, MeterError> {
         MeterMaps::usage(self, m)
@@ -80,6 +87,11 @@ impl MeterPort for MemoryMeter {
         if total < e.credited {
             return Err(MeterError::CreditDecrease { mac, current: e.credited.0, requested: total.0 });
         }
+        e.credited = total;
+        Ok(())
+    }
+    fn set_credit(&mut self, mac: Mac, total: ByteCount) -> Result<(), MeterError> {
+        let e = self.clients.get_mut(&mac).ok_or(MeterError::NotMetered { mac })?;
         e.credited = total;
         Ok(())
     }
@@ -162,6 +174,9 @@ impl MeterPort for crate::meter::Meter {
     }
     fn raise_credit(&mut self, m: Mac, total: ByteCount) -> Result<(), MeterError> {
         MeterPort::raise_credit(self.maps_mut(), m, total)
+    }
+    fn set_credit(&mut self, m: Mac, total: ByteCount) -> Result<(), MeterError> {
+        MeterPort::set_credit(self.maps_mut(), m, total)
     }
     fn usage(&self, m: Mac) -> Result<Option<ClientUsage>, MeterError> {
         MeterPort::usage(self.maps(), m)

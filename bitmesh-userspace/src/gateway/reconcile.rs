@@ -12,6 +12,7 @@
 use std::collections::{HashMap, HashSet};
 
 use bitmesh_common::kernel::{Mac, Usage};
+use bitmesh_common::pricing::ByteCount;
 use bitmesh_common::wire::ChannelId;
 use tracing::{info, warn};
 
@@ -28,6 +29,8 @@ pub struct ReconcileReport {
     pub usage_restored: usize,
     /// Devices with kernel entries but no open channel, whose entries were removed.
     pub stale_removed: usize,
+    /// Devices metered for Lightning credit alone.
+    pub lightning_clients: usize,
 }
 
 impl Gateway {
@@ -46,16 +49,63 @@ impl Gateway {
                 _ => Usage::default(),
             };
             // Existing (pinned) entries are left untouched by restore_client.
+            let usage = self.start_count(rec.mac, maps_were_pinned, usage)?;
             self.with_meter(|m| m.restore_client(rec.mac, usage))?;
             self.with_meter(|m| m.bind_source(rec.mac, rec.ip))?;
-            if let Err(e) = self.with_meter(|m| m.raise_credit(rec.mac, rec.credited)) {
+            // One total for both rails: the channel's journal plus the Lightning part.
+            let target = self.credit_target(rec.mac, rec.credited)?;
+            let set = if self.has_lightning_part(rec.mac)? {
+                self.with_meter(|m| m.set_credit(rec.mac, target))
+            } else {
+                self.with_meter(|m| m.raise_credit(rec.mac, target))
+            };
+            if let Err(e) = set {
                 warn!(channel = %rec.id, mac = %rec.mac, error = %e, "could not raise credit from the journal");
             }
             report.clients += 1;
         }
+        // Devices with Lightning credit and no open channel (docs/design.md 5.7).
+        let open: HashSet<Mac> = self.store.channels_in(&[ChannelStage::Open])?.into_iter().map(|c| c.mac).collect();
+        for acc in self.store.ln_live_accounts()? {
+            let Some(mac) = acc.mac.filter(|m| !open.contains(m)) else { continue };
+            let usage = match (maps_were_pinned, snaps.get(&mac)) {
+                (false, Some(s)) => {
+                    report.usage_restored += 1;
+                    Usage { last_seen_ns: 0, ..s.usage }
+                }
+                _ => Usage::default(),
+            };
+            let usage = self.start_count(mac, maps_were_pinned, usage)?;
+            self.with_meter(|m| m.restore_client(mac, usage))?;
+            self.bind_to_last_address(mac)?;
+            let target = self.credit_target(mac, ByteCount::ZERO)?;
+            self.with_meter(|m| m.set_credit(mac, target))?;
+            report.lightning_clients += 1;
+        }
         report.stale_removed = self.remove_stale_entries()?;
-        info!(pinned = maps_were_pinned, clients = report.clients, restored = report.usage_restored, stale = report.stale_removed, "kernel maps reconciled with the store");
+        info!(pinned = maps_were_pinned, clients = report.clients, lightning = report.lightning_clients, restored = report.usage_restored, stale = report.stale_removed, "kernel maps reconciled with the store");
         Ok(report)
+    }
+
+    /// The count `mac`'s entries start from when they are (re)made at start. With
+    /// pinned maps and entries present nothing changes. With pinned maps but no
+    /// entries, the count starts at zero and so does what was settled of it. After a
+    /// reboot the snapshot is restored, raised to the settled count if the snapshot
+    /// is older than the last settle point (usage since the snapshot is lost to
+    /// billing, never charged twice).
+    fn start_count(&self, mac: Mac, maps_were_pinned: bool, mut usage: Usage) -> Result<Usage, GatewayError> {
+        if maps_were_pinned {
+            if self.with_meter(|m| m.usage(mac))?.is_none() {
+                self.store.ln_forget_meter(mac)?;
+            }
+            return Ok(usage);
+        }
+        let settled = self.store.ln_settled(mac)?;
+        let used = usage.up_bytes.saturating_add(usage.down_bytes);
+        if used < settled {
+            usage.down_bytes = usage.down_bytes.saturating_add(settled - used);
+        }
+        Ok(usage)
     }
 
     /// Periodic upkeep (run with the usage snapshots): expire offers older than
@@ -65,6 +115,9 @@ impl Gateway {
     pub async fn housekeeping(&self) -> Result<(), GatewayError> {
         let cutoff = crate::store::unix_now().saturating_sub(i64::try_from(self.policy().offer_ttl.as_secs()).unwrap_or(i64::MAX));
         let expired = self.store_call(move |s| s.expire_offers(cutoff)).await?;
+        if self.lightning().is_some() {
+            self.expire_lightning().await?;
+        }
         if !expired.is_empty() {
             info!(offers = expired.len(), "unfunded offers expired");
         }
@@ -88,7 +141,9 @@ impl Gateway {
         // Kernel first, then the store: a channel funded in between is in the store
         // read, so its fresh entries are never taken for stale.
         let metered = self.with_meter(|m| m.all_usage())?;
-        let open: HashSet<Mac> = self.store.channels_in(&[ChannelStage::Open])?.into_iter().map(|c| c.mac).collect();
+        let mut open: HashSet<Mac> = self.store.channels_in(&[ChannelStage::Open])?.into_iter().map(|c| c.mac).collect();
+        // Lightning credit keeps a device metered too (docs/design.md section 5.7).
+        open.extend(self.store.ln_live_accounts()?.into_iter().filter_map(|a| a.mac));
         let mut removed = 0;
         for client in metered {
             let mac = client.mac;
@@ -96,6 +151,7 @@ impl Gateway {
                 continue;
             }
             self.with_meter(|m| m.remove_client(mac))?;
+            self.store.ln_forget_meter(mac)?;
             warn!(%mac, credited = client.credited.0, "removed kernel entries of a device with no open channel");
             removed += 1;
         }
@@ -104,8 +160,9 @@ impl Gateway {
 
     /// Save the kernel counters of every open channel's client (one synced write).
     pub fn snapshot_usage(&self) -> Result<usize, GatewayError> {
-        let live: HashMap<Mac, ()> =
+        let mut live: HashMap<Mac, ()> =
             self.store.channels_in(&[ChannelStage::Open])?.into_iter().map(|c| (c.mac, ())).collect();
+        live.extend(self.store.ln_live_accounts()?.into_iter().filter_map(|a| a.mac).map(|m| (m, ())));
         let now = unix_now();
         let snaps: Vec<UsageSnapshot> = self
             .with_meter(|m| m.all_usage())?

@@ -6,12 +6,13 @@
 
 use bitcoin::absolute::Height;
 use bitcoin::{FeeRate, Txid};
+use bitmesh_common::blocks::BlockCount;
 use bitmesh_common::wire::ChannelId;
 use tracing::{info, instrument, warn};
 
-use super::{crediting_ends_at, fee_for_weight, Gateway, GatewayError};
-use crate::chain::ChainError;
-use crate::channel::{build_close, ChannelKey, CloseInput, CloseTx, VerifiedUpdate};
+use super::{crediting_ends_at, Gateway, GatewayError};
+use bitmesh_channel::chain::ChainError;
+use bitmesh_channel::{build_close, fee_for_weight, ChannelKey, CloseInput, CloseTx, VerifiedUpdate};
 use crate::store::{
     ChannelRecord, ChannelStage, CloseReason, FinalUsage, NewSettlement, SettlementRecord, SettlementState,
     UsageSnapshot,
@@ -64,7 +65,7 @@ impl Gateway {
             return Some(r);
         }
         let p = self.policy();
-        if tip >= crediting_ends_at(rec, p.close_margin_blocks) {
+        if tip >= crediting_ends_at(rec, p.limits.close_margin_blocks) {
             return Some(CloseReason::Expiry);
         }
         let idle = p.idle_timeout.as_secs();
@@ -132,7 +133,7 @@ impl Gateway {
     /// planning rate is at least 1 sat/vB (`--close-fee-rate-sat-vb` is checked).
     async fn close_rates(&self) -> (FeeRate, FeeRate) {
         let p = self.policy();
-        let floor = p.close_fee_rate.max(FeeRate::from_sat_per_vb_u32(1));
+        let floor = p.limits.close_fee_rate.max(FeeRate::from_sat_per_vb_u32(1));
         let rate = self
             .chain_call(move |c| c.fee_rate(CLOSE_TARGET_BLOCKS, floor))
             .await
@@ -143,7 +144,7 @@ impl Gateway {
     }
 
     pub(super) fn build_batch(&self, recs: &[ChannelRecord], rate: FeeRate) -> Result<CloseTx, GatewayError> {
-        let mut parts: Vec<(crate::channel::Channel, ChannelKey, VerifiedUpdate)> = Vec::new();
+        let mut parts: Vec<(bitmesh_channel::Channel, ChannelKey, VerifiedUpdate)> = Vec::new();
         for rec in recs {
             let channel = Self::channel_of(rec).ok_or(GatewayError::Task(format!("channel {} has no funding", rec.id)))?;
             let key = self.seed.channel_key(rec.gateway_key_index)?;
@@ -188,11 +189,19 @@ impl Gateway {
     }
 
     pub(super) fn stop_metering(&self, rec: &ChannelRecord) -> Result<(), GatewayError> {
+        if let Some(u) = self.with_meter(|m| m.usage(rec.mac))? {
+            if self.channel_ended_keep_lightning(rec.mac, rec.credited)? {
+                // Lightning credit keeps the device metered; its count goes on.
+                self.store.set_final_usage(rec.id, FinalUsage::of(&u.usage))?;
+                return Ok(());
+            }
+        }
         if let Some(u) = self.with_meter(|m| m.remove_client(rec.mac))? {
             // Kept for the operator (`bitmesh clients`): the maps forget it now.
             self.store.set_final_usage(rec.id, FinalUsage::of(&u.usage))?;
         }
         // The next channel of this device starts from zero, also after a reboot.
+        self.store.ln_forget_meter(rec.mac)?;
         self.store.save_usage(&[UsageSnapshot { mac: rec.mac, taken_at: crate::store::unix_now(), ..Default::default() }])?;
         Ok(())
     }
@@ -218,8 +227,7 @@ impl Gateway {
                     Err(e) => warn!(txid = %s.txid, error = %e, "rebroadcast failed"),
                 }
             }
-            let waited = tip.to_consensus_u32().saturating_sub(s.broadcast_height.to_consensus_u32());
-            if waited >= self.policy().bump_after_blocks {
+            if BlockCount::between(s.broadcast_height, tip) >= self.policy().bump_after_blocks {
                 if let Some(new) = self.bump(&s, tip).await? {
                     report.bumped.push(new);
                 }

@@ -14,13 +14,13 @@ use clap::{CommandFactory, FromArgMatches, Parser};
 
 use super::*;
 use crate::api::{ApiError, ClientGateway};
-use crate::chain::{MempoolAcceptance, OutputStatus, TxStatus};
-use crate::channel::sign_update;
+use bitmesh_channel::chain::{MempoolAcceptance, OutputStatus, TxStatus};
+use bitmesh_channel::sign_update;
 use crate::config::RunArgs;
 use bitmesh_common::kernel::Mac;
 
 #[derive(Default)]
-struct StandIn {
+pub(super) struct StandIn {
     txs: StdMutex<HashMap<Txid, Transaction>>,
 }
 
@@ -138,7 +138,7 @@ async fn payment_is_journaled_then_credited_and_resubmission_returns_the_same_ac
     assert_eq!(store.payments(open.channel_id).unwrap().len(), 1, "nothing journaled twice");
 
     let err = ApiError::from(GatewayError::from(
-        crate::channel::ChannelError::SignatureInvalid,
+        bitmesh_channel::ChannelError::SignatureInvalid,
     ));
     assert_eq!(err.code(), ErrorCode::SignatureInvalid);
     let lower = gw.pay(update(first - Amount::from_sat(50))).await.map_err(ApiError::from).unwrap_err();
@@ -176,7 +176,7 @@ async fn payment_is_journaled_then_credited_and_resubmission_returns_the_same_ac
 }
 
 /// Open and fund a channel for the test device; its channel and client key.
-async fn funded(gw: &Gateway, store: &Store, seed: u8) -> (crate::channel::Channel, SecretKey, ChannelId) {
+async fn funded(gw: &Gateway, store: &Store, seed: u8) -> (bitmesh_channel::Channel, SecretKey, ChannelId) {
     let peer: IpAddr = PEER.parse().unwrap();
     let secp = Secp256k1::new();
     let client_sk = SecretKey::from_slice(&[seed; 32]).unwrap();

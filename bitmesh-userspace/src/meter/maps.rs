@@ -208,6 +208,21 @@ impl MeterMaps {
         Ok(total)
     }
 
+    /// Set the total bytes credited to `mac` to exactly `total`, lower too: only the
+    /// Lightning rail does this, when credit moves to another MAC or expires (see
+    /// docs/design.md section 5.7). The client must already be metered.
+    pub fn set_credit(&mut self, mac: Mac, total: ByteCount) -> Result<(), MeterError> {
+        let current = self.credit(mac)?.ok_or(MeterError::NotMetered { mac })?;
+        if self.usage(mac)?.is_none() {
+            return Err(MeterError::NotMetered { mac });
+        }
+        if total.0 != current.0 {
+            self.credit.insert(mac.key(), total.0, 0).map_err(map_err("set credit", MAP_CREDIT))?;
+            tracing::debug!(%mac, credited = total.0, was = current.0, "credit set");
+        }
+        Ok(())
+    }
+
     /// Bind `mac` to the source address `ip` (the one it opened its channel from):
     /// from now on its billable upload frames of that family must come from `ip`
     /// (enforced or only counted, per [`Self::set_enforce_bound_ip`]). The other

@@ -1,4 +1,4 @@
-//! The captive portal (docs/design.md section 5.7): what an unpaid phone sees.
+//! The captive portal (docs/design.md section 5.8): what an unpaid phone sees.
 //!
 //! * [`redirect`]: the listener the kernel + nftables send an unpaid client's plain
 //!   HTTP to; it answers every request with a redirect to the page.

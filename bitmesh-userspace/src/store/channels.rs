@@ -13,7 +13,7 @@ use super::{col_err, corrupt, unix_now, ByteCount, ChannelId, PriceMsatPerMib, S
 
 /// Where a channel is in its life, as the gateway records it (what a client is
 /// shown is `wire::ChannelState`, mapped from this).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ChannelStage {
     /// Script handed to the client; no accepted funding yet.
@@ -133,7 +133,7 @@ impl FinalUsage {
 
 /// What the gateway decided at open; everything the channel's script and close
 /// transaction depend on.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize)]
 pub struct NewChannel {
     pub id: ChannelId,
     pub mac: Mac,
@@ -151,20 +151,16 @@ pub struct NewChannel {
     pub min_first_payment: Amount,
 }
 
-/// A channel row with its journal totals.
+/// A channel row with its journal totals: the [`NewChannel`] decided at open, and
+/// what happened to it since.
+///
+/// The offer's fields read through `Deref` (`rec.mac`, `rec.expiry`): a record *is*
+/// its offer plus its life, and every reader of a record reads the offer's fields.
 #[derive(Clone, Debug, Serialize)]
 pub struct ChannelRecord {
-    pub id: ChannelId,
-    pub mac: Mac,
-    pub ip: IpAddr,
-    pub client_pubkey: PublicKey,
-    pub gateway_key_index: u32,
-    pub gateway_pubkey: PublicKey,
-    pub expiry: Height,
-    pub client_change_script: ScriptBuf,
-    pub price: PriceMsatPerMib,
-    pub chunk: ByteCount,
-    pub min_first_payment: Amount,
+    /// What the gateway decided at open (fixed for the channel's life).
+    #[serde(flatten)]
+    pub offer: NewChannel,
     pub state: ChannelStage,
     pub funding: Option<Funding>,
     /// Why a close was requested, once it was.
@@ -233,16 +229,19 @@ fn from_row(row: &Row) -> rusqlite::Result<ChannelRecord> {
         _ => None,
     };
     Ok(ChannelRecord {
-        id: id.parse().map_err(|e| col_err(0, e))?,
-        mac: mac.parse().map_err(|e| col_err(1, e))?,
-        ip: ip.parse().map_err(|e| col_err(2, e))?,
-        client_pubkey: pubkey(row, 3)?,
-        gateway_key_index: row.get(4)?,
-        gateway_pubkey: pubkey(row, 5)?,
-        expiry: height(6, row.get(6)?)?,
-        client_change_script: ScriptBuf::from_bytes(row.get(18)?),
-        price: PriceMsatPerMib::new(row.get::<_, i64>(7)? as u64).map_err(|e| col_err(7, e))?,
-        chunk: ByteCount(row.get::<_, i64>(8)? as u64),
+        offer: NewChannel {
+            id: id.parse().map_err(|e| col_err(0, e))?,
+            mac: mac.parse().map_err(|e| col_err(1, e))?,
+            ip: ip.parse().map_err(|e| col_err(2, e))?,
+            client_pubkey: pubkey(row, 3)?,
+            gateway_key_index: row.get(4)?,
+            gateway_pubkey: pubkey(row, 5)?,
+            expiry: height(6, row.get(6)?)?,
+            client_change_script: ScriptBuf::from_bytes(row.get(18)?),
+            price: PriceMsatPerMib::new(row.get::<_, i64>(7)? as u64).map_err(|e| col_err(7, e))?,
+            chunk: ByteCount(row.get::<_, i64>(8)? as u64),
+            min_first_payment: sat(19, row.get(19)?)?,
+        },
         state: ChannelStage::parse(&state).ok_or_else(|| col_err(9, corrupt("state", &state)))?,
         funding,
         close_reason: match row.get::<_, Option<String>>(14)? {
@@ -252,7 +251,6 @@ fn from_row(row: &Row) -> rusqlite::Result<ChannelRecord> {
         settlement_id: row.get(15)?,
         opened_at: row.get(16)?,
         last_activity_at: row.get(17)?,
-        min_first_payment: sat(19, row.get(19)?)?,
         paid_total: sat(20, row.get(20)?)?,
         credited: ByteCount(row.get::<_, i64>(21)? as u64),
         payments: row.get::<_, i64>(22)? as u64,
@@ -261,6 +259,13 @@ fn from_row(row: &Row) -> rusqlite::Result<ChannelRecord> {
             _ => None,
         },
     })
+}
+
+impl std::ops::Deref for ChannelRecord {
+    type Target = NewChannel;
+    fn deref(&self) -> &NewChannel {
+        &self.offer
+    }
 }
 
 pub(crate) fn get(conn: &Connection, id: ChannelId) -> Result<Option<ChannelRecord>, StoreError> {

@@ -10,6 +10,7 @@
 //! The API is synchronous (rusqlite); async callers run it on a blocking thread.
 
 mod channels;
+mod lightning;
 mod payments;
 mod schema;
 mod settlements;
@@ -21,6 +22,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::Connection;
 
+pub use lightning::{
+    LnAccount, LnInvoiceRecord, LnReceipt, LnSettle, LnTotals, NewLnInvoice, PaymentHash, ReceiptOutcome, TokenHash,
+};
 pub use channels::{ChannelRecord, ChannelStage, CloseReason, FinalUsage, Funding, NewChannel};
 pub use payments::{AppendOutcome, NewPayment, PaymentRecord};
 pub use schema::SCHEMA_VERSION;

@@ -109,6 +109,48 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE channels ADD COLUMN final_up_bytes INTEGER;
     ALTER TABLE channels ADD COLUMN final_down_bytes INTEGER;
     "#,
+    // 4: Lightning (docs/design.md section 5.7). Accounts are named by the hash of
+    // the device's purchase token; invoices are recorded before they are shown;
+    // receipts are the append-only journal, one per payment hash; `ln_meter` keeps,
+    // per MAC, how much of the kernel's USAGE count is already accounted for.
+    r#"
+    CREATE TABLE ln_accounts (
+        token_hash    TEXT PRIMARY KEY,
+        nonce         TEXT NOT NULL UNIQUE,
+        mac           TEXT UNIQUE,
+        bytes_in      INTEGER NOT NULL DEFAULT 0,
+        bytes_out     INTEGER NOT NULL DEFAULT 0,
+        bytes_expired INTEGER NOT NULL DEFAULT 0,
+        expires_at    INTEGER NOT NULL,
+        created_at    INTEGER NOT NULL
+    );
+    CREATE TABLE ln_invoices (
+        payment_hash TEXT PRIMARY KEY,
+        account      TEXT NOT NULL REFERENCES ln_accounts(token_hash),
+        mac          TEXT NOT NULL,
+        bytes        INTEGER NOT NULL,
+        amount_msat  INTEGER NOT NULL,
+        bolt11       TEXT NOT NULL,
+        expires_at   INTEGER NOT NULL,
+        created_at   INTEGER NOT NULL
+    );
+    CREATE INDEX ln_invoices_account ON ln_invoices(account);
+    CREATE TABLE ln_receipts (
+        payment_hash   TEXT PRIMARY KEY,
+        account        TEXT REFERENCES ln_accounts(token_hash),
+        amount_msat    INTEGER NOT NULL,
+        bytes_credited INTEGER NOT NULL,
+        received_at    INTEGER NOT NULL
+    );
+    CREATE TRIGGER ln_receipts_no_update BEFORE UPDATE ON ln_receipts
+    BEGIN SELECT RAISE(ABORT, 'the Lightning receipt journal is append-only'); END;
+    CREATE TRIGGER ln_receipts_no_delete BEFORE DELETE ON ln_receipts
+    BEGIN SELECT RAISE(ABORT, 'the Lightning receipt journal is append-only'); END;
+    CREATE TABLE ln_meter (
+        mac           TEXT PRIMARY KEY,
+        settled_bytes INTEGER NOT NULL
+    );
+    "#,
 ];
 
 /// The schema version this build writes.

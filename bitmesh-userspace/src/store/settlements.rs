@@ -82,6 +82,12 @@ pub struct Earnings {
     /// Paid totals of channels still open (before the close fee).
     #[serde(with = "bitcoin::amount::serde::as_sat")]
     pub held_open: Amount,
+    /// Lightning payments received (journaled receipts).
+    #[serde(default)]
+    pub lightning_receipts: u64,
+    /// Their total, in millisatoshis (in the node's channels, not on chain).
+    #[serde(default)]
+    pub lightning_received_msat: u64,
 }
 
 const SELECT: &str = "SELECT id, txid, raw_tx, state, fee_sat, gateway_payout_sat, broadcast_height,
@@ -212,6 +218,10 @@ impl Store {
                 "SELECT COALESCE(SUM((SELECT MAX(paid_total_sat) FROM payments p WHERE p.channel_id = c.id)), 0)
                  FROM channels c WHERE c.state = 'open'",
             )?,
+            lightning_receipts: conn.query_row("SELECT COUNT(*) FROM ln_receipts", [], |r| r.get::<_, i64>(0))? as u64,
+            lightning_received_msat: conn
+                .query_row("SELECT COALESCE(SUM(amount_msat), 0) FROM ln_receipts", [], |r| r.get::<_, i64>(0))?
+                as u64,
         })
     }
 }

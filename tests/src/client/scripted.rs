@@ -25,7 +25,7 @@ pub struct ScriptedClient {
     /// The gateway's offer, after [`Self::open`].
     pub offer: Option<bitmesh_common::wire::OpenResponse>,
     /// The funded channel, after [`Self::fund`].
-    pub channel: Option<bitmesh::channel::Channel>,
+    pub channel: Option<bitmesh_channel::Channel>,
     api: SocketAddr,
     netns: String,
     source: Option<ClientIdentity>,
@@ -133,8 +133,8 @@ impl ScriptedClient {
         let req = bitmesh_common::wire::FundRequest { channel_id: offer.channel_id, funding_tx: tx.clone(), funding_vout: vout };
         let r = self.post(&format!("/v1/channels/{}/funding", offer.channel_id), &serde_json::to_value(&req)?)?;
         anyhow::ensure!(r.status == 200, "fund: {} {}", r.status, String::from_utf8_lossy(&r.body));
-        self.channel = Some(bitmesh::channel::Channel {
-            script: bitmesh::channel::ChannelScript { gateway: offer.gateway_pubkey, client: self.pubkey, expiry: offer.expiry },
+        self.channel = Some(bitmesh_channel::Channel {
+            script: bitmesh_channel::ChannelScript { gateway: offer.gateway_pubkey, client: self.pubkey, expiry: offer.expiry },
             funding_outpoint: bitcoin::OutPoint { txid: tx.compute_txid(), vout },
             capacity,
             client_change_script: self.change_script.clone(),
@@ -154,7 +154,7 @@ impl ScriptedClient {
         bitmesh_common::wire::PaymentUpdate {
             channel_id: self.channel_id(),
             total_paid: total,
-            signature: bitmesh::channel::sign_update(channel, total, &self.secret).unwrap(),
+            signature: bitmesh_channel::sign_update(channel, total, &self.secret).unwrap(),
         }
     }
 
@@ -199,7 +199,7 @@ impl ScriptedClient {
     /// `GET /v1/channels/{id}` (signed).
     pub fn status(&self) -> Result<bitmesh_common::wire::ChannelStatus> {
         let auth = self.auth_header("status");
-        let r = self.request("GET", &format!("/v1/channels/{}", self.channel_id()), &[(bitmesh::api::AUTH_HEADER, &auth)], None)?;
+        let r = self.request("GET", &format!("/v1/channels/{}", self.channel_id()), &[(bitmesh_common::wire::AUTH_HEADER, &auth)], None)?;
         anyhow::ensure!(r.status == 200, "status: {} {}", r.status, String::from_utf8_lossy(&r.body));
         Ok(serde_json::from_slice(&r.body)?)
     }

@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed test should panic
 
 use bitcoin::{Amount, FeeRate, OutPoint, ScriptBuf};
-use bitmesh::chain::{BitcoindAuth, BitcoindRpc, Chain, ChainError, Esplora};
+use bitmesh_channel::chain::{BitcoindAuth, BitcoindRpc, Chain, ChainError, Esplora};
 use bitmesh_tests::chain::{Bitcoind, CoinbaseWallet};
 
 fn closed_port() -> u16 {

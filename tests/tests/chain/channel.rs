@@ -8,9 +8,10 @@ use std::collections::HashSet;
 
 use bitcoin::secp256k1::{Secp256k1, SecretKey};
 use bitcoin::{absolute, Amount, FeeRate, Network, OutPoint, PublicKey, ScriptBuf, Transaction};
-use bitmesh::chain::Chain;
-use bitmesh::channel::*;
-use bitmesh_common::wire::SignatureBytes;
+use bitmesh_channel::chain::Chain;
+use bitmesh_channel::*;
+use bitmesh_common::blocks::BlockCount;
+use bitmesh_common::wire::{ChannelLimits, SignatureBytes};
 use bitmesh_tests::chain::{Bitcoind, CoinbaseWallet};
 
 const CAPACITY: Amount = Amount::from_sat(200_000);
@@ -22,14 +23,16 @@ fn h(n: u32) -> absolute::Height {
 fn policy(seed: &GatewaySeed) -> ChannelPolicy {
     let payout = seed.channel_key(1_000_000).unwrap().public;
     ChannelPolicy {
-        min_capacity: Amount::from_sat(50_000),
-        max_capacity: Amount::from_sat(5_000_000),
-        zero_conf_cap: Amount::from_sat(100_000),
-        confirmations_required: 1,
-        min_expiry_blocks: 20,
-        max_expiry_blocks: 2_000,
-        close_margin_blocks: 6,
-        close_fee_rate: FeeRate::from_sat_per_vb_u32(2),
+        limits: ChannelLimits {
+            min_capacity: Amount::from_sat(50_000),
+            max_capacity: Amount::from_sat(5_000_000),
+            zero_conf_cap: Amount::from_sat(100_000),
+            confirmations_required: 1,
+            min_expiry_blocks: BlockCount(20),
+            max_expiry_blocks: BlockCount(2_000),
+            close_margin_blocks: BlockCount(6),
+            close_fee_rate: FeeRate::from_sat_per_vb_u32(2),
+        },
         gateway_payout_script: ScriptBuf::new_p2wpkh(&payout.wpubkey_hash().unwrap()),
     }
 }
@@ -188,7 +191,7 @@ impl World {
         build_close(
             &inputs,
             &self.policy.gateway_payout_script,
-            self.policy.close_fee_rate,
+            self.policy.limits.close_fee_rate,
         )
         .unwrap()
     }
@@ -471,7 +474,7 @@ fn adversarial_updates_are_rejected_each_with_its_own_code_and_change_nothing() 
     let for_other = sign_update(&other.channel, next, &c.secret).unwrap();
     let dust_total = CAPACITY - Amount::from_sat(100);
     let mut expensive = w.policy.clone();
-    expensive.close_fee_rate = FeeRate::from_sat_per_vb_u32(500);
+    expensive.limits.close_fee_rate = FeeRate::from_sat_per_vb_u32(500);
 
     type Case = (
         &'static str,
@@ -546,7 +549,7 @@ fn adversarial_updates_are_rejected_each_with_its_own_code_and_change_nothing() 
     // Past expiry - close_margin the channel takes no more payments.
     let ends = r
         .channel
-        .crediting_ends_at(w.policy.close_margin_blocks)
+        .crediting_ends_at(w.policy.limits.close_margin_blocks)
         .to_consensus_u32();
     w.node.mine(ends - w.tip().to_consensus_u32());
     let more = next + Amount::from_sat(1_000);

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use bitcoin::secp256k1::{rand, SecretKey};
 use bitcoin::{Address, CompressedPublicKey, Network, OutPoint, PrivateKey, ScriptBuf};
-use bitmesh::chain::Chain;
+use bitmesh_channel::chain::Chain;
 use bitmesh_client::funding::{FundingSource, Utxo};
 use bitmesh_client::refund::{refund, RefundOutcome};
 use bitmesh_client::session;

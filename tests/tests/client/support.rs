@@ -15,13 +15,14 @@ use std::time::Duration;
 
 use bitcoin::secp256k1::{rand, SecretKey};
 use bitcoin::{absolute, Amount, FeeRate, Network, OutPoint, PrivateKey, PublicKey, ScriptBuf, Txid};
-use bitmesh::api::{self, ApiError, ApiLimits, CaptiveStatus, ClientEvent, ClientGateway};
-use bitmesh::channel::{ChannelError, ChannelScript};
+use bitmesh::api::{self, ApiError, ApiLimits, ClientGateway};
+use bitmesh_channel::{ChannelError, ChannelScript};
 use bitmesh_client::funding::{FundingSource, Utxo};
 use bitmesh_client::meter::{ByteMeter, ByteMeterError};
 use bitmesh_client::session::{FundingMode, PayConfig, Status, Ui};
 use bitmesh_client::state::StateDir;
 use bitmesh_client::terms::{UserLimits, DEFAULT_MAX_CHUNK, DEFAULT_MAX_PREPAID};
+use bitmesh_common::blocks::BlockCount;
 use bitmesh_common::pricing::{bytes_for_payment, ByteCount, PriceMsatPerMib};
 use bitmesh_common::wire::*;
 use tokio::sync::mpsc;
@@ -75,20 +76,23 @@ impl Book {
 /// Terms: 1 sat per MiB, 1 MiB chunks, first payment 3 sat.
 pub fn terms() -> Terms {
     Terms {
+        limits: ChannelLimits {
+            min_capacity: Amount::from_sat(10_000),
+            max_capacity: Amount::from_sat(1_000_000),
+            zero_conf_cap: Amount::from_sat(1_000_000),
+            confirmations_required: 1,
+            min_expiry_blocks: BlockCount(20),
+            max_expiry_blocks: BlockCount(2000),
+            close_margin_blocks: BlockCount(6),
+            close_fee_rate: FeeRate::from_sat_per_vb_u32(1),
+        },
         protocol_version: PROTOCOL_VERSION,
         network: Network::Regtest,
         price_msat_per_mib: PriceMsatPerMib::from_sat_per_mib(1).unwrap(),
         chunk_bytes: ByteCount::from_mib(1),
-        min_capacity: Amount::from_sat(10_000),
-        max_capacity: Amount::from_sat(1_000_000),
         min_first_payment: Amount::from_sat(3),
-        zero_conf_cap: Amount::from_sat(1_000_000),
-        confirmations_required: 1,
-        min_expiry_blocks: 20,
-        max_expiry_blocks: 2000,
-        close_margin_blocks: 6,
-        close_fee_rate: FeeRate::from_sat_per_vb_u32(1),
         tip_height: absolute::Height::from_consensus(500).unwrap(),
+        lightning: None,
     }
 }
 
@@ -120,8 +124,8 @@ impl ClientGateway for Scripted {
             witness_script: script.witness_script(),
             funding_script_pubkey: script.script_pubkey(),
             funding_address: script.address(Network::Regtest).as_unchecked().clone(),
-            min_capacity: book.terms.min_capacity,
-            max_capacity: book.terms.max_capacity,
+            min_capacity: book.terms.limits.min_capacity,
+            max_capacity: book.terms.limits.max_capacity,
             min_first_payment: book.open_first_payment.unwrap_or(book.terms.min_first_payment),
         })
     }
@@ -165,6 +169,15 @@ impl ClientGateway for Scripted {
     }
     async fn captive(&self, _: IpAddr) -> Result<CaptiveStatus, ApiError> {
         Ok(CaptiveStatus { captive: false, user_portal_url: None, venue_info_url: None, bytes_remaining: None, seconds_remaining: None, can_extend_session: None })
+    }
+    async fn invoice(&self, _: IpAddr, _: InvoiceRequest) -> Result<Invoice, ApiError> {
+        Err(ApiError::LightningUnavailable)
+    }
+    async fn invoice_status(&self, _: String) -> Result<InvoiceStatus, ApiError> {
+        Err(ApiError::LightningUnavailable)
+    }
+    async fn restore(&self, _: IpAddr, _: RestoreRequest) -> Result<RestoreResponse, ApiError> {
+        Err(ApiError::LightningUnavailable)
     }
 }
 
@@ -297,8 +310,8 @@ pub fn config(url: &str, state: &std::path::Path, funding: FundingSource, max_pr
         limits: UserLimits {
             max_price: PriceMsatPerMib::new(max_price_msat).unwrap(),
             network: Network::Regtest,
-            min_expiry_blocks: 6,
-            max_expiry_blocks: 1000,
+            min_expiry_blocks: BlockCount(6),
+            max_expiry_blocks: BlockCount(1000),
             max_spend: Amount::from_sat(50_000),
             capacity: Some(Amount::from_sat(100_000)),
             max_chunk: DEFAULT_MAX_CHUNK,
@@ -320,26 +333,26 @@ pub fn config(url: &str, state: &std::path::Path, funding: FundingSource, max_pr
 /// A chain backend that only knows its tip (the agent's own node, for the tip check).
 pub struct FixedTip(pub u32);
 
-impl bitmesh::chain::Chain for FixedTip {
+impl bitmesh_channel::chain::Chain for FixedTip {
     fn backend(&self) -> &'static str {
         "test-chain"
     }
-    fn tip_height(&self) -> Result<absolute::Height, bitmesh::chain::ChainError> {
+    fn tip_height(&self) -> Result<absolute::Height, bitmesh_channel::chain::ChainError> {
         Ok(absolute::Height::from_consensus(self.0).unwrap())
     }
-    fn transaction(&self, _: &Txid) -> Result<Option<bitmesh::chain::TxStatus>, bitmesh::chain::ChainError> {
+    fn transaction(&self, _: &Txid) -> Result<Option<bitmesh_channel::chain::TxStatus>, bitmesh_channel::chain::ChainError> {
         Ok(None)
     }
-    fn unspent_output(&self, _: &OutPoint) -> Result<Option<bitmesh::chain::OutputStatus>, bitmesh::chain::ChainError> {
+    fn unspent_output(&self, _: &OutPoint) -> Result<Option<bitmesh_channel::chain::OutputStatus>, bitmesh_channel::chain::ChainError> {
         Ok(None)
     }
-    fn broadcast(&self, tx: &bitcoin::Transaction) -> Result<Txid, bitmesh::chain::ChainError> {
+    fn broadcast(&self, tx: &bitcoin::Transaction) -> Result<Txid, bitmesh_channel::chain::ChainError> {
         Ok(tx.compute_txid())
     }
-    fn fee_rate(&self, _: u16, floor: FeeRate) -> Result<FeeRate, bitmesh::chain::ChainError> {
+    fn fee_rate(&self, _: u16, floor: FeeRate) -> Result<FeeRate, bitmesh_channel::chain::ChainError> {
         Ok(floor)
     }
-    fn test_mempool_accept(&self, _: &[bitcoin::Transaction]) -> Result<Vec<bitmesh::chain::MempoolAcceptance>, bitmesh::chain::ChainError> {
+    fn test_mempool_accept(&self, _: &[bitcoin::Transaction]) -> Result<Vec<bitmesh_channel::chain::MempoolAcceptance>, bitmesh_channel::chain::ChainError> {
         Ok(Vec::new())
     }
 }

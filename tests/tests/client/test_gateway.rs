@@ -185,34 +185,34 @@ struct WalletPaysLater {
     paid: std::sync::Arc<std::sync::Mutex<Option<bitcoin::Transaction>>>,
 }
 
-impl bitmesh::chain::Chain for WalletPaysLater {
+impl bitmesh_channel::chain::Chain for WalletPaysLater {
     fn backend(&self) -> &'static str {
         "test-chain"
     }
-    fn tip_height(&self) -> Result<bitcoin::absolute::Height, bitmesh::chain::ChainError> {
+    fn tip_height(&self) -> Result<bitcoin::absolute::Height, bitmesh_channel::chain::ChainError> {
         Ok(bitcoin::absolute::Height::from_consensus(500).unwrap())
     }
-    fn transaction(&self, txid: &bitcoin::Txid) -> Result<Option<bitmesh::chain::TxStatus>, bitmesh::chain::ChainError> {
+    fn transaction(&self, txid: &bitcoin::Txid) -> Result<Option<bitmesh_channel::chain::TxStatus>, bitmesh_channel::chain::ChainError> {
         let paid = self.paid.lock().unwrap();
-        Ok(paid.iter().find(|t| t.compute_txid() == *txid).map(|tx| bitmesh::chain::TxStatus {
+        Ok(paid.iter().find(|t| t.compute_txid() == *txid).map(|tx| bitmesh_channel::chain::TxStatus {
             tx: tx.clone(),
             confirmations: 0,
             block_height: None,
         }))
     }
-    fn unspent_output(&self, _: &bitcoin::OutPoint) -> Result<Option<bitmesh::chain::OutputStatus>, bitmesh::chain::ChainError> {
+    fn unspent_output(&self, _: &bitcoin::OutPoint) -> Result<Option<bitmesh_channel::chain::OutputStatus>, bitmesh_channel::chain::ChainError> {
         Ok(None)
     }
-    fn broadcast(&self, tx: &bitcoin::Transaction) -> Result<bitcoin::Txid, bitmesh::chain::ChainError> {
+    fn broadcast(&self, tx: &bitcoin::Transaction) -> Result<bitcoin::Txid, bitmesh_channel::chain::ChainError> {
         Ok(tx.compute_txid())
     }
-    fn fee_rate(&self, _: u16, floor: bitcoin::FeeRate) -> Result<bitcoin::FeeRate, bitmesh::chain::ChainError> {
+    fn fee_rate(&self, _: u16, floor: bitcoin::FeeRate) -> Result<bitcoin::FeeRate, bitmesh_channel::chain::ChainError> {
         Ok(floor)
     }
-    fn test_mempool_accept(&self, _: &[bitcoin::Transaction]) -> Result<Vec<bitmesh::chain::MempoolAcceptance>, bitmesh::chain::ChainError> {
+    fn test_mempool_accept(&self, _: &[bitcoin::Transaction]) -> Result<Vec<bitmesh_channel::chain::MempoolAcceptance>, bitmesh_channel::chain::ChainError> {
         Ok(Vec::new())
     }
-    fn outputs_paying(&self, script: &bitcoin::Script) -> Result<Vec<bitmesh::chain::ScriptUtxo>, bitmesh::chain::ChainError> {
+    fn outputs_paying(&self, script: &bitcoin::Script) -> Result<Vec<bitmesh_channel::chain::ScriptUtxo>, bitmesh_channel::chain::ChainError> {
         let mut n = self.lookups.lock().unwrap();
         *n += 1;
         if *n < 3 {
@@ -233,7 +233,7 @@ impl bitmesh::chain::Chain for WalletPaysLater {
         };
         let outpoint = bitcoin::OutPoint { txid: tx.compute_txid(), vout: 1 };
         *self.paid.lock().unwrap() = Some(tx);
-        Ok(vec![bitmesh::chain::ScriptUtxo { outpoint, value: Amount::from_sat(100_000), confirmations: 0 }])
+        Ok(vec![bitmesh_channel::chain::ScriptUtxo { outpoint, value: Amount::from_sat(100_000), confirmations: 0 }])
     }
 }
 

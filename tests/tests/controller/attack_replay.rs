@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use bitcoin::Amount;
-use bitmesh::chain::Chain;
+use bitmesh_channel::chain::Chain;
 use bitmesh::meter::{Mac, MeterMaps};
 use bitmesh::store::{ChannelStage, Store};
 use bitmesh_common::pricing::{bytes_for_payment, ByteCount, PriceMsatPerMib};

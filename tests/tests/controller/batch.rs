@@ -10,7 +10,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use bitcoin::{Amount, FeeRate, Network, Txid};
-use bitmesh::chain::Chain;
+use bitmesh_channel::chain::Chain;
 use bitmesh_tests::chain::CoinbaseWallet;
 use bitmesh_tests::env::wait_for_true;
 use bitmesh_tests::client::ScriptedClient;
@@ -121,7 +121,7 @@ fn three_clients_settled_together_close_in_one_transaction_paying_each_change_an
         input.witness = bitcoin::Witness::from_slice(&w);
     }
     let rate = FeeRate::from_sat_per_vb(CLOSE_FEE_RATE_SAT_VB).unwrap();
-    assert_eq!(fee, bitmesh::channel::fee_for_weight(rate, sized.weight()), "close fee");
+    assert_eq!(fee, bitmesh_channel::fee_for_weight(rate, sized.weight()), "close fee");
     eprintln!(
         "batch close of 3 channels: {} vB, fee {} sat ({} sat/vB planned)",
         tx.weight().to_vbytes_ceil(),

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use bitcoin::{Amount, Network, Transaction, Txid};
-use bitmesh::chain::Chain;
+use bitmesh_channel::chain::Chain;
 use bitmesh_tests::chain::CoinbaseWallet;
 use bitmesh_tests::client::ScriptedClient;
 use bitmesh_tests::controller::{Controller, ControllerOpts};

@@ -300,7 +300,7 @@ fn the_api_does_not_answer_from_the_upstream_side() {
 /// connection (kept open by the caller).
 fn open_event_stream(client: &ScriptedClient, auth: &str) -> (u16, TcpStream) {
     let (api, id, source) = (client.api(), client.channel_id(), client.identity().cloned());
-    let req = format!("GET /v1/channels/{id}/events HTTP/1.1\r\nhost: gw\r\n{}: {auth}\r\n\r\n", bitmesh::api::AUTH_HEADER);
+    let req = format!("GET /v1/channels/{id}/events HTTP/1.1\r\nhost: gw\r\n{}: {auth}\r\n\r\n", bitmesh_common::wire::AUTH_HEADER);
     client
         .in_ns(|| {
             let mut s = http::connect_from(source.as_ref(), api)?;

@@ -14,7 +14,7 @@
 use std::time::{Duration, Instant};
 
 use bitcoin::Amount;
-use bitmesh::chain::Chain;
+use bitmesh_channel::chain::Chain;
 use bitmesh_common::pricing::{bytes_for_payment, payment_for_bytes, ByteCount, PriceMsatPerMib};
 use bitmesh_tests::chain::CoinbaseWallet;
 use bitmesh_tests::client::ScriptedClient;

@@ -5,7 +5,7 @@
 
 use bitcoin::hex::DisplayHex;
 use bitcoin::Amount;
-use bitmesh::chain::Chain;
+use bitmesh_channel::chain::Chain;
 use bitmesh::store::Store;
 use bitmesh_tests::chain::CoinbaseWallet;
 use bitmesh_tests::http;
@@ -78,7 +78,7 @@ fn hostile_requests_get_their_error_code_and_change_nothing() {
     // A status auth sniffed off the air: the client uses it once (accepted), the
     // table replays it. And counters far from the gateway's clock, validly signed.
     let sniffed = client.auth_header("status");
-    let first = client.request("GET", &format!("/v1/channels/{id}"), &[(bitmesh::api::AUTH_HEADER, &sniffed)], None).unwrap();
+    let first = client.request("GET", &format!("/v1/channels/{id}"), &[(bitmesh_common::wire::AUTH_HEADER, &sniffed)], None).unwrap();
     assert_eq!(first.status, 200, "a fresh status auth is accepted: {}", String::from_utf8_lossy(&first.body));
     let now_ms = bitmesh_client::http::next_counter();
     let stale = client.auth_at("status", now_ms - 10 * 60 * 1000);
@@ -105,11 +105,11 @@ fn hostile_requests_get_their_error_code_and_change_nothing() {
         ("not DER", "POST", pay_path.clone(), vec![], j(pay_body(p, "3006020101020183")), 422, "signature_not_der"),
         ("high S", "POST", pay_path.clone(), vec![], j(pay_body(p, &high_s(&good.signature.0).to_lower_hex_string())), 422, "signature_high_s"),
         ("status unsigned", "GET", format!("/v1/channels/{id}"), vec![], vec![], 403, "unauthorized"),
-        ("status signed by another key", "GET", format!("/v1/channels/{id}"), vec![(bitmesh::api::AUTH_HEADER, stranger.auth_header("status"))], vec![], 403, "unauthorized"),
-        ("status replayed", "GET", format!("/v1/channels/{id}"), vec![(bitmesh::api::AUTH_HEADER, sniffed.clone())], vec![], 401, "auth_replayed"),
-        ("status counter 10 min in the past", "GET", format!("/v1/channels/{id}"), vec![(bitmesh::api::AUTH_HEADER, stale)], vec![], 401, "auth_replayed"),
-        ("events counter 10 min in the future", "GET", format!("/v1/channels/{id}/events"), vec![(bitmesh::api::AUTH_HEADER, future)], vec![], 401, "auth_replayed"),
-        ("status with the old counterless header", "GET", format!("/v1/channels/{id}"), vec![(bitmesh::api::AUTH_HEADER, client.auth("status"))], vec![], 403, "unauthorized"),
+        ("status signed by another key", "GET", format!("/v1/channels/{id}"), vec![(bitmesh_common::wire::AUTH_HEADER, stranger.auth_header("status"))], vec![], 403, "unauthorized"),
+        ("status replayed", "GET", format!("/v1/channels/{id}"), vec![(bitmesh_common::wire::AUTH_HEADER, sniffed.clone())], vec![], 401, "auth_replayed"),
+        ("status counter 10 min in the past", "GET", format!("/v1/channels/{id}"), vec![(bitmesh_common::wire::AUTH_HEADER, stale)], vec![], 401, "auth_replayed"),
+        ("events counter 10 min in the future", "GET", format!("/v1/channels/{id}/events"), vec![(bitmesh_common::wire::AUTH_HEADER, future)], vec![], 401, "auth_replayed"),
+        ("status with the old counterless header", "GET", format!("/v1/channels/{id}"), vec![(bitmesh_common::wire::AUTH_HEADER, client.auth("status"))], vec![], 403, "unauthorized"),
         ("events unsigned", "GET", format!("/v1/channels/{id}/events"), vec![], vec![], 403, "unauthorized"),
         ("close signed by another key", "POST", format!("/v1/channels/{id}/close"), vec![], j(stranger.close_body()), 403, "unauthorized"),
         ("close without a counter", "POST", format!("/v1/channels/{id}/close"), vec![], j(json!({ "channel_id": id, "signature": client.auth("close") })), 400, "bad_request"),

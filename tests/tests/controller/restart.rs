@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use bitcoin::Amount;
-use bitmesh::chain::Chain;
+use bitmesh_channel::chain::Chain;
 use bitmesh::store::Store;
 use bitmesh_common::pricing::{bytes_for_payment, PriceMsatPerMib};
 use bitmesh_tests::chain::CoinbaseWallet;

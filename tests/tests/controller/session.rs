@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use bitcoin::{Amount, Network};
-use bitmesh::chain::Chain;
+use bitmesh_channel::chain::Chain;
 use bitmesh_common::pricing::{bytes_for_payment, PriceMsatPerMib};
 use bitmesh_tests::chain::CoinbaseWallet;
 use bitmesh_tests::env::wait_for_true;

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use bitcoin::{Amount, Txid};
-use bitmesh::chain::Chain;
+use bitmesh_channel::chain::Chain;
 use bitmesh_tests::chain::CoinbaseWallet;
 use bitmesh_tests::env::wait_until;
 use bitmesh_tests::controller::{Controller, ControllerOpts};

@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use bitcoin::Amount;
-use bitmesh::channel::sign_update;
+use bitmesh_channel::sign_update;
 use bitmesh_client::state::{SignedState, StateDir};
 use bitmesh_common::pricing::{bytes_for_payment, payment_for_bytes, ByteCount, PriceMsatPerMib};
 use bitmesh_tests::client::{Agent, AgentOpts};

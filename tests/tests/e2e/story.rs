@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use bitcoin::{Amount, Txid};
-use bitmesh::chain::Chain;
+use bitmesh_channel::chain::Chain;
 use bitmesh_common::pricing::{bytes_for_payment, payment_for_bytes, ByteCount, PriceMsatPerMib};
 use bitmesh_tests::client::AgentOpts;
 use bitmesh_tests::controller::ControllerOpts;

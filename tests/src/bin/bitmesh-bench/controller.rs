@@ -11,7 +11,7 @@ use crate::report::Report;
 pub fn run(report: &mut Report, quick: bool) -> Result<()> {
     // The gateway's CPU work per update alone (no I/O): every check of the channel
     // rules, the close transaction signed and run through Core's script interpreter.
-    let verify = bitmesh::channel::bench::verify_update_median(if quick { 200 } else { 2_000 })?;
+    let verify = bitmesh_channel::bench::verify_update_median(if quick { 200 } else { 2_000 })?;
     report.note(
         "Controller",
         format!("verifying one payment update (all channel checks + Core's script interpreter), no I/O: median {:.0} µs", verify.as_secs_f64() * 1e6),

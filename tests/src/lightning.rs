@@ -1,0 +1,276 @@
+//! Lightning test helpers: an ldk-node in the test process (a payer, or an LSPS2
+//! provider) on the lab's regtest node, and a relay that lets such a node reach the
+//! gateway's embedded node inside the gateway namespace.
+
+// Test harness: any failure here must fail the test loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::str::FromStr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use ldk_node::bitcoin::secp256k1::PublicKey;
+use ldk_node::config::{AnchorChannelsConfig, Config};
+use ldk_node::lightning::ln::msgs::SocketAddress;
+use ldk_node::lightning_invoice::Bolt11Invoice;
+use ldk_node::liquidity::LSPS2ServiceConfig;
+use ldk_node::payment::{PaymentDirection, PaymentStatus};
+use ldk_node::{Builder, Event, Node};
+
+use crate::chain::Bitcoind;
+use crate::network::{in_netns_named, Netns, ServerThread};
+
+/// An ldk-node in the test's own namespace, on the test's regtest node.
+pub struct TestNode {
+    pub node: Arc<Node>,
+    /// Where it listens (127.0.0.1 in the test namespace).
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn cookie(node: &Bitcoind) -> (String, String) {
+    let text = std::fs::read_to_string(node.cookie_path()).unwrap();
+    let (u, p) = text.trim().split_once(':').unwrap();
+    (u.to_owned(), p.to_owned())
+}
+
+impl TestNode {
+    /// A plain node (a payer).
+    pub fn start(chain: &Bitcoind, alias: &str) -> Result<TestNode> {
+        Self::start_with(chain, alias, |_| {})
+    }
+
+    /// A node acting as an LSPS2 provider (fee 0 ppm, no token).
+    pub fn start_lsp(chain: &Bitcoind) -> Result<TestNode> {
+        Self::start_with(chain, "lsp", |b| {
+            b.set_liquidity_provider_lsps2(LSPS2ServiceConfig {
+                require_token: None,
+                advertise_service: false,
+                channel_opening_fee_ppm: 0,
+                channel_over_provisioning_ppm: 1_000_000,
+                min_channel_opening_fee_msat: 0,
+                min_channel_lifetime: 100,
+                max_client_to_self_delay: 1024,
+                min_payment_size_msat: 0,
+                max_payment_size_msat: 100_000_000_000,
+                client_trusts_lsp: true,
+            });
+        })
+    }
+
+    fn start_with(chain: &Bitcoind, alias: &str, adjust: impl FnOnce(&mut Builder)) -> Result<TestNode> {
+        let dir = tempfile::Builder::new().prefix("bitmesh-ldk-").tempdir()?;
+        let port = free_port();
+        let config = Config {
+            network: bitcoin::Network::Regtest,
+            storage_dir_path: dir.path().to_string_lossy().into_owned(),
+            anchor_channels_config: Some(AnchorChannelsConfig { trusted_peers_no_reserve: Vec::new(), per_channel_reserve_sats: 0 }),
+            ..Config::default()
+        };
+        let mut b = Builder::from_config(config);
+        let (user, pass) = cookie(chain);
+        b.set_chain_source_bitcoind_rpc("127.0.0.1".into(), chain.rpc_port, user, pass);
+        b.set_listening_addresses(vec![SocketAddress::from_str(&format!("127.0.0.1:{port}")).unwrap()])?;
+        b.set_node_alias(alias.to_owned())?;
+        adjust(&mut b);
+        let node = b.build().context("building a test Lightning node")?;
+        node.start().context("starting a test Lightning node")?;
+        Ok(TestNode { node: Arc::new(node), port, _dir: dir })
+    }
+
+    /// `NODE_ID@127.0.0.1:PORT`.
+    pub fn address(&self) -> String {
+        format!("{}@127.0.0.1:{}", self.node.node_id(), self.port)
+    }
+
+    /// Give the node `blocks` coinbases (101 blocks make the first spendable) and
+    /// wait until its wallet sees them.
+    pub fn fund(&self, chain: &Bitcoind, blocks: u32) -> Result<()> {
+        let addr = self.node.onchain_payment().new_address()?;
+        let addr = bitcoin::Address::from_str(&addr.to_string()).unwrap().assume_checked();
+        chain.mine_to(blocks, &addr);
+        chain.mine(100);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            self.node.sync_wallets()?;
+            if self.node.list_balances().spendable_onchain_balance_sats > 0 {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("test node saw no spendable funds within 60 s");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Open a channel of `sat` to `peer` (`NODE_ID@HOST:PORT`), mine 6 blocks and
+    /// wait until it is usable on this side.
+    pub fn open_channel_to(&self, chain: &Bitcoind, peer: &str, sat: u64) -> Result<()> {
+        let (id, addr) = peer.split_once('@').unwrap();
+        let id = PublicKey::from_str(id).unwrap();
+        let addr = SocketAddress::from_str(addr).unwrap();
+        self.node.open_channel(id, addr, sat, None, None).context("opening a channel")?;
+        self.wait_event("channel pending", Duration::from_secs(30), |e| matches!(e, Event::ChannelPending { .. }))?;
+        chain.mine(6);
+        self.wait_usable_channel(Duration::from_secs(60))
+    }
+
+    /// Wait until one of this node's channels is usable.
+    pub fn wait_usable_channel(&self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let _ = self.node.sync_wallets();
+            if self.node.list_channels().iter().any(|c| c.is_usable) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("no usable channel within {timeout:?}: {:?}", self.node.list_channels());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Wait for an event matching `want` (others are acknowledged and dropped).
+    pub fn wait_event(&self, what: &str, timeout: Duration, want: impl Fn(&Event) -> bool) -> Result<Event> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(e) = self.node.next_event() {
+                self.node.event_handled()?;
+                if want(&e) {
+                    return Ok(e);
+                }
+                continue;
+            }
+            if Instant::now() > deadline {
+                bail!("no {what} event within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Pay `bolt11` and wait for the outcome: `Ok(true)` paid, `Ok(false)` failed.
+    pub fn pay(&self, bolt11: &str) -> Result<bool> {
+        let inv = Bolt11Invoice::from_str(bolt11).context("parsing the invoice")?;
+        let id = match self.node.bolt11_payment().send(&inv, None) {
+            Ok(id) => id,
+            Err(e) => {
+                eprintln!("payer refused to send: {e}");
+                return Ok(false);
+            }
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(p) = self.node.payment(&id) {
+                assert_eq!(p.direction, PaymentDirection::Outbound);
+                match p.status {
+                    PaymentStatus::Succeeded => return Ok(true),
+                    PaymentStatus::Failed => return Ok(false),
+                    PaymentStatus::Pending => {}
+                }
+            }
+            while let Some(_e) = self.node.next_event() {
+                self.node.event_handled()?;
+            }
+            if Instant::now() > deadline {
+                bail!("payment still pending after 60 s");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Pay `bolt11` with `amount_msat` (more than asked: an overpayment).
+    pub fn pay_amount(&self, bolt11: &str, amount_msat: u64) -> Result<bool> {
+        let inv = Bolt11Invoice::from_str(bolt11)?;
+        let id = self.node.bolt11_payment().send_using_amount(&inv, amount_msat, None)?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(p) = self.node.payment(&id) {
+                match p.status {
+                    PaymentStatus::Succeeded => return Ok(true),
+                    PaymentStatus::Failed => return Ok(false),
+                    PaymentStatus::Pending => {}
+                }
+            }
+            while self.node.next_event().is_some() {
+                self.node.event_handled()?;
+            }
+            if Instant::now() > deadline {
+                bail!("payment still pending after 60 s");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        let _ = self.node.stop();
+    }
+}
+
+/// Forwards `127.0.0.1:<port>` in the test's namespace to `target` inside `ns`
+/// (the reverse of [`crate::controller::LoopbackRelay`]): how a test node reaches
+/// the gateway's Lightning node. Stopped on drop.
+pub struct IntoNetnsRelay {
+    pub port: u16,
+    _server: ServerThread,
+}
+
+impl IntoNetnsRelay {
+    /// Listen on a free port here, forwarding each connection to `target` in `ns`.
+    pub fn start(ns: &Netns, target: std::net::SocketAddr) -> Result<IntoNetnsRelay> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        listener.set_nonblocking(true)?;
+        let port = listener.local_addr()?.port();
+        let ns_name = ns.name().to_string();
+        let server = ServerThread::spawn(move |stop| {
+            while !stop.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((outside, _)) => {
+                        let _ = outside.set_nonblocking(false);
+                        // A socket made inside the namespace connects from there.
+                        let Ok(inside) = in_netns_named(&ns_name, || Ok(TcpStream::connect(target)?)) else {
+                            continue;
+                        };
+                        let _ = inside.set_nodelay(true);
+                        let _ = outside.set_nodelay(true);
+                        pump(outside, inside);
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        Ok(IntoNetnsRelay { port, _server: server })
+    }
+}
+
+fn pump(a: TcpStream, b: TcpStream) {
+    let (Ok(a2), Ok(b2)) = (a.try_clone(), b.try_clone()) else { return };
+    let copy = |mut from: TcpStream, mut to: TcpStream| {
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 16 * 1024];
+            loop {
+                match from.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if to.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+            let _ = to.shutdown(Shutdown::Write);
+            let _ = from.shutdown(Shutdown::Read);
+        });
+    };
+    copy(a, b2);
+    copy(b, a2);
+}
