@@ -375,7 +375,7 @@ fn measure_paid_to_connected_and_to_first_upstream_byte() {
                 // Confirmed funding (the zero-conf exposure cap would stop 20 channels).
                 let tx = browser::outside(|| -> anyhow::Result<_> {
                     let tx = client.funding_tx(wallet, Amount::from_sat(20_000));
-                    bitmesh::chain::Chain::broadcast(world.node.rpc(), &tx)?;
+                    bitmesh_channel::chain::Chain::broadcast(world.node.rpc(), &tx)?;
                     world.node.mine(1);
                     world.wait_synced()?;
                     Ok(tx)
