@@ -26,6 +26,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use crate::pricing::{ByteCount, PriceMsatPerMib};
 
 mod captive;
+mod device;
 mod events;
 mod limits;
 mod lightning;
@@ -33,6 +34,7 @@ pub mod routes;
 mod signed;
 
 pub use captive::{CaptiveStatus, CAPTIVE_JSON};
+pub use device::DeviceStatus;
 pub use events::{ClientEvent, UsageReport};
 pub use limits::ChannelLimits;
 pub use lightning::{

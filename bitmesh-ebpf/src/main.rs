@@ -21,7 +21,7 @@ use aya_ebpf::{
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use bitmesh_common::kernel::{segment_header_len, wire_cost, Direction};
+use bitmesh_common::kernel::{portal_path_open, segment_header_len, wire_cost, Direction, Verdict, PORTAL_MARK};
 
 use crate::packet::Packet;
 
@@ -32,7 +32,8 @@ pub fn bitmesh_xdp_upload(ctx: XdpContext) -> u32 {
     // Without the frags flag the driver gives the whole frame linearly, so the
     // buffer length is the L2 length.
     let len = frame.len() as u64;
-    if meter::meter(&frame, Direction::Upload, len, 1).passes() {
+    // XDP has no skb to mark: an unpaid client's portal frames are dropped here.
+    if meter::meter(&frame, Direction::Upload, len, 1, false).passes() {
         xdp_action::XDP_PASS
     } else {
         xdp_action::XDP_DROP
@@ -86,7 +87,16 @@ fn tc_meter(ctx: TcContext, direction: Direction) -> i32 {
     let gso_segs = unsafe { (*ctx.skb.skb).gso_segs };
     let header_len = if gso_segs > 1 { segment_header_len(&frame) } else { None };
     let (cost, frames) = wire_cost(len as u64, gso_segs, header_len);
-    if meter::meter(&frame, direction, cost, frames).passes() {
+    // SAFETY: as above; ingress_ifindex is readable at both TC hooks. It is 0 for a
+    // packet the gateway's own stack generated (its listener, its resets).
+    let generated_locally = unsafe { (*ctx.skb.skb).ingress_ifindex } == 0;
+    let verdict = meter::meter(&frame, direction, cost, frames, portal_path_open(direction, true, generated_locally));
+    if verdict == Verdict::PassPortal && direction == Direction::Upload {
+        // The controller's nftables table redirects (80) or resets (443) what
+        // carries this mark, and drops anything else it would forward.
+        ctx.set_mark(PORTAL_MARK);
+    }
+    if verdict.passes() {
         TC_ACT_OK
     } else {
         TC_ACT_SHOT

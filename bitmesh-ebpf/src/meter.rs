@@ -17,12 +17,14 @@ use crate::maps::{garden_limits, gateway, BOUND, CREDIT, GARDEN, STATS, USAGE};
 const BPF_NOEXIST: u64 = 1;
 
 /// Classify, decide, bill and count one frame (or aggregate) that costs `len`
-/// bytes and `frames` frames on the wire.
+/// bytes and `frames` frames on the wire. `portal_open`: whether this hook can carry
+/// an unpaid client's portal frame (`bitmesh_common::kernel::portal_path_open`).
 #[inline(always)]
-pub fn meter<F: FrameBytes>(frame: &F, direction: Direction, len: u64, frames: u64) -> Verdict {
+pub fn meter<F: FrameBytes>(frame: &F, direction: Direction, len: u64, frames: u64, portal_open: bool) -> Verdict {
     let class = classify(frame, direction, &gateway());
     let mut gate = Gate::Open;
-    let mut needs_budget = class == FrameClass::Billable;
+    let is_portal = matches!(class, FrameClass::Portal(_));
+    let mut needs_budget = class == FrameClass::Billable || is_portal;
     let mac = client_mac(frame, direction).map(MacKey::new);
     if let (FrameClass::WalledGarden(kind), Some(key)) = (class, mac) {
         if let Some(bucket) = kind.bucket() {
@@ -32,11 +34,15 @@ pub fn meter<F: FrameBytes>(frame: &F, direction: Direction, len: u64, frames: u
             }
         }
     }
-    if class == FrameClass::Billable && direction == Direction::Upload {
+    if (class == FrameClass::Billable || is_portal) && direction == Direction::Upload {
         if let Some(key) = mac {
             if !source_allowed(frame, key) {
-                gate = Gate::WrongSource;
                 needs_budget = false;
+                // A portal frame from a wrong source is never billed to the MAC's
+                // credit, but may still be answered by the portal like any unpaid one.
+                if !is_portal {
+                    gate = Gate::WrongSource;
+                }
             }
         }
     }
@@ -54,6 +60,19 @@ pub fn meter<F: FrameBytes>(frame: &F, direction: Direction, len: u64, frames: u
                 let used = unsafe { (*u).up_bytes.saturating_add((*u).down_bytes) };
                 budget = Some(Budget { credited, used });
             }
+        }
+    }
+    if is_portal && verdict(class, len, budget, Gate::Open) == Verdict::PassPortal {
+        // Not covered by credit: carried only on an open path and within the MAC's
+        // payment-port budget (the portal reaches only the controller, like the API).
+        if !portal_open {
+            gate = Gate::PortalClosed;
+        } else if let Some(key) = mac {
+            if !garden_take(key, GardenBucket::Payment, len) {
+                gate = Gate::GardenBudgetSpent;
+            }
+        } else {
+            gate = Gate::PortalClosed;
         }
     }
     let v = verdict(class, len, budget, gate);

@@ -166,6 +166,36 @@ pub struct RunArgs {
     #[arg(long, value_name = "BYTES", default_value_t = 10_000)]
     pub relay_max_tx_bytes: usize,
 
+    // --- captive portal ---
+    /// Answer an unpaid client's plain HTTP (TCP 80, any address) with a redirect to
+    /// the portal page and refuse its HTTPS (443) with a reset, so phones open their
+    /// sign-in sheet; installs the nftables table `bitmesh_portal` (needs the TC upload
+    /// hook: with XDP, unpaid HTTP is only dropped): true or false.
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+    pub portal: bool,
+    /// TCP port of the redirect listener on the --iface address (intercepted port 80
+    /// is DNATed here; unpaid clients cannot reach it directly).
+    #[arg(long, value_name = "PORT", default_value_t = 3142)]
+    pub portal_port: u16,
+    /// The venue's name, shown on the portal page.
+    #[arg(long, value_name = "NAME", default_value = "BitMesh WiFi")]
+    pub venue: String,
+    /// RFC 8908 venue-info-url: a page about the venue. [default: none]
+    #[arg(long, value_name = "URL")]
+    pub venue_info_url: Option<String>,
+    /// Host name in the portal and API URLs given to clients (RFC 8908
+    /// user-portal-url); with --tls-cert it must be a name on the certificate and
+    /// resolve to the --iface address on the client side. [default: the --iface address]
+    #[arg(long, value_name = "NAME")]
+    pub portal_host: Option<String>,
+    /// PEM certificate chain: serve the API and the page over HTTPS too (same port;
+    /// plain HTTP keeps working for `bitmesh pay`). Needs --tls-key. [default: none]
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert. [default: none]
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+
     // --- operator ---
     /// Root-only unix socket for the operator CLI (created with mode 0600).
     #[arg(long, value_name = "PATH", default_value = "/run/bitmesh/admin.sock")]
@@ -400,6 +430,30 @@ impl RunArgs {
 
     /// The client API's explicit socket address (`--api-addr`), or `None` for the
     /// default (the --iface address, bound to the interface, plus loopback).
+    /// The API's base URL as clients reach it (`https://` with --tls-cert), on
+    /// --portal-host or the gateway's client-side address `gateway`.
+    pub fn api_base_url(&self, gateway: Ipv4Addr) -> String {
+        let scheme = if self.tls_cert.is_some() { "https" } else { "http" };
+        let host = self.portal_host.clone().unwrap_or_else(|| gateway.to_string());
+        format!("{scheme}://{host}:{}", self.api_port)
+    }
+
+    /// The certificate and key for HTTPS, if both are given; one without the other
+    /// is an error.
+    pub fn tls_files(&self) -> Result<Option<(&Path, &Path)>, ConfigError> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(c), Some(k)) => Ok(Some((c, k))),
+            (None, None) => Ok(None),
+            (Some(_), None) => Err(ConfigError::Value { flag: "tls-key", message: "--tls-cert needs --tls-key (the certificate's PEM private key)".into() }),
+            (None, Some(_)) => Err(ConfigError::Value { flag: "tls-cert", message: "--tls-key needs --tls-cert (the PEM certificate chain)".into() }),
+        }
+    }
+
+    /// RFC 8908 `user-portal-url`: the portal page.
+    pub fn portal_url(&self, gateway: Ipv4Addr) -> String {
+        format!("{}{}", self.api_base_url(gateway), bitmesh_common::wire::routes::PORTAL)
+    }
+
     pub fn api_socket(&self) -> Option<SocketAddr> {
         self.api_addr.map(|a| SocketAddr::new(a, self.api_port))
     }

@@ -21,3 +21,5 @@ pub mod lightning;
 pub mod notify;
 /// The capabilities `bitmesh run` needs (CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON).
 pub mod privileges;
+/// The captive portal: redirect listener, nftables table, page, TLS.
+pub mod portal;

@@ -42,7 +42,7 @@ struct SocketArg {
 #[derive(Subcommand)]
 enum Command {
     /// Run the gateway controller (as root): meter, client API, settlement.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Per-client counters: MAC, IP, channel, paid, credited, up, down, remaining, rate, last seen.
     Clients {
         /// Print JSON instead of a table.
@@ -94,7 +94,7 @@ enum Command {
     },
     /// `pay` and `refund`: the client agent, defined in bitmesh-client.
     #[command(flatten)]
-    Client(bitmesh_client::ClientCommand),
+    Client(Box<bitmesh_client::ClientCommand>),
     /// Show, or set, the price for NEW channels in msat per MiB (open channels keep theirs).
     /// A price set here is kept in the store and overrides --price-msat-per-mib (flag or
     /// config file) at every start, until `bitmesh price --reset`.
@@ -414,7 +414,11 @@ async fn run(args: RunArgs) -> Result<()> {
     let hook = meter.attach(&iface, hook)?;
     info!(%iface, %hook, pinned = maps_were_pinned, "meter attached");
 
-    let portal_url = format!("http://{}:{}/v1/terms", gateway_ip, args.api_port);
+    let portal_url = args.portal_url(gateway_ip);
+    let tls = match args.tls_files()? {
+        Some((cert, key)) => Some(bitmesh::portal::tls::acceptor(cert, key)?),
+        None => None,
+    };
     let gw = Gateway::new(
         GatewayParts {
             store,
@@ -424,7 +428,8 @@ async fn run(args: RunArgs) -> Result<()> {
             policy,
             payout_script,
             neighbours: Box::new(KernelNeighbours { iface: iface.clone() }),
-            portal_url,
+            portal_url: portal_url.clone(),
+            venue_info_url: args.venue_info_url.clone(),
         },
         tip,
     )?;
@@ -447,7 +452,11 @@ async fn run(args: RunArgs) -> Result<()> {
         relays_per_hour: args.relay_limit_per_hour,
         relay_max_tx_bytes: args.relay_max_tx_bytes,
     };
-    let app = api::router(gw.clone(), limits);
+    let page = bitmesh::portal::page::router(bitmesh::portal::PageConfig {
+        venue: args.venue.clone(),
+        api_base: args.api_base_url(gateway_ip),
+    });
+    let app = api::router_with(gw.clone(), limits, page);
     let listeners = match args.api_socket() {
         Some(addr) => vec![listen(addr, None)?],
         // The client interface only (bound to the device, so a packet for this
@@ -462,7 +471,20 @@ async fn run(args: RunArgs) -> Result<()> {
     for listener in listeners {
         let addr = listener.local_addr()?;
         info!(%addr, max_connections = conn_limits.max_connections, per_client = conn_limits.max_per_client, "client API listening");
-        tokio::spawn(api::serve(listener, app.clone(), slots.clone(), keys.clone()));
+        tokio::spawn(api::serve_tls(listener, app.clone(), slots.clone(), keys.clone(), tls.clone()));
+    }
+    info!(url = %portal_url, https = tls.is_some(), venue = %args.venue, "captive portal page");
+    // Captive-portal interception: the redirect listener first, then the nftables
+    // table that sends intercepted port 80 to it (docs/design.md section 5.8).
+    let mut portal_table = None;
+    if args.portal {
+        if matches!(hook, UploadHook::XdpNative | UploadHook::XdpGeneric) {
+            warn!(%hook, "the XDP upload hook cannot mark packets: unpaid HTTP is dropped, not redirected (use --hook tc or auto)");
+        }
+        let redirect = listen(SocketAddr::new(IpAddr::V4(gateway_ip), args.portal_port), Some(&iface))?;
+        tokio::spawn(api::serve(redirect, bitmesh::portal::redirect::router(portal_url.clone()), slots.clone(), keys.clone()));
+        portal_table = Some(bitmesh::portal::NftTable::install(&iface, gateway_ip, args.portal_port)?);
+        info!(port = args.portal_port, table = bitmesh::portal::NftTable::NAME, "unpaid HTTP redirected to the portal, unpaid HTTPS reset");
     }
     let admin_listener = admin::bind(&args.admin_socket)?;
     let admin_gw = gw.clone();
@@ -536,6 +558,12 @@ async fn run(args: RunArgs) -> Result<()> {
     }
     if let Err(e) = bitmesh::notify::notify("STOPPING=1") {
         warn!(error = %e, "could not tell systemd the controller is stopping");
+    }
+    // Without the table an unpaid client's HTTP is dropped, never passed (fail closed).
+    if let Some(mut table) = portal_table.take() {
+        if let Err(e) = table.remove() {
+            warn!(error = %e, "removing the captive-portal nftables table failed");
+        }
     }
     if let Some(node) = ln_node {
         if let Err(e) = tokio::task::spawn_blocking(move || node.stop()).await {

@@ -12,9 +12,12 @@
 //! * [`http`] and [`upstream`]: the HTTP client, and the servers standing in for the
 //!   internet;
 //! * [`testbed`]: the one harness putting them together;
+//! * [`portal`] and [`browser`]: the captive-portal tests' logging internet and raw
+//!   checks, and headless Chromium driven over WebDriver in a client namespace;
 //! * [`garden_attack`] and [`bench`]: attack tools and measurements.
 
 pub mod bench;
+pub mod browser;
 pub mod chain;
 pub mod client;
 pub mod controller;
@@ -23,6 +26,7 @@ pub mod garden_attack;
 pub mod http;
 pub mod lightning;
 pub mod network;
+pub mod portal;
 pub mod process;
 pub mod testbed;
 pub mod upstream;

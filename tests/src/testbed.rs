@@ -44,8 +44,10 @@ use crate::upstream::{HttpServer, UdpEcho};
 
 /// The controller's client API port (the walled-garden port).
 pub const API_PORT: u16 = 3141;
-/// The upstream HTTP server's port.
-pub const UPSTREAM_HTTP_PORT: u16 = 80;
+/// The upstream HTTP server's port. Not 80: an unpaid client's port 80 is answered by
+/// the gateway's captive portal (`tests/tests/portal.rs`), and these tests measure
+/// what the meter passes and drops on plain traffic.
+pub const UPSTREAM_HTTP_PORT: u16 = 8080;
 /// The upstream UDP echo port.
 pub const ECHO_PORT: u16 = 7777;
 

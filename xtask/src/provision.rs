@@ -12,8 +12,8 @@ use crate::cache::{cache_dir, output, run, step};
 /// bpf-linker release we build; its LLVM feature must match the nightly's LLVM major.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
-/// Debian packages: C++ build of bitcoind, namespace tests, and the benchmarks'
-/// iptables/nftables comparison.
+/// Debian packages: C++ build of bitcoind, namespace tests, the benchmarks'
+/// iptables/nftables comparison, the captive portal's nftables table and browser tests.
 pub const DEBIAN_PACKAGES: &[&str] = &[
     "build-essential",
     "cmake",
@@ -25,6 +25,13 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "nftables",
     "iperf3",
     "python3",
+    // The captive-portal browser tests: headless Chromium driven over WebDriver, a
+    // font so screenshots show text, openssl for the TLS test's certificates.
+    "chromium",
+    "chromium-driver",
+    "chromium-headless-shell",
+    "fonts-dejavu-core",
+    "openssl",
 ];
 
 fn is_root() -> bool {

@@ -225,12 +225,12 @@ pub enum Direction {
 }
 
 /// Number of verdict slots per direction in `STATS` (see [`stat_index`]).
-pub const STATS_PER_DIRECTION: u32 = 8;
+pub const STATS_PER_DIRECTION: u32 = 9;
 /// Number of entries in `STATS`.
 pub const STATS_LEN: u32 = 2 * STATS_PER_DIRECTION;
 
 /// Index in `STATS` of the counter for `verdict` in `direction`:
-/// `direction * 8 + verdict` (upload 0..=7, download 8..=15).
+/// `direction * 9 + verdict` (upload 0..=8, download 9..=17).
 pub const fn stat_index(direction: Direction, verdict: crate::kernel::Verdict) -> u32 {
     direction as u32 * STATS_PER_DIRECTION + verdict as u32
 }

@@ -77,6 +77,11 @@ impl Eth {
         self.raw(ethertype::EAPOL, &body)
     }
 
+    /// IPv4 TCP segment with the given flags byte (see [`tcp_flags`]).
+    pub fn ipv4_tcp_flags(&self, src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+        self.ipv4(src, dst, proto::TCP, &tcp_flags(sport, dport, flags))
+    }
+
     /// IPv4 packet (IHL 5, TTL 64, DF clear) carrying `l4`.
     pub fn ipv4(&self, src: [u8; 4], dst: [u8; 4], protocol: u8, l4: &[u8]) -> Vec<u8> {
         let total = (20 + l4.len()) as u16;
@@ -158,9 +163,14 @@ pub fn udp(sport: u16, dport: u16, payload_len: usize) -> Vec<u8> {
 
 /// A 20-byte TCP header with SYN set.
 pub fn tcp(sport: u16, dport: u16) -> Vec<u8> {
+    tcp_flags(sport, dport, 0x02)
+}
+
+/// A 20-byte TCP header with the given flags byte (0x02 SYN, 0x12 SYN-ACK, 0x14 RST-ACK).
+pub fn tcp_flags(sport: u16, dport: u16, flags: u8) -> Vec<u8> {
     let mut t = Vec::with_capacity(20);
     t.extend_from_slice(&sport.to_be_bytes());
     t.extend_from_slice(&dport.to_be_bytes());
-    t.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
+    t.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
     t
 }

@@ -12,6 +12,7 @@
 //! the buffer, which must not turn paid traffic into "malformed".
 
 use super::abi::{ethertype, Direction};
+use super::portal::{portal_kind, PortalKind};
 
 /// Read access to a frame's bytes.
 pub trait FrameBytes {
@@ -74,6 +75,9 @@ pub enum FrameClass {
     Group,
     /// Matches a walled-garden rule.
     WalledGarden(GardenKind),
+    /// IPv4 TCP that captive-portal interception may carry for an unpaid client
+    /// (see [`super::portal`]); billed like [`FrameClass::Billable`] for a paid one.
+    Portal(PortalKind),
     /// Everything else: billed to the client, or dropped if unpaid.
     Billable,
 }
@@ -314,10 +318,18 @@ fn ipv4<F: FrameBytes + ?Sized>(
                     return FrameClass::WalledGarden(GardenKind::Dhcp);
                 }
             }
-            match gateway_service(proto, sport, dport, direction, peer_is_gateway, gw) {
-                Some(kind) => FrameClass::WalledGarden(kind),
-                None => FrameClass::Billable,
+            if let Some(kind) = gateway_service(proto, sport, dport, direction, peer_is_gateway, gw) {
+                return FrameClass::WalledGarden(kind);
             }
+            if proto == IPPROTO_TCP {
+                // The flags byte, for "a reset from 443"; a frame cut before it is
+                // simply not a portal frame (billable, so dropped when unpaid).
+                let flags = frame.bytes::<1>(l4 + 13).map(|[f]| f);
+                if let Some(kind) = portal_kind(direction, sport, dport, flags) {
+                    return FrameClass::Portal(kind);
+                }
+            }
+            FrameClass::Billable
         }
         _ => FrameClass::Billable,
     }

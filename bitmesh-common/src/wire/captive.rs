@@ -15,6 +15,9 @@ pub struct CaptiveStatus {
     /// Where a person can see the terms and pay.
     #[serde(rename = "user-portal-url", default, skip_serializing_if = "Option::is_none")]
     pub user_portal_url: Option<String>,
+    /// A page about the venue (the operator's `--venue-info-url`).
+    #[serde(rename = "venue-info-url", default, skip_serializing_if = "Option::is_none")]
+    pub venue_info_url: Option<String>,
     /// Bytes the client may still use before it must pay again.
     #[serde(rename = "bytes-remaining", default, skip_serializing_if = "Option::is_none")]
     pub bytes_remaining: Option<u64>,
@@ -35,6 +38,7 @@ mod tests {
         let s = CaptiveStatus {
             captive: false,
             user_portal_url: Some("http://10.0.0.1/".into()),
+            venue_info_url: None,
             bytes_remaining: Some(5),
             seconds_remaining: Some(600),
             can_extend_session: Some(true),

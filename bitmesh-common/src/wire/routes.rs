@@ -12,6 +12,10 @@ pub const TERMS: &str = "/v1/terms";
 pub const CHANNELS: &str = "/v1/channels";
 /// GET: RFC 8908 captive-portal API.
 pub const CAPTIVE: &str = "/captive-portal/api";
+/// GET: the requesting device's own status (`DeviceStatus`, by its MAC).
+pub const DEVICE: &str = "/v1/device";
+/// GET: the captive-portal page (HTML); its assets live under this path.
+pub const PORTAL: &str = "/portal/";
 /// GET: channel status (signed header, action `status`).
 pub const CHANNEL: &str = "/v1/channels/{id}";
 /// POST: funding (the gateway relays the transaction).

@@ -16,6 +16,8 @@
 //! | POST | /v1/channels/{id}/close | `CloseRequest` -> `CloseResponse` |
 //! | GET  | /v1/channels/{id}/events | -> SSE stream of [`ClientEvent`] (signed header) |
 //! | GET  | /captive-portal/api | -> RFC 8908 [`CaptiveStatus`] |
+//! | GET  | /v1/device | -> `DeviceStatus` (the requester's device, by MAC) |
+//! | GET  | /portal/ | the captive-portal page (`crate::portal::page`) |
 //! | POST | /v1/invoices | `InvoiceRequest` -> 201 `Invoice` (Lightning) |
 //! | GET  | /v1/invoices/{payment_hash} | -> `InvoiceStatus` |
 //! | POST | /v1/restore | `RestoreRequest` -> `RestoreResponse` |
@@ -41,9 +43,9 @@ use axum::routing::{get, post};
 use axum::{middleware, Json, Router};
 use bitmesh_common::wire::routes;
 use bitmesh_common::wire::{
-    CaptiveStatus, ChannelStatus, ClientEvent, CloseRequest, CloseResponse, FundRequest, Invoice, InvoiceRequest,
-    InvoiceStatus, OpenRequest, OpenResponse, PaymentAck, PaymentUpdate, RestoreRequest, RestoreResponse,
-    SignedRequest, Terms,
+    CaptiveStatus, ChannelStatus, ClientEvent, CloseRequest, CloseResponse, DeviceStatus, FundRequest, Invoice,
+    InvoiceRequest, InvoiceStatus, OpenRequest, OpenResponse, PaymentAck, PaymentUpdate, RestoreRequest,
+    RestoreResponse, SignedRequest, Terms,
 };
 use extract::{ChannelJson, Signed};
 use tokio::sync::mpsc;
@@ -51,7 +53,7 @@ use tokio::sync::mpsc;
 pub use error::ApiError;
 pub use extract::ApiJson;
 pub use limits::{ClientKey, ClientKeys, RateLimiter};
-pub use serve::{serve, ConnLimits, ConnPermit, ConnSlots, Refusal};
+pub use serve::{serve, serve_tls, ConnLimits, ConnPermit, ConnSlots, Refusal};
 
 /// What the API needs from the controller. `peer` is the TCP peer address of the
 /// request: the gateway resolves it to the device's MAC on the client interface.
@@ -76,6 +78,11 @@ pub trait ClientGateway: Send + Sync + 'static {
         req: SignedRequest,
     ) -> impl Future<Output = Result<mpsc::Receiver<ClientEvent>, Self::Error>> + Send;
     fn captive(&self, peer: IpAddr) -> impl Future<Output = Result<CaptiveStatus, Self::Error>> + Send;
+    /// The requester's own device status (by its MAC), for the portal page; `None`
+    /// from a gateway that does not report devices (the route answers `bad_request`).
+    fn device(&self, _peer: IpAddr) -> impl Future<Output = Result<Option<DeviceStatus>, Self::Error>> + Send {
+        async { Ok(None) }
+    }
     /// A Lightning invoice for the requesting device (recorded before it is returned).
     fn invoice(&self, peer: IpAddr, req: InvoiceRequest) -> impl Future<Output = Result<Invoice, Self::Error>> + Send;
     /// An invoice's status, by hex payment hash.
@@ -133,6 +140,14 @@ pub fn router<G: ClientGateway>(gw: Arc<G>, limits: ApiLimits) -> Router
 where
     ApiError: From<G::Error>,
 {
+    router_with(gw, limits, Router::new())
+}
+
+/// [`router`] with `extra` routes (the portal page) under the same limits.
+pub fn router_with<G: ClientGateway>(gw: Arc<G>, limits: ApiLimits, extra: Router) -> Router
+where
+    ApiError: From<G::Error>,
+{
     let keys = client_keys(gw.clone());
     let relay_limiter = RateLimiter::new(limits.relays_per_hour, Duration::from_secs(3600), keys.clone());
     let limiter = RateLimiter::new(limits.requests_per_min, Duration::from_secs(60), keys);
@@ -151,12 +166,14 @@ where
         .route(routes::CLOSE, post(close::<G>))
         .route(routes::EVENTS, get(events::<G>))
         .route(routes::CAPTIVE, get(captive::<G>))
+        .route(routes::DEVICE, get(device::<G>))
         .route(routes::INVOICES, post(invoice::<G>))
         .route(routes::INVOICE, get(invoice_status::<G>))
         .route(routes::RESTORE, post(restore::<G>))
         .fallback(|| async { ApiError::NoRoute })
         .method_not_allowed_fallback(|| async { ApiError::NoRoute })
         .with_state(state)
+        .merge(extra)
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(middleware::from_fn_with_state(timeout, limits::timeout))
         .layer(middleware::from_fn_with_state(limiter, limits::rate_limit))
@@ -259,6 +276,20 @@ where
     ApiError: From<G::Error>,
 {
     Ok(captive::answer(s.gw.captive(peer.ip()).await?))
+}
+
+async fn device<G: ClientGateway>(
+    State(s): St<G>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+) -> Result<Response, ApiError>
+where
+    ApiError: From<G::Error>,
+{
+    let device = s.gw.device(peer.ip()).await?.ok_or(ApiError::NoRoute)?;
+    let mut r = Json(device).into_response();
+    // Live figures: never cached.
+    r.headers_mut().insert(axum::http::header::CACHE_CONTROL, axum::http::HeaderValue::from_static("no-store"));
+    Ok(r)
 }
 
 async fn invoice<G: ClientGateway>(

@@ -29,6 +29,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
 use tower::Layer;
 use tracing::{debug, warn};
 
@@ -142,6 +143,13 @@ impl Drop for ConnPermit {
 /// accept errors back off and continue). `slots` may be shared by several
 /// listeners (the client interface and loopback), so the caps are per process.
 pub async fn serve(listener: TcpListener, app: Router, slots: Arc<ConnSlots>, keys: ClientKeys) {
+    serve_tls(listener, app, slots, keys, None).await
+}
+
+/// [`serve`], and with `tls` also HTTPS on the same port: a connection whose first
+/// byte starts a TLS handshake is served over TLS, any other as plain HTTP (see
+/// `portal/tls.rs`).
+pub async fn serve_tls(listener: TcpListener, app: Router, slots: Arc<ConnSlots>, keys: ClientKeys, tls: Option<TlsAcceptor>) {
     let mut last_warned: Option<Instant> = None;
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -160,7 +168,13 @@ pub async fn serve(listener: TcpListener, app: Router, slots: Arc<ConnSlots>, ke
         let key = keys(peer.ip());
         match slots.try_acquire(key) {
             Ok(permit) => {
-                tokio::spawn(serve_connection(stream, peer, app.clone(), slots.limits.clone(), permit));
+                let (app, limits, tls) = (app.clone(), slots.limits.clone(), tls.clone());
+                tokio::spawn(async move {
+                    match tls {
+                        None => serve_connection(stream, peer, app, limits, permit).await,
+                        Some(tls) => serve_maybe_tls(stream, peer, app, limits, permit, tls).await,
+                    }
+                });
             }
             Err(refusal) => {
                 debug!(%peer, ?refusal, "client API connection refused");
@@ -172,8 +186,42 @@ pub async fn serve(listener: TcpListener, app: Router, slots: Arc<ConnSlots>, ke
     }
 }
 
-async fn serve_connection(stream: TcpStream, peer: SocketAddr, app: Router, limits: ConnLimits, _permit: ConnPermit) {
-    let _ = stream.set_nodelay(true);
+/// Peek at the first byte (within the header timeout): a TLS handshake is accepted
+/// and served over TLS, anything else is served as plain HTTP.
+async fn serve_maybe_tls(stream: TcpStream, peer: SocketAddr, app: Router, limits: ConnLimits, permit: ConnPermit, tls: TlsAcceptor) {
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(limits.header_timeout, stream.peek(&mut first)).await {
+        Ok(Ok(1)) if first[0] == crate::portal::tls::TLS_HANDSHAKE => {
+            match tokio::time::timeout(limits.header_timeout, tls.accept(stream)).await {
+                Ok(Ok(tls_stream)) => serve_connection(tls_stream, peer, app, limits, permit).await,
+                Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake failed"),
+                Err(_) => debug!(%peer, "TLS handshake timed out"),
+            }
+        }
+        Ok(Ok(_)) => serve_connection(stream, peer, app, limits, permit).await,
+        _ => debug!(%peer, "client API connection sent nothing: closed"),
+    }
+}
+
+/// A connection's byte stream: plain TCP or TLS over it.
+trait Conn: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    fn nodelay(&self);
+}
+
+impl Conn for TcpStream {
+    fn nodelay(&self) {
+        let _ = self.set_nodelay(true);
+    }
+}
+
+impl Conn for tokio_rustls::server::TlsStream<TcpStream> {
+    fn nodelay(&self) {
+        let _ = self.get_ref().0.set_nodelay(true);
+    }
+}
+
+async fn serve_connection<S: Conn>(stream: S, peer: SocketAddr, app: Router, limits: ConnLimits, _permit: ConnPermit) {
+    stream.nodelay();
     let started = Instant::now();
     let last_active = Arc::new(AtomicU64::new(0));
     let io = TokioIo::new(Activity { inner: stream, started, last_active: last_active.clone() });
@@ -206,21 +254,21 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, app: Router, limi
     }
 }
 
-/// A TCP stream that records when a byte last moved (for the idle timeout).
-struct Activity {
-    inner: TcpStream,
+/// A connection that records when a byte last moved (for the idle timeout).
+struct Activity<S> {
+    inner: S,
     started: Instant,
     /// Milliseconds after `started` of the last read or write that moved bytes.
     last_active: Arc<AtomicU64>,
 }
 
-impl Activity {
+impl<S> Activity<S> {
     fn touch(&self) {
         self.last_active.store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 }
 
-impl AsyncRead for Activity {
+impl<S: AsyncRead + Unpin> AsyncRead for Activity<S> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let res = Pin::new(&mut self.inner).poll_read(cx, buf);
@@ -231,7 +279,7 @@ impl AsyncRead for Activity {
     }
 }
 
-impl AsyncWrite for Activity {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Activity<S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
         let res = Pin::new(&mut self.inner).poll_write(cx, data);
         if matches!(res, Poll::Ready(Ok(n)) if n > 0) {

@@ -108,6 +108,7 @@ impl ClientGateway for Fake {
         Ok(CaptiveStatus {
             captive: false,
             user_portal_url: Some("http://10.0.0.1:3141/".into()),
+            venue_info_url: None,
             bytes_remaining: Some(6),
             seconds_remaining: Some(600),
             can_extend_session: Some(true),

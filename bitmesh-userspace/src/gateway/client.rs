@@ -16,16 +16,16 @@ use bitmesh_common::wire::{CaptiveStatus, ClientEvent, UsageReport};
 use tokio::sync::mpsc;
 use tracing::{info, instrument, warn};
 
-use super::{crediting_ends_at, script_of, Gateway, GatewayError};
+use super::{script_of, Gateway, GatewayError};
 use crate::api::{ClientGateway, ClientKey};
 use bitmesh_channel::{check_open, verify_funding, verify_update, FundingCheck};
 use crate::store::{AppendOutcome, ChannelRecord, ChannelStage, CloseReason, Funding, NewChannel, NewPayment, StoreError};
 
 /// Largest untagged Ethernet frame (1500 + 14): below this budget, RFC 8908 says captive.
-const FULL_FRAME_BYTES: u64 = 1514;
+pub(super) const FULL_FRAME_BYTES: u64 = 1514;
 
 /// Seconds per block, for the RFC 8908 `seconds-remaining` estimate.
-const SECS_PER_BLOCK: u64 = 600;
+pub(super) const SECS_PER_BLOCK: u64 = 600;
 
 /// Open event streams one channel may hold (the agent needs one; a few allow a
 /// reconnect before the old stream is noticed dead).
@@ -539,24 +539,10 @@ impl ClientGateway for Gateway {
     }
 
     async fn captive(&self, peer: IpAddr) -> Result<CaptiveStatus, GatewayError> {
-        let mut out = CaptiveStatus {
-            captive: true,
-            user_portal_url: Some(self.portal_url.clone()),
-            bytes_remaining: None,
-            seconds_remaining: None,
-            can_extend_session: Some(true),
-        };
-        let Some(mac) = self.neighbours.mac_of(peer) else { return Ok(out) };
-        let live: Option<ChannelRecord> = self.store.live_channel_for_mac(mac)?;
-        if let Some(rec) = live.filter(|r| r.state == ChannelStage::Open) {
-            let r = self.report(&rec);
-            let ends = crediting_ends_at(&rec, self.policy().limits.close_margin_blocks);
-            let blocks = u64::from(BlockCount::between(self.tip(), ends).get());
-            // Less than one full Ethernet frame left: bulk traffic is already cut.
-            out.captive = r.remaining_bytes.0 < FULL_FRAME_BYTES;
-            out.bytes_remaining = Some(r.remaining_bytes.0);
-            out.seconds_remaining = Some(blocks * SECS_PER_BLOCK);
-        }
-        Ok(out)
+        self.captive_of_peer(peer) // device.rs
+    }
+
+    async fn device(&self, peer: IpAddr) -> Result<Option<bitmesh_common::wire::DeviceStatus>, GatewayError> {
+        self.device_of_peer(peer).map(Some) // device.rs
     }
 }

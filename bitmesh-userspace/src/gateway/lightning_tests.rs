@@ -114,6 +114,7 @@ fn lab_with(store: Arc<Store>, meter: SharedMeter, adjust: impl FnOnce(&mut Ligh
             payout_script: ScriptBuf::new_p2wpkh(&payout.public.wpubkey_hash().unwrap()),
             neighbours: Box::new(neighbours),
             portal_url: String::new(),
+            venue_info_url: None,
         },
         Height::from_consensus(200).unwrap(),
     )

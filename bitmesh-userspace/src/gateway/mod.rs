@@ -13,6 +13,7 @@ mod binding;
 mod batch;
 mod chain_guard;
 mod client;
+mod device;
 mod edge;
 mod exposure;
 mod lightning;
@@ -137,6 +138,8 @@ pub struct GatewayParts {
     pub neighbours: Box<dyn Neighbours>,
     /// URL of the portal page shown in the RFC 8908 answer.
     pub portal_url: String,
+    /// RFC 8908 `venue-info-url`, if the operator gave one.
+    pub venue_info_url: Option<String>,
 }
 
 /// The controller. Shared behind an `Arc` by the API, admin socket and loops.
@@ -152,6 +155,7 @@ pub struct Gateway {
     payout_script: ScriptBuf,
     neighbours: Box<dyn Neighbours>,
     portal_url: String,
+    venue_info_url: Option<String>,
     tip: AtomicU32,
     /// When `tip` was last read from the backend (a stale tip stops payments).
     tip_read_at: Mutex<std::time::Instant>,
@@ -195,6 +199,7 @@ impl Gateway {
             payout_script: parts.payout_script,
             neighbours: parts.neighbours,
             portal_url: parts.portal_url,
+            venue_info_url: parts.venue_info_url,
             tip: AtomicU32::new(tip.to_consensus_u32()),
             tip_read_at: Mutex::new(std::time::Instant::now()),
             zero_conf_book: exposure::ZeroConfBook::default(),

@@ -78,6 +78,7 @@ fn gateway(store: Arc<Store>) -> Arc<Gateway> {
             payout_script,
             neighbours: Box::new(neighbours),
             portal_url: "http://10.0.0.1:3141/v1/terms".into(),
+            venue_info_url: None,
         },
         Height::from_consensus(200).unwrap(),
     )
@@ -332,6 +333,7 @@ async fn unconfirmed_channel_is_capped_and_loses_its_credit_when_its_funding_van
             payout_script: ScriptBuf::new_p2wpkh(&payout.public.wpubkey_hash().unwrap()),
             neighbours: Box::new(StaticNeighbours(HashMap::from([(peer, MAC)]))),
             portal_url: String::new(),
+            venue_info_url: None,
         },
         Height::from_consensus(200).unwrap(),
     )

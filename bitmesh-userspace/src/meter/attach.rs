@@ -478,7 +478,21 @@ fn prepare_pin_dir(dir: &Path) -> Result<(), MeterError> {
     if !is_bpffs(dir)? {
         return Err(MeterError::NotBpfFs { path: dir.to_path_buf() });
     }
+    drop_outgrown_stats(dir);
     Ok(())
+}
+
+/// A `STATS` map pinned by an older build with fewer slots (before `PassPortal`) would
+/// be reused as is, and the new slots could be neither counted nor read. Its counters
+/// are statistics only (no credit, no usage), so it is unpinned and recreated.
+fn drop_outgrown_stats(dir: &Path) {
+    let path = dir.join(MAP_STATS);
+    let Ok(map) = aya::maps::MapData::from_pin(&path) else { return };
+    let entries = map.info().map(|i| i.max_entries());
+    if matches!(entries, Ok(n) if n != bitmesh_common::kernel::STATS_LEN) {
+        tracing::warn!(path = %path.display(), ?entries, "pinned STATS map from an older build: recreating it (frame counters restart at zero)");
+        let _ = fs::remove_file(&path);
+    }
 }
 
 fn program_mut<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, MeterError>

@@ -34,6 +34,6 @@ pub use config::{
 };
 pub use error::MeterError;
 pub use maps::{Binding, ClientUsage, MeterMaps, MeterStats};
-pub use testrun::TestRunOutcome;
+pub use testrun::{SkbContext, TestRunOutcome};
 
 pub use bitmesh_common::kernel::{Direction, Mac, StatCounter, Usage, Verdict};

@@ -20,7 +20,7 @@ use bitmesh_tests::controller::{Controller, ControllerOpts};
 use bitmesh_tests::http::Fetch;
 use bitmesh_tests::network::{GATEWAY_IPV4, UPSTREAM_IPV4 as UPSTREAM_IP};
 use bitmesh_tests::process::bitmesh_bin;
-use bitmesh_tests::testbed::Testbed;
+use bitmesh_tests::testbed::{Testbed, UPSTREAM_HTTP_PORT};
 use serde_json::Value;
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -190,7 +190,7 @@ fn run() -> Result<()> {
     for c in &world.lan.clients {
         say(&format!("client {} : namespace {}, {} {} on a bridge port", names[c.index], c.ns.name(), c.ip, c.mac));
     }
-    say(&format!("the internet: an HTTP server at {UPSTREAM_IP}:80 (downloads paced at {}/s, like WiFi)", mib(LINK_BPS)));
+    say(&format!("the internet: an HTTP server at {UPSTREAM_IP}:{UPSTREAM_HTTP_PORT} (downloads paced at {}/s, like WiFi)", mib(LINK_BPS)));
     say(&format!("regtest bitcoind, reached from the gateway namespace on 127.0.0.1, tip at height {}", world.tip()));
     let funding = world.fund(3, Amount::from_sat(100_000))?;
     say("each client holds one confirmed 100,000 sat output (its wallet)");
@@ -216,7 +216,7 @@ fn run() -> Result<()> {
     // 1. Unpaid: only the walled garden.
     heading(1, "A joins the WiFi and has not paid: only the walled garden is open");
     let f = world.fetch(0, MIB, Duration::from_secs(3));
-    say(&format!("A $ fetch http://{UPSTREAM_IP}/1MiB   -> {}", if f.bytes == 0 { "BLOCKED (dropped in the kernel: no budget)".into() } else { describe_fetch(&f, MIB) }));
+    say(&format!("A $ fetch http://{UPSTREAM_IP}:{UPSTREAM_HTTP_PORT}/1MiB   -> {}", if f.bytes == 0 { "BLOCKED (dropped in the kernel: no budget)".into() } else { describe_fetch(&f, MIB) }));
     if f.bytes != 0 {
         bail!("an unpaid client reached the internet: {f:?}");
     }
@@ -257,7 +257,7 @@ fn run() -> Result<()> {
         operator(&ctl, &["clients"])?;
         Ok(dl.join().expect("download thread"))
     })?;
-    say(&format!("A $ fetch http://{UPSTREAM_IP}/12MiB  -> {}", describe_fetch(&f, want)));
+    say(&format!("A $ fetch http://{UPSTREAM_IP}:{UPSTREAM_HTTP_PORT}/12MiB  -> {}", describe_fetch(&f, want)));
     if let Some(ch) = ctl.channel(&world.lan.clients[0].mac) {
         say(&format!(
             "{} payment updates so far, {} sat paid: each sent at the low-water mark, before the budget ran out",
@@ -276,7 +276,7 @@ fn run() -> Result<()> {
     funded(&mut b)?;
     let want = 8 * MIB;
     let f = world.fetch_paced(1, want, LINK_BPS, Duration::from_secs(4));
-    say(&format!("B $ fetch http://{UPSTREAM_IP}/8MiB   -> {}", describe_fetch(&f, want)));
+    say(&format!("B $ fetch http://{UPSTREAM_IP}:{UPSTREAM_HTTP_PORT}/8MiB   -> {}", describe_fetch(&f, want)));
     if let Some(st) = agent_status(&b) {
         say(&format!("B agent> {st}"));
     }
@@ -305,7 +305,7 @@ fn run() -> Result<()> {
     let mut c = world.start_agent(2, &AgentOpts::new(funding[2].file.clone(), 10_000))?;
     funded(&mut c)?;
     let f = world.fetch_paced(2, MIB, LINK_BPS, Duration::from_secs(5));
-    say(&format!("C $ fetch http://{UPSTREAM_IP}/1MiB   -> {}", describe_fetch(&f, MIB)));
+    say(&format!("C $ fetch http://{UPSTREAM_IP}:{UPSTREAM_HTTP_PORT}/1MiB   -> {}", describe_fetch(&f, MIB)));
     let idle_from = Instant::now();
     say("C sends nothing more; B, cut off, sends nothing either. The controller closes idle channels:");
     let mac_b = world.lan.clients[1].mac.clone();

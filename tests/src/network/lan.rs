@@ -144,6 +144,11 @@ impl Lan {
         let (gw, up) = (&self.gateway, &self.upstream);
         ipv6_off(gw)?;
         sysctl(gw, "net.ipv4.ip_forward=1")?;
+        // A bridge's IPv4 must reach netfilter after the meter's TC ingress (which
+        // marks captive-portal packets), not at the bridge layer (br_netfilter):
+        // `bitmesh run` refuses to intercept otherwise. Per namespace; absent without
+        // the br_netfilter module.
+        let _ = sysctl(gw, "net.bridge.bridge-nf-call-iptables=0");
         gw.ip(&["link", "add", &self.bridge, "address", GATEWAY_MAC, "type", "bridge", "forward_delay", "0"])?;
         gw.ip(&["addr", "add", &format!("{GATEWAY_IPV4}/24"), "dev", &self.bridge])?;
         gw.ip(&["link", "set", &self.bridge, "up"])?;

@@ -168,7 +168,7 @@ impl ClientGateway for Scripted {
         Ok(rx)
     }
     async fn captive(&self, _: IpAddr) -> Result<CaptiveStatus, ApiError> {
-        Ok(CaptiveStatus { captive: false, user_portal_url: None, bytes_remaining: None, seconds_remaining: None, can_extend_session: None })
+        Ok(CaptiveStatus { captive: false, user_portal_url: None, venue_info_url: None, bytes_remaining: None, seconds_remaining: None, can_extend_session: None })
     }
     async fn invoice(&self, _: IpAddr, _: InvoiceRequest) -> Result<Invoice, ApiError> {
         Err(ApiError::LightningUnavailable)

@@ -170,7 +170,7 @@ fn not_walled_garden(mac: Mac) -> Vec<(&'static str, Direction, Vec<u8>)> {
     vec![
         ("udp to the internet", U, up(mac).ipv4_udp(CL4, NET4, 5000, 5000, 100)),
         ("udp from the internet", D, down(mac).ipv4_udp(NET4, CL4, 5000, 5000, 100)),
-        ("tcp to the internet", U, up(mac).ipv4_tcp(CL4, NET4, 40000, 443)),
+        ("tcp to the internet", U, up(mac).ipv4_tcp(CL4, NET4, 40000, 8443)),
         ("dns to a public resolver", U, up(mac).ipv4_udp(CL4, [8, 8, 8, 8], 40000, 53, 40)),
         ("dns answer from a public resolver", D, down(mac).ipv4_udp([8, 8, 8, 8], CL4, 53, 40000, 100)),
         ("dhcp ports to an internet host", U, up(mac).ipv4_udp(CL4, NET4, 68, 67, 300)),
@@ -614,4 +614,120 @@ fn a_bound_client_is_billed_only_for_frames_from_its_bound_address() {
     t.meter.maps_mut().remove_client(mac).expect("remove");
     assert_eq!(t.meter.maps().binding(mac).expect("binding"), None);
     assert_all(failures);
+}
+
+/// One TC run with an `__sk_buff` context: verdict (by its stats slot), pass/drop,
+/// the mark the program left and the usage delta. (One argument per column of the
+/// case tables below, like `check`.)
+#[allow(clippy::too_many_arguments)]
+fn check_skb(
+    t: &TestMeter,
+    name: &str,
+    program: MeterProgram,
+    direction: Direction,
+    mac: Mac,
+    frame: &[u8],
+    ingress_ifindex: u32,
+    want: Verdict,
+    want_mark: u32,
+) -> Option<String> {
+    let before = t.meter.maps().stats().ok()?;
+    let before_usage = usage_of(t, mac);
+    let (out, ctx) = match t.meter.test_run_skb(program, frame, bitmesh::meter::SkbContext { mark: 0, ingress_ifindex }) {
+        Ok(x) => x,
+        Err(e) => return Some(format!("{name} [{program:?}]: test run failed: {e:#}")),
+    };
+    let after = t.meter.maps().stats().ok()?;
+    let mut errors = Vec::new();
+    if out.passed != want.passes() {
+        errors.push(format!("passed={} (code {})", out.passed, out.return_value));
+    }
+    let got = delta(&after, &before, direction, want);
+    if got.packets != 1 {
+        let counted: Vec<_> = Verdict::ALL.into_iter().filter(|v| delta(&after, &before, direction, *v).packets > 0).collect();
+        errors.push(format!("counted as {counted:?}"));
+    }
+    if ctx.mark != want_mark {
+        errors.push(format!("mark {:#x}, want {want_mark:#x}", ctx.mark));
+    }
+    let billed = usage_of(t, mac).map(|u| u.up_bytes + u.down_bytes) != before_usage.map(|u| u.up_bytes + u.down_bytes);
+    if billed != (want == Verdict::PassPaid) {
+        errors.push(format!("billed={billed}"));
+    }
+    (!errors.is_empty()).then(|| format!("{name} [{program:?}] want {want:?}: {}", errors.join("; ")))
+}
+
+/// Captive-portal interception (docs/design.md section 3.1): an unpaid client's
+/// HTTP/HTTPS passes TC ingress marked for the controller's nftables table; XDP (no
+/// mark) drops it; at egress only what the gateway generated itself comes back; a
+/// paid client's port 80 is billed and never marked.
+#[test]
+fn portal_frames_are_marked_for_the_unpaid_and_billed_for_the_paid() {
+    use bitmesh_common::kernel::PORTAL_MARK;
+    let Some(mut t) = load() else { return };
+    let (tcu, tcd, xdp) = (MeterProgram::TcUpload, MeterProgram::TcDownload, MeterProgram::XdpUpload);
+    let (u, d) = (Direction::Upload, Direction::Download);
+    const FORWARDED: u32 = 7; // any interface index: the packet came from upstream
+    let mut failures = Vec::new();
+    let unpaid = client(190);
+    let http = up(unpaid).ipv4_tcp(CL4, NET4, 40000, 80);
+    let https = up(unpaid).ipv4_tcp(CL4, NET4, 40000, 443);
+    let answer = down(unpaid).ipv4_tcp_flags(NET4, CL4, 80, 40000, 0x12);
+    let reset = down(unpaid).ipv4_tcp_flags(NET4, CL4, 443, 40000, 0x14);
+    let syn_ack_443 = down(unpaid).ipv4_tcp_flags(NET4, CL4, 443, 40000, 0x12);
+    failures.extend(check_skb(&t, "unpaid http syn", tcu, u, unpaid, &http, 0, Verdict::PassPortal, PORTAL_MARK));
+    failures.extend(check_skb(&t, "unpaid https syn", tcu, u, unpaid, &https, 0, Verdict::PassPortal, PORTAL_MARK));
+    failures.extend(check(&t, "unpaid http on xdp (cannot mark)", xdp, u, unpaid, &http, Verdict::DropUnpaid));
+    failures.extend(check_skb(&t, "redirect answer from the gateway", tcd, d, unpaid, &answer, 0, Verdict::PassPortal, 0));
+    failures.extend(check_skb(&t, "http answer forwarded from upstream", tcd, d, unpaid, &answer, FORWARDED, Verdict::DropUnpaid, 0));
+    failures.extend(check_skb(&t, "reset from 443 by the gateway", tcd, d, unpaid, &reset, 0, Verdict::PassPortal, 0));
+    failures.extend(check_skb(&t, "reset from 443 forwarded", tcd, d, unpaid, &reset, FORWARDED, Verdict::DropUnpaid, 0));
+    failures.extend(check_skb(&t, "syn-ack from 443, even local", tcd, d, unpaid, &syn_ack_443, 0, Verdict::DropUnpaid, 0));
+    // An exhausted client is redirected too (to buy more).
+    let broke = client(191);
+    t.meter.maps_mut().add_client(broke).expect("add client");
+    let http = up(broke).ipv4_tcp(CL4, NET4, 40000, 80);
+    failures.extend(check_skb(&t, "exhausted http syn", tcu, u, broke, &http, 0, Verdict::PassPortal, PORTAL_MARK));
+    let answer = down(broke).ipv4_tcp_flags(NET4, CL4, 80, 40000, 0x12);
+    failures.extend(check_skb(&t, "exhausted, forwarded http answer", tcd, d, broke, &answer, FORWARDED, Verdict::DropCreditExhausted, 0));
+    // A paid client's HTTP is billed, unmarked, whatever its origin.
+    let paid = client(192);
+    t.meter.maps_mut().add_client(paid).expect("add client");
+    t.meter.maps_mut().raise_credit(paid, ByteCount(1_000_000)).expect("credit");
+    let http = up(paid).ipv4_tcp(CL4, NET4, 40000, 80);
+    let answer = down(paid).ipv4_tcp_flags(NET4, CL4, 80, 40000, 0x12);
+    failures.extend(check_skb(&t, "paid http syn", tcu, u, paid, &http, 0, Verdict::PassPaid, 0));
+    failures.extend(check_skb(&t, "paid http answer from upstream", tcd, d, paid, &answer, FORWARDED, Verdict::PassPaid, 0));
+    failures.extend(check(&t, "paid http on xdp", xdp, u, paid, &http, Verdict::PassPaid));
+    assert_all(failures);
+}
+
+/// The portal draws from the MAC's payment-port garden budget: a flood of port-80
+/// frames from an unpaid MAC is cut at the burst, and does not spill into billing.
+#[test]
+fn portal_frames_are_bounded_by_the_garden_budget() {
+    let garden = GardenLimits { services: BucketParams::new(0, 0), payment: BucketParams::new(1, 1_000) };
+    let Some(t) = load_with_garden(garden) else { return };
+    let mac = client(193);
+    let http = {
+        let mut l4 = bitmesh_common::kernel::frames::tcp_flags(40000, 80, 0x18);
+        l4.resize(20 + 400 - 54, 0); // 400-byte frames
+        up(mac).ipv4(CL4, NET4, 6, &l4)
+    };
+    assert_eq!(http.len(), 400);
+    let mut passed = 0;
+    let mut last = None;
+    for _ in 0..5 {
+        let (out, ctx) = t.meter.test_run_skb(MeterProgram::TcUpload, &http, Default::default()).expect("test run");
+        if out.passed {
+            passed += 1;
+            assert_eq!(ctx.mark, bitmesh_common::kernel::PORTAL_MARK);
+        }
+        last = Some(out.passed);
+    }
+    assert_eq!(passed, 2, "two 400-byte frames fit the 1000-byte burst, the third does not");
+    assert_eq!(last, Some(false));
+    let stats = t.meter.maps().stats().expect("stats");
+    assert_eq!(stats.get(Direction::Upload, Verdict::DropGardenBudget).packets, 3);
+    assert!(usage_of(&t, mac).is_none(), "the kernel never inserts an unknown MAC");
 }

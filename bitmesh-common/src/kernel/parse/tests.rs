@@ -141,6 +141,17 @@ fn cases() -> Vec<(&'static str, Direction, Vec<u8>, FrameClass)> {
         ("dns answer in a broadcast frame is still garden", D, Eth::new(GW_MAC, BCAST).ipv4_udp(GW4, CLIENT4, 53, 40000, 40), G(Dns)),
         ("cut ipv4 in a broadcast frame at egress is malformed", D, Eth::new(GW_MAC, BCAST).ipv4_udp(GW4, [255; 4], 67, 68, 0)[..14 + 19].to_vec(), Malformed),
         ("multicast from client is billable", U, Eth::new(CLIENT, [0x01, 0, 0x5e, 0, 0, 0xfb]).ipv4_udp(CLIENT4, [224, 0, 0, 251], 5353, 5353, 40), Billable),
+        // --- captive-portal interception (IPv4 TCP 80/443 only) ---
+        ("http to any host is a portal frame", U, up().ipv4_tcp(CLIENT4, NET4, 40000, 80), FrameClass::Portal(crate::kernel::PortalKind::Http)),
+        ("http to the gateway is a portal frame", U, up().ipv4_tcp(CLIENT4, GW4, 40000, 80), FrameClass::Portal(crate::kernel::PortalKind::Http)),
+        ("https to any host is a portal frame", U, up().ipv4_tcp(CLIENT4, NET4, 40000, 443), FrameClass::Portal(crate::kernel::PortalKind::Https)),
+        ("http answer is a portal frame", D, down().ipv4_tcp_flags(NET4, CLIENT4, 80, 40000, 0x12), FrameClass::Portal(crate::kernel::PortalKind::Http)),
+        ("reset from 443 is a portal frame", D, down().ipv4_tcp_flags(NET4, CLIENT4, 443, 40000, 0x14), FrameClass::Portal(crate::kernel::PortalKind::Https)),
+        ("syn-ack from 443 is billable", D, down().ipv4_tcp_flags(NET4, CLIENT4, 443, 40000, 0x12), Billable),
+        ("udp to port 80 is billable", U, up().ipv4_udp(CLIENT4, NET4, 40000, 80, 10), Billable),
+        ("tcp to 8080 is billable", U, up().ipv4_tcp(CLIENT4, NET4, 40000, 8080), Billable),
+        ("http over ipv6 is billable (no ip6 interception)", U, up().ipv6_tcp(CLIENT6, NET6, 40000, 80), Billable),
+        ("the payment port stays garden", U, up().ipv4_tcp(CLIENT4, GW4, 40000, PAY), G(Payment)),
         // --- plain traffic ---
         ("udp to internet is billable", U, up().ipv4_udp(CLIENT4, NET4, 5000, 5000, 100), Billable),
         ("udp from internet is billable", D, down().ipv4_udp(NET4, CLIENT4, 5000, 5000, 100), Billable),

@@ -215,3 +215,70 @@ pub fn run(report: &mut Report, quick: bool) -> Result<()> {
     }
     Ok(())
 }
+
+/// The captive portal's cost on paid traffic: a credited client's TCP to port 80 (the
+/// port the kernel classifies for interception) through the meter on TC, without and
+/// with the controller's nftables table (`bitmesh_portal`), side by side. The ratio
+/// row compares "with the table" against "meter alone" on the same port.
+pub fn portal(report: &mut Report, quick: bool) -> Result<()> {
+    let seconds = if quick { 1 } else { 3 };
+    let topo = Topology::new()?;
+    let _server = ChildGuard(
+        topo.upstream
+            .command("iperf3")
+            .args(["-s", "-B", UPSTREAM_IP, "-p", "80"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting iperf3 (apt-get install iperf3)")?,
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let iperf80 = |download: bool| -> Result<f64> {
+        let secs = seconds.to_string();
+        let mut args = vec!["-c", UPSTREAM_IP, "-p", "80", "-t", &secs, "-J"];
+        if download {
+            args.push("-R");
+        }
+        let out = topo.client.command("iperf3").args(&args).stdin(Stdio::null()).output()?;
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).context("iperf3 printed no JSON")?;
+        json["end"]["sum_received"]["bits_per_second"].as_f64().map(|b| b / 1e9).context("iperf3 gave no rate")
+    };
+    let directions = [("upload", false), ("download", true)];
+    let mut bare = [0.0; 2];
+    for (d, (name, download)) in directions.iter().enumerate() {
+        bare[d] = iperf80(*download)?;
+        report.forwarding("no program, port 80", 1, name, bare[d], bare[d]);
+    }
+    let iface = topo.access.b.clone();
+    let mut test_meter = TestMeter::load()?;
+    test_meter.meter.maps_mut().add_client(client_mac(0))?;
+    test_meter.meter.maps_mut().raise_credit(client_mac(0), ByteCount(u64::MAX / 4))?;
+    let meter = &mut test_meter.meter;
+    in_netns(&topo.gateway, || Ok(meter.attach(&iface, UploadHook::Tc)?))?;
+    // Several rounds, alternating, so drift on a shared machine hits both alike.
+    let rounds = if quick { 1 } else { 5 };
+    let mut sums = [[0.0; 2]; 2]; // [without, with][direction]
+    for _ in 0..rounds {
+        for (d, (_, download)) in directions.iter().enumerate() {
+            sums[0][d] += iperf80(*download)?;
+        }
+        let mut table = in_netns(&topo.gateway, || {
+            Ok(bitmesh::portal::NftTable::install(&iface, std::net::Ipv4Addr::new(10, 77, 0, 1), 3142)?)
+        })?;
+        for (d, (_, download)) in directions.iter().enumerate() {
+            sums[1][d] += iperf80(*download)?;
+        }
+        in_netns(&topo.gateway, || Ok(table.remove()?))?;
+    }
+    for (d, (name, _)) in directions.iter().enumerate() {
+        let (without, with) = (sums[0][d] / rounds as f64, sums[1][d] / rounds as f64);
+        report.forwarding("bitmesh meter (tc), port 80", 1, name, without, bare[d]);
+        report.forwarding("meter + portal nftables table, port 80", 1, name, with, bare[d]);
+        report.note("Captive portal", format!("paid port-80 {name}: {with:.2} Gbit/s with the portal table vs {without:.2} without (ratio {:.3})", with / without));
+    }
+    let TestMeter { meter, pins, .. } = test_meter;
+    meter.detach()?;
+    drop(pins);
+    Ok(())
+}
+

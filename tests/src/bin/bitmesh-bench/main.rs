@@ -19,10 +19,17 @@ fn main() -> Result<()> {
     }
     let quick = std::env::args().any(|a| a == "--quick");
     let mut report = report::Report::default();
+    if std::env::args().any(|a| a == "--portal-only") {
+        eprintln!("bench: the captive portal's cost on paid traffic");
+        forwarding::portal(&mut report, quick)?;
+        return report.write();
+    }
     eprintln!("bench: kernel cost per frame (BPF_PROG_TEST_RUN)");
     kernel::run(&mut report, if quick { 100_000 } else { 1_000_000 })?;
     eprintln!("bench: forwarding rate over veth");
     forwarding::run(&mut report, quick)?;
+    eprintln!("bench: the captive portal's cost on paid traffic");
+    forwarding::portal(&mut report, quick)?;
     eprintln!("bench: controller payment updates (real bitmesh run, regtest node)");
     controller::run(&mut report, quick)?;
     eprintln!("bench: controller memory with many paying clients");

@@ -1,0 +1,170 @@
+// BitMesh captive portal: status, bundles, Lightning invoice, restore. Same-origin
+// calls to the gateway's API only; no external resources (the phone has no internet).
+"use strict";
+(function () {
+  var T = JSON.parse(document.getElementById("strings").textContent);
+  var $ = function (id) { return document.getElementById(id); };
+  var TOKEN_KEY = "bitmesh.token";
+  var last = null; // {used, at} of the previous status sample, for the rate
+  var paying = null; // payment hash being watched
+
+  function t(key, vars) {
+    return (T[key] || key).replace(/\{(\w+)\}/g, function (_, k) { return vars && k in vars ? vars[k] : ""; });
+  }
+  function size(bytes) {
+    var u = ["B", "KiB", "MiB", "GiB", "TiB"], i = 0, v = bytes;
+    while (v >= 1024 && i < u.length - 1) { v /= 1024; i++; }
+    return (i === 0 ? v : v.toFixed(v < 10 ? 2 : 1)) + " " + u[i];
+  }
+  function sats(msat) {
+    var s = msat / 1000;
+    return s >= 100 ? Math.round(s).toLocaleString() : String(Math.round(s * 1000) / 1000);
+  }
+  function duration(secs) {
+    if (secs >= 86400) return Math.round(secs / 86400) + " d";
+    if (secs >= 3600) return Math.round(secs / 3600) + " h";
+    return Math.max(1, Math.round(secs / 60)) + " min";
+  }
+  function show(id, on) { $(id).hidden = !on; }
+  function api(method, path, body) {
+    var opts = { method: method, headers: {}, cache: "no-store" };
+    if (body) { opts.headers["content-type"] = "application/json"; opts.body = JSON.stringify(body); }
+    return fetch(path, opts).then(function (r) {
+      return r.text().then(function (text) {
+        var json = null;
+        try { json = text ? JSON.parse(text) : null; } catch (e) { json = null; }
+        if (!r.ok) { var err = new Error((json && json.message) || ("HTTP " + r.status)); err.code = json && json.code; throw err; }
+        return json;
+      });
+    });
+  }
+  function errorText(e) {
+    if (e.code === "unknown_token") return t("err_unknown_token");
+    if (e.code === "token_expired") return t("err_token_expired");
+    return t("err_generic", { message: e.message });
+  }
+
+  // --- status: the device's combined credit, every second ---
+  function renderStatus(d) {
+    var now = Date.now();
+    var rate = 0;
+    if (last && now > last.at && d.bytes_used >= last.used) rate = (d.bytes_used - last.used) * 1000 / (now - last.at);
+    last = { used: d.bytes_used, at: now };
+    var line = $("status-line"), warn = $("warn");
+    var hasCredit = d.bytes_credited > 0;
+    document.body.dataset.state = d.captive ? (hasCredit ? "used-up" : "offline") : "connected";
+    show("meter", hasCredit);
+    if (hasCredit) {
+      $("remaining").textContent = size(d.bytes_remaining);
+      $("used").textContent = size(d.bytes_used);
+      $("rate").textContent = size(Math.round(rate)) + "/s";
+      show("valid-row", d.seconds_remaining != null);
+      if (d.seconds_remaining != null) $("valid").textContent = duration(d.seconds_remaining);
+    }
+    if (!d.captive) {
+      line.textContent = t("status_connected");
+      var low = d.bytes_remaining < Math.max(d.bytes_credited / 10, 1048576);
+      warn.textContent = low ? t("status_low") : "";
+      show("warn", low);
+    } else {
+      line.textContent = hasCredit ? t("status_used_up") : t("status_offline");
+      show("warn", false);
+    }
+    show("buy-more", hasCredit);
+    show("restore", !hasCredit || d.captive);
+  }
+  function pollStatus() {
+    api("GET", "/v1/device").then(renderStatus, function (e) {
+      $("status-line").textContent = errorText(e);
+    }).then(function () { setTimeout(pollStatus, 1000); });
+  }
+
+  // --- terms and bundles ---
+  function renderTerms(terms) {
+    var msat = terms.price_msat_per_mib;
+    $("price").textContent = t("price_line", { mib: sats(msat), gb: sats(msat * 1e9 / 1048576) });
+    $("laptop-cmd").textContent += " --max-price " + Math.ceil(msat / 1000);
+    var ln = terms.lightning;
+    if (!ln || !ln.bundles || !ln.bundles.length) { show("no-lightning", true); return; }
+    var list = $("bundle-list");
+    list.textContent = "";
+    ln.bundles.forEach(function (b) {
+      var btn = document.createElement("button");
+      btn.type = "button";
+      btn.className = "secondary";
+      btn.dataset.bundle = b.name;
+      btn.setAttribute("aria-pressed", "false");
+      btn.textContent = t("bundle_button", { name: b.name, size: size(b.bytes), sats: sats(b.price_msat) });
+      btn.addEventListener("click", function () { buy(b, btn); });
+      list.appendChild(btn);
+    });
+    show("bundles", true);
+  }
+
+  // --- invoice ---
+  function buy(bundle, btn) {
+    Array.prototype.forEach.call($("bundle-list").children, function (b) { b.setAttribute("aria-pressed", String(b === btn)); });
+    show("buy-error", false);
+    var token = localStorage.getItem(TOKEN_KEY);
+    api("POST", "/v1/invoices", { bundle: bundle.name, token: token || null }).then(function (inv) {
+      if (inv.token) { localStorage.setItem(TOKEN_KEY, inv.token); renderToken(); }
+      var uri = "lightning:" + inv.bolt11;
+      // Upper case: the QR code's alphanumeric mode, a smaller code for wallets to scan.
+      $("qr").src = "/portal/qr.svg?d=" + encodeURIComponent(uri.toUpperCase());
+      $("qr").alt = t("invoice_qr_alt", { size: size(inv.bytes) });
+      $("open-wallet").href = uri;
+      $("bolt11").textContent = inv.bolt11;
+      $("pay-state").textContent = t("waiting");
+      show("invoice", true);
+      paying = inv.payment_hash;
+      watchInvoice(inv.payment_hash);
+    }, function (e) {
+      $("buy-error").textContent = errorText(e);
+      show("buy-error", true);
+    });
+  }
+  function watchInvoice(hash) {
+    if (paying !== hash) return;
+    api("GET", "/v1/invoices/" + hash).then(function (s) {
+      if (s.state === "paid") {
+        $("pay-state").textContent = t("paid");
+        paying = null;
+        api("GET", "/v1/device").then(renderStatus);
+        return;
+      }
+      if (s.state === "expired") { $("pay-state").textContent = t("expired"); paying = null; return; }
+      setTimeout(function () { watchInvoice(hash); }, 500);
+    }, function () { setTimeout(function () { watchInvoice(hash); }, 1000); });
+  }
+  $("copy").addEventListener("click", function () {
+    var text = $("bolt11").textContent;
+    var done = function () { $("copy").textContent = t("copied"); };
+    if (navigator.clipboard && window.isSecureContext) { navigator.clipboard.writeText(text).then(done); return; }
+    var area = document.createElement("textarea");
+    area.value = text; document.body.appendChild(area); area.select();
+    try { document.execCommand("copy"); done(); } catch (e) { /* the code is shown to copy by hand */ }
+    document.body.removeChild(area);
+  });
+
+  // --- purchase token and restore ---
+  function renderToken() {
+    var token = localStorage.getItem(TOKEN_KEY);
+    show("token", !!token);
+    if (token) { $("token-code").textContent = token; if (!$("restore-code").value) $("restore-code").value = token; }
+  }
+  $("restore-form").addEventListener("submit", function (ev) {
+    ev.preventDefault();
+    var token = $("restore-code").value.trim().toUpperCase();
+    $("restore-result").textContent = "";
+    api("POST", "/v1/restore", { token: token }).then(function (r) {
+      localStorage.setItem(TOKEN_KEY, token);
+      renderToken();
+      $("restore-result").textContent = t("restored", { size: size(r.bytes_remaining) });
+      api("GET", "/v1/device").then(renderStatus);
+    }, function (e) { $("restore-result").textContent = errorText(e); });
+  });
+
+  renderToken();
+  api("GET", "/v1/terms").then(renderTerms, function (e) { $("price").textContent = errorText(e); });
+  pollStatus();
+})();
