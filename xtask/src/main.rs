@@ -48,6 +48,10 @@ enum Command {
         /// Only these targets (default: all).
         targets: Vec<String>,
     },
+    /// The crate-boundary guards in full, including the slow one the default test run
+    /// skips: the workspace checks on a fresh checkout without the eBPF object, while
+    /// the gateway binary refuses to link (a second build of the whole tree).
+    Boundaries,
     /// Run the whole story on one machine: namespaces, regtest chain, controller, clients.
     Demo,
     /// Benchmarks: kernel cost per frame, forwarding rate, payment updates per second.
@@ -104,6 +108,7 @@ fn main() -> Result<()> {
         }
         Command::Test { args } => run::test(&args)?,
         Command::Fuzz { secs, targets } => fuzz::fuzz(secs, &targets)?,
+        Command::Boundaries => run::boundaries()?,
         Command::Demo => run::demo()?,
         Command::Bench { args } => run::bench(&args)?,
         Command::Load { clients, secs } => run::load(clients, secs)?,

@@ -113,3 +113,17 @@ pub fn load(clients: u32, secs: u32) -> Result<()> {
     prepared.apply(&mut cmd);
     run(&mut cmd)
 }
+
+/// Every crate-boundary guard, the slow fresh-checkout build included.
+pub fn boundaries() -> Result<()> {
+    step("checking the crate boundaries (a fresh build without the eBPF object)");
+    let status = Command::new("cargo")
+        .current_dir(repo_root())
+        .args(["test", "--package", "xtask", "--test", "crate_boundaries", "--", "--include-ignored"])
+        .status()
+        .context("could not start cargo test for the crate boundaries")?;
+    if !status.success() {
+        bail!("a crate-boundary guard failed; see the output above");
+    }
+    Ok(())
+}
