@@ -163,6 +163,10 @@ fn wait_until_low(
         let own = meter.bytes()?.0.saturating_sub(start);
         let estimate = sum.bytes.saturating_sub(own);
         let remaining = match api.captive() {
+            // Captive: the gateway counts less than one full frame left, which carries
+            // nothing a person can use, so the budget is spent (the kernel's remainder
+            // below a frame never reaches 0 by itself).
+            Ok(c) if c.captive => 0,
             Ok(c) => c.bytes_remaining.unwrap_or(estimate),
             Err(_) => estimate,
         };

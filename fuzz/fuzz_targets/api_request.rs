@@ -18,7 +18,10 @@ use axum::extract::ConnectInfo;
 use axum::http::{Request, StatusCode};
 use axum::Router;
 use bitmesh::api::{self, ApiError, ApiLimits, ClientGateway};
-use bitmesh_common::wire::{CaptiveStatus, ChannelId, ClientEvent, ChannelStatus, CloseRequest, CloseResponse, ErrorBody, FundRequest, OpenRequest, OpenResponse, PaymentAck, PaymentUpdate, SignedRequest, Terms};
+use bitmesh_common::wire::{
+    CaptiveStatus, ChannelId, ChannelStatus, ClientEvent, CloseRequest, CloseResponse, ErrorBody, FundRequest, Invoice, InvoiceRequest,
+    InvoiceStatus, OpenRequest, OpenResponse, PaymentAck, PaymentUpdate, RestoreRequest, RestoreResponse, SignedRequest, Terms,
+};
 use libfuzzer_sys::fuzz_target;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -68,6 +71,17 @@ impl ClientGateway for Stub {
         Err(no(req.channel_id))
     }
     async fn captive(&self, _: IpAddr) -> Result<CaptiveStatus, ApiError> {
+        Err(ApiError::BadRequest("stub".into()))
+    }
+    async fn invoice(&self, _: IpAddr, req: InvoiceRequest) -> Result<Invoice, ApiError> {
+        round_trip(&req);
+        Err(ApiError::BadRequest("stub".into()))
+    }
+    async fn invoice_status(&self, _: String) -> Result<InvoiceStatus, ApiError> {
+        Err(ApiError::BadRequest("stub".into()))
+    }
+    async fn restore(&self, _: IpAddr, req: RestoreRequest) -> Result<RestoreResponse, ApiError> {
+        round_trip(&req);
         Err(ApiError::BadRequest("stub".into()))
     }
 }

@@ -28,7 +28,8 @@ use bitmesh_tests::testbed::Testbed;
 /// 100 sat per MiB: the first payment buys a few MiB, so credit stays tight.
 const PRICE: &str = "100000";
 const CAPACITY: Amount = Amount::from_sat(40_000);
-const DOWNLOAD_PORT: u16 = 8080;
+/// Not the testbed's own upstream HTTP server's port (`UPSTREAM_HTTP_PORT`, 8080).
+const DOWNLOAD_PORT: u16 = 8081;
 const IDLE_CONNECTIONS: usize = 2_000;
 const SLOW_LORIS_CONNECTIONS: usize = 200;
 const ATTACK: Duration = Duration::from_secs(30);
