@@ -284,7 +284,7 @@ fn agent_killed_mid_session_resumes_its_channel_and_resends_an_unacknowledged_up
     let (latest, ch, row) = wait_until("the agent's last update acknowledged and held by the gateway", Duration::from_secs(15), || {
         let (latest, acked) = signed(&agent);
         let ch = ctl.channel(&mac)?;
-        let row = ctl.client(&mac).ok()?;
+        let row = ctl.client(&mac)?;
         (acked && n(&ch, "paid_sat") == latest && n(&row, "credited_bytes") == bytes_for_payment(Amount::from_sat(latest), price).to_u64())
             .then_some((latest, ch, row))
     });
