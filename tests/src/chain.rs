@@ -462,7 +462,9 @@ impl LoopbackRelay {
     }
 }
 
-fn pump(a: TcpStream, b: TcpStream) {
+/// Copy bytes both ways between two connected streams until either side closes
+/// (the relays' forwarding; also used by `lightning::IntoNetnsRelay`).
+pub(crate) fn pump(a: TcpStream, b: TcpStream) {
     let (Ok(a2), Ok(b2)) = (a.try_clone(), b.try_clone()) else { return };
     let copy = |mut from: TcpStream, mut to: TcpStream| {
         std::thread::spawn(move || {

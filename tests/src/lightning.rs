@@ -5,8 +5,7 @@
 // Test harness: any failure here must fail the test loudly.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::{TcpListener, TcpStream};
 use std::str::FromStr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -21,7 +20,7 @@ use ldk_node::liquidity::LSPS2ServiceConfig;
 use ldk_node::payment::{PaymentDirection, PaymentStatus};
 use ldk_node::{Builder, Event, Node};
 
-use crate::chain::Bitcoind;
+use crate::chain::{pump, Bitcoind};
 use crate::network::{in_netns_named, Netns, ServerThread};
 
 /// An ldk-node in the test's own namespace, on the test's regtest node.
@@ -250,27 +249,4 @@ impl IntoNetnsRelay {
         });
         Ok(IntoNetnsRelay { port, _server: server })
     }
-}
-
-fn pump(a: TcpStream, b: TcpStream) {
-    let (Ok(a2), Ok(b2)) = (a.try_clone(), b.try_clone()) else { return };
-    let copy = |mut from: TcpStream, mut to: TcpStream| {
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 16 * 1024];
-            loop {
-                match from.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        if to.write_all(&buf[..n]).is_err() {
-                            break;
-                        }
-                    }
-                }
-            }
-            let _ = to.shutdown(Shutdown::Write);
-            let _ = from.shutdown(Shutdown::Read);
-        });
-    };
-    copy(a, b2);
-    copy(b, a2);
 }
