@@ -217,3 +217,46 @@ pub fn connect(ns: &Netns, addr: SocketAddrV4, timeout: Duration) -> Connect {
     })
     .unwrap_or_else(|e| Connect::Failed(e.to_string()))
 }
+
+/// Where the gateway's Lightning node listens inside its namespace in the portal
+/// tests (`--lightning-listen`).
+pub const GATEWAY_LN_PORT: u16 = 9735;
+
+/// A payer's Lightning wallet for the portal tests: an ldk-node in the test's own
+/// namespace, funded on the regtest node, with a usable channel to the gateway's
+/// embedded node (through a relay into the gateway namespace). What a phone user's
+/// wallet does when it scans the page's invoice.
+pub struct LightningWallet {
+    /// The payer's node.
+    pub node: crate::lightning::TestNode,
+    _relay: crate::lightning::IntoNetnsRelay,
+}
+
+impl LightningWallet {
+    /// Start, fund and connect a payer to the controller `ctl` (run with
+    /// `--lightning --lightning-listen 127.0.0.1:GATEWAY_LN_PORT`): returns once both
+    /// sides see a usable channel of 2,000,000 sat and the controller is at the tip.
+    pub fn connect(world: &crate::testbed::Testbed, ctl: &crate::controller::Controller<'_>) -> Result<LightningWallet> {
+        let info = ctl.cli_json(&["lightning"])?;
+        let gateway_id = info["node_id"].as_str().context("the gateway's node id")?.to_owned();
+        let relay = crate::lightning::IntoNetnsRelay::start(world.gateway(), ([127, 0, 0, 1], GATEWAY_LN_PORT).into())?;
+        let node = crate::lightning::TestNode::start(&world.node, "wallet")?;
+        node.fund(&world.node, 1)?;
+        node.open_channel_to(&world.node, &format!("{gateway_id}@127.0.0.1:{}", relay.port), 2_000_000)?;
+        crate::env::wait_for_true("the gateway's Lightning channel is usable", Duration::from_secs(60), || {
+            ctl.cli_json(&["lightning"])
+                .ok()
+                .and_then(|v| v["channels"].as_array().map(|c| c.iter().any(|c| c["usable"] == true)))
+                .unwrap_or(false)
+        });
+        world.wait_synced()?;
+        Ok(LightningWallet { node, _relay: relay })
+    }
+
+    /// Pay `bolt11` as read from the page; `Ok(true)` once the payment succeeded.
+    /// Runs on a thread in the test's own namespace (where the node's peers are), so
+    /// it may be called from inside a browser session.
+    pub fn pay(&self, bolt11: &str) -> Result<bool> {
+        crate::browser::outside(|| self.node.pay(bolt11))?
+    }
+}

@@ -7,6 +7,9 @@
   var TOKEN_KEY = "bitmesh.token";
   var last = null; // {used, at} of the previous status sample, for the rate
   var paying = null; // payment hash being watched
+  var invoiceTimer = null; // the next check of the watched invoice
+  var credited = null; // bytes_credited of the previous status sample
+  var restored = false; // a purchase was restored on this page
 
   function t(key, vars) {
     return (T[key] || key).replace(/\{(\w+)\}/g, function (_, k) { return vars && k in vars ? vars[k] : ""; });
@@ -50,6 +53,10 @@
     var rate = 0;
     if (last && now > last.at && d.bytes_used >= last.used) rate = (d.bytes_used - last.used) * 1000 / (now - last.at);
     last = { used: d.bytes_used, at: now };
+    // New credit while an invoice is shown: ask about the invoice now rather than at
+    // its next check, so "paid" and "connected" appear together.
+    if (paying && credited !== null && d.bytes_credited > credited) watchInvoice(paying, 0);
+    credited = d.bytes_credited;
     var line = $("status-line"), warn = $("warn");
     var hasCredit = d.bytes_credited > 0;
     document.body.dataset.state = d.captive ? (hasCredit ? "used-up" : "offline") : "connected";
@@ -57,6 +64,9 @@
     if (hasCredit) {
       $("remaining").textContent = size(d.bytes_remaining);
       $("used").textContent = size(d.bytes_used);
+      // The exact figures, for tools and tests reading the page.
+      $("remaining").dataset.bytes = d.bytes_remaining;
+      $("used").dataset.bytes = d.bytes_used;
       $("rate").textContent = size(Math.round(rate)) + "/s";
       show("valid-row", d.seconds_remaining != null);
       if (d.seconds_remaining != null) $("valid").textContent = duration(d.seconds_remaining);
@@ -71,7 +81,8 @@
       show("warn", false);
     }
     show("buy-more", hasCredit);
-    show("restore", !hasCredit || d.captive);
+    // Kept in view after a restore on this page, so its confirmation stays readable.
+    show("restore", !hasCredit || d.captive || restored);
   }
   function pollStatus() {
     api("GET", "/v1/device").then(renderStatus, function (e) {
@@ -115,26 +126,35 @@
       $("open-wallet").href = uri;
       $("bolt11").textContent = inv.bolt11;
       $("pay-state").textContent = t("waiting");
+      show("invoice-pay", true);
       show("invoice", true);
       paying = inv.payment_hash;
-      watchInvoice(inv.payment_hash);
+      watchInvoice(inv.payment_hash, 0);
     }, function (e) {
       $("buy-error").textContent = errorText(e);
       show("buy-error", true);
     });
   }
-  function watchInvoice(hash) {
+  // Check the invoice `hash` after `delay` ms (one check pending at a time).
+  function watchInvoice(hash, delay) {
+    clearTimeout(invoiceTimer);
+    invoiceTimer = setTimeout(function () { checkInvoice(hash); }, delay);
+  }
+  function checkInvoice(hash) {
     if (paying !== hash) return;
     api("GET", "/v1/invoices/" + hash).then(function (s) {
+      if (paying !== hash) return;
       if (s.state === "paid") {
         $("pay-state").textContent = t("paid");
+        // A paid invoice is not to be scanned again.
+        show("invoice-pay", false);
         paying = null;
         api("GET", "/v1/device").then(renderStatus);
         return;
       }
-      if (s.state === "expired") { $("pay-state").textContent = t("expired"); paying = null; return; }
-      setTimeout(function () { watchInvoice(hash); }, 500);
-    }, function () { setTimeout(function () { watchInvoice(hash); }, 1000); });
+      if (s.state === "expired") { $("pay-state").textContent = t("expired"); show("invoice-pay", false); paying = null; return; }
+      watchInvoice(hash, 500);
+    }, function () { watchInvoice(hash, 1000); });
   }
   $("copy").addEventListener("click", function () {
     var text = $("bolt11").textContent;
@@ -158,6 +178,7 @@
     $("restore-result").textContent = "";
     api("POST", "/v1/restore", { token: token }).then(function (r) {
       localStorage.setItem(TOKEN_KEY, token);
+      restored = true;
       renderToken();
       $("restore-result").textContent = t("restored", { size: size(r.bytes_remaining) });
       api("GET", "/v1/device").then(renderStatus);
