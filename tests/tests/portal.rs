@@ -457,8 +457,10 @@ fn a_phone_buys_a_bundle_with_lightning_on_the_page_and_restores_it_on_a_new_mac
                 // Upstream fails: the portal again, or (a remainder under one frame
                 // pays a SYN) a navigation that gets nowhere.
                 b.update_timeouts(fantoccini::wd::TimeoutConfiguration::new(None, Some(Duration::from_secs(8)), None)).await?;
-                let _ = b.goto("http://upstream.example/page?from=new-used-up").await;
+                let t0 = std::time::Instant::now();
+                let nav = b.goto("http://upstream.example/page?from=new-used-up").await;
                 let title = b.title().await.unwrap_or_default();
+                eprintln!("used-up navigation: {:?} after {:?}, at {:?} titled {title:?}; device {}", nav.err(), t0.elapsed(), b.current_url().await.map(|u| u.to_string()), device(world, 1));
                 assert_ne!(title, bitmesh_tests::portal::UPSTREAM_TITLE, "used up, yet upstream loaded");
                 Ok(())
             }
@@ -655,7 +657,9 @@ fn measure_lightning_paid_to_connected_and_to_first_upstream_byte() {
             for run in 0..RUNS {
                 b.goto(&portal).await?;
                 let want = if run == 0 { "Not connected" } else { "Your data is used up" };
-                status_shown(&b, want, Duration::from_secs(20)).await?;
+                status_shown(&b, want, Duration::from_secs(20))
+                    .await
+                    .with_context(|| format!("run {run}: device {}", device(world, 0)))?;
                 let bolt11 = pick_bundle_and_read_invoice(&b, "16KiB").await?;
                 b.execute(
                     "window.connectedAt = null; const el = document.getElementById('status-line');\
@@ -680,11 +684,12 @@ fn measure_lightning_paid_to_connected_and_to_first_upstream_byte() {
                     .unwrap_or(0.0);
                 first_byte.push(byte - paid);
                 // Use the bundle up for the next run.
+                let _ = world.fetch(0, 1 << 20, Duration::from_secs(2));
                 for _ in 0..20 {
                     if device(world, 0)["captive"] == true {
                         break;
                     }
-                    let _ = world.lan.clients[0].ns.exec("ping", &["-q", "-c", "10", "-i", "0.005", "-s", "1472", "-W", "1", &UPSTREAM_IP.to_string()]);
+                    let _ = world.lan.clients[0].ns.exec("ping", &["-q", "-c", "50", "-i", "0.005", "-s", "1472", "-W", "1", &UPSTREAM_IP.to_string()]);
                 }
             }
             Ok((connected, first_byte))
