@@ -112,7 +112,7 @@ pub fn verdict(class: FrameClass, len: u64, client: Option<Budget>, gate: Gate) 
         // A paid client's HTTP is billed and untouched; only what the budget does
         // not cover is carried for the portal, within the garden budget, on a path
         // that cannot reach upstream content.
-        FrameClass::Portal(_) => match bill(len, client) {
+        FrameClass::Portal(_) => match bill_portal(len, client) {
             Verdict::PassPaid => Verdict::PassPaid,
             refused => match gate {
                 Gate::Open => Verdict::PassPortal,
@@ -121,6 +121,24 @@ pub fn verdict(class: FrameClass, len: u64, client: Option<Budget>, gate: Gate) 
             },
         },
     }
+}
+
+/// The largest untagged Ethernet frame (1500-byte MTU + 14-byte header).
+pub const FULL_FRAME_BYTES: u64 = 1514;
+
+/// [`bill`] for a portal frame (TCP 80/443): a client with less than one full frame
+/// of credit left counts as exhausted, as the gateway's RFC 8908 answer and the page
+/// already say (captive). Otherwise such crumbs would pay for a browser's SYN and
+/// request to upstream but not for the answer: the page would hang instead of being
+/// redirected to the portal to buy more.
+///
+/// So the frame passes only if a full frame's worth (or the frame, if larger) fits:
+/// the same check as [`bill`], of `max(len, FULL_FRAME_BYTES)`; the caller bills `len`.
+/// (Written as one comparison: a branch on the budget's fields here makes LLVM read
+/// them on the no-budget path too, which the verifier rejects.)
+#[inline(always)]
+fn bill_portal(len: u64, client: Option<Budget>) -> Verdict {
+    bill(if len > FULL_FRAME_BYTES { len } else { FULL_FRAME_BYTES }, client)
 }
 
 #[inline(always)]
@@ -213,10 +231,14 @@ mod tests {
         let http = FrameClass::Portal(PortalKind::Http);
         let https = FrameClass::Portal(PortalKind::Https);
         let cases: &[GateCase] = &[
-            ("paid http is billed, whatever the gate", http, 100, budget(1000, 0), Gate::PortalClosed, Verdict::PassPaid),
-            ("paid https is billed", https, 100, budget(1000, 0), Gate::Open, Verdict::PassPaid),
+            ("paid http is billed, whatever the gate", http, 100, budget(10_000, 0), Gate::PortalClosed, Verdict::PassPaid),
+            ("paid https is billed", https, 100, budget(10_000, 0), Gate::Open, Verdict::PassPaid),
             ("unpaid http on an open path: portal", http, 100, None, Gate::Open, Verdict::PassPortal),
             ("exhausted http on an open path: portal", http, 100, budget(1000, 950), Gate::Open, Verdict::PassPortal),
+            ("under a full frame left: portal, though the frame would fit", http, 100, budget(2000, 487), Gate::Open, Verdict::PassPortal),
+            ("under a full frame left, closed path: dropped", http, 100, budget(2000, 487), Gate::PortalClosed, Verdict::DropCreditExhausted),
+            ("a full frame left: billed", http, 100, budget(2000, 486), Gate::Open, Verdict::PassPaid),
+            ("under a full frame left: other traffic still billed", FrameClass::Billable, 100, budget(2000, 487), Gate::Open, Verdict::PassPaid),
             ("unpaid https on an open path: portal (reset by nftables)", https, 60, None, Gate::Open, Verdict::PassPortal),
             ("unpaid, closed path (XDP, or forwarded download): dropped", http, 100, None, Gate::PortalClosed, Verdict::DropUnpaid),
             ("exhausted, closed path: dropped", http, 100, budget(10, 10), Gate::PortalClosed, Verdict::DropCreditExhausted),

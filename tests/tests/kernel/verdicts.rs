@@ -690,6 +690,15 @@ fn portal_frames_are_marked_for_the_unpaid_and_billed_for_the_paid() {
     failures.extend(check_skb(&t, "exhausted http syn", tcu, u, broke, &http, 0, Verdict::PassPortal, PORTAL_MARK));
     let answer = down(broke).ipv4_tcp_flags(NET4, CL4, 80, 40000, 0x12);
     failures.extend(check_skb(&t, "exhausted, forwarded http answer", tcd, d, broke, &answer, FORWARDED, Verdict::DropCreditExhausted, 0));
+    // Less than one full frame left: redirected like an exhausted client, not billed
+    // (the crumbs would pay a SYN and a request upstream, never the answer).
+    let crumbs = client(193);
+    t.meter.maps_mut().add_client(crumbs).expect("add client");
+    t.meter.maps_mut().raise_credit(crumbs, ByteCount(1000)).expect("credit");
+    let http = up(crumbs).ipv4_tcp(CL4, NET4, 40000, 80);
+    failures.extend(check_skb(&t, "http syn, under a frame left", tcu, u, crumbs, &http, 0, Verdict::PassPortal, PORTAL_MARK));
+    let answer = down(crumbs).ipv4_tcp_flags(NET4, CL4, 80, 40000, 0x12);
+    failures.extend(check_skb(&t, "forwarded http answer, under a frame left", tcd, d, crumbs, &answer, FORWARDED, Verdict::DropCreditExhausted, 0));
     // A paid client's HTTP is billed, unmarked, whatever its origin.
     let paid = client(192);
     t.meter.maps_mut().add_client(paid).expect("add client");
