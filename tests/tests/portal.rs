@@ -368,7 +368,14 @@ fn a_phone_buys_a_bundle_with_lightning_on_the_page_and_restores_it_on_a_new_mac
             b.goto("http://upstream.example/page?from=phone-unpaid").await?;
             assert_eq!(b.current_url().await?.as_str(), portal, "unpaid: the portal");
             status_shown(&b, "Not connected", WAIT).await?;
+            for id in ["meter", "buy-more", "token"] {
+                assert!(!b.find(Locator::Id(id)).await?.is_displayed().await?, "#{id} shown to an unpaid phone");
+            }
             let bolt11 = pick_bundle_and_read_invoice(&b, "64KiB").await?;
+            // The invoice is brought into the phone's view.
+            let qr_top = b.execute("return document.getElementById('qr').getBoundingClientRect().top", vec![]).await?;
+            let height = b.execute("return window.innerHeight", vec![]).await?;
+            assert!(qr_top.as_f64().unwrap() < height.as_f64().unwrap(), "QR code below the fold: {qr_top} of {height}");
             // The invoice on the page is the bundle's, at the terms' price.
             let invoice: ldk_node::lightning_invoice::Bolt11Invoice = bolt11.parse().context("the page's invoice")?;
             assert_eq!(invoice.amount_milli_satoshis(), Some(price_msat), "{bolt11}");
@@ -389,6 +396,7 @@ fn a_phone_buys_a_bundle_with_lightning_on_the_page_and_restores_it_on_a_new_mac
             .await?;
             assert_eq!(remaining + used, BUNDLE, "remaining {remaining} + used {used}");
             assert!(text_of(&b, "remaining").await.ends_with("KiB"));
+            assert!(!b.find(Locator::Id("warn")).await?.is_displayed().await?, "a bundle just bought is not almost used up");
             let code = text_of(&b, "token-code").await;
             assert!(code.len() >= 16, "the purchase code is shown: {code:?}");
             browser::screenshot(&b, "ln-2-connected").await?;

@@ -73,7 +73,9 @@
     }
     if (!d.captive) {
       line.textContent = t("status_connected");
-      var low = d.bytes_remaining < Math.max(d.bytes_credited / 10, 1048576);
+      // A tenth of the purchase left, or 1 MiB but never more than a quarter of it
+      // (a small bundle is not "almost used up" the moment it is bought).
+      var low = d.bytes_remaining < Math.max(d.bytes_credited / 10, Math.min(1048576, d.bytes_credited / 4));
       warn.textContent = low ? t("status_low") : "";
       show("warn", low);
     } else {
@@ -128,6 +130,8 @@
       $("pay-state").textContent = t("waiting");
       show("invoice-pay", true);
       show("invoice", true);
+      // On a phone the invoice is below the fold: bring it into view.
+      if ($("invoice").scrollIntoView) $("invoice").scrollIntoView({ block: "start" });
       paying = inv.payment_hash;
       watchInvoice(inv.payment_hash, 0);
     }, function (e) {
@@ -149,6 +153,8 @@
         // A paid invoice is not to be scanned again.
         show("invoice-pay", false);
         paying = null;
+        // Back to the top: the connection's status and figures.
+        if ($("status").scrollIntoView) $("status").scrollIntoView({ block: "start" });
         api("GET", "/v1/device").then(renderStatus);
         return;
       }
