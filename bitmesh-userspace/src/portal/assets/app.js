@@ -10,6 +10,7 @@
   var invoiceTimer = null; // the next check of the watched invoice
   var credited = null; // bytes_credited of the previous status sample
   var restored = false; // a purchase was restored on this page
+  var lightning = false; // the gateway sells bundles (purchase codes exist only then)
 
   function t(key, vars) {
     return (T[key] || key).replace(/\{(\w+)\}/g, function (_, k) { return vars && k in vars ? vars[k] : ""; });
@@ -84,7 +85,7 @@
     }
     show("buy-more", hasCredit);
     // Kept in view after a restore on this page, so its confirmation stays readable.
-    show("restore", !hasCredit || d.captive || restored);
+    show("restore", lightning && (!hasCredit || d.captive || restored));
   }
   function pollStatus() {
     api("GET", "/v1/device").then(renderStatus, function (e) {
@@ -98,7 +99,8 @@
     $("price").textContent = t("price_line", { mib: sats(msat), gb: sats(msat * 1e9 / 1048576) });
     $("laptop-cmd").textContent += " --max-price " + Math.ceil(msat / 1000);
     var ln = terms.lightning;
-    if (!ln || !ln.bundles || !ln.bundles.length) { show("no-lightning", true); return; }
+    if (!ln || !ln.bundles || !ln.bundles.length) { show("no-lightning", true); show("restore", false); return; }
+    lightning = true;
     var list = $("bundle-list");
     list.textContent = "";
     ln.bundles.forEach(function (b) {
