@@ -8,7 +8,10 @@
 //! * a paid client's HTTP is untouched (the probes get the real answers);
 //! * with the nftables table gone, unpaid stays blocked (fail closed);
 //! * in a browser with a phone viewport: an unpaid phone opening an upstream page
-//!   lands on the portal page.
+//!   lands on the portal page; paid on-chain by the agent, the page shows it
+//!   connected; with Lightning the phone buys on the page (the invoice read from the
+//!   DOM and paid by a real payer node), restores the purchase code on a new MAC, and
+//!   once used up is redirected to the page again.
 
 // Test code: unwrap is how a failed step fails the test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
