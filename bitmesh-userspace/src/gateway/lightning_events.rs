@@ -21,7 +21,7 @@ use std::sync::Mutex;
 use bitmesh_common::kernel::Mac;
 use bitmesh_common::wire::{DeviceEvent, DeviceStatus, InvoicePaid};
 use tokio::sync::mpsc;
-use tracing::debug;
+use tracing::{debug, info};
 
 use super::{Gateway, GatewayError};
 use crate::store::unix_now;
@@ -128,7 +128,7 @@ impl Gateway {
         let (tx, rx) = mpsc::channel(QUEUE);
         let _ = tx.try_send(DeviceEvent::Credit(status.clone()));
         map.entry(mac).or_default().push(Subscriber { tx, last: Some(status) });
-        debug!(%mac, open = total + 1, "device event stream opened");
+        info!(%mac, open = total + 1, "device event stream opened");
         Ok(rx)
     }
 

@@ -556,6 +556,43 @@ fn measure_paid_to_traffic_latency() {
     );
 }
 
+/// Measurement, not a check: from the payer starting to pay (and from its wallet
+/// seeing success) until the buyer's device stream says `invoice_paid`.
+#[test]
+#[ignore = "measurement: prints payment-to-device-event latency percentiles"]
+fn measure_payment_to_device_event_latency() {
+    let Some(bed) = Testbed::start(1).unwrap() else { return };
+    let ctl = bed.start_controller(&opts(&[])).unwrap();
+    let ln = Payer::connect(&bed, &ctl);
+    let client = ScriptedClient::new(bed.client_ns(), bed.api());
+    let first = ask_invoice(&client, json!({ "bytes": ROUND_TRIP_BYTES }));
+    let events = DeviceEvents::open(&client).unwrap().unwrap();
+    assert!(ln.payer.pay(&first.bolt11).unwrap());
+    events.wait_paid(&first.payment_hash, Duration::from_secs(30)).unwrap();
+    let (mut from_start, mut from_paid) = (Vec::new(), Vec::new());
+    for _ in 0..30 {
+        let inv = ask_invoice(&client, json!({ "bytes": ROUND_TRIP_BYTES }));
+        let start = Instant::now();
+        assert!(ln.payer.pay(&inv.bolt11).unwrap());
+        let paid = Instant::now();
+        let (at, _) = events.wait_paid(&inv.payment_hash, Duration::from_secs(30)).unwrap();
+        from_start.push(at - start);
+        // The event may come before the payer's wallet learns of its success.
+        from_paid.push(at.saturating_duration_since(paid));
+    }
+    from_start.sort();
+    from_paid.sort();
+    let pct = |v: &[Duration], p: usize| v[(v.len() * p / 100).min(v.len() - 1)];
+    eprintln!(
+        "Lightning payer starts paying -> invoice_paid on the device stream: p50 {:?} p99 {:?}; payer sees success -> event (0 = before): p50 {:?} p99 {:?} ({} purchases)",
+        pct(&from_start, 50),
+        pct(&from_start, 99),
+        pct(&from_paid, 50),
+        pct(&from_paid, 99),
+        from_start.len()
+    );
+}
+
 fn rss_kib(pid: u32) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)).unwrap().parse().unwrap()
@@ -650,4 +687,5 @@ fn bitmesh_pay_lightning_prints_each_invoice_and_buys_the_next_at_half_the_bundl
     let rest: Vec<String> = lines.map_while(Result::ok).collect();
     assert!(rest.iter().any(|l| l.contains("bought 2 bundle(s)")), "{rest:?}");
     assert_eq!(receipts(&ctl), 2);
+    assert!(ctl.log().contains("device event stream opened"), "the agent waited on its device stream");
 }
