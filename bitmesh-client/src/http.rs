@@ -11,7 +11,7 @@ use bitcoin::hex::DisplayHex;
 use bitcoin::secp256k1::{Message, SecretKey};
 use bitmesh_common::wire::{
     routes, CaptiveStatus, ChannelId, ChannelStatus, ClientEvent, CloseRequest,
-    CloseResponse, ErrorBody, ErrorCode, FundRequest, Invoice, InvoiceRequest, InvoiceStatus, OpenRequest,
+    CloseResponse, DeviceEvent, ErrorBody, ErrorCode, FundRequest, Invoice, InvoiceRequest, InvoiceStatus, OpenRequest,
     OpenResponse, PaymentAck, PaymentUpdate, SignatureBytes, SignedAction, Terms, AUTH_HEADER,
 };
 use serde::de::DeserializeOwned;
@@ -143,20 +143,32 @@ impl GatewayApi {
 
     /// Open the event stream: a reader of [`ClientEvent`]s, one per `next()`.
     pub fn events(&self, id: &ChannelId, key: &SecretKey) -> Result<EventStream, HttpError> {
-        let path = routes::events(id);
+        let resp = self.open_stream(&routes::events(id), Some(auth_header(SignedAction::Events, id, key)))?;
+        Ok(EventStream { inner: resp, parser: super::events::SseParser::default() })
+    }
+
+    /// `GET /v1/device/events`: this device's event stream (its Lightning payments
+    /// credited, its credit), a reader of [`DeviceEvent`]s.
+    pub fn device_events(&self) -> Result<DeviceEventStream, HttpError> {
+        let resp = self.open_stream(routes::DEVICE_EVENTS, None)?;
+        Ok(DeviceEventStream { inner: resp, parser: super::events::SseParser::default() })
+    }
+
+    /// A `text/event-stream` GET: the open response, or the gateway's refusal.
+    fn open_stream(&self, path: &str, auth: Option<String>) -> Result<bitreq::ResponseLazy, HttpError> {
         let url = format!("{}{path}", self.base);
-        let resp = bitreq::get(url.as_str())
-            .with_header(AUTH_HEADER, auth_header(SignedAction::Events, id, key))
-            .with_header("Accept", "text/event-stream")
-            .send_lazy()
-            .map_err(|e| HttpError::Unreachable { url: url.clone(), message: e.to_string() })?;
+        let mut req = bitreq::get(url.as_str()).with_header("Accept", "text/event-stream");
+        if let Some(value) = auth {
+            req = req.with_header(AUTH_HEADER, value);
+        }
+        let resp = req.send_lazy().map_err(|e| HttpError::Unreachable { url: url.clone(), message: e.to_string() })?;
         learn_gateway_clock(&resp.headers);
         if resp.status_code != 200 {
             let (status, wait) = (resp.status_code, retry_after(&resp.headers));
             let body: Vec<u8> = resp.take(MAX_BODY).filter_map(|b| b.ok().map(|(b, _)| b)).collect();
-            return Err(error_from(&path, status, wait, &body));
+            return Err(error_from(path, status, wait, &body));
         }
-        Ok(EventStream { inner: resp, parser: super::events::SseParser::default() })
+        Ok(resp)
     }
 
     fn get<T: DeserializeOwned>(&self, path: &str, auth: Option<String>) -> Result<T, HttpError> {
@@ -315,6 +327,25 @@ impl EventStream {
         loop {
             let (byte, _) = self.inner.next()?.ok()?;
             if let Some(ev) = self.parser.push(byte).as_deref().and_then(parse_event) {
+                return Some(ev);
+            }
+        }
+    }
+}
+
+/// An open device event stream (`GET /v1/device/events`).
+pub struct DeviceEventStream {
+    inner: bitreq::ResponseLazy,
+    parser: super::events::SseParser,
+}
+
+impl DeviceEventStream {
+    /// The next event, blocking; `None` when the stream ended or broke. Events the
+    /// agent does not understand are skipped (a newer gateway may add some).
+    pub fn next_event(&mut self) -> Option<DeviceEvent> {
+        loop {
+            let (byte, _) = self.inner.next()?.ok()?;
+            if let Some(ev) = self.parser.push(byte).as_deref().and_then(|d| serde_json::from_str::<DeviceEvent>(d).ok()) {
                 return Some(ev);
             }
         }

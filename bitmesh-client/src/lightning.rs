@@ -1,16 +1,20 @@
 //! `bitmesh pay --lightning`: buy the gateway's bundles with any Lightning wallet.
 //!
 //! Each bundle is an invoice printed as text and a terminal QR code; the agent waits
-//! until the gateway says it is paid, then watches the budget (the gateway's
+//! until the gateway says it is paid (its device event stream, `GET
+//! /v1/device/events`, pushes `invoice_paid` once the payment is journaled and
+//! credited; the invoice's status is read when the stream opens, when it is
+//! unavailable, and every few seconds for expiry), then watches the budget (the gateway's
 //! captive-portal `bytes-remaining` when it reports one, else its own byte count
 //! against what it bought) and asks for the next bundle at the low-water mark, as
 //! long as `--max-spend` allows and the price is within `--max-price`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use bitmesh_common::pricing::{PriceMsatPerMib, MSAT_PER_SAT};
-use bitmesh_common::wire::{Bundle, Invoice, InvoiceRequest, InvoiceState, Terms};
+use bitmesh_common::wire::{Bundle, DeviceEvent, Invoice, InvoicePaid, InvoiceRequest, InvoiceState, Terms};
 
 use crate::http::{GatewayApi, HttpError};
 use crate::meter::ByteMeter;
@@ -98,6 +102,7 @@ pub fn run(
 ) -> Result<LightningSummary, LightningPayError> {
     let mut sum = LightningSummary::default();
     let start = meter.bytes()?.0;
+    let mut feed: Option<mpsc::Receiver<Feed>> = None;
     loop {
         if stop.load(Ordering::SeqCst) {
             return Ok(sum);
@@ -112,33 +117,105 @@ pub fn run(
             }
             Err(e) => return Err(e),
         };
-        let inv = api.invoice(&InvoiceRequest { bundle: Some(bundle.name.clone()), bytes: None, token: None })?;
+        // The session's code, once it has one: every bundle tops up the same account.
+        let inv = api.invoice(&InvoiceRequest { bundle: Some(bundle.name.clone()), bytes: None, token: sum.token.clone() })?;
         let qr = crate::funding::qr_text(&format!("lightning:{}", inv.bolt11.to_uppercase()));
         ui.show_invoice(&bundle, &inv, qr.as_deref());
         sum.token = Some(inv.token.clone());
-        loop {
-            if stop.load(Ordering::SeqCst) {
-                return Ok(sum);
+        // The stream needs a purchase to open: started after the first invoice.
+        let feed = feed.get_or_insert_with(|| spawn_device_feed(api.clone()));
+        match wait_paid(api, &inv, feed, limits.poll, stop)? {
+            Some(bytes_credited) => {
+                sum.bundles += 1;
+                sum.spent_msat += inv.amount_msat;
+                sum.bytes += bytes_credited;
+                ui.paid(&inv, bytes_credited);
             }
-            let st = api.invoice_status(&inv.payment_hash)?;
-            match st.state {
-                InvoiceState::Paid => {
-                    sum.bundles += 1;
-                    sum.spent_msat += inv.amount_msat;
-                    sum.bytes += st.bytes_credited;
-                    ui.paid(&inv, st.bytes_credited);
-                    break;
-                }
-                InvoiceState::Expired => {
-                    ui.expired(&inv);
-                    return Ok(sum);
-                }
-                InvoiceState::Pending => std::thread::sleep(limits.poll),
+            None if stop.load(Ordering::SeqCst) => return Ok(sum),
+            None => {
+                ui.expired(&inv);
+                return Ok(sum);
             }
         }
         // Next bundle at the low-water mark: half the bundle left.
         let low = bundle.bytes / 2;
         wait_until_low(api, meter, start, &sum, low, limits, stop, ui)?;
+    }
+}
+
+/// What the device event stream's reader thread tells the agent.
+enum Feed {
+    /// The stream (re)opened: a payment credited before it opened sent no event to
+    /// it, so the invoice's status is read once now.
+    Connected,
+    /// A payment for this device is journaled and credited.
+    Paid(InvoicePaid),
+}
+
+/// How often the invoice's status is read while the stream is open: a backstop
+/// for a stream that broke silently, and how expiry is noticed.
+const STATUS_BACKSTOP: Duration = Duration::from_secs(5);
+
+/// Read the device event stream on a thread for the rest of the session, reopening
+/// it (after a pause) whenever it ends or is refused. Ends when the agent drops the
+/// receiver and the next event arrives.
+fn spawn_device_feed(api: GatewayApi) -> mpsc::Receiver<Feed> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || loop {
+        if let Ok(mut stream) = api.device_events() {
+            if tx.send(Feed::Connected).is_err() {
+                return;
+            }
+            while let Some(ev) = stream.next_event() {
+                if let DeviceEvent::InvoicePaid(p) = ev {
+                    if tx.send(Feed::Paid(p)).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    });
+    rx
+}
+
+/// Wait until `inv` is paid (`Some(bytes credited)`), expired or `stop` (`None`).
+/// An `invoice_paid` event for it ends the wait at once; the status is read when
+/// the stream opens, every `poll` while no stream is open (an older gateway, or
+/// one at its stream limit), and every [`STATUS_BACKSTOP`] otherwise.
+fn wait_paid(
+    api: &GatewayApi,
+    inv: &Invoice,
+    feed: &mpsc::Receiver<Feed>,
+    poll: Duration,
+    stop: &AtomicBool,
+) -> Result<Option<u64>, LightningPayError> {
+    let mut streaming = false;
+    let mut check_at = Instant::now();
+    loop {
+        if stop.load(Ordering::SeqCst) {
+            return Ok(None);
+        }
+        if Instant::now() >= check_at {
+            let st = api.invoice_status(&inv.payment_hash)?;
+            match st.state {
+                InvoiceState::Paid => return Ok(Some(st.bytes_credited)),
+                InvoiceState::Expired => return Ok(None),
+                InvoiceState::Pending => {}
+            }
+            check_at = Instant::now() + if streaming { STATUS_BACKSTOP } else { poll };
+        }
+        let wait = check_at.saturating_duration_since(Instant::now()).min(poll.max(Duration::from_millis(100)));
+        match feed.recv_timeout(wait) {
+            Ok(Feed::Paid(p)) if p.payment_hash == inv.payment_hash => return Ok(Some(p.bytes_credited)),
+            Ok(Feed::Paid(_)) => {}
+            Ok(Feed::Connected) => {
+                streaming = true;
+                check_at = Instant::now();
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => streaming = false,
+        }
     }
 }
 

@@ -38,7 +38,7 @@ pub use device::DeviceStatus;
 pub use events::{ClientEvent, UsageReport};
 pub use limits::ChannelLimits;
 pub use lightning::{
-    Bundle, DeviceCredit, Invoice, InvoiceRequest, InvoiceState, InvoiceStatus, LightningTerms, Rail, RestoreRequest,
+    Bundle, DeviceCredit, DeviceEvent, Invoice, InvoicePaid, InvoiceRequest, InvoiceState, InvoiceStatus, LightningTerms, Rail, RestoreRequest,
     RestoreResponse,
 };
 pub use signed::{SignedAction, SignedRequest};

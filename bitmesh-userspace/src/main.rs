@@ -532,6 +532,7 @@ async fn run(args: RunArgs) -> Result<()> {
         loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
             egw.push_events();
+            egw.push_device_events();
         }
     });
     // MAC-cloning alert: a bound client's MAC sending from another address.

@@ -465,14 +465,23 @@ impl LoopbackRelay {
 /// Copy bytes both ways between two connected streams until either side closes
 /// (the relays' forwarding; also used by `lightning::IntoNetnsRelay`).
 pub(crate) fn pump(a: TcpStream, b: TcpStream) {
+    pump_holding(a, b, None)
+}
+
+/// [`pump`], and while `hold_a_to_b` is set, bytes from `a` wait in the relay
+/// instead of reaching `b` (a slow path, for tests that need a message late).
+pub(crate) fn pump_holding(a: TcpStream, b: TcpStream, hold_a_to_b: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>) {
     let (Ok(a2), Ok(b2)) = (a.try_clone(), b.try_clone()) else { return };
-    let copy = |mut from: TcpStream, mut to: TcpStream| {
+    let copy = |mut from: TcpStream, mut to: TcpStream, hold: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>| {
         std::thread::spawn(move || {
             let mut buf = [0u8; 16 * 1024];
             loop {
                 match from.read(&mut buf) {
                     Ok(0) | Err(_) => break,
                     Ok(n) => {
+                        while hold.as_ref().is_some_and(|h| h.load(Ordering::SeqCst)) {
+                            std::thread::sleep(Duration::from_millis(5));
+                        }
                         if to.write_all(&buf[..n]).is_err() {
                             break;
                         }
@@ -483,6 +492,6 @@ pub(crate) fn pump(a: TcpStream, b: TcpStream) {
             let _ = from.shutdown(Shutdown::Read);
         });
     };
-    copy(a, b2);
-    copy(b, a2);
+    copy(a, b2, hold_a_to_b);
+    copy(b, a2, None);
 }

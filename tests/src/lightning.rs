@@ -5,10 +5,11 @@
 // Test harness: any failure here must fail the test loudly.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::io::Read;
 use std::net::{TcpListener, TcpStream};
 use std::str::FromStr;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -20,7 +21,10 @@ use ldk_node::liquidity::LSPS2ServiceConfig;
 use ldk_node::payment::{PaymentDirection, PaymentStatus};
 use ldk_node::{Builder, Event, Node};
 
-use crate::chain::{pump, Bitcoind};
+use bitmesh_common::wire::{DeviceEvent, InvoicePaid};
+
+use crate::chain::{pump_holding, Bitcoind};
+use crate::client::ScriptedClient;
 use crate::network::{in_netns_named, Netns, ServerThread};
 
 /// An ldk-node in the test's own namespace, on the test's regtest node.
@@ -217,9 +221,11 @@ impl Drop for TestNode {
 
 /// Forwards `127.0.0.1:<port>` in the test's namespace to `target` inside `ns`
 /// (the reverse of [`crate::controller::LoopbackRelay`]): how a test node reaches
-/// the gateway's Lightning node. Stopped on drop.
+/// the gateway's Lightning node. Stopped on drop. [`IntoNetnsRelay::hold`] makes
+/// what the test node sends wait in the relay (a slow path to the gateway).
 pub struct IntoNetnsRelay {
     pub port: u16,
+    hold: Arc<AtomicBool>,
     _server: ServerThread,
 }
 
@@ -230,6 +236,8 @@ impl IntoNetnsRelay {
         listener.set_nonblocking(true)?;
         let port = listener.local_addr()?.port();
         let ns_name = ns.name().to_string();
+        let hold = Arc::new(AtomicBool::new(false));
+        let held = hold.clone();
         let server = ServerThread::spawn(move |stop| {
             while !stop.load(Ordering::Relaxed) {
                 match listener.accept() {
@@ -241,12 +249,106 @@ impl IntoNetnsRelay {
                         };
                         let _ = inside.set_nodelay(true);
                         let _ = outside.set_nodelay(true);
-                        pump(outside, inside);
+                        pump_holding(outside, inside, Some(held.clone()));
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(5)),
                 }
             }
         });
-        Ok(IntoNetnsRelay { port, _server: server })
+        Ok(IntoNetnsRelay { port, hold, _server: server })
+    }
+
+    /// While `on`, bytes from the test node towards the gateway wait in the relay
+    /// (the gateway's answers still flow); released in order when set off.
+    pub fn hold(&self, on: bool) {
+        self.hold.store(on, Ordering::SeqCst);
+    }
+}
+
+/// A device's event stream (`GET /v1/device/events`), opened over HTTP/1.0 (no
+/// chunked encoding to undo) on a connection from `client`'s identity, read on a
+/// thread: each event with the instant it arrived. Closed on drop.
+pub struct DeviceEvents {
+    rx: mpsc::Receiver<(Instant, DeviceEvent)>,
+    conn: TcpStream,
+}
+
+impl DeviceEvents {
+    /// Open the stream; `Err((status, body))` when the gateway refuses it.
+    pub fn open(client: &ScriptedClient) -> Result<std::result::Result<DeviceEvents, (u16, String)>> {
+        use std::io::Write;
+        let mut conn = client.in_ns(|| crate::http::connect_from(client.identity(), client.api()))?;
+        conn.write_all(b"GET /v1/device/events HTTP/1.0\r\nhost: gateway\r\naccept: text/event-stream\r\n\r\n")?;
+        conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            if conn.read(&mut byte)? == 0 {
+                bail!("the gateway closed the event stream before its headers: {}", String::from_utf8_lossy(&head));
+            }
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head).into_owned();
+        let status: u16 = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).context("no HTTP status")?;
+        if status != 200 {
+            let mut body = String::new();
+            let _ = conn.read_to_string(&mut body);
+            return Ok(Err((status, body)));
+        }
+        conn.set_read_timeout(None)?;
+        let mut reader = conn.try_clone()?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut parser = bitmesh_client::events::SseParser::default();
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = reader.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                for &b in &buf[..n] {
+                    if let Some(data) = parser.push(b) {
+                        let ev: DeviceEvent = serde_json::from_str(&data).expect("a device event");
+                        if tx.send((Instant::now(), ev)).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Ok(DeviceEvents { rx, conn }))
+    }
+
+    /// The next event within `timeout`.
+    pub fn next(&self, timeout: Duration) -> Option<(Instant, DeviceEvent)> {
+        self.rx.recv_timeout(timeout).ok()
+    }
+
+    /// Wait for `invoice_paid` of `payment_hash` (other events are skipped).
+    pub fn wait_paid(&self, payment_hash: &str, timeout: Duration) -> Result<(Instant, InvoicePaid)> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.next(left) {
+                Some((at, DeviceEvent::InvoicePaid(p))) if p.payment_hash == payment_hash => return Ok((at, p)),
+                Some(_) => continue,
+                None => bail!("no invoice_paid for {payment_hash} within {timeout:?}"),
+            }
+        }
+    }
+
+    /// Every event that arrives within `within`.
+    pub fn drain(&self, within: Duration) -> Vec<DeviceEvent> {
+        let deadline = Instant::now() + within;
+        let mut out = Vec::new();
+        while let Some((_, ev)) = self.next(deadline.saturating_duration_since(Instant::now())) {
+            out.push(ev);
+        }
+        out
+    }
+}
+
+impl Drop for DeviceEvents {
+    fn drop(&mut self) {
+        let _ = self.conn.shutdown(std::net::Shutdown::Both);
     }
 }

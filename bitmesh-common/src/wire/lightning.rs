@@ -9,7 +9,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::ChannelId;
+use super::{ChannelId, DeviceStatus};
 
 /// What `GET /v1/terms` says about Lightning (absent when the gateway has no node).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,8 +44,11 @@ pub struct InvoiceRequest {
     /// Or a number of bytes.
     #[serde(default)]
     pub bytes: Option<u64>,
-    /// The device's purchase token, if it has one (ignored today: the account is
-    /// found by the requesting MAC; a device on a new MAC restores first).
+    /// The device's purchase token, if it has one: the purchase tops up that
+    /// token's account, so one code keeps naming all of the device's credit. If the
+    /// account is on another MAC (the device's MAC changed), it moves to the
+    /// requesting MAC first, as with [`RestoreRequest`]. Without it, the requesting
+    /// MAC's own account is used (created on its first invoice).
     #[serde(default)]
     pub token: Option<String>,
 }
@@ -111,6 +114,42 @@ pub struct RestoreResponse {
     pub expires_at: u64,
 }
 
+/// A push on a device's event stream (`GET /v1/device/events`): the requester's
+/// own MAC, like `GET /v1/device`. The JSON carries the kind in its `event` field,
+/// the same word as the SSE event name.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum DeviceEvent {
+    /// A Lightning payment for this device is journaled and its bytes are credited
+    /// in the kernel (sent only after both). May be sent again for the same
+    /// payment (e.g. after a retried credit): key it by `payment_hash`.
+    InvoicePaid(InvoicePaid),
+    /// The device's figures: sent first when the stream opens, then whenever they
+    /// change (at most once a second, plus right after a payment).
+    Credit(DeviceStatus),
+}
+
+impl DeviceEvent {
+    /// The SSE event name (equal to the JSON `event` tag).
+    pub fn name(&self) -> &'static str {
+        match self {
+            DeviceEvent::InvoicePaid(_) => "invoice_paid",
+            DeviceEvent::Credit(_) => "credit",
+        }
+    }
+}
+
+/// What [`DeviceEvent::InvoicePaid`] reports.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InvoicePaid {
+    /// Hex payment hash of the invoice.
+    pub payment_hash: String,
+    /// What the payer sent, in millisatoshis.
+    pub amount_msat: u64,
+    /// Bytes credited for it (more than the invoice's bytes after an overpayment).
+    pub bytes_credited: u64,
+}
+
 /// How a device pays.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -153,6 +192,27 @@ mod tests {
         let r: InvoiceRequest = serde_json::from_str(r#"{"bytes":1000,"token":"AB"}"#).unwrap();
         assert_eq!((r.bytes, r.token.as_deref()), (Some(1000), Some("AB")));
         assert!(serde_json::from_str::<InvoiceRequest>(r#"{"bites":1}"#).is_err());
+    }
+
+    #[test]
+    fn device_event_names_match_the_json_tag_and_round_trip() {
+        let paid = DeviceEvent::InvoicePaid(InvoicePaid { payment_hash: "ab".repeat(32), amount_msat: 313_000, bytes_credited: 40_960 });
+        let credit = DeviceEvent::Credit(DeviceStatus {
+            mac: "02:c0:00:00:00:01".into(),
+            captive: false,
+            bytes_credited: 40_960,
+            bytes_used: 0,
+            bytes_remaining: 40_960,
+            seconds_remaining: Some(86_400),
+            channel: None,
+            lightning_bytes_remaining: Some(40_960),
+            lightning_expires_at: Some(1_800_000_000),
+        });
+        for ev in [paid, credit] {
+            let v = serde_json::to_value(&ev).unwrap();
+            assert_eq!(v["event"], ev.name());
+            assert_eq!(serde_json::from_value::<DeviceEvent>(v).unwrap(), ev);
+        }
     }
 
     #[test]

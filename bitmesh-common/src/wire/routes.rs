@@ -14,6 +14,8 @@ pub const CHANNELS: &str = "/v1/channels";
 pub const CAPTIVE: &str = "/captive-portal/api";
 /// GET: the requesting device's own status (`DeviceStatus`, by its MAC).
 pub const DEVICE: &str = "/v1/device";
+/// GET: server-sent events of the requesting device (`DeviceEvent`, by its MAC).
+pub const DEVICE_EVENTS: &str = "/v1/device/events";
 /// GET: the captive-portal page (HTML); its assets live under this path.
 pub const PORTAL: &str = "/portal/";
 /// GET: channel status (signed header, action `status`).

@@ -82,6 +82,7 @@ pub fn render(gw: &Gateway) -> String {
             let b = node.list_balances();
             let ch = node.list_channels();
             gauge("bitmesh_lightning_onchain_sat", "The Lightning node's on-chain balance.", vec![(String::new(), b.total_onchain_balance_sats)]);
+            gauge("bitmesh_lightning_balance_sat", "The Lightning node's balance in its channels (what it could withdraw).", vec![(String::new(), b.total_lightning_balance_sats)]);
             gauge("bitmesh_lightning_channels", "The Lightning node's channels.", vec![(String::new(), ch.len() as u64)]);
             gauge(
                 "bitmesh_lightning_capacity_msat",

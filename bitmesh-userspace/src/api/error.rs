@@ -68,6 +68,12 @@ pub enum ApiError {
     UnknownToken,
     #[error("the credit of this token has expired")]
     TokenExpired,
+    /// A device event stream for a device with nothing to report.
+    #[error("this device has no pending invoice and no Lightning credit: ask for an invoice first (POST /v1/invoices)")]
+    NoPurchase,
+    /// The device, or the gateway as a whole, holds as many device event streams as allowed.
+    #[error("{0}")]
+    DeviceStreamsFull(String),
     /// Anything else; the detail is logged, not sent.
     #[error("internal error on the gateway: retry later")]
     Internal(String),
@@ -83,7 +89,9 @@ impl ApiError {
             ApiError::Unauthorized(_) | ApiError::NotOnLink => ErrorCode::Unauthorized,
             ApiError::AuthReplayed(_) => ErrorCode::AuthReplayed,
             ApiError::ChannelNotOpen { .. } => ErrorCode::ChannelNotOpen,
-            ApiError::RateLimited { .. } | ApiError::TooManyStreams { .. } => ErrorCode::RateLimited,
+            ApiError::RateLimited { .. } | ApiError::TooManyStreams { .. } | ApiError::DeviceStreamsFull(_) => {
+                ErrorCode::RateLimited
+            }
             ApiError::FundingNotFound(_) => ErrorCode::FundingNotFound,
             ApiError::ChainUnavailable => ErrorCode::ChainUnavailable,
             ApiError::FundingDoubleSpent(_) => ErrorCode::FundingDoubleSpent,
@@ -92,7 +100,7 @@ impl ApiError {
             ApiError::LightningUnavailable => ErrorCode::LightningUnavailable,
             ApiError::UnknownBundle(_) => ErrorCode::UnknownBundle,
             ApiError::BytesOutOfRange { .. } => ErrorCode::BytesOutOfRange,
-            ApiError::UnknownInvoice => ErrorCode::UnknownInvoice,
+            ApiError::UnknownInvoice | ApiError::NoPurchase => ErrorCode::UnknownInvoice,
             ApiError::UnknownToken => ErrorCode::UnknownToken,
             ApiError::TokenExpired => ErrorCode::TokenExpired,
         }
@@ -112,7 +120,9 @@ impl ApiError {
             ApiError::Unauthorized(_) | ApiError::NotOnLink => StatusCode::FORBIDDEN,
             ApiError::AuthReplayed(_) => StatusCode::UNAUTHORIZED,
             ApiError::ChannelNotOpen { .. } => StatusCode::CONFLICT,
-            ApiError::RateLimited { .. } | ApiError::TooManyStreams { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::RateLimited { .. } | ApiError::TooManyStreams { .. } | ApiError::DeviceStreamsFull(_) => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             ApiError::FundingNotFound(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::ChainUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::FundingDoubleSpent(_) | ApiError::ZeroConfLimit(_) => StatusCode::CONFLICT,
@@ -120,7 +130,7 @@ impl ApiError {
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::LightningUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::UnknownBundle(_) | ApiError::BytesOutOfRange { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::UnknownInvoice | ApiError::UnknownToken => StatusCode::NOT_FOUND,
+            ApiError::UnknownInvoice | ApiError::UnknownToken | ApiError::NoPurchase => StatusCode::NOT_FOUND,
             ApiError::TokenExpired => StatusCode::GONE,
         }
     }
@@ -138,7 +148,7 @@ impl IntoResponse for ApiError {
         }
         let retry = match &self {
             ApiError::RateLimited { retry_after_secs } => Some(*retry_after_secs),
-            ApiError::TooManyStreams { .. } => Some(5),
+            ApiError::TooManyStreams { .. } | ApiError::DeviceStreamsFull(_) => Some(5),
             _ => None,
         };
         let mut resp = (self.status(), Json(self.body())).into_response();

@@ -17,6 +17,7 @@
 //! | GET  | /v1/channels/{id}/events | -> SSE stream of [`ClientEvent`] (signed header) |
 //! | GET  | /captive-portal/api | -> RFC 8908 [`CaptiveStatus`] |
 //! | GET  | /v1/device | -> `DeviceStatus` (the requester's device, by MAC) |
+//! | GET  | /v1/device/events | -> SSE stream of [`DeviceEvent`] (the requester's device, by MAC) |
 //! | GET  | /portal/ | the captive-portal page (`crate::portal::page`) |
 //! | POST | /v1/invoices | `InvoiceRequest` -> 201 `Invoice` (Lightning) |
 //! | GET  | /v1/invoices/{payment_hash} | -> `InvoiceStatus` |
@@ -43,7 +44,7 @@ use axum::routing::{get, post};
 use axum::{middleware, Json, Router};
 use bitmesh_common::wire::routes;
 use bitmesh_common::wire::{
-    CaptiveStatus, ChannelStatus, ClientEvent, CloseRequest, CloseResponse, DeviceStatus, FundRequest, Invoice,
+    CaptiveStatus, ChannelStatus, ClientEvent, CloseRequest, CloseResponse, DeviceEvent, DeviceStatus, FundRequest, Invoice,
     InvoiceRequest, InvoiceStatus, OpenRequest, OpenResponse, PaymentAck, PaymentUpdate, RestoreRequest,
     RestoreResponse, SignedRequest, Terms,
 };
@@ -81,6 +82,15 @@ pub trait ClientGateway: Send + Sync + 'static {
     /// The requester's own device status (by its MAC), for the portal page; `None`
     /// from a gateway that does not report devices (the route answers `bad_request`).
     fn device(&self, _peer: IpAddr) -> impl Future<Output = Result<Option<DeviceStatus>, Self::Error>> + Send {
+        async { Ok(None) }
+    }
+    /// The requester's device event stream (Lightning payments credited, credit
+    /// changes), by its MAC; `None` from a gateway that has none (the route then
+    /// answers `bad_request`).
+    fn device_events(
+        &self,
+        _peer: IpAddr,
+    ) -> impl Future<Output = Result<Option<mpsc::Receiver<DeviceEvent>>, Self::Error>> + Send {
         async { Ok(None) }
     }
     /// A Lightning invoice for the requesting device (recorded before it is returned).
@@ -167,6 +177,7 @@ where
         .route(routes::EVENTS, get(events::<G>))
         .route(routes::CAPTIVE, get(captive::<G>))
         .route(routes::DEVICE, get(device::<G>))
+        .route(routes::DEVICE_EVENTS, get(device_events::<G>))
         .route(routes::INVOICES, post(invoice::<G>))
         .route(routes::INVOICE, get(invoice_status::<G>))
         .route(routes::RESTORE, post(restore::<G>))
@@ -290,6 +301,22 @@ where
     // Live figures: never cached.
     r.headers_mut().insert(axum::http::header::CACHE_CONTROL, axum::http::HeaderValue::from_static("no-store"));
     Ok(r)
+}
+
+async fn device_events<G: ClientGateway>(
+    State(s): St<G>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+) -> Result<Response, ApiError>
+where
+    ApiError: From<G::Error>,
+{
+    let rx = s.gw.device_events(peer.ip()).await?.ok_or(ApiError::NoRoute)?;
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        let ev = rx.recv().await?;
+        let sse = Event::default().event(ev.name()).json_data(&ev).unwrap_or_else(|_| Event::default());
+        Some((Ok::<_, Infallible>(sse), rx))
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()).into_response())
 }
 
 async fn invoice<G: ClientGateway>(

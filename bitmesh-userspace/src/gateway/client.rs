@@ -348,6 +348,10 @@ impl ClientGateway for Gateway {
         Gateway::restore(self, peer, req).await
     }
 
+    async fn device_events(&self, peer: IpAddr) -> Result<Option<mpsc::Receiver<bitmesh_common::wire::DeviceEvent>>, GatewayError> {
+        self.subscribe_device(peer).map(Some) // lightning_events.rs
+    }
+
     #[instrument(skip_all, fields(%peer, mac, channel))]
     async fn open(&self, peer: IpAddr, req: OpenRequest) -> Result<OpenResponse, GatewayError> {
         self.ensure_chain_fresh()?;

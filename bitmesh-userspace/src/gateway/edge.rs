@@ -48,6 +48,8 @@ impl From<GatewayError> for ApiError {
             GatewayError::UnknownInvoice => ApiError::UnknownInvoice,
             GatewayError::UnknownToken => ApiError::UnknownToken,
             GatewayError::TokenExpired => ApiError::TokenExpired,
+            GatewayError::NoPurchase => ApiError::NoPurchase,
+            e @ GatewayError::TooManyDeviceStreams { .. } => ApiError::DeviceStreamsFull(e.to_string()),
             other @ (GatewayError::Lightning(_)
             | GatewayError::Store(_)
             | GatewayError::Meter(_)
@@ -112,6 +114,9 @@ mod tests {
             (GatewayError::UnknownInvoice, StatusCode::NOT_FOUND, ErrorCode::UnknownInvoice),
             (GatewayError::UnknownToken, StatusCode::NOT_FOUND, ErrorCode::UnknownToken),
             (GatewayError::TokenExpired, StatusCode::GONE, ErrorCode::TokenExpired),
+            (GatewayError::NoPurchase, StatusCode::NOT_FOUND, ErrorCode::UnknownInvoice),
+            (GatewayError::TooManyDeviceStreams { max: 2, scope: "this device" }, StatusCode::TOO_MANY_REQUESTS, ErrorCode::RateLimited),
+            (GatewayError::TooManyDeviceStreams { max: 64, scope: "the gateway" }, StatusCode::TOO_MANY_REQUESTS, ErrorCode::RateLimited),
         ];
         for (err, status, code) in cases {
             let name = format!("{err:?}");

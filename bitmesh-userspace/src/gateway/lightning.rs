@@ -18,8 +18,8 @@ use std::sync::Arc;
 use bitmesh_common::kernel::Mac;
 use bitmesh_common::pricing::ByteCount;
 use bitmesh_common::wire::{
-    DeviceCredit, Invoice, InvoiceRequest, InvoiceState, InvoiceStatus, LightningTerms, Rail, RestoreRequest,
-    RestoreResponse,
+    DeviceCredit, Invoice, InvoicePaid, InvoiceRequest, InvoiceState, InvoiceStatus, LightningTerms, Rail,
+    RestoreRequest, RestoreResponse,
 };
 use tracing::{info, warn};
 
@@ -54,7 +54,7 @@ impl Gateway {
         self.lightning.get()
     }
 
-    fn rail(&self) -> Result<&LightningRail, GatewayError> {
+    pub(super) fn rail(&self) -> Result<&LightningRail, GatewayError> {
         self.lightning.get().ok_or(GatewayError::LightningUnavailable)
     }
 
@@ -147,6 +147,12 @@ impl Gateway {
 
     /// `POST /v1/invoices`: an invoice for a bundle or a number of bytes, for the
     /// requesting device. Recorded (synced) before it is returned.
+    ///
+    /// With a purchase token the invoice tops up that token's account, so one code
+    /// keeps naming all of a device's credit; an account on another MAC (the
+    /// device's MAC changed) moves to this one first, as `POST /v1/restore` does. A
+    /// token that names no account is refused and nothing changes. Without a token
+    /// the MAC's own account is used, created with its first invoice.
     pub async fn create_invoice(&self, peer: IpAddr, req: InvoiceRequest) -> Result<Invoice, GatewayError> {
         let rail = self.rail()?;
         let mac = self.mac_of(peer)?;
@@ -160,27 +166,38 @@ impl Gateway {
             }
             _ => return Err(GatewayError::BundleOrBytes),
         };
+        let presented = req.token.as_deref().map(|t| PurchaseToken::parse(t).ok_or(GatewayError::UnknownToken)).transpose()?;
         let amount_msat = invoice_msat(bytes, self.policy().price);
         let description = format!("{}: {} of internet access", rail.settings.alias, human_bytes(bytes));
         let expiry = u32::try_from(rail.settings.invoice_expiry.as_secs()).unwrap_or(u32::MAX);
-        // Under the write lock: account lookup and creation of one MAC are one step.
+        // Under the write lock: account lookup, creation and move of one MAC are one step.
         let _serial = self.write_lock.lock().await;
-        let account = self.store.ln_account_for_mac(mac)?;
-        let (nonce, create) = match &account {
-            Some(a) => (a.nonce, None),
-            None => {
-                let mut n = [0u8; 16];
-                crate::lightning::random_bytes(&mut n).map_err(|e| GatewayError::Task(format!("no randomness: {e}")))?;
-                (n, Some(n))
+        // The account to top up: the presented token's (moved here after the invoice
+        // is made), else this MAC's, else a new one.
+        let (token, create, move_here) = match presented {
+            Some(token) => {
+                let account = self.store.ln_account(token.hash())?.ok_or(GatewayError::UnknownToken)?;
+                let move_here = (account.mac != Some(mac)).then_some(account);
+                (token, None, move_here)
             }
+            None => match self.store.ln_account_for_mac(mac)? {
+                Some(a) => (PurchaseToken::derive(&rail.token_key, &a.nonce), None, None),
+                None => {
+                    let mut n = [0u8; 16];
+                    crate::lightning::random_bytes(&mut n).map_err(|e| GatewayError::Task(format!("no randomness: {e}")))?;
+                    (PurchaseToken::derive(&rail.token_key, &n), Some(n), None)
+                }
+            },
         };
-        let token = PurchaseToken::derive(&rail.token_key, &nonce);
         let source = rail.invoices.clone();
         let desc = description.clone();
         let inv = tokio::task::spawn_blocking(move || source.invoice(amount_msat, &desc, expiry))
             .await
             .map_err(|e| GatewayError::Task(e.to_string()))?
             ?;
+        if let Some(account) = move_here {
+            self.move_account_here(account, mac, peer).await?;
+        }
         let record = NewLnInvoice {
             payment_hash: inv.payment_hash,
             account: token.hash(),
@@ -250,6 +267,11 @@ impl Gateway {
             } else {
                 info!(%mac, payment_hash = %hash, "Lightning payment delivered again: already journaled, nothing new credited");
             }
+            // Journaled and in the kernel: now (never before) the device may hear it.
+            self.notify_paid(
+                mac,
+                InvoicePaid { payment_hash: hash.to_string(), amount_msat: receipt.amount_msat, bytes_credited: receipt.bytes_credited },
+            );
         }
         Ok(())
     }
@@ -265,6 +287,19 @@ impl Gateway {
         if account.expires_at <= unix_now() || (account.live() == 0 && account.bytes_expired > 0) {
             return Err(GatewayError::TokenExpired);
         }
+        let moved = self.move_account_here(account, mac, peer).await?;
+        let credit = self.device_credit(mac)?;
+        Ok(RestoreResponse {
+            bytes_remaining: credit.lightning_bytes_remaining,
+            expires_at: u64::try_from(moved.expires_at).unwrap_or(0),
+        })
+    }
+
+    /// Move `account` (and its credit) to `mac`, which asks from `peer`: one durable
+    /// transaction (both MACs' settle points, the merge of an account already on
+    /// `mac`, the new link), then the kernel, old MAC first so the credit is never
+    /// usable on both at once. The caller holds the write lock.
+    async fn move_account_here(&self, account: LnAccount, mac: Mac, peer: IpAddr) -> Result<LnAccount, GatewayError> {
         let old = account.mac.filter(|m| *m != mac);
         let mut settles = Vec::new();
         if let Some(old) = old {
@@ -274,10 +309,8 @@ impl Gateway {
         if let Some(other) = here.as_ref().filter(|a| a.token_hash != account.token_hash) {
             settles.push(self.settle_point(mac, Some(other))?);
         }
-        let hash = token.hash();
+        let hash = account.token_hash;
         let moved = self.store_call(move |s| s.ln_move_account(hash, mac, &settles)).await?;
-        // The store is committed: now the kernel, old MAC first so the credit is
-        // never usable on both at once.
         if let Some(old) = old {
             let has_channel =
                 self.store.live_channel_for_mac(old)?.is_some_and(|c| c.state == ChannelStage::Open);
@@ -289,14 +322,14 @@ impl Gateway {
             info!(from = %old, to = %mac, bytes = moved.live(), "Lightning credit moved to a new MAC");
         }
         self.store.bind_client(mac, peer)?;
-        self.ensure_metered(mac)?;
-        self.bind_to_last_address(mac)?;
-        self.apply_credit_target(mac)?;
-        let credit = self.device_credit(mac)?;
-        Ok(RestoreResponse {
-            bytes_remaining: credit.lightning_bytes_remaining,
-            expires_at: u64::try_from(moved.expires_at).unwrap_or(0),
-        })
+        // Entries only when there is credit to meter here (an expired account moved
+        // for a top-up brings none; its purchase makes them when it is paid).
+        if moved.live() > 0 || self.with_meter(|m| m.usage(mac))?.is_some() {
+            self.ensure_metered(mac)?;
+            self.bind_to_last_address(mac)?;
+            self.apply_credit_target(mac)?;
+        }
+        Ok(moved)
     }
 
     /// The requesting device's credit across both rails (`GET /v1/device`, the

@@ -135,6 +135,21 @@ fn hash_of(inv: &bitmesh_common::wire::Invoice) -> PaymentHash {
     inv.payment_hash.parse().unwrap()
 }
 
+fn bundle(name: &str) -> InvoiceRequest {
+    InvoiceRequest { bundle: Some(name.into()), ..Default::default() }
+}
+
+/// Ask for `req` from `from` and have the node claim it for exactly its amount.
+async fn buy(gw: &Gateway, from: &str, req: InvoiceRequest) -> bitmesh_common::wire::Invoice {
+    let inv = gw.create_invoice(ip(from), req).await.unwrap();
+    gw.credit_lightning_receipt(hash_of(&inv), inv.amount_msat).await.unwrap();
+    inv
+}
+
+fn code(e: GatewayError) -> ErrorCode {
+    crate::api::ApiError::from(e).code()
+}
+
 #[tokio::test]
 async fn a_paid_invoice_credits_once_and_overpayment_buys_more() {
     let dir = tempfile::tempdir().unwrap();
@@ -189,12 +204,11 @@ async fn restore_moves_the_credit_and_the_old_mac_loses_it() {
     let store = Arc::new(Store::open(&Store::path_in(dir.path())).unwrap());
     let meter = SharedMeter::default();
     let gw = lab(store.clone(), meter.clone());
-    let inv = gw.create_invoice(ip(A), InvoiceRequest { bundle: Some("10MiB".into()), ..Default::default() }).await.unwrap();
-    gw.credit_lightning_receipt(hash_of(&inv), inv.amount_msat).await.unwrap();
+    let inv = buy(&gw, A, bundle("10MiB")).await;
     meter.use_bytes(MAC_A, 3 * MIB);
 
     let bad = gw.restore(ip(B), RestoreRequest { token: "AAAA".into() }).await.unwrap_err();
-    assert_eq!(crate::api::ApiError::from(bad).code(), ErrorCode::UnknownToken);
+    assert_eq!(code(bad), ErrorCode::UnknownToken);
     let r = gw.restore(ip(B), RestoreRequest { token: inv.token.to_lowercase() }).await.unwrap();
     assert_eq!(r.bytes_remaining, 7 * MIB, "what A had not used");
     assert_eq!(meter.credit(MAC_A), None, "the old MAC lost its entries");
@@ -225,8 +239,7 @@ async fn channel_and_lightning_share_one_meter_and_a_close_keeps_the_lightning_p
     let gw = lab(store.clone(), meter.clone());
 
     // A buys 10 MiB over Lightning, uses 1 MiB, then opens a channel.
-    let inv = gw.create_invoice(ip(A), InvoiceRequest { bundle: Some("10MiB".into()), ..Default::default() }).await.unwrap();
-    gw.credit_lightning_receipt(hash_of(&inv), inv.amount_msat).await.unwrap();
+    buy(&gw, A, bundle("10MiB")).await;
     meter.use_bytes(MAC_A, MIB);
     let secp = bitcoin::secp256k1::Secp256k1::new();
     let client_sk = bitcoin::secp256k1::SecretKey::from_slice(&[3; 32]).unwrap();
@@ -277,8 +290,7 @@ async fn expired_credit_is_removed_from_the_kernel() {
     let store = Arc::new(Store::open(&Store::path_in(dir.path())).unwrap());
     let meter = SharedMeter::default();
     let gw = lab(store.clone(), meter.clone());
-    let inv = gw.create_invoice(ip(A), InvoiceRequest { bundle: Some("1MiB".into()), ..Default::default() }).await.unwrap();
-    gw.credit_lightning_receipt(hash_of(&inv), inv.amount_msat).await.unwrap();
+    let inv = buy(&gw, A, bundle("1MiB")).await;
     assert_eq!(gw.expire_lightning().await.unwrap(), 0, "not yet");
     // Let it expire (the TTL is 24 h; move the clock by editing the account).
     {
@@ -288,8 +300,15 @@ async fn expired_credit_is_removed_from_the_kernel() {
     assert_eq!(gw.expire_lightning().await.unwrap(), 1);
     assert_eq!(meter.credit(MAC_A), None, "expired credit is removed");
     let err = gw.restore(ip(B), RestoreRequest { token: inv.token.clone() }).await.unwrap_err();
-    assert_eq!(crate::api::ApiError::from(err).code(), ErrorCode::TokenExpired);
+    assert_eq!(code(err), ErrorCode::TokenExpired);
     assert_eq!(store.ln_totals().unwrap().bytes_expired, MIB);
+
+    // The same code still tops up: from a new MAC, the purchase revives the account
+    // there and the code names the new credit.
+    let inv2 = buy(&gw, B, InvoiceRequest { token: Some(inv.token.clone()), ..bundle("1MiB") }).await;
+    assert_eq!(inv2.token, inv.token);
+    assert_eq!(meter.remaining(MAC_B), Some(MIB));
+    assert_eq!(meter.credit(MAC_A), None);
 }
 
 #[tokio::test]
@@ -305,4 +324,102 @@ async fn a_payment_that_arrives_after_the_invoice_expired_is_still_credited() {
     let st = gw.invoice_status(&inv.payment_hash).unwrap();
     assert_eq!((st.state, st.bytes_credited), (InvoiceState::Paid, MIB));
     assert_eq!(meter.credit(MAC_A), Some(MIB));
+}
+
+#[tokio::test]
+async fn a_presented_token_tops_up_its_account_and_moves_it_to_the_new_mac() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(&Store::path_in(dir.path())).unwrap());
+    let meter = SharedMeter::default();
+    let gw = lab(store.clone(), meter.clone());
+    let first = buy(&gw, A, bundle("10MiB")).await;
+    meter.use_bytes(MAC_A, 3 * MIB);
+
+    // A wrong code: refused, and nothing is issued, created or moved.
+    let before = (store.ln_pending_invoices(0).unwrap().len(), store.ln_totals().unwrap());
+    let unknown = crate::lightning::PurchaseToken::generate().unwrap().display();
+    for bad in ["AAAA-BBBB", "ABCD-EFGH-IJKL-MNOP-QRST-UVWX-YZ", unknown.as_str()] {
+        let req = InvoiceRequest { token: Some(bad.to_owned()), ..bundle("1MiB") };
+        assert_eq!(code(gw.create_invoice(ip(B), req).await.unwrap_err()), ErrorCode::UnknownToken, "{bad}");
+    }
+    assert_eq!((store.ln_pending_invoices(0).unwrap().len(), store.ln_totals().unwrap()), before);
+    assert!(store.ln_account_for_mac(MAC_B).unwrap().is_none(), "no account made for B");
+    assert_eq!(meter.remaining(MAC_A), Some(7 * MIB), "A keeps its credit");
+
+    // The same device on MAC B buys more with its code: one account, now on B, with
+    // what A had left plus the new bundle.
+    let more = gw.create_invoice(ip(B), InvoiceRequest { token: Some(first.token.to_lowercase()), ..bundle("1MiB") }).await.unwrap();
+    assert_eq!(more.token, first.token, "the code keeps naming all the credit");
+    assert_eq!(meter.credit(MAC_A), None, "the old MAC lost it when it moved");
+    assert_eq!(meter.remaining(MAC_B), Some(7 * MIB));
+    gw.credit_lightning_receipt(hash_of(&more), more.amount_msat).await.unwrap();
+    assert_eq!(meter.remaining(MAC_B), Some(8 * MIB));
+    assert_eq!(gw.device_credit(MAC_B).unwrap().lightning_bytes_remaining, 8 * MIB);
+    // And from B without the code: the same account (it is B's now).
+    let again = gw.create_invoice(ip(B), bundle("1MiB")).await.unwrap();
+    assert_eq!(again.token, first.token);
+}
+
+#[tokio::test]
+async fn an_unpaid_invoice_follows_its_account_when_a_restore_merges_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(&Store::path_in(dir.path())).unwrap());
+    let meter = SharedMeter::default();
+    let gw = lab(store.clone(), meter.clone());
+    let on_a = buy(&gw, A, bundle("10MiB")).await;
+    // B asks for an invoice of its own (a new account), then restores A's code
+    // before paying it: B's account is merged into A's.
+    let pending = gw.create_invoice(ip(B), bundle("1MiB")).await.unwrap();
+    assert_ne!(pending.token, on_a.token);
+    gw.restore(ip(B), RestoreRequest { token: on_a.token.clone() }).await.unwrap();
+    assert_eq!(meter.remaining(MAC_B), Some(10 * MIB));
+    // The wallet pays B's invoice now: its bytes land on B, not on the emptied account.
+    gw.credit_lightning_receipt(hash_of(&pending), pending.amount_msat).await.unwrap();
+    assert_eq!(meter.remaining(MAC_B), Some(11 * MIB), "paid after the merge, still credited to the device");
+    assert_eq!(gw.invoice_status(&pending.payment_hash).unwrap().bytes_credited, MIB);
+}
+
+#[tokio::test]
+async fn the_device_stream_hears_its_own_payment_after_the_credit_and_nothing_else() {
+    use bitmesh_common::wire::DeviceEvent;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(&Store::path_in(dir.path())).unwrap());
+    let meter = SharedMeter::default();
+    let gw = lab(store.clone(), meter.clone());
+    // Nothing to wait for: no stream.
+    assert_eq!(code(gw.subscribe_device(ip(A)).unwrap_err()), ErrorCode::UnknownInvoice);
+
+    let inv = gw.create_invoice(ip(A), bundle("1MiB")).await.unwrap();
+    let mut a = gw.subscribe_device(ip(A)).unwrap();
+    let _a2 = gw.subscribe_device(ip(A)).unwrap();
+    assert_eq!(code(gw.subscribe_device(ip(A)).unwrap_err()), ErrorCode::RateLimited, "per-device cap");
+    let first = a.try_recv().unwrap();
+    assert!(matches!(&first, DeviceEvent::Credit(s) if s.bytes_remaining == 0), "{first:?}");
+    // B has its own invoice and stream; it hears nothing of A's payment.
+    gw.create_invoice(ip(B), bundle("1MiB")).await.unwrap();
+    let mut b = gw.subscribe_device(ip(B)).unwrap();
+    let _ = b.try_recv().unwrap();
+
+    gw.credit_lightning_receipt(hash_of(&inv), inv.amount_msat).await.unwrap();
+    match a.try_recv().unwrap() {
+        DeviceEvent::InvoicePaid(p) => {
+            assert_eq!((p.payment_hash.as_str(), p.bytes_credited, p.amount_msat), (inv.payment_hash.as_str(), MIB, 1000));
+        }
+        other => panic!("expected invoice_paid, got {other:?}"),
+    }
+    match a.try_recv().unwrap() {
+        DeviceEvent::Credit(s) => assert_eq!((s.bytes_remaining, s.lightning_bytes_remaining), (MIB, Some(MIB))),
+        other => panic!("expected credit, got {other:?}"),
+    }
+    assert!(b.try_recv().is_err(), "B hears nothing of A");
+    // Usage changes the figures: one credit event per change, none without one.
+    gw.push_device_events();
+    assert!(a.try_recv().is_err(), "no change, no event");
+    meter.use_bytes(MAC_A, 1000);
+    gw.push_device_events();
+    assert!(matches!(a.try_recv().unwrap(), DeviceEvent::Credit(s) if s.bytes_remaining == MIB - 1000));
+    assert_eq!(gw.device_streams_open(), 3);
+    drop(a);
+    gw.push_device_events();
+    assert_eq!(gw.device_streams_open(), 2, "a closed reader is dropped");
 }

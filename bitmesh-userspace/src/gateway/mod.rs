@@ -17,6 +17,7 @@ mod device;
 mod edge;
 mod exposure;
 mod lightning;
+mod lightning_events;
 mod ports;
 mod reconcile;
 mod settle;
@@ -47,6 +48,7 @@ use crate::store::{ChannelRecord, ChannelStage, CloseReason, Store, StoreError};
 
 pub use binding::SourceWatch;
 pub use lightning::LightningRail;
+pub use lightning_events::{MAX_DEVICE_STREAMS, MAX_DEVICE_STREAMS_PER_DEVICE};
 pub use ports::{KernelNeighbours, MemoryMeter, MeterPort, Neighbours, StaticNeighbours};
 pub use reconcile::ReconcileReport;
 pub use settle::SettleReport;
@@ -122,6 +124,11 @@ pub enum GatewayError {
     UnknownToken,
     #[error("the credit of this token has expired")]
     TokenExpired,
+    #[error("this device has no pending invoice and no Lightning credit: ask for an invoice first (POST /v1/invoices)")]
+    NoPurchase,
+    /// `scope` is "this device" or "the gateway" (all devices together).
+    #[error("{scope} already has {max} open device event streams: close one, or poll GET /v1/invoices/{{payment_hash}} instead")]
+    TooManyDeviceStreams { max: usize, scope: &'static str },
     #[error(transparent)]
     Lightning(#[from] crate::lightning::LightningError),
 }
@@ -178,6 +185,8 @@ pub struct Gateway {
     relayed: Mutex<std::collections::HashSet<ChannelId>>,
     /// The Lightning rail, once `bitmesh run --lightning` has started its node.
     lightning: std::sync::OnceLock<LightningRail>,
+    /// Open device event streams (`GET /v1/device/events`), per MAC.
+    device_streams: lightning_events::DeviceStreams,
 }
 
 impl Gateway {
@@ -210,6 +219,7 @@ impl Gateway {
             funding_lock: tokio::sync::Mutex::new(()),
             relayed: Mutex::new(std::collections::HashSet::new()),
             lightning: std::sync::OnceLock::new(),
+            device_streams: Default::default(),
         }))
     }
 

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use ldk_node::bitcoin::secp256k1::PublicKey;
 use ldk_node::lightning::ln::msgs::SocketAddress;
 use ldk_node::lightning_invoice::Bolt11Invoice;
+use ldk_node::payment::PaymentStatus;
 use ldk_node::Node;
 use serde::{Deserialize, Serialize};
 
@@ -134,11 +135,32 @@ pub fn withdraw_onchain(node: &Node, network: bitcoin::Network, address: &str, s
     Ok(txid.to_string())
 }
 
-/// Pay a BOLT11 invoice from the node's channels. Blocking.
+/// How long `withdraw --invoice` waits for the payment's outcome.
+const WITHDRAW_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Pay a BOLT11 invoice from the node's channels and wait for the outcome (up to a
+/// minute): the payment id once it succeeded. Blocking.
 pub fn withdraw_invoice(node: &Node, invoice: &str) -> Result<String, LightningError> {
     let inv = Bolt11Invoice::from_str(invoice.trim()).map_err(|e| LightningError::Node(format!("not a BOLT11 invoice: {e}")))?;
     let id = node.bolt11_payment().send(&inv, None).map_err(|e| LightningError::Node(format!("cannot pay the invoice: {e}")))?;
-    Ok(id.to_string())
+    let deadline = std::time::Instant::now() + WITHDRAW_WAIT;
+    loop {
+        match node.payment(&id).map(|p| p.status) {
+            Some(PaymentStatus::Succeeded) => return Ok(id.to_string()),
+            Some(PaymentStatus::Failed) => {
+                return Err(LightningError::Node(format!(
+                    "payment {id} failed (no route with enough outbound capacity, or the payee refused it): see the log"
+                )))
+            }
+            _ if std::time::Instant::now() >= deadline => {
+                return Err(LightningError::Node(format!(
+                    "payment {id} is still pending after {} s: it may yet succeed or fail, see the log",
+                    WITHDRAW_WAIT.as_secs()
+                )))
+            }
+            _ => std::thread::sleep(std::time::Duration::from_millis(100)),
+        }
+    }
 }
 
 /// The node handle the operator commands act on.

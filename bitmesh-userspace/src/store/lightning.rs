@@ -294,6 +294,21 @@ impl Store {
         Ok(rows)
     }
 
+    /// Whether `mac` has an unpaid invoice that has not expired at `now`: asked
+    /// from `mac`, or for the account whose credit is on `mac`.
+    pub fn ln_has_pending_invoice(&self, mac: Mac, now: i64) -> Result<bool, StoreError> {
+        let conn = self.conn()?;
+        let found: bool = conn.query_row(
+            "SELECT EXISTS(
+                SELECT 1 FROM ln_invoices i LEFT JOIN ln_receipts r ON r.payment_hash = i.payment_hash
+                WHERE r.payment_hash IS NULL AND i.expires_at > ?2
+                  AND (i.mac = ?1 OR i.account IN (SELECT token_hash FROM ln_accounts WHERE mac = ?1)))",
+            params![mac.to_string(), now],
+            |r| r.get(0),
+        )?;
+        Ok(found)
+    }
+
     /// Journal a claimed payment (synced) and add its bytes to the invoice's account,
     /// extending the account's expiry to `now + ttl_secs`; `bytes_for` turns the
     /// invoice (bytes, amount) and the amount received into the bytes credited. A
@@ -402,7 +417,8 @@ impl Store {
 
     /// Move `token`'s credit to `to` in one transaction: settle the MACs involved
     /// (`settles`: the account's old MAC and `to`), merge the live bytes of the
-    /// account already on `to` (if another) into `token`'s, and link `token` to `to`.
+    /// account already on `to` (if another) into `token`'s, with its unpaid
+    /// invoices, and link `token` to `to`.
     pub fn ln_move_account(&self, token: TokenHash, to: Mac, settles: &[LnSettle]) -> Result<LnAccount, StoreError> {
         let mut conn = self.conn()?;
         let tx = conn.transaction()?;
@@ -419,6 +435,13 @@ impl Store {
                 tx.execute(
                     "UPDATE ln_accounts SET bytes_in = bytes_in + ?2, expires_at = MAX(expires_at, ?3) WHERE token_hash = ?1",
                     params![token.to_string(), live, other.expires_at],
+                )?;
+                // Its unpaid invoices follow it: paid later, they must credit the
+                // account that is on a MAC, not the emptied one (which is on none).
+                tx.execute(
+                    "UPDATE ln_invoices SET account = ?2
+                     WHERE account = ?1 AND payment_hash NOT IN (SELECT payment_hash FROM ln_receipts)",
+                    params![other.token_hash.to_string(), token.to_string()],
                 )?;
             }
         }

@@ -137,6 +137,8 @@
       paying = inv.payment_hash;
       watchInvoice(inv.payment_hash, 0);
     }, function (e) {
+      // A stored code the gateway does not know (another gateway, a reset): forget it and buy without.
+      if (e.code === "unknown_token" && token) { localStorage.removeItem(TOKEN_KEY); renderToken(); buy(bundle, btn); return; }
       $("buy-error").textContent = errorText(e);
       show("buy-error", true);
     });
