@@ -24,7 +24,7 @@ pub use mac::{Mac, ParseMacError};
 pub use garden::{gcra_take, source_as_ipv6, source_is_bound, GardenBucket};
 pub use portal::{portal_kind, portal_path_open, PortalKind, PORTAL_MARK};
 pub use parse::{classify, segment_header_len, FrameBytes, FrameClass, GardenKind, GatewayConfig};
-pub use verdict::{verdict, wire_cost, Budget, Gate, Verdict};
+pub use verdict::{verdict, wire_cost, Budget, Gate, Verdict, FULL_FRAME_BYTES};
 
 /// Builders for crafted Ethernet frames (host tests, kernel tests, benchmarks).
 #[cfg(any(test, feature = "user"))]

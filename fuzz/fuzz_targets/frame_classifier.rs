@@ -7,7 +7,7 @@
 #![no_main]
 
 use bitmesh_common::kernel::parse::ETH_HLEN;
-use bitmesh_common::kernel::{classify, segment_header_len, verdict, wire_cost, Budget, Direction, FrameClass, Gate, GatewayConfig, Verdict};
+use bitmesh_common::kernel::{classify, segment_header_len, verdict, wire_cost, Budget, Direction, FrameClass, Gate, GatewayConfig, Verdict, FULL_FRAME_BYTES};
 use libfuzzer_sys::fuzz_target;
 
 /// Gateway 10.0.0.1 / fd00::1 (or fe80::1), payment port 3141: the fuzzer finds the
@@ -78,15 +78,22 @@ fuzz_target!(|data: &[u8]| {
                 "{class:?} under {gate:?} billed as paid"
             );
             assert!(b.used.checked_add(len).is_some_and(|t| t <= b.credited), "paid past the credit: {b:?} + {len}");
+            // HTTP(S) is billed only with a full frame of credit to spare: with less
+            // the device is captive, and its browser goes to the portal.
+            if matches!(class, FrameClass::Portal(_)) {
+                let need = len.max(FULL_FRAME_BYTES);
+                assert!(b.used.checked_add(need).is_some_and(|t| t <= b.credited), "portal frame billed on crumbs: {b:?} + {len}");
+            }
         }
         Verdict::DropMalformed => assert_eq!(class, FrameClass::Malformed),
         Verdict::DropUnpaid => assert!(client.is_none()),
         // Carried for the portal only on an open path, and only what the credit does
-        // not cover.
+        // not cover with a full frame to spare (less is captive).
         Verdict::PassPortal => {
             assert!(matches!(class, FrameClass::Portal(_)) && gate == Gate::Open, "{class:?} under {gate:?} passed for the portal");
+            let need = len.max(FULL_FRAME_BYTES);
             assert!(
-                client.is_none_or(|b| b.used.checked_add(len).is_none_or(|t| t > b.credited)),
+                client.is_none_or(|b| b.used.checked_add(need).is_none_or(|t| t > b.credited)),
                 "a frame the credit covers went to the portal unbilled: {client:?} + {len}"
             );
         }
