@@ -386,6 +386,12 @@ fn a_phone_buys_a_bundle_with_lightning_on_the_page_and_restores_it_on_a_new_mac
             browser::screenshot(&b, "ln-1-invoice").await?;
             assert!(wallet.pay(&bolt11)?, "the wallet's payment of the page's invoice failed:\n{}", controller.log_tail(30));
             status_shown(&b, "Connected", WAIT).await?;
+            // The page waited on the device's event stream (it also polls).
+            let mac = &world.lan.clients[0].mac;
+            assert!(
+                controller.log().lines().any(|l| l.contains("device event stream opened") && l.contains(mac.as_str())),
+                "the page opened no event stream"
+            );
             eventually("the invoice to show paid", WAIT, || async {
                 Some(text_of(&b, "pay-state").await).filter(|t| t == "Paid: you are online.")
             })

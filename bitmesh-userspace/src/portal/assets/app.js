@@ -136,6 +136,7 @@
       if ($("invoice").scrollIntoView) $("invoice").scrollIntoView({ block: "start" });
       paying = inv.payment_hash;
       watchInvoice(inv.payment_hash, 0);
+      listen();
     }, function (e) {
       // A stored code the gateway does not know (another gateway, a reset): forget it and buy without.
       if (e.code === "unknown_token" && token) { localStorage.removeItem(TOKEN_KEY); renderToken(); buy(bundle, btn); return; }
@@ -143,6 +144,21 @@
       show("buy-error", true);
     });
   }
+  // The device's event stream (GET /v1/device/events), opened once an invoice is
+  // shown: a payment shows the moment it is credited, not at the next poll. On any
+  // error (or its end) it is closed, not reconnected (no loop on the garden budget);
+  // the next invoice opens it again, and polling carries on either way.
+  var stream = null;
+  function listen() {
+    if (stream || !window.EventSource) return;
+    stream = new EventSource("/v1/device/events");
+    stream.addEventListener("credit", function (ev) {
+      try { renderStatus(JSON.parse(ev.data)); } catch (e) { /* the poll renders it */ }
+    });
+    stream.addEventListener("invoice_paid", function () { if (paying) watchInvoice(paying, 0); });
+    stream.onerror = function () { stream.close(); stream = null; };
+  }
+
   // Check the invoice `hash` after `delay` ms (one check pending at a time).
   function watchInvoice(hash, delay) {
     clearTimeout(invoiceTimer);
