@@ -322,9 +322,13 @@ fn ipv4<F: FrameBytes + ?Sized>(
                 return FrameClass::WalledGarden(kind);
             }
             if proto == IPPROTO_TCP {
-                // The flags byte, for "a reset from 443"; a frame cut before it is
-                // simply not a portal frame (billable, so dropped when unpaid).
-                let flags = frame.bytes::<1>(l4 + 13).map(|[f]| f);
+                // The flags byte decides "a reset from 443". A segment cut before it
+                // is malformed (no real TCP header is that short): classifying it
+                // anyway would decide on bytes the parser did not see (found by the
+                // frame_classifier fuzz target).
+                let Some([flags]) = frame.bytes::<1>(l4 + 13) else {
+                    return FrameClass::Malformed;
+                };
                 if let Some(kind) = portal_kind(direction, sport, dport, flags) {
                     return FrameClass::Portal(kind);
                 }

@@ -52,7 +52,7 @@ pub enum PortalKind {
 /// or `None`. Download frames from port 443 count only when they are resets: the
 /// gateway's refusal is the only thing it ever sends from there.
 #[inline(always)]
-pub fn portal_kind(direction: Direction, sport: u16, dport: u16, tcp_flags: Option<u8>) -> Option<PortalKind> {
+pub fn portal_kind(direction: Direction, sport: u16, dport: u16, tcp_flags: u8) -> Option<PortalKind> {
     match direction {
         Direction::Upload => match dport {
             HTTP_PORT => Some(PortalKind::Http),
@@ -61,10 +61,7 @@ pub fn portal_kind(direction: Direction, sport: u16, dport: u16, tcp_flags: Opti
         },
         Direction::Download => match sport {
             HTTP_PORT => Some(PortalKind::Http),
-            HTTPS_PORT => match tcp_flags {
-                Some(f) if f & TCP_FLAG_RST != 0 => Some(PortalKind::Https),
-                _ => None,
-            },
+            HTTPS_PORT if tcp_flags & TCP_FLAG_RST != 0 => Some(PortalKind::Https),
             _ => None,
         },
     }
@@ -89,15 +86,14 @@ mod tests {
     #[test]
     fn only_http_and_https_are_intercepted_and_only_resets_come_back_from_443() {
         use Direction::*;
-        assert_eq!(portal_kind(Upload, 40000, 80, Some(0x02)), Some(PortalKind::Http));
-        assert_eq!(portal_kind(Upload, 40000, 443, Some(0x02)), Some(PortalKind::Https));
-        assert_eq!(portal_kind(Upload, 40000, 8080, Some(0x02)), None);
-        assert_eq!(portal_kind(Upload, 80, 40000, Some(0x12)), None, "upload from port 80 is not a request");
-        assert_eq!(portal_kind(Download, 80, 40000, Some(0x12)), Some(PortalKind::Http));
-        assert_eq!(portal_kind(Download, 443, 40000, Some(0x14)), Some(PortalKind::Https));
-        assert_eq!(portal_kind(Download, 443, 40000, Some(0x12)), None, "a SYN-ACK from 443 is content");
-        assert_eq!(portal_kind(Download, 443, 40000, None), None);
-        assert_eq!(portal_kind(Download, 40000, 80, Some(0x02)), None);
+        assert_eq!(portal_kind(Upload, 40000, 80, 0x02), Some(PortalKind::Http));
+        assert_eq!(portal_kind(Upload, 40000, 443, 0x02), Some(PortalKind::Https));
+        assert_eq!(portal_kind(Upload, 40000, 8080, 0x02), None);
+        assert_eq!(portal_kind(Upload, 80, 40000, 0x12), None, "upload from port 80 is not a request");
+        assert_eq!(portal_kind(Download, 80, 40000, 0x12), Some(PortalKind::Http));
+        assert_eq!(portal_kind(Download, 443, 40000, 0x14), Some(PortalKind::Https));
+        assert_eq!(portal_kind(Download, 443, 40000, 0x12), None, "a SYN-ACK from 443 is content");
+        assert_eq!(portal_kind(Download, 40000, 80, 0x02), None);
     }
 
     #[test]

@@ -147,6 +147,8 @@ fn cases() -> Vec<(&'static str, Direction, Vec<u8>, FrameClass)> {
         ("https to any host is a portal frame", U, up().ipv4_tcp(CLIENT4, NET4, 40000, 443), FrameClass::Portal(crate::kernel::PortalKind::Https)),
         ("http answer is a portal frame", D, down().ipv4_tcp_flags(NET4, CLIENT4, 80, 40000, 0x12), FrameClass::Portal(crate::kernel::PortalKind::Http)),
         ("reset from 443 is a portal frame", D, down().ipv4_tcp_flags(NET4, CLIENT4, 443, 40000, 0x14), FrameClass::Portal(crate::kernel::PortalKind::Https)),
+        // 14 + 20 + 4 bytes: the ports but not the flags that tell a reset from content.
+        ("tcp cut before its flags is malformed", D, down().ipv4_tcp_flags(NET4, CLIENT4, 443, 40000, 0x14)[..38].to_vec(), Malformed),
         ("syn-ack from 443 is billable", D, down().ipv4_tcp_flags(NET4, CLIENT4, 443, 40000, 0x12), Billable),
         ("udp to port 80 is billable", U, up().ipv4_udp(CLIENT4, NET4, 40000, 80, 10), Billable),
         ("tcp to 8080 is billable", U, up().ipv4_tcp(CLIENT4, NET4, 40000, 8080), Billable),
