@@ -315,7 +315,13 @@ async fn pick_bundle_and_read_invoice(b: &fantoccini::Client, name: &str) -> any
 
 /// Type `code` into the page's restore form and submit it; the result line it shows.
 async fn restore_on_page(b: &fantoccini::Client, code: &str) -> anyhow::Result<String> {
-    let input = b.find(Locator::Id("restore-code")).await?;
+    // The form shows once the page knows both the terms (codes exist) and the status
+    // (no credit here); a person waits for it too.
+    let input = eventually("the restore form to show", WAIT, || async {
+        let input = b.find(Locator::Id("restore-code")).await.ok()?;
+        input.is_displayed().await.ok()?.then_some(input)
+    })
+    .await?;
     input.clear().await?;
     input.send_keys(code).await?;
     b.find(Locator::Css("#restore-form button[type=submit]")).await?.click().await?;

@@ -11,6 +11,7 @@
   var credited = null; // bytes_credited of the previous status sample
   var restored = false; // a purchase was restored on this page
   var lightning = false; // the gateway sells bundles (purchase codes exist only then)
+  var device = null; // the latest status answer
 
   function t(key, vars) {
     return (T[key] || key).replace(/\{(\w+)\}/g, function (_, k) { return vars && k in vars ? vars[k] : ""; });
@@ -84,8 +85,16 @@
       show("warn", false);
     }
     show("buy-more", hasCredit);
-    // Kept in view after a restore on this page, so its confirmation stays readable.
-    show("restore", lightning && (!hasCredit || d.captive || restored));
+    device = d;
+    showRestore();
+  }
+  // The restore form, for a phone without credit, once the terms say codes exist.
+  // Called by both answers: whichever of terms and status arrives last shows it, so
+  // it appears with the status line rather than a poll later. Kept in view after a
+  // restore on this page, so its confirmation stays readable.
+  function showRestore() {
+    var hasCredit = device && device.bytes_credited > 0;
+    show("restore", lightning && device !== null && (!hasCredit || device.captive || restored));
   }
   function pollStatus() {
     api("GET", "/v1/device").then(renderStatus, function (e) {
@@ -114,6 +123,7 @@
       list.appendChild(btn);
     });
     show("bundles", true);
+    showRestore();
   }
 
   // --- invoice ---
