@@ -188,7 +188,12 @@ fn a_purchase_follows_its_token_across_macs_and_a_payment_held_past_expiry_is_cr
     wait_paid(&phone_a, &inv.payment_hash);
     let row_a = ctl.client(&ids[0].mac).expect("A metered");
     assert_eq!(row_a["credited_bytes"], 40 * 1024);
-    // On MAC B, the purchase token moves the credit; A loses it in the kernel.
+    // On MAC B the device first asks for an invoice of its own (a new account, its
+    // own code) and leaves it unpaid.
+    let own_b = ask_invoice(&phone_b, json!({ "bundle": "40KiB" }));
+    assert_ne!(own_b.token, inv.token);
+    // Then the purchase token moves A's credit here, merging B's account into it;
+    // A loses the credit in the kernel.
     let r = phone_b.post("/v1/restore", &json!({ "token": inv.token })).unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
     let moved: RestoreResponse = serde_json::from_slice(&r.body).unwrap();
@@ -197,6 +202,14 @@ fn a_purchase_follows_its_token_across_macs_and_a_payment_held_past_expiry_is_cr
     let row_b = ctl.client(&ids[1].mac).expect("B metered");
     assert_eq!(row_b["credited_bytes"], 40 * 1024);
     assert_eq!(row_b["remaining_bytes"], 40 * 1024);
+    // The wallet pays B's own invoice after the merge: its bytes land on B (the
+    // surviving account), not on the account the merge emptied, where they would be
+    // paid for and never usable.
+    assert!(ln.payer.pay(&own_b.bolt11).unwrap());
+    assert_eq!(wait_paid(&phone_b, &own_b.payment_hash).bytes_credited, 40 * 1024);
+    let row_b = ctl.client(&ids[1].mac).expect("B metered");
+    assert_eq!(row_b["remaining_bytes"], 80 * 1024, "paid after the merge, credited to the device: {row_b}");
+    assert_eq!(receipts(&ctl), 2);
 
     // A wrong code in an invoice request: a typed error, and nothing is issued or moved.
     let pending_before = node_info(&ctl)["pending_invoices"].as_array().map(Vec::len);
@@ -206,7 +219,7 @@ fn a_purchase_follows_its_token_across_macs_and_a_payment_held_past_expiry_is_cr
     }
     assert_eq!(node_info(&ctl)["pending_invoices"].as_array().map(Vec::len), pending_before);
     assert!(ctl.client(&ids[2].mac).is_none_or(|r| r["metered"] == false), "C got nothing");
-    assert_eq!(ctl.client(&ids[1].mac).expect("B metered")["remaining_bytes"], 40 * 1024, "B kept its credit");
+    assert_eq!(ctl.client(&ids[1].mac).expect("B metered")["remaining_bytes"], 80 * 1024, "B kept its credit");
 
     // The device moves again, to MAC C, and buys more with its code (as the portal
     // page does, from its stored token): one account, now on C, holding what B had
@@ -217,8 +230,8 @@ fn a_purchase_follows_its_token_across_macs_and_a_payment_held_past_expiry_is_cr
     assert!(ln.payer.pay(&top_up.bolt11).unwrap());
     wait_paid(&phone_c, &top_up.payment_hash);
     let row_c = ctl.client(&ids[2].mac).expect("C metered");
-    assert_eq!(row_c["remaining_bytes"], 80 * 1024, "{row_c}");
-    assert_eq!(receipts(&ctl), 2);
+    assert_eq!(row_c["remaining_bytes"], 120 * 1024, "{row_c}");
+    assert_eq!(receipts(&ctl), 3);
 
     // Expiry. The gateway's node checks an incoming payment's expiry against the
     // highest block timestamp it has seen, plus two hours of slack (LDK's
@@ -239,20 +252,20 @@ fn a_purchase_follows_its_token_across_macs_and_a_payment_held_past_expiry_is_cr
         }
         // Past its expiry by the gateway's clock, and nothing has arrived.
         assert_eq!(status(&phone_c, &late.payment_hash).state, InvoiceState::Expired);
-        assert_eq!(receipts(&ctl), 2);
+        assert_eq!(receipts(&ctl), 3);
         ln.relay.hold(false);
         assert!(paying.join().unwrap(), "the held payment went through:\n{}", ctl.log_tail(30));
     });
     let st = wait_paid(&phone_c, &late.payment_hash);
     assert_eq!(st.bytes_credited, 40 * 1024, "a payment that arrives after the expiry is credited");
-    assert_eq!(receipts(&ctl), 3, "once");
-    assert_eq!(ctl.client(&ids[2].mac).expect("C metered")["remaining_bytes"], 120 * 1024);
+    assert_eq!(receipts(&ctl), 4, "once");
+    assert_eq!(ctl.client(&ids[2].mac).expect("C metered")["remaining_bytes"], 160 * 1024);
 
     // An invoice nobody started paying before its expiry: the payer's wallet refuses
     // it, nothing arrives, nothing is credited.
     assert!(!ln.payer.pay(&never.bolt11).unwrap(), "a wallet does not start paying an expired invoice");
     assert_eq!(status(&phone_c, &never.payment_hash).state, InvoiceState::Expired);
-    assert_eq!(receipts(&ctl), 3);
+    assert_eq!(receipts(&ctl), 4);
 }
 
 #[test]
