@@ -61,16 +61,16 @@ fuzz_target!(|data: &[u8]| {
         _ => Gate::PortalClosed,
     };
     let v = verdict(class, len, client, gate);
-    if class == FrameClass::Billable && gate == Gate::WrongSource {
+    if matches!(class, FrameClass::Billable | FrameClass::Portal(_)) && gate == Gate::WrongSource {
         assert_eq!(v, Verdict::DropWrongSource, "a frame from another address passed as the bound client");
     }
     match v {
         Verdict::PassPaid => {
             let b = client.expect("PassPaid without a budget");
             // Garden frames beyond the garden budget are billed like any other, and a
-            // paid client's HTTP(S) is billed and left alone. (For a portal frame from
-            // a wrong source the kernel withholds the budget, so it is never billed:
-            // bitmesh-ebpf's meter, covered by the kernel tests.)
+            // paid client's HTTP(S) is billed and left alone; nothing from another
+            // address than the MAC's bound one is billed to it.
+            assert_ne!(gate, Gate::WrongSource, "{class:?} from a wrong source billed to the MAC");
             assert!(
                 class == FrameClass::Billable
                     || matches!(class, FrameClass::Portal(_))

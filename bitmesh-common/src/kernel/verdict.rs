@@ -105,10 +105,11 @@ pub fn verdict(class: FrameClass, len: u64, client: Option<Budget>, gate: Gate) 
             },
             Gate::Open | Gate::WrongSource | Gate::PortalClosed => Verdict::PassWalledGarden,
         },
-        FrameClass::Billable => match gate {
-            Gate::WrongSource => Verdict::DropWrongSource,
-            Gate::Open | Gate::GardenBudgetSpent | Gate::PortalClosed => bill(len, client),
-        },
+        // Another address's frame is never billed to the bound MAC's credit, whatever
+        // it carries. (The meter keeps such a portal frame's gate open and withholds
+        // the budget instead, so the portal answers it as it answers any unpaid one.)
+        FrameClass::Billable | FrameClass::Portal(_) if gate == Gate::WrongSource => Verdict::DropWrongSource,
+        FrameClass::Billable => bill(len, client),
         // A paid client's HTTP is billed and untouched; only what the budget does
         // not cover is carried for the portal, within the garden budget, on a path
         // that cannot reach upstream content.
@@ -243,7 +244,8 @@ mod tests {
             ("unpaid, closed path (XDP, or forwarded download): dropped", http, 100, None, Gate::PortalClosed, Verdict::DropUnpaid),
             ("exhausted, closed path: dropped", http, 100, budget(10, 10), Gate::PortalClosed, Verdict::DropCreditExhausted),
             ("unpaid, garden budget spent: dropped", http, 100, None, Gate::GardenBudgetSpent, Verdict::DropGardenBudget),
-            ("wrong source is never carried", http, 100, None, Gate::WrongSource, Verdict::DropUnpaid),
+            ("wrong source is never carried", http, 100, None, Gate::WrongSource, Verdict::DropWrongSource),
+            ("wrong source is never billed, however much credit", http, 100, budget(1 << 30, 0), Gate::WrongSource, Verdict::DropWrongSource),
         ];
         for (name, class, len, client, gate, want) in cases {
             assert_eq!(verdict(*class, *len, *client, *gate), *want, "{name}");
