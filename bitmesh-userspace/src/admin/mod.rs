@@ -244,8 +244,11 @@ fn client_list(gw: &Gateway, rates: &RateSampler) -> Result<Vec<ClientRow>, Gate
     // is metered without a channel, so its state says `lightning`, not `unpaid`.
     let lightning: std::collections::HashSet<Mac> =
         store.ln_live_accounts()?.into_iter().filter_map(|a| a.mac).collect();
+    let ln_paid: HashMap<Mac, u64> = store.ln_paid_msat_by_mac()?.into_iter().collect();
     for r in rows.iter_mut() {
         let Ok(mac) = r.mac.parse::<Mac>() else { continue };
+        // PAID counts both rails: the channel's signed total and the Lightning receipts.
+        r.paid_sat += ln_paid.get(&mac).copied().unwrap_or(0) / 1000;
         let ln = lightning.contains(&mac);
         let ch = r.state == "open";
         r.rail = match (ch, ln) {

@@ -32,6 +32,30 @@ use crate::store::{
     unix_now, ChannelStage, LnAccount, LnSettle, NewLnInvoice, PaymentHash, ReceiptOutcome, UsageSnapshot,
 };
 
+/// Marks a payment as being credited for as long as it lives (see
+/// [`Gateway::is_crediting`]); dropped on every exit of the credit, errors included.
+struct Crediting<'g> {
+    gw: &'g Gateway,
+    hash: PaymentHash,
+}
+
+impl<'g> Crediting<'g> {
+    fn start(gw: &'g Gateway, hash: PaymentHash) -> Crediting<'g> {
+        if let Ok(mut set) = gw.crediting.lock() {
+            set.insert(hash);
+        }
+        Crediting { gw, hash }
+    }
+}
+
+impl Drop for Crediting<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut set) = self.gw.crediting.lock() {
+            set.remove(&self.hash);
+        }
+    }
+}
+
 /// What the gateway needs to sell Lightning bundles.
 pub struct LightningRail {
     pub invoices: Arc<dyn InvoiceSource>,
@@ -226,7 +250,12 @@ impl Gateway {
         })
     }
 
-    /// `GET /v1/invoices/{payment_hash}`.
+    /// Whether `hash` is journaled but its kernel credit not yet applied.
+    pub(crate) fn is_crediting(&self, hash: PaymentHash) -> bool {
+        self.crediting.lock().is_ok_and(|set| set.contains(&hash))
+    }
+
+    /// `GET /v1/invoices/{payment_hash}`: `paid` only once the bytes are in the kernel.
     pub fn invoice_status(&self, hash_hex: &str) -> Result<InvoiceStatus, GatewayError> {
         self.rail()?;
         let hash: PaymentHash = hash_hex
@@ -234,6 +263,8 @@ impl Gateway {
             .map_err(|_| GatewayError::BadPaymentHash(hash_hex.to_owned()))?;
         let inv = self.store.ln_invoice(hash)?.ok_or(GatewayError::UnknownInvoice)?;
         let (state, credited) = match inv.receipt {
+            // Journaled, the kernel credit not yet applied: a moment more.
+            Some(_) if self.is_crediting(hash) => (InvoiceState::Pending, 0),
             Some(r) => (InvoiceState::Paid, r.bytes_credited),
             None if inv.expires_at <= unix_now() => (InvoiceState::Expired, 0),
             None => (InvoiceState::Pending, 0),
@@ -248,6 +279,7 @@ impl Gateway {
         let ttl = self.lightning.get().map(|r| r.settings.credit_ttl.as_secs()).unwrap_or(86_400);
         let ttl = i64::try_from(ttl).unwrap_or(i64::MAX);
         let _serial = self.write_lock.lock().await;
+        let _crediting = Crediting::start(self, hash);
         let outcome = self.store_call(move |s| s.ln_record_receipt(hash, amount_msat, unix_now(), ttl, bytes_for_receipt)).await?;
         crate::lightning::fault_point("ln-after-journal", &hash.to_string());
         let (receipt, account, fresh) = match outcome {

@@ -196,6 +196,9 @@ async fn a_paid_invoice_credits_once_and_overpayment_buys_more() {
     // A payment to a hash never issued is journaled and credits nothing.
     gw.credit_lightning_receipt(PaymentHash([0xee; 32]), 5000).await.unwrap();
     assert_eq!(meter.credit(MAC_A), Some(4 * MIB));
+    // What `bitmesh clients` shows as paid: A's two receipts once each, the stray
+    // payment against no MAC.
+    assert_eq!(store.ln_paid_msat_by_mac().unwrap(), vec![(MAC_A, 4000)]);
 }
 
 #[tokio::test]
@@ -422,4 +425,39 @@ async fn the_device_stream_hears_its_own_payment_after_the_credit_and_nothing_el
     drop(a);
     gw.push_device_events();
     assert_eq!(gw.device_streams_open(), 2, "a closed reader is dropped");
+}
+
+/// A status read between the journal and the kernel credit says `pending`: a device
+/// told `paid` (the page, `bitmesh pay --lightning`) uses its bytes at once, and they
+/// must already be in the kernel. The test holds the meter, so the credit stops
+/// right after the journal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::await_holding_lock)]
+async fn an_invoice_reads_paid_only_once_its_bytes_are_in_the_kernel() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(&Store::path_in(dir.path())).unwrap());
+    let meter = SharedMeter::default();
+    let gw = lab(store.clone(), meter.clone());
+    let inv = gw.create_invoice(ip(A), bundle("1MiB")).await.unwrap();
+    let hash = hash_of(&inv);
+
+    let held = meter.0.lock().unwrap();
+    let crediting = tokio::spawn({
+        let gw = gw.clone();
+        async move { gw.credit_lightning_receipt(hash, inv.amount_msat).await }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while store.ln_invoice(hash).unwrap().unwrap().receipt.is_none() {
+        assert!(std::time::Instant::now() < deadline, "the payment was never journaled");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    // Journaled; the kernel has nothing yet.
+    assert!(held.clients.get(&MAC_A).is_none());
+    let st = gw.invoice_status(&inv.payment_hash).unwrap();
+    assert_eq!((st.state, st.bytes_credited), (InvoiceState::Pending, 0), "paid before the kernel has the bytes");
+    drop(held);
+    crediting.await.unwrap().unwrap();
+    let st = gw.invoice_status(&inv.payment_hash).unwrap();
+    assert_eq!((st.state, st.bytes_credited), (InvoiceState::Paid, MIB));
+    assert_eq!(meter.credit(MAC_A), Some(MIB));
 }

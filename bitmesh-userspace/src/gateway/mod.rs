@@ -187,6 +187,9 @@ pub struct Gateway {
     lightning: std::sync::OnceLock<LightningRail>,
     /// Open device event streams (`GET /v1/device/events`), per MAC.
     device_streams: lightning_events::DeviceStreams,
+    /// Lightning payments journaled whose kernel credit is still being applied: their
+    /// status stays `pending` until then, so a device told `paid` can use the bytes.
+    crediting: Mutex<std::collections::HashSet<crate::store::PaymentHash>>,
 }
 
 impl Gateway {
@@ -220,6 +223,7 @@ impl Gateway {
             relayed: Mutex::new(std::collections::HashSet::new()),
             lightning: std::sync::OnceLock::new(),
             device_streams: Default::default(),
+            crediting: Mutex::new(std::collections::HashSet::new()),
         }))
     }
 

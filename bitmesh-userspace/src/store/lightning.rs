@@ -460,6 +460,23 @@ impl Store {
         Ok(())
     }
 
+    /// What each MAC has paid over Lightning, in msat: the receipts of the invoices
+    /// it asked for (a restore moves credit, not what was paid from where).
+    pub fn ln_paid_msat_by_mac(&self) -> Result<Vec<(Mac, u64)>, StoreError> {
+        let conn = self.conn()?;
+        let mut stmt = conn.prepare(
+            "SELECT i.mac, SUM(r.amount_msat) FROM ln_receipts r JOIN ln_invoices i ON i.payment_hash = r.payment_hash
+             GROUP BY i.mac ORDER BY i.mac",
+        )?;
+        let rows = stmt
+            .query_map([], |r| {
+                let mac: String = r.get(0)?;
+                Ok((mac.parse().map_err(|e| col_err(0, e))?, r.get::<_, i64>(1)? as u64))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
     /// Receipt, sale and account totals.
     pub fn ln_totals(&self) -> Result<LnTotals, StoreError> {
         let conn = self.conn()?;
