@@ -27,6 +27,52 @@ use crate::chain::{pump_holding, Bitcoind};
 use crate::client::ScriptedClient;
 use crate::network::{in_netns_named, Netns, ServerThread};
 
+/// Where the gateway's Lightning node listens inside its namespace, in the tests and
+/// the demo (`--lightning-listen 127.0.0.1:9735`).
+pub const GATEWAY_LN_PORT: u16 = 9735;
+
+/// A buyer's Lightning wallet: an ldk-node in the test's own namespace, funded on the
+/// regtest node, with a usable channel to the gateway's embedded node (through a relay
+/// into the gateway namespace). What a phone user's wallet does when it scans the
+/// page's invoice, or pays what `bitmesh pay --lightning` prints.
+pub struct LightningWallet {
+    /// The payer's node.
+    pub node: TestNode,
+    /// The way into the gateway namespace; [`IntoNetnsRelay::hold`] delays payments.
+    pub relay: IntoNetnsRelay,
+    /// The gateway node's id.
+    pub gateway_id: String,
+}
+
+impl LightningWallet {
+    /// Start, fund and connect a payer to the controller `ctl` (run with
+    /// `--lightning --lightning-listen 127.0.0.1:GATEWAY_LN_PORT`): returns once both
+    /// sides see a usable channel of 2,000,000 sat and the controller is at the tip.
+    pub fn connect(world: &crate::testbed::Testbed, ctl: &crate::controller::Controller<'_>) -> Result<LightningWallet> {
+        let info = ctl.cli_json(&["lightning"])?;
+        let gateway_id = info["node_id"].as_str().context("the gateway's node id")?.to_owned();
+        let relay = IntoNetnsRelay::start(world.gateway(), ([127, 0, 0, 1], GATEWAY_LN_PORT).into())?;
+        let node = TestNode::start(&world.node, "wallet")?;
+        node.fund(&world.node, 1)?;
+        node.open_channel_to(&world.node, &format!("{gateway_id}@127.0.0.1:{}", relay.port), 2_000_000)?;
+        crate::env::wait_for_true("the gateway's Lightning channel is usable", Duration::from_secs(60), || {
+            ctl.cli_json(&["lightning"])
+                .ok()
+                .and_then(|v| v["channels"].as_array().map(|c| c.iter().any(|c| c["usable"] == true)))
+                .unwrap_or(false)
+        });
+        world.wait_synced()?;
+        Ok(LightningWallet { node, relay, gateway_id })
+    }
+
+    /// Pay `bolt11`; `Ok(true)` once the payment succeeded. Runs on a thread in the
+    /// test's own namespace (where the node's peers are), so it may be called from
+    /// any thread, a browser session's inside a client namespace included.
+    pub fn pay(&self, bolt11: &str) -> Result<bool> {
+        crate::browser::outside(|| self.node.pay(bolt11))?
+    }
+}
+
 /// An ldk-node in the test's own namespace, on the test's regtest node.
 pub struct TestNode {
     pub node: Arc<Node>,

@@ -116,6 +116,11 @@ impl Testbed {
         Agent::start(self, i, opts)
     }
 
+    /// Start `bitmesh pay --lightning` for client `i` (see [`Agent::invoices`]).
+    pub fn start_lightning_agent(&self, i: usize, bundle: &str, max_spend_sat: u64, max_price_sat_per_mib: u64) -> Result<Agent<'_>> {
+        Agent::start_lightning(self, i, bundle, max_spend_sat, max_price_sat_per_mib)
+    }
+
     // --- where things are ---
 
     /// The gateway namespace.

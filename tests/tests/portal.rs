@@ -21,7 +21,8 @@ use std::time::Duration;
 
 use bitcoin::Amount;
 use bitmesh_tests::browser::{self, eventually, text_of, Browser};
-use bitmesh_tests::portal::{add_address, connect, get_as, Connect, Internet, LightningWallet, GATEWAY_LN_PORT, PROBES};
+use bitmesh_tests::lightning::{LightningWallet, GATEWAY_LN_PORT};
+use bitmesh_tests::portal::{add_address, connect, get_as, Connect, Internet, PROBES};
 use anyhow::Context;
 use fantoccini::Locator;
 use bitmesh_tests::client::AgentOpts;

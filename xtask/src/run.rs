@@ -72,7 +72,7 @@ pub fn demo() -> Result<()> {
         bail!("the demo creates network namespaces and loads BPF programs: run it as root (sudo cargo xtask demo)");
     }
     let prepared = prepare(Profile::Debug)?;
-    step("running the demo: namespaces, a regtest node, the controller and three client agents");
+    step("running the demo: namespaces, a regtest node, the controller, three channel clients and a Lightning buyer");
     let mut cmd = Command::new("cargo");
     cmd.current_dir(repo_root()).args(["run", "--package", "bitmesh-tests", "--bin", "bitmesh-demo"]);
     prepared.apply(&mut cmd);

@@ -2,8 +2,9 @@
 //! operator's view (`bitmesh clients`, `channels`, `earnings`) printed as it goes.
 //!
 //! The network is the harness's testbed (docs/design.md section 8): a gateway with
-//! one client-facing bridge standing in for wlan0, three clients, an upstream HTTP
-//! server standing in for the internet, a regtest node. Everything it creates is a
+//! one client-facing bridge standing in for wlan0, four clients (three pay through
+//! on-chain payment channels, one with a Lightning wallet), an upstream HTTP server
+//! standing in for the internet, a regtest node. Everything it creates is a
 //! guard: it is removed on success, on failure and on Ctrl-C (the handler only sets a
 //! flag; every wait checks it and unwinds, which drops the guards in order).
 
@@ -18,6 +19,7 @@ use bitcoin::Amount;
 use bitmesh_tests::client::{Agent, AgentOpts};
 use bitmesh_tests::controller::{Controller, ControllerOpts};
 use bitmesh_tests::http::Fetch;
+use bitmesh_tests::lightning::{LightningWallet, GATEWAY_LN_PORT};
 use bitmesh_tests::network::{GATEWAY_IPV4, UPSTREAM_IPV4 as UPSTREAM_IP};
 use bitmesh_tests::process::bitmesh_bin;
 use bitmesh_tests::testbed::{Testbed, UPSTREAM_HTTP_PORT};
@@ -67,6 +69,8 @@ const MIB: u64 = 1024 * 1024;
 const LINK_BPS: u64 = 3 * MIB / 2;
 /// Idle timeout the controller runs with in the demo.
 const IDLE_SECS: u64 = 15;
+/// The bundles sold over Lightning (`--bundles`).
+const LN_BUNDLES: &str = "2MiB,8MiB";
 
 fn mib(b: u64) -> String {
     format!("{:.2} MiB", b as f64 / MIB as f64)
@@ -179,8 +183,8 @@ fn run() -> Result<()> {
     }
 
     heading(0, "The stage");
-    let world = Testbed::start(3)?.context("the testbed cannot run here (the line above says why)")?;
-    let names = ["A", "B", "C"];
+    let world = Testbed::start(4)?.context("the testbed cannot run here (the line above says why)")?;
+    let names = ["A", "B", "C", "D"];
     say(&format!(
         "gateway namespace {}: bridge {} at {} stands in for wlan0; NAT to the upstream",
         world.gateway().name(),
@@ -193,14 +197,21 @@ fn run() -> Result<()> {
     say(&format!("the internet: an HTTP server at {UPSTREAM_IP}:{UPSTREAM_HTTP_PORT} (downloads paced at {}/s, like WiFi)", mib(LINK_BPS)));
     say(&format!("regtest bitcoind, reached from the gateway namespace on 127.0.0.1, tip at height {}", world.tip()));
     let funding = world.fund(3, Amount::from_sat(100_000))?;
-    say("each client holds one confirmed 100,000 sat output (its wallet)");
+    say("A, B and C each hold one confirmed 100,000 sat output (their wallets)");
     check()?;
 
-    let opts = ControllerOpts { idle_timeout_secs: Some(IDLE_SECS), ..ControllerOpts::story() };
+    let ln_listen = format!("127.0.0.1:{GATEWAY_LN_PORT}");
+    let opts = ControllerOpts { idle_timeout_secs: Some(IDLE_SECS), ..ControllerOpts::story() }.with(&[
+        "--lightning",
+        "--lightning-listen",
+        &ln_listen,
+        "--bundles",
+        LN_BUNDLES,
+    ]);
     let ctl = world.start_controller(&opts)?;
     say(&format!(
         "controller: bitmesh run --iface {} --network regtest --price-msat-per-mib {} --chunk-bytes {} \
-         --low-water-bytes {} --idle-timeout-secs {IDLE_SECS} ...",
+         --low-water-bytes {} --idle-timeout-secs {IDLE_SECS} --lightning --bundles {LN_BUNDLES} ...",
         world.gateway_if(),
         opts.price_msat_per_mib.unwrap_or_default(),
         opts.chunk_bytes.unwrap_or_default(),
@@ -212,6 +223,12 @@ fn run() -> Result<()> {
         let fields: Vec<&str> = line.split_whitespace().filter(|w| w.contains('=')).collect();
         say(&format!("meter attached to the bridge: {}", fields.join(" ")));
     }
+    let wallet = LightningWallet::connect(&world, &ctl)?;
+    say(&format!(
+        "D's phone wallet: a Lightning node with a 2,000,000 sat channel to the gateway's embedded node {}...",
+        &wallet.gateway_id[..16]
+    ));
+    check()?;
 
     // 1. Unpaid: only the walled garden.
     heading(1, "A joins the WiFi and has not paid: only the walled garden is open");
@@ -320,8 +337,65 @@ fn run() -> Result<()> {
     drop(c);
     drop(b);
 
-    // 6. Blocks are mined; settlements confirm.
-    heading(6, "A block is mined: the settlement transactions confirm");
+    // 6. D pays with Lightning: no channel of its own to the gateway, no waiting for blocks.
+    heading(6, "D buys bytes with a Lightning wallet: 2 MiB bundles, the next at half the last");
+    let d = world.start_lightning_agent(3, "2MiB", 4_000, 1_000)?;
+    say(&format!("D $ bitmesh pay --lightning --gateway {} --bundle 2MiB --max-price 1000 --max-spend 4000", world.gateway_url()));
+    let mut paid = 0;
+    let mut pay_printed = |d: &Agent| -> Result<()> {
+        for bolt11 in d.invoices().into_iter().skip(paid) {
+            let started = Instant::now();
+            if !wallet.node.pay(&bolt11)? {
+                bail!("D's wallet could not pay {bolt11}; the controller's log:\n{}", ctl.log_tail(30));
+            }
+            paid += 1;
+            say(&format!(
+                "D's wallet pays invoice {paid} ({}...): done in {} ms",
+                &bolt11[..24],
+                started.elapsed().as_millis()
+            ));
+        }
+        Ok(())
+    };
+    wait_for("D's first invoice", Duration::from_secs(30), || (!d.invoices().is_empty()).then_some(()))?;
+    pay_printed(&d)?;
+    let mac_d = world.lan.clients[3].mac.clone();
+    wait_for("D's first bundle to be credited", Duration::from_secs(30), || {
+        ctl.client(&mac_d).filter(|r| r["remaining_bytes"].as_u64().unwrap_or(0) > 0).map(|_| ())
+    })?;
+    let want = 3 * MIB;
+    let f = std::thread::scope(|s| -> Result<Fetch> {
+        let dl = s.spawn(|| world.fetch_paced(3, want, LINK_BPS, Duration::from_secs(5)));
+        // The agent asks for the next bundle at the low-water mark; the wallet pays
+        // each invoice as it appears.
+        while !dl.is_finished() {
+            pay_printed(&d)?;
+            pause(Duration::from_millis(50))?;
+        }
+        Ok(dl.join().expect("download thread"))
+    })?;
+    say(&format!("D $ fetch http://{UPSTREAM_IP}:{UPSTREAM_HTTP_PORT}/3MiB   -> {}", describe_fetch(&f, want)));
+    let out = d.output();
+    for line in out.lines().filter(|l| l.starts_with("paid:")) {
+        say(&format!("D agent> {line}"));
+    }
+    // The same code comes with every invoice: it names all of D's credit.
+    if let Some(token) = out.lines().rfind(|l| l.starts_with("your purchase token")) {
+        say(&format!("D agent> {token}"));
+    }
+    if let Some(row) = ctl.client(&mac_d) {
+        let used = row["up_bytes"].as_u64().unwrap_or(0) + row["down_bytes"].as_u64().unwrap_or(0);
+        say(&format!(
+            "gateway: D bought {} over Lightning, used {}; {} left for later, kept across restarts",
+            mib(row["credited_bytes"].as_u64().unwrap_or(0)),
+            mib(used),
+            mib(row["remaining_bytes"].as_u64().unwrap_or(0))
+        ));
+    }
+    drop(d);
+
+    // 7. Blocks are mined; settlements confirm.
+    heading(7, "A block is mined: the settlement transactions confirm");
     let height = world.mine(1);
     say(&format!("mined 1 block, tip {height}"));
     let txids: Vec<(String, String)> = wait_for("the settlements to be recorded as confirmed", Duration::from_secs(30), || {
@@ -341,11 +415,12 @@ fn run() -> Result<()> {
         say(&format!("{who}: settlement {txid}: {} confirmation(s){dup}", conf.unwrap_or(0)));
     }
 
-    heading(7, "The operator's final view");
+    heading(8, "The operator's final view");
     operator(&ctl, &["channels"])?;
     operator(&ctl, &["clients"])?;
-    say("(every channel is settled: each client shows as closed, with what it paid and used)");
+    say("(every channel is settled: A, B and C show as closed, with what they paid and used; D's credit is on the Lightning rail)");
     operator(&ctl, &["earnings"])?;
+    operator(&ctl, &["lightning"])?;
     ctl.shut_down();
     Ok(())
 }

@@ -85,6 +85,31 @@ impl<'t> Agent<'t> {
         Ok(Agent { _bed: bed, child: Some(child), index: i, log, state_dir })
     }
 
+    /// `bitmesh pay --lightning` for client `i`: buys `bundle` within `max_spend_sat`
+    /// and `max_price_sat_per_mib`, printing each invoice for a wallet to pay
+    /// ([`Self::invoices`]); no channel, no funding file, no state directory.
+    pub(crate) fn start_lightning(
+        bed: &'t Testbed,
+        i: usize,
+        bundle: &str,
+        max_spend_sat: u64,
+        max_price_sat_per_mib: u64,
+    ) -> Result<Agent<'t>> {
+        let log = bed.dir().join(format!("agent-{i}.log"));
+        let mut cmd = bed.client_command(i, &bed.bin);
+        cmd.args(["pay", "--lightning", "--gateway", &bed.gateway_url(), "--bundle", bundle])
+            .args(["--max-price", &max_price_sat_per_mib.to_string()])
+            .args(["--max-spend", &max_spend_sat.to_string()])
+            .args(["--poll-ms", "200", "--iface", &bed.lan.clients[i].iface]);
+        let child = spawn_logged(&mut cmd, &log).context("spawning bitmesh pay --lightning")?;
+        Ok(Agent { _bed: bed, child: Some(child), index: i, log, state_dir: bed.dir().join(format!("client-{i}")) })
+    }
+
+    /// The BOLT 11 invoices a `--lightning` agent printed so far, in order.
+    pub fn invoices(&self) -> Vec<String> {
+        self.output().lines().filter(|l| l.starts_with("lnbc")).map(str::to_owned).collect()
+    }
+
     /// Whether it is still running.
     pub fn running(&mut self) -> bool {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))

@@ -13,7 +13,7 @@ use bitmesh_tests::chain::LoopbackRelay;
 use bitmesh_tests::client::ScriptedClient;
 use bitmesh_tests::controller::{Controller, ControllerOpts};
 use bitmesh_tests::env::wait_for_true;
-use bitmesh_tests::lightning::{DeviceEvents, IntoNetnsRelay, TestNode};
+use bitmesh_tests::lightning::{DeviceEvents, LightningWallet, TestNode, GATEWAY_LN_PORT};
 use bitmesh_tests::network::ClientIdentity;
 use bitmesh_tests::testbed::Testbed;
 use serde_json::json;
@@ -23,8 +23,6 @@ const PRICE: &str = "8000000";
 const DATAGRAM: usize = 1000;
 /// One UDP echo of DATAGRAM bytes, billed both ways (Ethernet + IPv4 + UDP headers).
 const ROUND_TRIP_BYTES: u64 = 2 * (DATAGRAM as u64 + 42);
-/// Where the gateway's node listens inside its namespace.
-const GATEWAY_LN_PORT: u16 = 9735;
 
 /// Send `count` datagrams through the gateway and count the echoes (100 ms each).
 fn udp_round_trips(sock: &std::net::UdpSocket, count: usize, size: usize) -> usize {
@@ -46,26 +44,6 @@ fn opts(extra: &[&str]) -> ControllerOpts {
 
 fn node_info(ctl: &Controller<'_>) -> serde_json::Value {
     ctl.cli_json(&["lightning"]).unwrap()
-}
-
-/// A funded payer with a channel to the gateway's node, and the relay between them.
-struct Payer {
-    payer: TestNode,
-    relay: IntoNetnsRelay,
-    gateway_id: String,
-}
-
-impl Payer {
-    fn connect(bed: &Testbed, ctl: &Controller<'_>) -> Payer {
-        let gateway_id = node_info(ctl)["node_id"].as_str().unwrap().to_owned();
-        let relay = IntoNetnsRelay::start(bed.gateway(), ([127, 0, 0, 1], GATEWAY_LN_PORT).into()).unwrap();
-        let payer = TestNode::start(&bed.node, "payer").unwrap();
-        payer.fund(&bed.node, 1).unwrap();
-        payer.open_channel_to(&bed.node, &format!("{gateway_id}@127.0.0.1:{}", relay.port), 2_000_000).unwrap();
-        wait_gateway_channel(ctl);
-        bed.wait_synced().unwrap();
-        Payer { payer, relay, gateway_id }
-    }
 }
 
 /// Wait until the gateway's node lists a usable channel.
@@ -107,7 +85,7 @@ fn receipts(ctl: &Controller<'_>) -> u64 {
 fn a_bundle_paid_over_lightning_passes_exactly_its_bytes_once() {
     let Some(bed) = Testbed::start(1).unwrap() else { return };
     let ctl = bed.start_controller(&opts(&[])).unwrap();
-    let ln = Payer::connect(&bed, &ctl);
+    let ln = LightningWallet::connect(&bed, &ctl).unwrap();
     let client = ScriptedClient::new(bed.client_ns(), bed.api());
     let udp = bed.client_udp().unwrap();
     assert_eq!(udp_round_trips(&udp, 2, DATAGRAM), 0, "unpaid: blocked");
@@ -123,7 +101,7 @@ fn a_bundle_paid_over_lightning_passes_exactly_its_bytes_once() {
     let k = 20;
     let inv = ask_invoice(&client, json!({ "bytes": k * ROUND_TRIP_BYTES }));
     assert_eq!(status(&client, &inv.payment_hash).state, InvoiceState::Pending);
-    assert!(ln.payer.pay(&inv.bolt11).unwrap(), "payment failed:\n{}", ctl.log_tail(30));
+    assert!(ln.node.pay(&inv.bolt11).unwrap(), "payment failed:\n{}", ctl.log_tail(30));
     let st = wait_paid(&client, &inv.payment_hash);
     assert_eq!(st.bytes_credited, k * ROUND_TRIP_BYTES);
     assert_eq!(udp_round_trips(&udp, k as usize + 5, DATAGRAM), k as usize, "exactly the bytes bought pass, then it stops");
@@ -140,7 +118,7 @@ fn a_bundle_paid_over_lightning_passes_exactly_its_bytes_once() {
     // Overpayment buys proportionally more: twice the amount, twice the bytes.
     let inv2 = ask_invoice(&client, json!({ "bytes": 10 * ROUND_TRIP_BYTES }));
     assert_eq!(inv2.token, inv.token, "a device keeps its purchase token");
-    assert!(ln.payer.pay_amount(&inv2.bolt11, inv2.amount_msat * 2).unwrap());
+    assert!(ln.node.pay_amount(&inv2.bolt11, inv2.amount_msat * 2).unwrap());
     let st2 = wait_paid(&client, &inv2.payment_hash);
     assert_eq!(st2.bytes_credited, 20 * ROUND_TRIP_BYTES);
     assert_eq!(udp_round_trips(&udp, 25, DATAGRAM), 20);
@@ -148,6 +126,7 @@ fn a_bundle_paid_over_lightning_passes_exactly_its_bytes_once() {
     // The operator sees the rail and the receipts.
     let row = ctl.client_row().unwrap().expect("client row");
     assert_eq!(row["rail"], "lightning", "{row}");
+    assert_eq!(row["paid_sat"], (inv.amount_msat + 2 * inv2.amount_msat) / 1000, "PAID counts the Lightning receipts: {row}");
     let earnings = ctl.earnings().unwrap();
     assert_eq!(earnings["lightning_receipts"], 2, "{earnings}");
     assert_eq!(earnings["lightning_received_msat"], inv.amount_msat + 2 * inv2.amount_msat, "{earnings}");
@@ -176,7 +155,7 @@ fn unix_now() -> u64 {
 fn a_purchase_follows_its_token_across_macs_and_a_payment_held_past_expiry_is_credited_once() {
     let Some(bed) = Testbed::start(1).unwrap() else { return };
     let ctl = bed.start_controller(&opts(&["--invoice-expiry-secs", "60"])).unwrap();
-    let ln = Payer::connect(&bed, &ctl);
+    let ln = LightningWallet::connect(&bed, &ctl).unwrap();
     let ids = bed.add_client_identities(3, false).unwrap();
     let phone_a = ScriptedClient::with_identity(bed.client_ns(), bed.api(), ids[0].clone());
     let phone_b = ScriptedClient::with_identity(bed.client_ns(), bed.api(), ids[1].clone());
@@ -184,7 +163,7 @@ fn a_purchase_follows_its_token_across_macs_and_a_payment_held_past_expiry_is_cr
 
     // The device asks from MAC A, then changes to MAC B before the payment lands.
     let inv = ask_invoice(&phone_a, json!({ "bundle": "40KiB" }));
-    assert!(ln.payer.pay(&inv.bolt11).unwrap());
+    assert!(ln.node.pay(&inv.bolt11).unwrap());
     wait_paid(&phone_a, &inv.payment_hash);
     let row_a = ctl.client(&ids[0].mac).expect("A metered");
     assert_eq!(row_a["credited_bytes"], 40 * 1024);
@@ -205,7 +184,7 @@ fn a_purchase_follows_its_token_across_macs_and_a_payment_held_past_expiry_is_cr
     // The wallet pays B's own invoice after the merge: its bytes land on B (the
     // surviving account), not on the account the merge emptied, where they would be
     // paid for and never usable.
-    assert!(ln.payer.pay(&own_b.bolt11).unwrap());
+    assert!(ln.node.pay(&own_b.bolt11).unwrap());
     assert_eq!(wait_paid(&phone_b, &own_b.payment_hash).bytes_credited, 40 * 1024);
     let row_b = ctl.client(&ids[1].mac).expect("B metered");
     assert_eq!(row_b["remaining_bytes"], 80 * 1024, "paid after the merge, credited to the device: {row_b}");
@@ -227,7 +206,7 @@ fn a_purchase_follows_its_token_across_macs_and_a_payment_held_past_expiry_is_cr
     let top_up = ask_invoice(&phone_c, json!({ "bundle": "40KiB", "token": inv.token }));
     assert_eq!(top_up.token, inv.token, "one code names all the credit");
     assert!(ctl.client(&ids[1].mac).is_none_or(|r| r["metered"] == false), "B lost it when it moved");
-    assert!(ln.payer.pay(&top_up.bolt11).unwrap());
+    assert!(ln.node.pay(&top_up.bolt11).unwrap());
     wait_paid(&phone_c, &top_up.payment_hash);
     let row_c = ctl.client(&ids[2].mac).expect("C metered");
     assert_eq!(row_c["remaining_bytes"], 120 * 1024, "{row_c}");
@@ -246,7 +225,7 @@ fn a_purchase_follows_its_token_across_macs_and_a_payment_held_past_expiry_is_cr
     }
     ln.relay.hold(true);
     std::thread::scope(|s| {
-        let paying = s.spawn(|| ln.payer.pay(&late.bolt11).unwrap());
+        let paying = s.spawn(|| ln.node.pay(&late.bolt11).unwrap());
         while unix_now() <= late.expires_at + 1 {
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -263,7 +242,7 @@ fn a_purchase_follows_its_token_across_macs_and_a_payment_held_past_expiry_is_cr
 
     // An invoice nobody started paying before its expiry: the payer's wallet refuses
     // it, nothing arrives, nothing is credited.
-    assert!(!ln.payer.pay(&never.bolt11).unwrap(), "a wallet does not start paying an expired invoice");
+    assert!(!ln.node.pay(&never.bolt11).unwrap(), "a wallet does not start paying an expired invoice");
     assert_eq!(status(&phone_c, &never.payment_hash).state, InvoiceState::Expired);
     assert_eq!(receipts(&ctl), 4);
 }
@@ -276,7 +255,7 @@ fn kill_9_between_the_claim_and_the_credit_credits_exactly_once() {
     for point in ["ln-after-journal", "ln-before-journal"] {
         let Some(bed) = Testbed::start(1).unwrap() else { return };
         let mut ctl = bed.start_controller(&opts(&[])).unwrap();
-        let ln = Payer::connect(&bed, &ctl);
+        let ln = LightningWallet::connect(&bed, &ctl).unwrap();
         let client = ScriptedClient::new(bed.client_ns(), bed.api());
         let udp = bed.client_udp().unwrap();
         let k = 10;
@@ -285,7 +264,7 @@ fn kill_9_between_the_claim_and_the_credit_credits_exactly_once() {
         ctl.restart().unwrap();
         wait_gateway_channel(&ctl);
         std::thread::scope(|s| {
-            let payer = &ln.payer;
+            let payer = &ln.node;
             let bolt11 = inv.bolt11.clone();
             s.spawn(move || {
                 let _ = payer.pay(&bolt11);
@@ -307,7 +286,7 @@ fn kill_9_between_the_claim_and_the_credit_credits_exactly_once() {
 fn twenty_clients_buy_at_once() {
     let Some(bed) = Testbed::start(1).unwrap() else { return };
     let ctl = bed.start_controller(&opts(&[])).unwrap();
-    let ln = Payer::connect(&bed, &ctl);
+    let ln = LightningWallet::connect(&bed, &ctl).unwrap();
     let ids: Vec<ClientIdentity> = bed.add_client_identities(20, false).unwrap();
     let invoices: Vec<(ClientIdentity, Invoice)> = std::thread::scope(|s| {
         let hs: Vec<_> = ids
@@ -325,7 +304,7 @@ fn twenty_clients_buy_at_once() {
     assert_eq!(tokens.len(), 20, "one account per device");
     std::thread::scope(|s| {
         for (_, inv) in &invoices {
-            let payer = &ln.payer;
+            let payer = &ln.node;
             s.spawn(move || assert!(payer.pay(&inv.bolt11).unwrap()));
         }
     });
@@ -439,7 +418,7 @@ const METRICS_PORT: u16 = 9464;
 fn the_buyer_hears_its_payment_on_its_device_stream_and_the_operator_sees_and_withdraws_it() {
     let Some(bed) = Testbed::start(1).unwrap() else { return };
     let ctl = bed.start_controller(&opts(&["--metrics-addr", &format!("127.0.0.1:{METRICS_PORT}")])).unwrap();
-    let ln = Payer::connect(&bed, &ctl);
+    let ln = LightningWallet::connect(&bed, &ctl).unwrap();
     let ids = bed.add_client_identities(2, false).unwrap();
     let phone = ScriptedClient::with_identity(bed.client_ns(), bed.api(), ids[0].clone());
     let other = ScriptedClient::with_identity(bed.client_ns(), bed.api(), ids[1].clone());
@@ -464,7 +443,7 @@ fn the_buyer_hears_its_payment_on_its_device_stream_and_the_operator_sees_and_wi
         }
         other => panic!("the stream starts with the device's credit, got {other:?}"),
     }
-    assert!(ln.payer.pay(&inv.bolt11).unwrap());
+    assert!(ln.node.pay(&inv.bolt11).unwrap());
     let (_, paid) = events.wait_paid(&inv.payment_hash, Duration::from_secs(30)).unwrap();
     assert_eq!((paid.bytes_credited, paid.amount_msat), (bytes, inv.amount_msat));
     // Sent after the journal and the kernel: both already say so.
@@ -508,17 +487,17 @@ fn the_buyer_hears_its_payment_on_its_device_stream_and_the_operator_sees_and_wi
     let desc = ldk_node::lightning_invoice::Bolt11InvoiceDescription::Direct(
         ldk_node::lightning_invoice::Description::new("withdrawal".into()).unwrap(),
     );
-    let payout = ln.payer.node.bolt11_payment().receive(5_000_000, &desc, 600).unwrap();
+    let payout = ln.node.node.bolt11_payment().receive(5_000_000, &desc, 600).unwrap();
     let out = ctl.cli_text(&["lightning", "withdraw", "--invoice", &payout.to_string()]).unwrap();
     assert!(out.contains("paid"), "{out}");
     let hash = ldk_node::lightning::ln::channelmanager::PaymentId(*payout.payment_hash().as_ref());
     wait_for_true("the payer received the withdrawal", Duration::from_secs(30), || {
-        let _ = ln.payer.node.next_event().map(|_| ln.payer.node.event_handled());
-        ln.payer.node.payment(&hash).is_some_and(|p| p.status == ldk_node::payment::PaymentStatus::Succeeded)
+        let _ = ln.node.node.next_event().map(|_| ln.node.node.event_handled());
+        ln.node.node.payment(&hash).is_some_and(|p| p.status == ldk_node::payment::PaymentStatus::Succeeded)
     });
     assert_eq!(gauge(&metrics(&bed), "bitmesh_lightning_balance_sat", ""), inv.amount_msat / 1000 - 5_000);
     // A withdrawal to an invoice the gateway cannot pay (more than it holds): one sentence, nothing sent.
-    let too_much = ln.payer.node.bolt11_payment().receive(500_000_000, &desc, 600).unwrap();
+    let too_much = ln.node.node.bolt11_payment().receive(500_000_000, &desc, 600).unwrap();
     let err = ctl.cli(&["lightning", "withdraw", "--invoice", &too_much.to_string()]).unwrap_err().to_string();
     let msg = err.split_once("failed: ").map(|(_, m)| m).unwrap_or(&err);
     assert!(msg.lines().count() == 1 && !msg.contains("panicked") && msg.contains("cannot pay"), "{msg}");
@@ -533,7 +512,7 @@ fn the_buyer_hears_its_payment_on_its_device_stream_and_the_operator_sees_and_wi
 fn measure_paid_to_traffic_latency() {
     let Some(bed) = Testbed::start(1).unwrap() else { return };
     let ctl = bed.start_controller(&opts(&[])).unwrap();
-    let ln = Payer::connect(&bed, &ctl);
+    let ln = LightningWallet::connect(&bed, &ctl).unwrap();
     let client = ScriptedClient::new(bed.client_ns(), bed.api());
     let udp = bed.client_udp().unwrap();
     udp.set_read_timeout(Some(Duration::from_millis(2))).unwrap();
@@ -543,7 +522,7 @@ fn measure_paid_to_traffic_latency() {
     for _ in 0..30 {
         let inv = ask_invoice(&client, json!({ "bytes": ROUND_TRIP_BYTES }));
         let start = Instant::now();
-        assert!(ln.payer.pay(&inv.bolt11).unwrap());
+        assert!(ln.node.pay(&inv.bolt11).unwrap());
         let paid = Instant::now();
         loop {
             udp.send(&payload).unwrap();
@@ -576,17 +555,17 @@ fn measure_paid_to_traffic_latency() {
 fn measure_payment_to_device_event_latency() {
     let Some(bed) = Testbed::start(1).unwrap() else { return };
     let ctl = bed.start_controller(&opts(&[])).unwrap();
-    let ln = Payer::connect(&bed, &ctl);
+    let ln = LightningWallet::connect(&bed, &ctl).unwrap();
     let client = ScriptedClient::new(bed.client_ns(), bed.api());
     let first = ask_invoice(&client, json!({ "bytes": ROUND_TRIP_BYTES }));
     let events = DeviceEvents::open(&client).unwrap().unwrap();
-    assert!(ln.payer.pay(&first.bolt11).unwrap());
+    assert!(ln.node.pay(&first.bolt11).unwrap());
     events.wait_paid(&first.payment_hash, Duration::from_secs(30)).unwrap();
     let (mut from_start, mut from_paid) = (Vec::new(), Vec::new());
     for _ in 0..30 {
         let inv = ask_invoice(&client, json!({ "bytes": ROUND_TRIP_BYTES }));
         let start = Instant::now();
-        assert!(ln.payer.pay(&inv.bolt11).unwrap());
+        assert!(ln.node.pay(&inv.bolt11).unwrap());
         let paid = Instant::now();
         let (at, _) = events.wait_paid(&inv.payment_hash, Duration::from_secs(30)).unwrap();
         from_start.push(at - start);
@@ -622,7 +601,7 @@ fn measure_rss_with_the_node_and_100_lightning_clients() {
     let without = rss_kib(plain.pid().unwrap());
     plain.shut_down();
     let ctl = bed.start_controller(&opts(&[])).unwrap();
-    let ln = Payer::connect(&bed, &ctl);
+    let ln = LightningWallet::connect(&bed, &ctl).unwrap();
     std::thread::sleep(Duration::from_secs(2));
     let idle = rss_kib(ctl.pid().unwrap());
     let ids = bed.add_client_identities(100, true).unwrap();
@@ -630,7 +609,7 @@ fn measure_rss_with_the_node_and_100_lightning_clients() {
     for chunk in ids.chunks(10) {
         std::thread::scope(|s| {
             for id in chunk {
-                let payer = &ln.payer;
+                let payer = &ln.node;
                 s.spawn(move || {
                     let c = ScriptedClient::with_identity(bed.client_ns(), bed.api(), id.clone());
                     let inv = ask_invoice(&c, json!({ "bundle": "40KiB" }));
@@ -656,7 +635,7 @@ fn bitmesh_pay_lightning_prints_each_invoice_and_buys_the_next_at_half_the_bundl
     use std::io::BufRead;
     let Some(bed) = Testbed::start(1).unwrap() else { return };
     let ctl = bed.start_controller(&opts(&[])).unwrap();
-    let ln = Payer::connect(&bed, &ctl);
+    let ln = LightningWallet::connect(&bed, &ctl).unwrap();
     let bin = bitmesh_tests::process::bitmesh_bin().unwrap();
     let udp = bed.client_udp().unwrap();
     // 40 KiB at 8,000 sat/MiB = 313 sat a bundle: --max-spend 700 allows two.
@@ -675,13 +654,24 @@ fn bitmesh_pay_lightning_prints_each_invoice_and_buys_the_next_at_half_the_bundl
             return line;
         }
     };
+    // The payer's wallet reports success when the gateway's node releases the
+    // preimage, a moment before the controller has journaled and credited the
+    // payment (as a phone's wallet does): wait for the kernel credit before sending.
+    let mac = bed.lan.clients[0].mac.clone();
+    let credited = |bytes: u64| {
+        wait_for_true(&format!("{bytes} bytes credited in the kernel"), Duration::from_secs(30), || {
+            ctl.client(&mac).is_some_and(|r| r["credited_bytes"] == bytes)
+        })
+    };
     let first = next_invoice();
-    assert!(ln.payer.pay(&first).unwrap());
+    assert!(ln.node.pay(&first).unwrap());
+    credited(40 * 1024);
     // Use a bit over half the bundle: the agent asks for the next one.
     assert_eq!(udp_round_trips(&udp, 11, DATAGRAM), 11);
     let second = next_invoice();
     assert_ne!(first, second);
-    assert!(ln.payer.pay(&second).unwrap());
+    assert!(ln.node.pay(&second).unwrap());
+    credited(80 * 1024);
     // Use everything: 80 KiB bought = 39 round trips in all.
     let mut passed = 11;
     for _ in 0..40 {
