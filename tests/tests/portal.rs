@@ -164,9 +164,11 @@ fn a_phone_browser_lands_on_the_portal_unpaid_and_sees_its_credit_when_paid() {
             let url = b.current_url().await?;
             assert_eq!(url.as_str(), portal, "the redirect leads to the portal page");
             assert_eq!(b.title().await?, title_en);
-            let status = eventually("the page to ask the gateway for the device", WAIT, || async {
+            // Two answers fill the page: the device's status and the terms (price,
+            // bundles); wait for both.
+            let status = eventually("the page to show the device and the terms", WAIT, || async {
                 let t = text_of(&b, "status-line").await;
-                t.starts_with("Not connected").then_some(t)
+                (t.starts_with("Not connected") && !text_of(&b, "price").await.is_empty()).then_some(t)
             })
             .await?;
             assert_eq!(status, "Not connected. Buy data below to get online.");

@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use bitmesh_common::kernel::Mac;
 
-use super::ClientRow;
+use super::{ClientRow, ClientState};
 use crate::meter::ClientUsage;
 use crate::store::{ChannelRecord, ChannelStage};
 
@@ -44,13 +44,13 @@ pub struct Now {
 }
 
 /// The `state` column of a channel's client.
-fn state_name(s: ChannelStage) -> Option<&'static str> {
+fn state_of(s: ChannelStage) -> Option<ClientState> {
     match s {
-        ChannelStage::Offered => Some("awaiting_funding"),
-        ChannelStage::Open => Some("open"),
-        ChannelStage::Closing => Some("closing"),
-        ChannelStage::Closed => Some("closed"),
-        ChannelStage::DoubleSpent => Some("double_spent"),
+        ChannelStage::Offered => Some(ClientState::AwaitingFunding),
+        ChannelStage::Open => Some(ClientState::Open),
+        ChannelStage::Closing => Some(ClientState::Closing),
+        ChannelStage::Closed => Some(ClientState::Closed),
+        ChannelStage::DoubleSpent => Some(ClientState::DoubleSpent),
         ChannelStage::Abandoned => None,
     }
 }
@@ -115,7 +115,7 @@ pub fn client_rows(
                 mac: mac.to_string(),
                 ip: ips.get(&mac).cloned().or_else(|| ch.map(|c| c.ip.to_string())),
                 channel: ch.map(|c| c.id),
-                state: ch.and_then(|c| state_name(c.state)).unwrap_or("unpaid").to_string(),
+                state: ch.and_then(|c| state_of(c.state)).unwrap_or(ClientState::Unpaid),
                 paid_sat: ch.map_or(0, |c| c.paid_total.to_sat()),
                 credited_bytes: credited,
                 up_bytes: up,

@@ -4,6 +4,8 @@
 use bitmesh_common::pricing::PriceMsatPerMib;
 
 use super::{ChannelRow, ClientRow, PriceSetting};
+#[cfg(test)]
+use super::ClientState;
 use crate::store::Earnings;
 
 /// Human byte count (binary units).
@@ -63,7 +65,7 @@ pub fn clients_table(rows: &[ClientRow]) -> String {
                         (true, Some(s)) => format!("{s}s ago"),
                         (true, None) => "never".into(),
                     },
-                    r.state.clone(),
+                    r.state.to_string(),
                 ]
             })
             .collect(),
@@ -193,7 +195,7 @@ mod tests {
             mac: "02:00:00:00:00:01".into(),
             ip: Some("10.0.0.2".into()),
             channel: None,
-            state: "unpaid".into(),
+            state: ClientState::Unpaid,
             paid_sat: 0,
             credited_bytes: 0,
             up_bytes: 100,
@@ -223,7 +225,7 @@ mod tests {
             mac: "02:00:00:00:00:02".into(),
             ip: None,
             channel: None,
-            state: "closed".into(),
+            state: ClientState::Closed,
             paid_sat: 900,
             credited_bytes: 0,
             up_bytes: 10,

@@ -98,6 +98,44 @@ impl PriceSetting {
     }
 }
 
+/// The `state` of a `bitmesh clients` row: the stage of the channel that matters most
+/// for the device, or how it is metered without one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientState {
+    AwaitingFunding,
+    Open,
+    Closing,
+    Closed,
+    /// The funding vanished before confirming: credit withdrawn, never settled.
+    DoubleSpent,
+    /// Metered on Lightning credit, no open channel.
+    Lightning,
+    /// Metered, no credit.
+    Unpaid,
+}
+
+impl ClientState {
+    /// The name `bitmesh clients` and its `--json` show.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClientState::AwaitingFunding => "awaiting_funding",
+            ClientState::Open => "open",
+            ClientState::Closing => "closing",
+            ClientState::Closed => "closed",
+            ClientState::DoubleSpent => "double_spent",
+            ClientState::Lightning => "lightning",
+            ClientState::Unpaid => "unpaid",
+        }
+    }
+}
+
+impl std::fmt::Display for ClientState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// One row of `bitmesh clients`: one client device (MAC) and the channel that matters
 /// most for it (see [`clients`] for which rows and what each column holds).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -105,8 +143,7 @@ pub struct ClientRow {
     pub mac: String,
     pub ip: Option<String>,
     pub channel: Option<ChannelId>,
-    /// `awaiting_funding`, `open`, `closing`, `closed`, or `unpaid` (metered, no channel).
-    pub state: String,
+    pub state: ClientState,
     pub paid_sat: u64,
     /// What the kernel credits now (0 once metering stops).
     pub credited_bytes: u64,
@@ -250,15 +287,15 @@ fn client_list(gw: &Gateway, rates: &RateSampler) -> Result<Vec<ClientRow>, Gate
         // PAID counts both rails: the channel's signed total and the Lightning receipts.
         r.paid_sat += ln_paid.get(&mac).copied().unwrap_or(0) / 1000;
         let ln = lightning.contains(&mac);
-        let ch = r.state == "open";
+        let ch = r.state == ClientState::Open;
         r.rail = match (ch, ln) {
             (true, true) => Some("channel+lightning".into()),
             (true, false) => Some("channel".into()),
             (false, true) => Some("lightning".into()),
             (false, false) => None,
         };
-        if ln && r.state == "unpaid" {
-            r.state = "lightning".into();
+        if ln && r.state == ClientState::Unpaid {
+            r.state = ClientState::Lightning;
         }
     }
     for r in rows.iter_mut().filter(|r| r.metered) {

@@ -74,7 +74,10 @@ fn kill_9_and_restart_keep_every_acknowledged_payment_and_the_kernel_enforces_me
     assert_eq!(ctl.client_row().unwrap().unwrap()["credited_bytes"].as_u64(), Some(budget));
 
     // 2. kill -9 in the middle of a burst of payments.
-    let start = first + Amount::from_sat(100);
+    // 300 sat more than the first (about 18 round trips at this price) leaves the steps
+    // below traffic to pass however few payments land before the kill.
+    let start = first + Amount::from_sat(300);
+    let flowing = std::sync::atomic::AtomicUsize::new(0);
     let acked: Vec<Amount> = std::thread::scope(|s| {
         let payer = s.spawn(|| {
             let mut acked = Vec::new();
@@ -84,10 +87,15 @@ fn kill_9_and_restart_keep_every_acknowledged_payment_and_the_kernel_enforces_me
                     Ok(r) if r.status == 200 => acked.push(total),
                     _ => break,
                 }
+                flowing.store(acked.len(), std::sync::atomic::Ordering::SeqCst);
             }
             acked
         });
-        std::thread::sleep(Duration::from_millis(700));
+        // Kill in the middle of the burst: once a few are acknowledged, however slow
+        // the synced journal is on this machine.
+        bitmesh_tests::env::wait_for_true("payments to flow", Duration::from_secs(30), || {
+            flowing.load(std::sync::atomic::Ordering::SeqCst) > 5
+        });
         ctl.kill9();
         payer.join().unwrap()
     });
@@ -107,8 +115,13 @@ fn kill_9_and_restart_keep_every_acknowledged_payment_and_the_kernel_enforces_me
 
     // 3. "Reboot": controller killed and every pin (maps, links) gone. CREDIT comes
     // back from the journal, USAGE from the last snapshot.
-    std::thread::sleep(Duration::from_millis(2500)); // a snapshot after the last traffic
+    // Kill once a snapshot holds the last traffic (the snapshot loop runs every
+    // second, but may slip behind its housekeeping on a loaded machine).
     let before = used(&ctl.client_row().unwrap().unwrap());
+    bitmesh_tests::env::wait_for_true("a usage snapshot with the last traffic", Duration::from_secs(30), || {
+        let store = Store::open(&Store::path_in(&lab.data_dir())).unwrap();
+        store.usage_snapshots().unwrap().iter().any(|s| s.usage.up_bytes + s.usage.down_bytes == before)
+    });
     ctl.kill9();
     std::fs::remove_dir_all(ctl.pin_dir()).unwrap();
     assert_eq!(udp_round_trips(&udp, 3, DATAGRAM), 3, "no program attached: the link is open (reboot)");

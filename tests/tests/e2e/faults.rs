@@ -85,13 +85,20 @@ fn controller_killed_during_payments_keeps_every_acknowledged_payment_and_credit
         ctl.log_tail(40)
     );
 
-    // Let in-flight top-ups land, then compare the journal, the kernel and the clients.
-    std::thread::sleep(Duration::from_secs(2));
+    // Let in-flight top-ups land, then compare the journal, the kernel and the clients
+    // on a quiet snapshot: the same channel row before and after reading the agent and
+    // the kernel (an agent may still be topping up after the restart).
     for (i, a) in agents.iter().enumerate() {
         let mac = &world.lan.clients[i].mac;
-        let ch = ctl.channel(mac).unwrap();
+        let (ch, (latest, latest_acked), row) = wait_until(&format!("client {i}: a quiet snapshot"), Duration::from_secs(30), || {
+            let ch = ctl.channel(mac)?;
+            let (latest, acked) = signed(a);
+            let row = ctl.client(mac)?;
+            let again = ctl.channel(mac)?;
+            let quiet = n(&ch, "paid_sat") == n(&again, "paid_sat") && (!acked || n(&ch, "paid_sat") == latest);
+            quiet.then_some((ch, (latest, acked), row))
+        });
         let paid = n(&ch, "paid_sat");
-        let (latest, latest_acked) = signed(a);
         assert!(paid >= acked_at_kill[i].unwrap(), "client {i}: an acknowledged payment was lost: {ch}");
         assert!(paid <= latest, "client {i}: the gateway holds more than was signed: {ch}");
         if latest_acked {
@@ -99,7 +106,6 @@ fn controller_killed_during_payments_keeps_every_acknowledged_payment_and_credit
         }
         // The kernel's budget is exactly the journal's total, priced: a payment credited
         // twice (once before the kill, again on restart) would show up here.
-        let row = ctl.client(mac).unwrap();
         let credit = bytes_for_payment(Amount::from_sat(paid), price).to_u64();
         assert_eq!(n(&row, "credited_bytes"), credit, "client {i}: {row}");
         assert_eq!(n(&ch, "credited_bytes"), credit, "client {i}: {ch}");

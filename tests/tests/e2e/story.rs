@@ -56,13 +56,19 @@ fn the_whole_story_walled_garden_top_up_cut_off_idle_close_and_confirmed_settlem
     assert!(f.longest_stall < Duration::from_secs(1), "a top-up stalled A's download: {f:?}");
     let ch = ctl.channel(&macs[0]).unwrap();
     assert!(n(&ch, "payments") >= 4, "12 MiB at 2 MiB chunks needs several top-ups: {ch}");
-    let row = ctl.client(&macs[0]).unwrap();
+    // The agent may be mid-top-up when the download ends: compare the two sides once
+    // what it signed last is acknowledged (the gateway credits before it answers).
+    let (row, state) = wait_until("A's last payment to be acknowledged", Duration::from_secs(20), || {
+        let state = a.state()?;
+        let row = ctl.client(&macs[0])?;
+        let settled = state["latest"]["acked"].as_bool()? && n(&state["latest"], "total_paid_sat") == n(&row, "paid_sat");
+        settled.then_some((row, state))
+    });
     let paid = Amount::from_sat(n(&row, "paid_sat"));
     assert_eq!(n(&row, "credited_bytes"), bytes_for_payment(paid, price).to_u64(), "credit = price(paid): {row}");
     assert!(used(&row) <= n(&row, "credited_bytes"), "A used more than it paid for: {row}");
     assert!(used(&row) >= 12 * MIB, "the meter must bill at least the payload: {row}");
     // The client's rule: never more than what it received, priced, plus one chunk.
-    let state = a.state().unwrap();
     let received = ByteCount(n(&state, "received"));
     let signed = Amount::from_sat(n(&state["latest"], "total_paid_sat"));
     let bound = payment_for_bytes(ByteCount(received.to_u64() + chunk), price);
@@ -109,7 +115,11 @@ fn the_whole_story_walled_garden_top_up_cut_off_idle_close_and_confirmed_settlem
         });
         assert_eq!(ch["close_reason"], "idle", "{ch}");
     }
-    // Closed channels are no longer credited: C is back in the walled garden.
+    // Closed channels are no longer credited: C is back in the walled garden (once
+    // the close has also taken it out of the kernel, a moment after the state says so).
+    wait_until("C to leave the kernel meter", Duration::from_secs(20), || {
+        ctl.client(&macs[2]).filter(|r| r["metered"] == false)
+    });
     let f = world.fetch(2, MIB, Duration::from_secs(2));
     assert_eq!(f.bytes, 0, "a settled client still reaches upstream: {f:?}");
     drop((b, c));
