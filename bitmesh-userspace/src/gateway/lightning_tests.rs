@@ -98,12 +98,22 @@ fn lab(store: Arc<Store>, meter: SharedMeter) -> Arc<Gateway> {
 }
 
 fn lab_with(store: Arc<Store>, meter: SharedMeter, adjust: impl FnOnce(&mut LightningSettings)) -> Arc<Gateway> {
+    lab_on(store, meter, HashMap::from([(ip(A), MAC_A), (ip(B), MAC_B)]), adjust)
+}
+
+/// The lab with `devices` on the network (IP to MAC).
+fn lab_on(
+    store: Arc<Store>,
+    meter: SharedMeter,
+    devices: HashMap<IpAddr, Mac>,
+    adjust: impl FnOnce(&mut LightningSettings),
+) -> Arc<Gateway> {
     let m = Cli::command().try_get_matches_from(["x", "--network", "regtest", "--lightning"]).unwrap();
     let args = RunArgs::from_arg_matches(&m).unwrap();
     let policy = args.policy().unwrap();
     let seed = GatewaySeed::from_seed(&[7; 32], bitcoin::Network::Regtest).unwrap();
     let payout = seed.channel_key(0x7fff_ffff).unwrap();
-    let neighbours = StaticNeighbours(HashMap::from([(ip(A), MAC_A), (ip(B), MAC_B)]));
+    let neighbours = StaticNeighbours(devices);
     let gw = Gateway::new(
         GatewayParts {
             store,
@@ -460,4 +470,36 @@ async fn an_invoice_reads_paid_only_once_its_bytes_are_in_the_kernel() {
     let st = gw.invoice_status(&inv.payment_hash).unwrap();
     assert_eq!((st.state, st.bytes_credited), (InvoiceState::Paid, MIB));
     assert_eq!(meter.credit(MAC_A), Some(MIB));
+}
+
+/// The gateway holds at most `MAX_DEVICE_STREAMS` event streams in all, however many
+/// devices ask (each within its own cap); a closed stream frees its place.
+#[tokio::test]
+async fn the_gateway_holds_at_most_its_cap_of_device_streams_in_all() {
+    use super::lightning_events::{MAX_DEVICE_STREAMS, MAX_DEVICE_STREAMS_PER_DEVICE};
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(&Store::path_in(dir.path())).unwrap());
+    let full = MAX_DEVICE_STREAMS / MAX_DEVICE_STREAMS_PER_DEVICE;
+    let addr = |i: usize| IpAddr::from([10, 0, 1, i as u8]);
+    let devices = (0..=full).map(|i| (addr(i), Mac([2, 0, 0, 0, 1, i as u8]))).collect();
+    let gw = lab_on(store, SharedMeter::default(), devices, |_| {});
+    let mut held = Vec::new();
+    for i in 0..=full {
+        gw.create_invoice(addr(i), bundle("1MiB")).await.unwrap();
+    }
+    for i in 0..full {
+        for _ in 0..MAX_DEVICE_STREAMS_PER_DEVICE {
+            held.push(gw.subscribe_device(addr(i)).unwrap());
+        }
+    }
+    assert_eq!(gw.device_streams_open(), MAX_DEVICE_STREAMS);
+    // One more device, with its own first stream: refused, the gateway is full.
+    let refused = gw.subscribe_device(addr(full)).unwrap_err();
+    assert!(refused.to_string().contains("the gateway"), "{refused}");
+    assert_eq!(code(refused), ErrorCode::RateLimited);
+    assert_eq!(gw.device_streams_open(), MAX_DEVICE_STREAMS);
+    // A phone leaves (its stream closes): the next one gets the place.
+    drop(held.pop());
+    let _late = gw.subscribe_device(addr(full)).unwrap();
+    assert_eq!(gw.device_streams_open(), MAX_DEVICE_STREAMS);
 }
