@@ -93,7 +93,7 @@ impl ControllerProcess {
     }
 
     /// Set (or with `None` remove) an environment variable for the next start, e.g.
-    /// `BITMESH_FAULT` to stop the controller at a named point of a money path.
+    /// `BITMESH_FAULT` to hold the controller at a named point of a money path.
     pub fn set_env(&mut self, key: &str, value: Option<&str>) {
         self.env.retain(|(k, _)| k != key);
         if let Some(v) = value {

@@ -35,14 +35,17 @@ pub enum LightningError {
     Node(String),
 }
 
-/// Abort the process at a named point when `BITMESH_FAULT` names it (`NAME`, or
-/// `NAME:DETAIL` for one payment hash only): the fault tests' way to stop the
-/// controller exactly between two steps of the money path (e.g. after the receipt
-/// is journaled, before the kernel is credited). Without the variable this does
-/// nothing.
+/// Hold the controller at a named point when `BITMESH_FAULT` names it (`NAME`, or
+/// `NAME:DETAIL` for one payment hash only), for the fault tests to `kill -9` it from
+/// outside exactly between two steps of the money path (e.g. after the receipt is
+/// journaled, before the kernel is credited). It logs that it holds, then blocks
+/// this thread (and the write lock the caller holds) until the kill. Without the
+/// variable this does nothing.
 pub fn fault_point(name: &str, detail: &str) {
     if std::env::var("BITMESH_FAULT").is_ok_and(|v| v == name || v == format!("{name}:{detail}")) {
-        tracing::error!(point = name, detail, "BITMESH_FAULT: aborting here");
-        std::process::abort();
+        tracing::error!(point = name, detail, "BITMESH_FAULT: holding here until killed");
+        loop {
+            std::thread::park();
+        }
     }
 }

@@ -249,9 +249,10 @@ fn a_purchase_follows_its_token_across_macs_and_a_payment_held_past_expiry_is_cr
 
 #[test]
 fn kill_9_between_the_claim_and_the_credit_credits_exactly_once() {
-    // The controller stops (abort, as a kill -9) right after the node claimed the
-    // payment and before the receipt is journaled, or after the journal and before
-    // the kernel credit. At the restart ldk-node delivers the payment again.
+    // The controller holds right after the node claimed the payment and before the
+    // receipt is journaled, or after the journal and before the kernel credit, and
+    // the test kills it there with SIGKILL. At the restart ldk-node delivers the
+    // payment again.
     for point in ["ln-after-journal", "ln-before-journal"] {
         let Some(bed) = Testbed::start(1).unwrap() else { return };
         let mut ctl = bed.start_controller(&opts(&[])).unwrap();
@@ -269,8 +270,11 @@ fn kill_9_between_the_claim_and_the_credit_credits_exactly_once() {
             s.spawn(move || {
                 let _ = payer.pay(&bolt11);
             });
-            wait_for_true("the controller stopped at the fault point", Duration::from_secs(60), || !ctl.running());
-            assert!(ctl.log().contains("BITMESH_FAULT: aborting here"), "{}", ctl.log_tail(20));
+            wait_for_true("the controller to hold at the fault point", Duration::from_secs(60), || {
+                ctl.log().contains("BITMESH_FAULT: holding here")
+            });
+            ctl.kill9();
+            assert!(!ctl.running(), "{point}: still running after kill -9");
             assert_eq!(udp_round_trips(&udp, 2, DATAGRAM), 0, "{point}: nothing credited before the restart");
             ctl.set_env("BITMESH_FAULT", None);
             ctl.restart().unwrap();
