@@ -46,9 +46,7 @@ fn http_addr(ip: Ipv4Addr) -> SocketAddrV4 {
 /// The probes, unpaid then paid, HTTPS, the upstream's log, and the missing rule.
 #[test]
 fn unpaid_http_is_answered_by_the_gateway_https_is_reset_paid_is_untouched_and_a_missing_rule_stays_closed() {
-    let Some(world) = Testbed::start(2).unwrap() else { return };
-    add_address(&world.lan.upstream, UPSTREAM_IP, INTERNET).unwrap();
-    let internet = Internet::start(&world.lan.upstream, INTERNET).unwrap();
+    let Some((world, internet)) = stage(2) else { return };
     let funding = world.fund(1, Amount::from_sat(100_000)).unwrap();
     let ctl = world.start_controller(&ControllerOpts::story()).unwrap();
     let unpaid = &world.lan.clients[0].ns;
@@ -130,6 +128,24 @@ fn browser_hosts() -> Vec<(&'static str, Ipv4Addr)> {
 
 const VENUE: &str = "Café Sol";
 
+/// The portal tests' stage: a testbed with `clients` client namespaces and the
+/// logging "internet" at `INTERNET`. `None` where the testbed cannot run (it says why).
+fn stage(clients: usize) -> Option<(Testbed, Internet)> {
+    let world = Testbed::start(clients).unwrap()?;
+    add_address(&world.lan.upstream, UPSTREAM_IP, INTERNET).unwrap();
+    let internet = Internet::start(&world.lan.upstream, INTERNET).unwrap();
+    Some((world, internet))
+}
+
+/// A phone-sized headless Chromium in client `i`'s namespace, resolving the upstream
+/// and probe hosts to the "internet"; chromedriver logs to `log_name` beside the
+/// screenshots.
+fn start_phone(world: &Testbed, i: usize, log_name: &str) -> Browser {
+    let log = browser::screenshot_dir().join(log_name);
+    let _ = std::fs::remove_file(&log);
+    Browser::start(&world.lan.clients[i].ns, &browser_hosts(), &[&GATEWAY_IP.to_string()], &log).unwrap()
+}
+
 /// A phone-sized headless Chromium: unpaid, an upstream URL lands on the portal page
 /// (title asserted, English and Spanish), and so does a probe URL; then the real
 /// agent pays an on-chain channel from the same device and the page shows it
@@ -141,18 +157,14 @@ fn a_phone_browser_lands_on_the_portal_unpaid_and_sees_its_credit_when_paid() {
     if !browser::available() {
         return;
     }
-    let Some(world) = Testbed::start(1).unwrap() else { return };
-    add_address(&world.lan.upstream, UPSTREAM_IP, INTERNET).unwrap();
-    let internet = Internet::start(&world.lan.upstream, INTERNET).unwrap();
+    let Some((world, internet)) = stage(1) else { return };
     let funding = world.fund(1, Amount::from_sat(100_000)).unwrap();
     // The agent and the browser share the device here (a phone has no agent): room
     // for Chrome's six connections per host next to the agent's two.
     let extra = ["--venue", VENUE, "--api-max-connections-per-client", "16"].map(String::from).to_vec();
     let opts = ControllerOpts { extra, ..ControllerOpts::story() };
     let ctl = world.start_controller(&opts).unwrap();
-    let log = browser::screenshot_dir().join("chromedriver.log");
-    let _ = std::fs::remove_file(&log);
-    let phone = Browser::start(&world.lan.clients[0].ns, &browser_hosts(), &[&GATEWAY_IP.to_string()], &log).unwrap();
+    let phone = start_phone(&world, 0, "chromedriver.log");
     let portal = portal_url();
     let title_en = format!("{VENUE} · Internet access");
     let (world, internet, funding) = (&world, &internet, &funding);
@@ -360,17 +372,13 @@ fn a_phone_buys_a_bundle_with_lightning_on_the_page_and_restores_it_on_a_new_mac
     if !browser::available() {
         return;
     }
-    let Some(world) = Testbed::start(2).unwrap() else { return };
-    add_address(&world.lan.upstream, UPSTREAM_IP, INTERNET).unwrap();
-    let internet = Internet::start(&world.lan.upstream, INTERNET).unwrap();
+    let Some((world, internet)) = stage(2) else { return };
     let ctl = world.start_controller(&lightning_opts("64KiB,1MiB")).unwrap();
     let wallet = LightningWallet::connect(&world, &ctl).unwrap();
     let terms: serde_json::Value = serde_json::from_str(&world.api_get(0, "/v1/terms", WAIT).unwrap().1).unwrap();
     let price_msat = terms["lightning"]["bundles"][0]["price_msat"].as_u64().unwrap();
-    let dir = browser::screenshot_dir();
-    let gateway = GATEWAY_IP.to_string();
-    let phone = Browser::start(&world.lan.clients[0].ns, &browser_hosts(), &[&gateway], &dir.join("chromedriver-ln-0.log")).unwrap();
-    let new_phone = Browser::start(&world.lan.clients[1].ns, &browser_hosts(), &[&gateway], &dir.join("chromedriver-ln-1.log")).unwrap();
+    let phone = start_phone(&world, 0, "chromedriver-ln-0.log");
+    let new_phone = start_phone(&world, 1, "chromedriver-ln-1.log");
     let portal = portal_url();
     let (world, wallet, portal, controller) = (&world, &wallet, &portal, &ctl);
 
@@ -581,14 +589,11 @@ fn measure_paid_to_connected_and_to_first_upstream_byte() {
     if !browser::available() {
         return;
     }
-    let Some(world) = Testbed::start(1).unwrap() else { return };
-    add_address(&world.lan.upstream, UPSTREAM_IP, INTERNET).unwrap();
-    let _internet = Internet::start(&world.lan.upstream, INTERNET).unwrap();
+    let Some((world, _internet)) = stage(1) else { return };
     let mut wallet = bitmesh_tests::chain::CoinbaseWallet::fund(&world.node, RUNS as u32 + 2, 0);
     // One device funds 20 channels: above the default 10 funding calls per hour.
     let _ctl = world.start_controller(&ControllerOpts::story().with(&["--relay-limit-per-hour", "100"])).unwrap();
-    let log = browser::screenshot_dir().join("chromedriver-measure.log");
-    let phone = Browser::start(&world.lan.clients[0].ns, &browser_hosts(), &[&GATEWAY_IP.to_string()], &log).unwrap();
+    let phone = start_phone(&world, 0, "chromedriver-measure.log");
     let portal = portal_url();
     let (world, wallet) = (&world, &mut wallet);
     let (connected, first_byte) = phone
@@ -664,13 +669,10 @@ fn measure_lightning_paid_to_connected_and_to_first_upstream_byte() {
     if !browser::available() {
         return;
     }
-    let Some(world) = Testbed::start(1).unwrap() else { return };
-    add_address(&world.lan.upstream, UPSTREAM_IP, INTERNET).unwrap();
-    let _internet = Internet::start(&world.lan.upstream, INTERNET).unwrap();
+    let Some((world, _internet)) = stage(1) else { return };
     let ctl = world.start_controller(&lightning_opts("16KiB")).unwrap();
     let wallet = LightningWallet::connect(&world, &ctl).unwrap();
-    let log = browser::screenshot_dir().join("chromedriver-measure-ln.log");
-    let phone = Browser::start(&world.lan.clients[0].ns, &browser_hosts(), &[&GATEWAY_IP.to_string()], &log).unwrap();
+    let phone = start_phone(&world, 0, "chromedriver-measure-ln.log");
     let portal = portal_url();
     let (world, wallet) = (&world, &wallet);
     let epoch_ms = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64() * 1000.0;
