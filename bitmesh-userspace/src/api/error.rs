@@ -55,25 +55,12 @@ pub enum ApiError {
     ZeroConfLimit(String),
     #[error("request took longer than {secs} s: retry")]
     Timeout { secs: u64 },
-    /// No Lightning node runs on this gateway (or it is still starting).
-    #[error("this gateway sells no Lightning bundles (no Lightning node running): open a channel instead")]
-    LightningUnavailable,
-    #[error("no bundle {0:?}: pick one of the bundles in GET /v1/terms")]
-    UnknownBundle(String),
-    #[error("bytes must be between {min} and {max}")]
-    BytesOutOfRange { min: u64, max: u64 },
-    #[error("no invoice with this payment hash")]
-    UnknownInvoice,
-    #[error("no purchase with this token: check the code (letters A-Z and digits 2-7)")]
-    UnknownToken,
-    #[error("the credit of this token has expired")]
-    TokenExpired,
-    /// A device event stream for a device with nothing to report.
-    #[error("this device has no pending invoice and no Lightning credit: ask for an invoice first (POST /v1/invoices)")]
-    NoPurchase,
-    /// The device, or the gateway as a whole, holds as many device event streams as allowed.
-    #[error("{0}")]
-    DeviceStreamsFull(String),
+    /// A refusal of the Lightning rail: `lightning_unavailable`, `unknown_bundle`,
+    /// `bytes_out_of_range`, `unknown_invoice`, `unknown_token`, `token_expired`, or
+    /// `rate_limited` (device event streams). The gateway names and words it
+    /// (`GatewayError`); the edge carries its code and sentence unchanged.
+    #[error("{message}")]
+    Lightning { code: ErrorCode, message: String },
     /// Anything else; the detail is logged, not sent.
     #[error("internal error on the gateway: retry later")]
     Internal(String),
@@ -89,20 +76,13 @@ impl ApiError {
             ApiError::Unauthorized(_) | ApiError::NotOnLink => ErrorCode::Unauthorized,
             ApiError::AuthReplayed(_) => ErrorCode::AuthReplayed,
             ApiError::ChannelNotOpen { .. } => ErrorCode::ChannelNotOpen,
-            ApiError::RateLimited { .. } | ApiError::TooManyStreams { .. } | ApiError::DeviceStreamsFull(_) => {
-                ErrorCode::RateLimited
-            }
+            ApiError::RateLimited { .. } | ApiError::TooManyStreams { .. } => ErrorCode::RateLimited,
             ApiError::FundingNotFound(_) => ErrorCode::FundingNotFound,
             ApiError::ChainUnavailable => ErrorCode::ChainUnavailable,
             ApiError::FundingDoubleSpent(_) => ErrorCode::FundingDoubleSpent,
             ApiError::ZeroConfLimit(_) => ErrorCode::FundingUnconfirmed,
             ApiError::Timeout { .. } | ApiError::Internal(_) => ErrorCode::Internal,
-            ApiError::LightningUnavailable => ErrorCode::LightningUnavailable,
-            ApiError::UnknownBundle(_) => ErrorCode::UnknownBundle,
-            ApiError::BytesOutOfRange { .. } => ErrorCode::BytesOutOfRange,
-            ApiError::UnknownInvoice | ApiError::NoPurchase => ErrorCode::UnknownInvoice,
-            ApiError::UnknownToken => ErrorCode::UnknownToken,
-            ApiError::TokenExpired => ErrorCode::TokenExpired,
+            ApiError::Lightning { code, .. } => *code,
         }
     }
 
@@ -120,18 +100,20 @@ impl ApiError {
             ApiError::Unauthorized(_) | ApiError::NotOnLink => StatusCode::FORBIDDEN,
             ApiError::AuthReplayed(_) => StatusCode::UNAUTHORIZED,
             ApiError::ChannelNotOpen { .. } => StatusCode::CONFLICT,
-            ApiError::RateLimited { .. } | ApiError::TooManyStreams { .. } | ApiError::DeviceStreamsFull(_) => {
-                StatusCode::TOO_MANY_REQUESTS
-            }
+            ApiError::RateLimited { .. } | ApiError::TooManyStreams { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::FundingNotFound(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::ChainUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::FundingDoubleSpent(_) | ApiError::ZeroConfLimit(_) => StatusCode::CONFLICT,
             ApiError::Timeout { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            ApiError::LightningUnavailable => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::UnknownBundle(_) | ApiError::BytesOutOfRange { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::UnknownInvoice | ApiError::UnknownToken | ApiError::NoPurchase => StatusCode::NOT_FOUND,
-            ApiError::TokenExpired => StatusCode::GONE,
+            ApiError::Lightning { code, .. } => match code {
+                ErrorCode::LightningUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::UnknownBundle | ErrorCode::BytesOutOfRange => StatusCode::UNPROCESSABLE_ENTITY,
+                ErrorCode::UnknownInvoice | ErrorCode::UnknownToken => StatusCode::NOT_FOUND,
+                ErrorCode::TokenExpired => StatusCode::GONE,
+                ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+                _ => StatusCode::BAD_REQUEST,
+            },
         }
     }
 
@@ -148,7 +130,7 @@ impl IntoResponse for ApiError {
         }
         let retry = match &self {
             ApiError::RateLimited { retry_after_secs } => Some(*retry_after_secs),
-            ApiError::TooManyStreams { .. } | ApiError::DeviceStreamsFull(_) => Some(5),
+            ApiError::TooManyStreams { .. } | ApiError::Lightning { code: ErrorCode::RateLimited, .. } => Some(5),
             _ => None,
         };
         let mut resp = (self.status(), Json(self.body())).into_response();

@@ -115,13 +115,13 @@ impl ClientGateway for Fake {
         })
     }
     async fn invoice(&self, _: IpAddr, _: bitmesh_common::wire::InvoiceRequest) -> Result<bitmesh_common::wire::Invoice, ApiError> {
-        Err(ApiError::LightningUnavailable)
+        Err(crate::gateway::GatewayError::LightningUnavailable.into())
     }
     async fn invoice_status(&self, _: String) -> Result<bitmesh_common::wire::InvoiceStatus, ApiError> {
-        Err(ApiError::LightningUnavailable)
+        Err(crate::gateway::GatewayError::LightningUnavailable.into())
     }
     async fn restore(&self, _: IpAddr, _: bitmesh_common::wire::RestoreRequest) -> Result<bitmesh_common::wire::RestoreResponse, ApiError> {
-        Err(ApiError::LightningUnavailable)
+        Err(crate::gateway::GatewayError::LightningUnavailable.into())
     }
 }
 

@@ -3,6 +3,7 @@
 //! API handlers convert with `?`; nothing else in the gateway names `ApiError`.
 
 use bitcoin::Amount;
+use bitmesh_common::wire::ErrorCode;
 
 use super::GatewayError;
 use crate::api::ApiError;
@@ -41,15 +42,14 @@ impl From<GatewayError> for ApiError {
             e @ (GatewayError::ZeroConfExposure { .. } | GatewayError::UnconfirmedTotal { .. }) => {
                 ApiError::ZeroConfLimit(e.to_string())
             }
-            GatewayError::LightningUnavailable => ApiError::LightningUnavailable,
-            GatewayError::UnknownBundle(name) => ApiError::UnknownBundle(name),
-            GatewayError::BytesOutOfRange { min, max } => ApiError::BytesOutOfRange { min, max },
+            e @ GatewayError::LightningUnavailable => lightning(ErrorCode::LightningUnavailable, e),
+            e @ GatewayError::UnknownBundle(_) => lightning(ErrorCode::UnknownBundle, e),
+            e @ GatewayError::BytesOutOfRange { .. } => lightning(ErrorCode::BytesOutOfRange, e),
             e @ (GatewayError::BundleOrBytes | GatewayError::BadPaymentHash(_)) => ApiError::BadRequest(e.to_string()),
-            GatewayError::UnknownInvoice => ApiError::UnknownInvoice,
-            GatewayError::UnknownToken => ApiError::UnknownToken,
-            GatewayError::TokenExpired => ApiError::TokenExpired,
-            GatewayError::NoPurchase => ApiError::NoPurchase,
-            e @ GatewayError::TooManyDeviceStreams { .. } => ApiError::DeviceStreamsFull(e.to_string()),
+            e @ (GatewayError::UnknownInvoice | GatewayError::NoPurchase) => lightning(ErrorCode::UnknownInvoice, e),
+            e @ GatewayError::UnknownToken => lightning(ErrorCode::UnknownToken, e),
+            e @ GatewayError::TokenExpired => lightning(ErrorCode::TokenExpired, e),
+            e @ GatewayError::TooManyDeviceStreams { .. } => lightning(ErrorCode::RateLimited, e),
             other @ (GatewayError::Lightning(_)
             | GatewayError::Store(_)
             | GatewayError::Meter(_)
@@ -60,6 +60,11 @@ impl From<GatewayError> for ApiError {
             | GatewayError::NoKernelEntries { .. }) => ApiError::Internal(other.to_string()),
         }
     }
+}
+
+/// A Lightning refusal: its code, and the gateway's own sentence for it.
+fn lightning(code: ErrorCode, e: GatewayError) -> ApiError {
+    ApiError::Lightning { code, message: e.to_string() }
 }
 
 /// `channel_not_open`, with what the client can do about the state it found.
@@ -119,9 +124,12 @@ mod tests {
             (GatewayError::TooManyDeviceStreams { max: 64, scope: "the gateway" }, StatusCode::TOO_MANY_REQUESTS, ErrorCode::RateLimited),
         ];
         for (err, status, code) in cases {
-            let name = format!("{err:?}");
+            let (name, sentence) = (format!("{err:?}"), err.to_string());
             let api = ApiError::from(err);
             assert_eq!((api.status(), api.code()), (status, code), "{name}: {api}");
+            if let ApiError::Lightning { message, .. } = &api {
+                assert_eq!(message, &sentence, "{name}: the gateway's sentence, unchanged");
+            }
         }
     }
 }

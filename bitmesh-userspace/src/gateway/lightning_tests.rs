@@ -462,7 +462,7 @@ async fn an_invoice_reads_paid_only_once_its_bytes_are_in_the_kernel() {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
     // Journaled; the kernel has nothing yet.
-    assert!(held.clients.get(&MAC_A).is_none());
+    assert!(!held.clients.contains_key(&MAC_A));
     let st = gw.invoice_status(&inv.payment_hash).unwrap();
     assert_eq!((st.state, st.bytes_credited), (InvoiceState::Pending, 0), "paid before the kernel has the bytes");
     drop(held);

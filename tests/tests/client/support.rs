@@ -171,13 +171,13 @@ impl ClientGateway for Scripted {
         Ok(CaptiveStatus { captive: false, user_portal_url: None, venue_info_url: None, bytes_remaining: None, seconds_remaining: None, can_extend_session: None })
     }
     async fn invoice(&self, _: IpAddr, _: InvoiceRequest) -> Result<Invoice, ApiError> {
-        Err(ApiError::LightningUnavailable)
+        Err(bitmesh::gateway::GatewayError::LightningUnavailable.into())
     }
     async fn invoice_status(&self, _: String) -> Result<InvoiceStatus, ApiError> {
-        Err(ApiError::LightningUnavailable)
+        Err(bitmesh::gateway::GatewayError::LightningUnavailable.into())
     }
     async fn restore(&self, _: IpAddr, _: RestoreRequest) -> Result<RestoreResponse, ApiError> {
-        Err(ApiError::LightningUnavailable)
+        Err(bitmesh::gateway::GatewayError::LightningUnavailable.into())
     }
 }
 
