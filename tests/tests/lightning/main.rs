@@ -16,6 +16,7 @@ use bitmesh_tests::env::wait_for_true;
 use bitmesh_tests::lightning::{DeviceEvents, LightningWallet, TestNode, GATEWAY_LN_PORT};
 use bitmesh_tests::network::ClientIdentity;
 use bitmesh_tests::testbed::Testbed;
+use bitmesh_tests::upstream::udp_round_trips;
 use serde_json::json;
 
 /// 8,000 sat per MiB: a few hundred bytes cost a satoshi, so byte counts stay small.
@@ -23,16 +24,6 @@ const PRICE: &str = "8000000";
 const DATAGRAM: usize = 1000;
 /// One UDP echo of DATAGRAM bytes, billed both ways (Ethernet + IPv4 + UDP headers).
 const ROUND_TRIP_BYTES: u64 = 2 * (DATAGRAM as u64 + 42);
-
-/// Send `count` datagrams through the gateway and count the echoes (100 ms each).
-fn udp_round_trips(sock: &std::net::UdpSocket, count: usize, size: usize) -> usize {
-    let payload = vec![0x5a; size];
-    let mut buf = vec![0u8; size + 64];
-    let _ = sock.set_nonblocking(true);
-    while sock.recv(&mut buf).is_ok() {}
-    let _ = sock.set_nonblocking(false);
-    (0..count).filter(|_| sock.send(&payload).is_ok() && matches!(sock.recv(&mut buf), Ok(n) if n == size)).count()
-}
 
 /// The controller options: Lightning on, the test price and bundles, and `extra`.
 fn opts(extra: &[&str]) -> ControllerOpts {
