@@ -503,6 +503,42 @@ fn a_phone_buys_a_bundle_with_lightning_on_the_page_and_restores_it_on_a_new_mac
     }
 }
 
+/// An invoice the phone leaves unpaid expires on the page: at its expiry
+/// (`--invoice-expiry-secs 60`, the shortest allowed) the page says so in one
+/// sentence and stops offering it for scanning; picking the bundle again shows a
+/// fresh invoice. Nothing is credited and nothing reaches upstream meanwhile.
+#[test]
+fn an_unpaid_invoice_expires_on_the_page_and_a_new_pick_shows_a_fresh_one() {
+    let Some((world, internet)) = stage(1) else { return };
+    let _ctl = world.start_controller(&lightning_opts("64KiB").with(&["--invoice-expiry-secs", "60"])).unwrap();
+    let phone = start_phone(&world, 0, "chromedriver-ln-expiry.log");
+    let portal = portal_url();
+    let world = &world;
+    phone
+        .session(|b| {
+            let portal = portal.clone();
+            async move {
+                b.goto("http://upstream.example/page?from=expiry").await?;
+                assert_eq!(b.current_url().await?.as_str(), portal.as_str());
+                let first = pick_bundle_and_read_invoice(&b, "64KiB").await?;
+                let said = eventually("the page to say the invoice expired", Duration::from_secs(90), || async {
+                    Some(text_of(&b, "pay-state").await).filter(|t| t.starts_with("This invoice expired"))
+                })
+                .await?;
+                assert_eq!(said, "This invoice expired. Choose a bundle again.");
+                assert!(!b.find(Locator::Id("invoice-pay")).await?.is_displayed().await?, "an expired invoice is not offered for scanning");
+                assert!(text_of(&b, "status-line").await.starts_with("Not connected"));
+                browser::screenshot(&b, "ln-6-expired").await?;
+                let second = pick_bundle_and_read_invoice(&b, "64KiB").await?;
+                assert_ne!(first, second, "a fresh invoice");
+                assert_eq!(device(world, 0)["bytes_credited"], 0);
+                Ok(())
+            }
+        })
+        .unwrap();
+    assert!(internet.requests().iter().all(|r| !r.line.contains("from=expiry")), "the unpaid phone reached upstream");
+}
+
 /// `--tls-cert`/`--tls-key`: the API and the page answer HTTPS on the API port with the
 /// operator's certificate (self-signed here, trusted by the test's client), the
 /// RFC 8908 answer names the https portal URL on `--portal-host`, and plain HTTP on
