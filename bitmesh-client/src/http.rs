@@ -144,14 +144,14 @@ impl GatewayApi {
     /// Open the event stream: a reader of [`ClientEvent`]s, one per `next()`.
     pub fn events(&self, id: &ChannelId, key: &SecretKey) -> Result<EventStream, HttpError> {
         let resp = self.open_stream(&routes::events(id), Some(auth_header(SignedAction::Events, id, key)))?;
-        Ok(EventStream { inner: resp, parser: super::events::SseParser::default() })
+        Ok(SseStream::new(resp))
     }
 
     /// `GET /v1/device/events`: this device's event stream (its Lightning payments
     /// credited, its credit), a reader of [`DeviceEvent`]s.
     pub fn device_events(&self) -> Result<DeviceEventStream, HttpError> {
         let resp = self.open_stream(routes::DEVICE_EVENTS, None)?;
-        Ok(DeviceEventStream { inner: resp, parser: super::events::SseParser::default() })
+        Ok(SseStream::new(resp))
     }
 
     /// A `text/event-stream` GET: the open response, or the gateway's refusal.
@@ -309,43 +309,30 @@ fn error_from(path: &str, status: i32, retry_after: Option<Duration>, body: &[u8
     }
 }
 
-/// The event a `data` payload of the stream carries, if the agent understands it.
-pub fn parse_event(data: &str) -> Option<ClientEvent> {
-    serde_json::from_str::<ClientEvent>(data).ok()
-}
-
-/// An open event stream.
-pub struct EventStream {
+/// An open server-sent event stream of `E`: the channel's ([`EventStream`]) or the
+/// device's ([`DeviceEventStream`]).
+pub struct SseStream<E> {
     inner: bitreq::ResponseLazy,
     parser: super::events::SseParser,
+    _event: std::marker::PhantomData<fn() -> E>,
 }
 
-impl EventStream {
-    /// The next event, blocking; `None` when the stream ended or broke. Events the
-    /// agent does not understand are skipped (a newer gateway may add some).
-    pub fn next_event(&mut self) -> Option<ClientEvent> {
-        loop {
-            let (byte, _) = self.inner.next()?.ok()?;
-            if let Some(ev) = self.parser.push(byte).as_deref().and_then(parse_event) {
-                return Some(ev);
-            }
-        }
+/// A channel's event stream (`GET /v1/channels/{id}/events`).
+pub type EventStream = SseStream<ClientEvent>;
+/// A device's event stream (`GET /v1/device/events`).
+pub type DeviceEventStream = SseStream<DeviceEvent>;
+
+impl<E: DeserializeOwned> SseStream<E> {
+    fn new(inner: bitreq::ResponseLazy) -> SseStream<E> {
+        SseStream { inner, parser: super::events::SseParser::default(), _event: std::marker::PhantomData }
     }
-}
 
-/// An open device event stream (`GET /v1/device/events`).
-pub struct DeviceEventStream {
-    inner: bitreq::ResponseLazy,
-    parser: super::events::SseParser,
-}
-
-impl DeviceEventStream {
     /// The next event, blocking; `None` when the stream ended or broke. Events the
     /// agent does not understand are skipped (a newer gateway may add some).
-    pub fn next_event(&mut self) -> Option<DeviceEvent> {
+    pub fn next_event(&mut self) -> Option<E> {
         loop {
             let (byte, _) = self.inner.next()?.ok()?;
-            if let Some(ev) = self.parser.push(byte).as_deref().and_then(|d| serde_json::from_str::<DeviceEvent>(d).ok()) {
+            if let Some(ev) = self.parser.push(byte).as_deref().and_then(|d| serde_json::from_str::<E>(d).ok()) {
                 return Some(ev);
             }
         }

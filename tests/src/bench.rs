@@ -5,3 +5,9 @@ pub mod kernel;
 pub mod latency;
 pub mod load;
 pub mod memory;
+
+/// The `p`-th percentile (0-100) of `sorted` (ascending, not empty): the nearest
+/// rank at or below it.
+pub fn percentile(sorted: &[std::time::Duration], p: usize) -> std::time::Duration {
+    sorted[(sorted.len() * p / 100).min(sorted.len() - 1)]
+}

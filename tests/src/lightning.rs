@@ -55,12 +55,7 @@ impl LightningWallet {
         let node = TestNode::start(&world.node, "wallet")?;
         node.fund(&world.node, 1)?;
         node.open_channel_to(&world.node, &format!("{gateway_id}@127.0.0.1:{}", relay.port), 2_000_000)?;
-        crate::env::wait_for_true("the gateway's Lightning channel is usable", Duration::from_secs(60), || {
-            ctl.cli_json(&["lightning"])
-                .ok()
-                .and_then(|v| v["channels"].as_array().map(|c| c.iter().any(|c| c["usable"] == true)))
-                .unwrap_or(false)
-        });
+        wait_gateway_channel(ctl);
         world.wait_synced()?;
         Ok(LightningWallet { node, relay, gateway_id })
     }
@@ -71,6 +66,16 @@ impl LightningWallet {
     pub fn pay(&self, bolt11: &str) -> Result<bool> {
         crate::browser::outside(|| self.node.pay(bolt11))?
     }
+}
+
+/// Wait until the gateway's node (`bitmesh lightning`) lists a usable channel.
+pub fn wait_gateway_channel(ctl: &crate::controller::Controller<'_>) {
+    crate::env::wait_for_true("the gateway's Lightning channel is usable", Duration::from_secs(60), || {
+        ctl.cli_json(&["lightning"])
+            .ok()
+            .and_then(|v| v["channels"].as_array().map(|c| c.iter().any(|c| c["usable"] == true)))
+            .unwrap_or(false)
+    });
 }
 
 /// An ldk-node in the test's own namespace, on the test's regtest node.

@@ -271,12 +271,18 @@ where
     ApiError: From<G::Error>,
 {
     let rx = s.gw.events(peer.ip(), req).await?;
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+    Ok(server_sent(rx, ClientEvent::name))
+}
+
+/// An event stream answer: each event from `rx` as JSON under its `name`, with
+/// keep-alives, until the gateway drops the sender.
+fn server_sent<E: serde::Serialize + Send + 'static>(rx: mpsc::Receiver<E>, name: fn(&E) -> &'static str) -> Response {
+    let stream = futures_util::stream::unfold(rx, move |mut rx| async move {
         let ev = rx.recv().await?;
-        let sse = Event::default().event(ev.name()).json_data(&ev).unwrap_or_else(|_| Event::default());
+        let sse = Event::default().event(name(&ev)).json_data(&ev).unwrap_or_else(|_| Event::default());
         Some((Ok::<_, Infallible>(sse), rx))
     });
-    Ok(Sse::new(stream).keep_alive(KeepAlive::default()).into_response())
+    Sse::new(stream).keep_alive(KeepAlive::default()).into_response()
 }
 
 async fn captive<G: ClientGateway>(
@@ -311,12 +317,7 @@ where
     ApiError: From<G::Error>,
 {
     let rx = s.gw.device_events(peer.ip()).await?.ok_or(ApiError::NoRoute)?;
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        let ev = rx.recv().await?;
-        let sse = Event::default().event(ev.name()).json_data(&ev).unwrap_or_else(|_| Event::default());
-        Some((Ok::<_, Infallible>(sse), rx))
-    });
-    Ok(Sse::new(stream).keep_alive(KeepAlive::default()).into_response())
+    Ok(server_sent(rx, DeviceEvent::name))
 }
 
 async fn invoice<G: ClientGateway>(

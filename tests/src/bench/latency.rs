@@ -13,6 +13,7 @@ use crate::chain::CoinbaseWallet;
 use crate::controller::ControllerOpts;
 use crate::http;
 use crate::testbed::Testbed;
+use super::percentile;
 use crate::upstream::udp_round_trips;
 
 /// Latency figures of a real controller (see [`measure_controller`]).
@@ -32,10 +33,6 @@ pub struct ControllerLatency {
     pub resume_p50: Duration,
     /// Slowest of the same.
     pub resume_max: Duration,
-}
-
-fn percentile(sorted: &[Duration], p: usize) -> Duration {
-    sorted[(sorted.len() * p / 100).min(sorted.len() - 1)]
 }
 
 /// Start a testbed and a controller, open and fund one channel,

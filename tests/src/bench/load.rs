@@ -28,6 +28,7 @@ use crate::chain::CoinbaseWallet;
 use crate::client::ScriptedClient;
 use crate::controller::ControllerOpts;
 use crate::network::{in_netns_named, ClientIdentity, GATEWAY_IPV4, UPSTREAM_IPV4};
+use super::percentile;
 use crate::testbed::{Testbed, ECHO_PORT};
 
 /// Price for the run: 1 sat buys 1 KiB, so each step's arithmetic is visible.
@@ -132,10 +133,6 @@ fn bind_to_device(sock: &UdpSocket, iface: &str) -> Result<()> {
     };
     ensure!(rc == 0, "SO_BINDTODEVICE {iface}: {}", std::io::Error::last_os_error());
     Ok(())
-}
-
-fn percentile(sorted: &[Duration], p: usize) -> Duration {
-    sorted[(sorted.len() * p / 100).min(sorted.len() - 1)]
 }
 
 /// Run `f` over `items` on `workers` threads (each gets a contiguous share).

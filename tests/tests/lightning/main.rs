@@ -13,7 +13,7 @@ use bitmesh_tests::chain::LoopbackRelay;
 use bitmesh_tests::client::ScriptedClient;
 use bitmesh_tests::controller::{Controller, ControllerOpts};
 use bitmesh_tests::env::wait_for_true;
-use bitmesh_tests::lightning::{DeviceEvents, LightningWallet, TestNode, GATEWAY_LN_PORT};
+use bitmesh_tests::lightning::{wait_gateway_channel, DeviceEvents, LightningWallet, TestNode, GATEWAY_LN_PORT};
 use bitmesh_tests::network::ClientIdentity;
 use bitmesh_tests::testbed::Testbed;
 use bitmesh_tests::upstream::udp_round_trips;
@@ -35,13 +35,6 @@ fn opts(extra: &[&str]) -> ControllerOpts {
 
 fn node_info(ctl: &Controller<'_>) -> serde_json::Value {
     ctl.cli_json(&["lightning"]).unwrap()
-}
-
-/// Wait until the gateway's node lists a usable channel.
-fn wait_gateway_channel(ctl: &Controller<'_>) {
-    wait_for_true("the gateway's Lightning channel is usable", Duration::from_secs(60), || {
-        node_info(ctl)["channels"].as_array().is_some_and(|c| c.iter().any(|c| c["usable"] == true))
-    });
 }
 
 fn ask_invoice(client: &ScriptedClient, body: serde_json::Value) -> Invoice {
@@ -532,7 +525,7 @@ fn measure_paid_to_traffic_latency() {
     }
     from_paid.sort();
     from_start.sort();
-    let pct = |v: &[Duration], p: usize| v[(v.len() * p / 100).min(v.len() - 1)];
+    let pct = bitmesh_tests::bench::percentile;
     eprintln!(
         "Lightning paid -> traffic passes: p50 {:?} p99 {:?}; payer starts paying -> traffic: p50 {:?} p99 {:?} ({} purchases)",
         pct(&from_paid, 50),
@@ -569,7 +562,7 @@ fn measure_payment_to_device_event_latency() {
     }
     from_start.sort();
     from_paid.sort();
-    let pct = |v: &[Duration], p: usize| v[(v.len() * p / 100).min(v.len() - 1)];
+    let pct = bitmesh_tests::bench::percentile;
     eprintln!(
         "Lightning payer starts paying -> invoice_paid on the device stream: p50 {:?} p99 {:?}; payer sees success -> event (0 = before): p50 {:?} p99 {:?} ({} purchases)",
         pct(&from_start, 50),
