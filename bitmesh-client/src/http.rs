@@ -309,6 +309,18 @@ fn error_from(path: &str, status: i32, retry_after: Option<Duration>, body: &[u8
     }
 }
 
+/// The channel event a `data` payload of the stream carries, if the agent
+/// understands it (what [`EventStream::next_event`] returns for it).
+pub fn parse_event(data: &str) -> Option<ClientEvent> {
+    decode_event(data)
+}
+
+/// An event of type `E` from a `data` payload; `None` for one the agent does not
+/// understand (a newer gateway may add some).
+fn decode_event<E: DeserializeOwned>(data: &str) -> Option<E> {
+    serde_json::from_str::<E>(data).ok()
+}
+
 /// An open server-sent event stream of `E`: the channel's ([`EventStream`]) or the
 /// device's ([`DeviceEventStream`]).
 pub struct SseStream<E> {
@@ -332,7 +344,7 @@ impl<E: DeserializeOwned> SseStream<E> {
     pub fn next_event(&mut self) -> Option<E> {
         loop {
             let (byte, _) = self.inner.next()?.ok()?;
-            if let Some(ev) = self.parser.push(byte).as_deref().and_then(|d| serde_json::from_str::<E>(d).ok()) {
+            if let Some(ev) = self.parser.push(byte).as_deref().and_then(decode_event) {
                 return Some(ev);
             }
         }
